@@ -1,0 +1,72 @@
+// swift-tools-version:6.1
+//
+// ThinFS: container layers in dm-thin snapshots, served through FUSE.
+//
+// Layering (each target only depends on the ones above it):
+//
+//   CCRC32C                 hardware CRC32C (SSE4.2) with a portable fallback
+//   PersistentData          dm-thin's on-disk metadata: block manager, btrees,
+//                           space maps, transaction manager, thin metadata
+//   CFuse CDevMapper        system libraries: a modulemap and a shim.h each;
+//   CExt2fs CArchive        exactly one Swift file imports each of them
+//   ThinFS                  pool backends, thin devices, (later) volume, layers, FUSE
+//   ThinFSCommands          swift-argument-parser commands, a library so tests drive it
+//   thinfs, thinfs-mount    @main only
+import PackageDescription
+
+let package = Package(
+    name: "ThinFS",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "thinfs", targets: ["thinfs"]),
+        .executable(name: "thinfs-mount", targets: ["thinfs-mount"]),
+        .library(name: "ThinFS", targets: ["ThinFS"]),
+        .library(name: "PersistentData", targets: ["PersistentData"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+    ],
+    targets: [
+        // System libraries. Each is a modulemap plus a shim.h that only defines and includes.
+        .systemLibrary(name: "CFuse", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
+        .systemLibrary(name: "CDevMapper", pkgConfig: "devmapper", providers: [.apt(["libdevmapper-dev"])]),
+        .systemLibrary(name: "CExt2fs", pkgConfig: "ext2fs", providers: [.apt(["libext2fs-dev"])]),
+        .systemLibrary(name: "CArchive", pkgConfig: "libarchive", providers: [.apt(["libarchive-dev"])]),
+
+        // The one piece of C that Swift cannot express: the SSE4.2 crc32 instruction.
+        .target(name: "CCRC32C"),
+
+        .target(
+            name: "PersistentData",
+            dependencies: ["CCRC32C"]
+        ),
+        .target(
+            name: "ThinFS",
+            dependencies: [
+                "PersistentData",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .target(
+            name: "ThinFSCommands",
+            dependencies: [
+                "ThinFS",
+                "PersistentData",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(name: "thinfs", dependencies: ["ThinFSCommands"]),
+        .executableTarget(name: "thinfs-mount", dependencies: ["ThinFSCommands"]),
+
+        .testTarget(name: "PersistentDataTests", dependencies: ["PersistentData"]),
+        .testTarget(
+            name: "ThinFSTests",
+            dependencies: ["ThinFS", "PersistentData", "ThinFSCommands"]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,3 @@
+// CExt2fs: only defines and includes. Exactly one Swift file imports this module.
+#pragma once
+#include <ext2fs/ext2fs.h>

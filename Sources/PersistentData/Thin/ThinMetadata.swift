@@ -1,0 +1,255 @@
+/// dm-thin pool metadata: the superblock, the two-level mapping tree, the
+/// device-details tree and the two space maps, kept exactly in the kernel's
+/// on-disk format (Documentation/admin-guide/device-mapper/thin-provisioning.rst,
+/// drivers/md/dm-thin-metadata.c).
+///
+///     superblock (block 0)
+///       ├── data_mapping_root ──► btree: dev id ──► btree: virtual block ──► block_time
+///       ├── device_details_root ► btree: dev id ──► DeviceDetails
+///       ├── data space map ─────► index btree ─► bitmaps;  ref-count btree
+///       ├── metadata space map ─► index block ─► bitmaps;  ref-count btree
+///       └── held_root ──────────► a superblock copy (metadata snapshot), or 0
+///
+/// A `ThinMetadata` is not thread-safe. The pool owns one and calls it under
+/// its metadata lock; see `UserspaceThinPool`.
+public final class ThinMetadata {
+    public enum Mode: Equatable, Sendable {
+        case readWrite
+        /// Refuses every change; the reason is reported to callers.
+        case readOnly(String)
+    }
+
+    /// The highest device id: 24 bits (the kernel's MAX_DEV_ID).
+    public static let maxDeviceID: ThinDeviceID = (1 << 24) - 1
+    /// dm-thin's metadata device limit (THIN_METADATA_MAX_SECTORS): 255 bitmaps of 16320 blocks.
+    public static let maxMetadataBlocks = UInt64(SpaceMapStore.maxMetadataBitmaps * SpaceMap.entriesPerBitmap)
+
+    public let bm: BlockManager
+    public private(set) var tm: TransactionManager
+    public private(set) var metadataStore: SpaceMapStore
+    public private(set) var dataStore: SpaceMapStore
+    public internal(set) var superblock: Superblock
+    public internal(set) var mode: Mode
+
+    /// Current roots (they move as trees are shadowed).
+    var mappingRoot: UInt64
+    var detailsRoot: UInt64
+
+    struct Device {
+        var details: DeviceDetails
+        /// Root of the device's mapping tree (the value in the top-level tree).
+        var root: UInt64
+        var changed: Bool
+    }
+    /// Every device, loaded at open; details are written back at commit.
+    var devices: [ThinDeviceID: Device] = [:]
+
+    public var metadataSM: SpaceMap { metadataStore.sm }
+    public var dataSM: SpaceMap { dataStore.sm }
+
+    // MARK: Trees
+
+    /// Bottom level: virtual block -> block_time; each value holds a data-block reference.
+    var mappingTree: BTree<UInt64> {
+        let data = dataStore.sm
+        return BTree<UInt64>(
+            tm: tm,
+            incValue: { v throws(MetadataError) in
+                let b = v >> 24
+                guard b < data.nrBlocks else { throw .corrupt(block: 0, reason: "mapping to data block \(b) beyond \(data.nrBlocks)") }
+                data.inc(b)
+            },
+            decValue: { v throws(MetadataError) in
+                let b = v >> 24
+                guard b < data.nrBlocks, data.count(b) > 0 else {
+                    throw .corrupt(block: 0, reason: "mapping to data block \(b), which is free or beyond \(data.nrBlocks)")
+                }
+                data.dec(b)
+            })
+    }
+
+    /// Top level: device id -> root of its mapping tree; each value holds a metadata reference.
+    var topTree: BTree<UInt64> {
+        let tm = self.tm
+        let bottom = mappingTree
+        return BTree<UInt64>(tm: tm, incValue: { tm.inc($0) }, decValue: { r throws(MetadataError) in try bottom.delete(r) })
+    }
+
+    var detailsTree: BTree<DeviceDetails> { BTree<DeviceDetails>(tm: tm) }
+
+    // MARK: Format and open
+
+    private init(bm: BlockManager, tm: TransactionManager, metadataStore: SpaceMapStore, dataStore: SpaceMapStore,
+                 superblock: Superblock, mode: Mode) {
+        self.bm = bm
+        self.tm = tm
+        self.metadataStore = metadataStore
+        self.dataStore = dataStore
+        self.superblock = superblock
+        self.mode = mode
+        self.mappingRoot = superblock.dataMappingRoot
+        self.detailsRoot = superblock.deviceDetailsRoot
+    }
+
+    /// Writes fresh, empty metadata (as the kernel does on a zeroed metadata device).
+    public static func format(storage: MetadataStorage, dataBlockSize: UInt32, nrDataBlocks: UInt64) throws(MetadataError) -> ThinMetadata {
+        let nrBlocks = min(storage.nrBlocks, maxMetadataBlocks)
+        guard nrBlocks >= 64 else { throw .tooSmall(path: storage.name, bytes: storage.nrBlocks * 4096) }
+        let bm = BlockManager(storage: storage)
+        let msm = SpaceMap(nrBlocks: nrBlocks)
+        msm.set(Superblock.location, count: 1)
+        let tm = TransactionManager(bm: bm, sm: msm)
+        let metadataStore = try SpaceMapStore.newMetadata(sm: msm, tm: tm)
+        let dataStore = try SpaceMapStore.newData(nrBlocks: nrDataBlocks, tm: tm)
+        let mapping = try BTree<UInt64>(tm: tm).create()
+        let details = try BTree<DeviceDetails>(tm: tm).create()
+        let sb = Superblock(dataSpaceMap: dataStore.root, metadataSpaceMap: metadataStore.root, dataMappingRoot: mapping,
+                            deviceDetailsRoot: details, dataBlockSize: dataBlockSize, metadataNrBlocks: nrBlocks)
+        let md = ThinMetadata(bm: bm, tm: tm, metadataStore: metadataStore, dataStore: dataStore, superblock: sb, mode: .readWrite)
+        try md.commit()
+        return md
+    }
+
+    /// Opens existing metadata. Nothing is written until a change is committed.
+    public static func open(storage: MetadataStorage) throws(MetadataError) -> ThinMetadata {
+        let bm = BlockManager(storage: storage)
+        let parts = try load(bm: bm)
+        let md = ThinMetadata(bm: bm, tm: parts.tm, metadataStore: parts.metadata, dataStore: parts.data,
+                              superblock: parts.sb, mode: parts.sb.needsCheck ? .readOnly("the needs_check flag is set; run thin_check and clear it") : .readWrite)
+        try md.loadDevices()
+        return md
+    }
+
+    /// Reads the superblock and space maps.
+    private static func load(bm: BlockManager) throws(MetadataError) -> (sb: Superblock, tm: TransactionManager, metadata: SpaceMapStore, data: SpaceMapStore) {
+        guard bm.nrBlocks > 0 else { throw .tooSmall(path: bm.storage.name, bytes: 0) }
+        let raw = try bm.readRaw(Superblock.location)
+        // Check the magic before the checksum, so that a file from another tool gets the clearer error.
+        let magic = raw.u64(32)
+        guard magic == Superblock.magic else { throw .badMagic(found: magic) }
+        let sbBlock = try bm.read(Superblock.location, as: .superblock)
+        let sb = try Superblock(block: sbBlock)
+        let metadata = try SpaceMapStore.loadMetadata(root: sb.metadataSpaceMap, bm: bm)
+        let tm = TransactionManager(bm: bm, sm: metadata.sm)
+        let data = try SpaceMapStore.loadData(root: sb.dataSpaceMap, tm: tm)
+        return (sb, tm, metadata, data)
+    }
+
+    private func loadDevices() throws(MetadataError) {
+        devices = [:]
+        var details: [ThinDeviceID: DeviceDetails] = [:]
+        try rethrowing {
+            try detailsTree.forEach(detailsRoot) { id, d in
+                guard id <= UInt64(Self.maxDeviceID) else {
+                    throw MetadataError.corrupt(block: self.detailsRoot, reason: "device id \(id) exceeds 24 bits")
+                }
+                details[ThinDeviceID(id)] = d
+                return true
+            }
+            try topTree.forEach(mappingRoot) { id, root in
+                guard let d = details[ThinDeviceID(truncatingIfNeeded: id)], id <= UInt64(Self.maxDeviceID) else {
+                    throw MetadataError.corrupt(block: self.mappingRoot, reason: "device \(id) has mappings but no details")
+                }
+                self.devices[ThinDeviceID(id)] = Device(details: d, root: root, changed: false)
+                return true
+            }
+        }
+        if let orphan = details.keys.first(where: { devices[$0] == nil }) {
+            throw .corrupt(block: detailsRoot, reason: "device \(orphan) has details but no mapping tree")
+        }
+    }
+
+    // MARK: Transactions
+
+    /// Makes every change since the last commit durable. The superblock is written last.
+    public func commit() throws(MetadataError) {
+        try requireWritable()
+        do {
+            for id in devices.keys.sorted() where devices[id]!.changed {
+                detailsRoot = try detailsTree.insert(detailsRoot, UInt64(id), devices[id]!.details).root
+                devices[id]!.changed = false
+            }
+            try dataStore.flushData(tm: tm)
+            try metadataStore.flushMetadata(tm: tm)
+            superblock.dataMappingRoot = mappingRoot
+            superblock.deviceDetailsRoot = detailsRoot
+            superblock.dataSpaceMap = dataStore.root
+            superblock.metadataSpaceMap = metadataStore.root
+            try bm.flushDirty(except: Superblock.location)
+            let sb = MetadataBlock(location: Superblock.location)
+            superblock.store(into: sb)
+            try bm.writeNow(sb, as: .superblock)
+        } catch {
+            try fail(error)
+        }
+        metadataSM.didCommit()
+        dataSM.didCommit()
+    }
+
+    /// Throws away every change since the last commit and reloads it from disk.
+    public func abort() throws(MetadataError) {
+        bm.discardAll()
+        let parts = try Self.load(bm: bm)
+        tm = parts.tm
+        metadataStore = parts.metadata
+        dataStore = parts.data
+        superblock = parts.sb
+        mappingRoot = superblock.dataMappingRoot
+        detailsRoot = superblock.deviceDetailsRoot
+        try loadDevices()
+    }
+
+    /// A failure in the middle of a change: roll back to the last commit and, as
+    /// the kernel does, flag the metadata for checking and go read-only.
+    func fail(_ error: MetadataError) throws(MetadataError) -> Never {
+        try? abort()
+        superblock.needsCheck = true
+        let sb = MetadataBlock(location: Superblock.location)
+        superblock.store(into: sb)
+        try? bm.writeNow(sb, as: .superblock)
+        mode = .readOnly("\(error); needs_check is set")
+        throw error
+    }
+
+    /// Runs a change; if it fails part way, the transaction is rolled back and the
+    /// metadata goes read-only with needs_check (the kernel's metadata_operation_failed).
+    func change<T>(_ body: () throws(MetadataError) -> T) throws(MetadataError) -> T {
+        try requireWritable()
+        do {
+            return try body()
+        } catch {
+            try fail(error)
+        }
+    }
+
+    func requireWritable() throws(MetadataError) {
+        if case .readOnly(let why) = mode { throw .readOnly(reason: why) }
+    }
+
+    /// Clears needs_check after a successful check (thin_check --clear-needs-check-flag).
+    public func clearNeedsCheck() throws(MetadataError) {
+        superblock.needsCheck = false
+        mode = .readWrite
+        try commit()
+    }
+
+    // MARK: Status
+
+    public var transactionID: UInt64 { superblock.transactionID }
+    public var time: UInt32 { superblock.time }
+    public var heldRoot: UInt64 { superblock.heldRoot }
+    public var dataBlockSize: UInt32 { superblock.dataBlockSize }
+    public var nrDataBlocks: UInt64 { dataSM.nrBlocks }
+    public var nrMetadataBlocks: UInt64 { metadataSM.nrBlocks }
+    public var usedDataBlocks: UInt64 { dataSM.nrAllocated }
+    public var usedMetadataBlocks: UInt64 { metadataSM.nrAllocated }
+    public var needsCheck: Bool { superblock.needsCheck }
+    public var deviceIDs: [ThinDeviceID] { devices.keys.sorted() }
+
+    public func details(_ id: ThinDeviceID) -> DeviceDetails? { devices[id]?.details }
+}
+
+/// Narrows an untyped error from a closure-taking API back to `MetadataError`.
+func rethrowing<T>(_ body: () throws -> T) throws(MetadataError) -> T {
+    do { return try body() } catch let e as MetadataError { throw e } catch { throw .invalidArgument("\(error)") }
+}
