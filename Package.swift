@@ -37,6 +37,8 @@ let package = Package(
 
         // The one piece of C that Swift cannot express: the SSE4.2 crc32 instruction.
         .target(name: "CCRC32C"),
+        // Wrappers for libc calls the Glibc module hides (fallocate needs _GNU_SOURCE).
+        .target(name: "CThinFSShims"),
 
         .target(
             name: "PersistentData",
@@ -46,6 +48,7 @@ let package = Package(
             name: "ThinFS",
             dependencies: [
                 "PersistentData",
+                "CThinFSShims",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]

@@ -1,1 +1,3 @@
 import ThinFSCommands
+
+ThinFSMountCommand.main()

@@ -1,1 +1,3 @@
 import ThinFSCommands
+
+ThinFSCommand.main()

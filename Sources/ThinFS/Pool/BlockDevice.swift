@@ -1,0 +1,105 @@
+import CThinFSShims
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A byte-addressed block device: a thin device, a plain file, or (with the
+/// kernel backend) a /dev/mapper node. The Volume layer reads ext4 through it.
+public protocol BlockDevice: AnyObject, Sendable {
+    /// Size in bytes.
+    var size: UInt64 { get }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws
+    /// Unmaps a range; later reads of whole unmapped blocks return zeros.
+    func discard(offset: UInt64, length: UInt64) throws
+    /// Makes completed writes durable.
+    func flush() throws
+}
+
+/// A regular file as a block device (tests, mkfs scratch images).
+public final class FileBlockDevice: BlockDevice {
+    public let path: FilePath
+    public let size: UInt64
+    private let fd: FileDescriptor
+
+    public init(path: FilePath, readOnly: Bool = false) throws {
+        self.path = path
+        do {
+            fd = try FileDescriptor.open(path, readOnly ? .readOnly : .readWrite, options: [.closeOnExec])
+            size = UInt64(try fd.seek(offset: 0, from: .end))
+        } catch let e as Errno {
+            throw ThinPoolError.io(operation: "open", path: path.string, errno: e)
+        }
+    }
+
+    deinit { try? fd.close() }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try fd.readFully(into: buffer, at: offset, path: path.string)
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try fd.writeFully(buffer, at: offset, path: path.string)
+    }
+
+    public func discard(offset: UInt64, length: UInt64) throws {
+        try fd.punchHole(offset: offset, length: length, path: path.string)
+    }
+
+    public func flush() throws { try fd.dataSync(path: path.string) }
+}
+
+extension FileDescriptor {
+    /// pread until the buffer is full; bytes past end of file read as zeros.
+    func readFully(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, path: String) throws {
+        var done = 0
+        while done < buffer.count {
+            let n: Int
+            do {
+                n = try read(fromAbsoluteOffset: Int64(offset) + Int64(done),
+                             into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), retryOnInterrupt: true)
+            } catch let e as Errno {
+                throw ThinPoolError.io(operation: "read", path: path, errno: e)
+            }
+            if n == 0 {
+                UnsafeMutableRawBufferPointer(rebasing: buffer[done...]).initializeMemory(as: UInt8.self, repeating: 0)
+                return
+            }
+            done += n
+        }
+    }
+
+    /// pwrite until every byte is written.
+    func writeFully(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, path: String) throws {
+        var done = 0
+        while done < buffer.count {
+            do {
+                done += try write(toAbsoluteOffset: Int64(offset) + Int64(done),
+                                  UnsafeRawBufferPointer(rebasing: buffer[done...]), retryOnInterrupt: true)
+            } catch let e as Errno {
+                throw ThinPoolError.io(operation: "write", path: path, errno: e)
+            }
+        }
+    }
+
+    func dataSync(path: String) throws {
+        while fdatasync(rawValue) != 0 {
+            if errno == EINTR { continue }
+            throw ThinPoolError.io(operation: "fdatasync", path: path, errno: Errno(rawValue: errno))
+        }
+    }
+
+    /// fallocate(PUNCH_HOLE | KEEP_SIZE): returns the range to the file system.
+    func punchHole(offset: UInt64, length: UInt64, path: String) throws {
+        if thinfs_punch_hole(rawValue, Int64(offset), Int64(length)) != 0 {
+            throw ThinPoolError.io(operation: "fallocate(PUNCH_HOLE)", path: path, errno: Errno(rawValue: errno))
+        }
+    }
+
+    func truncate(to size: UInt64, path: String) throws {
+        if ftruncate(rawValue, off_t(size)) != 0 {
+            throw ThinPoolError.io(operation: "ftruncate", path: path, errno: Errno(rawValue: errno))
+        }
+    }
+}

@@ -1,0 +1,170 @@
+import PersistentData
+import SystemPackage
+
+/// What the layer store needs from a thin pool. Two implementations:
+/// `UserspaceThinPool` (sparse files, this process) and, later, the kernel
+/// pool driven through libdevmapper.
+public protocol ThinPoolBackend: AnyObject, Sendable {
+    /// Sends a dm-thin pool message (`create_thin 1`, `create_snap 2 1`, ...).
+    func message(_ message: PoolMessage) throws
+    func status() throws -> PoolStatus
+    func deviceStatus(_ id: ThinDeviceID) throws -> ThinDeviceStatus
+    /// Opens a thin device; `size` is its virtual size in bytes (dm keeps it in the table, not in metadata).
+    func openDevice(_ id: ThinDeviceID, size: UInt64) throws -> BlockDevice
+    func deviceExists(_ id: ThinDeviceID) throws -> Bool
+    func deviceIDs() throws -> [ThinDeviceID]
+    /// Makes everything written so far durable (a dm-thin commit).
+    func commit() throws
+    /// Grows the data device.
+    func resize(dataBytes: UInt64) throws
+}
+
+/// A pool message in the kernel's grammar (Documentation/admin-guide/device-mapper/thin-provisioning.rst,
+/// "Pool messages"): a keyword and decimal arguments separated by spaces.
+public enum PoolMessage: Equatable, Sendable, CustomStringConvertible {
+    case createThin(ThinDeviceID)
+    case createSnap(ThinDeviceID, origin: ThinDeviceID)
+    case delete(ThinDeviceID)
+    case setTransactionID(current: UInt64, new: UInt64)
+    case reserveMetadataSnap
+    case releaseMetadataSnap
+
+    public init(parsing text: String) throws(ThinPoolError) {
+        let words = text.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+        guard let keyword = words.first else { throw .malformedMessage(text, "empty message") }
+        let args = Array(words.dropFirst())
+        func expect(_ n: Int, _ usage: String) throws(ThinPoolError) {
+            guard args.count == n else { throw .malformedMessage(text, "usage: \(usage)") }
+        }
+        func number(_ s: String, _ what: String) throws(ThinPoolError) -> UInt64 {
+            guard let v = UInt64(s) else { throw .malformedMessage(text, "\(what) '\(s)' is not a decimal number") }
+            return v
+        }
+        func deviceID(_ s: String, _ what: String) throws(ThinPoolError) -> ThinDeviceID {
+            let v = try number(s, what)
+            guard v <= UInt64(ThinMetadata.maxDeviceID) else {
+                throw .message(.deviceIDTooLarge(v))
+            }
+            return ThinDeviceID(v)
+        }
+        switch keyword {
+        case "create_thin":
+            try expect(1, "create_thin <dev id>")
+            self = .createThin(try deviceID(args[0], "device id"))
+        case "create_snap":
+            try expect(2, "create_snap <dev id> <origin id>")
+            self = .createSnap(try deviceID(args[0], "device id"), origin: try deviceID(args[1], "origin id"))
+        case "delete":
+            try expect(1, "delete <dev id>")
+            self = .delete(try deviceID(args[0], "device id"))
+        case "set_transaction_id":
+            try expect(2, "set_transaction_id <current id> <new id>")
+            self = .setTransactionID(current: try number(args[0], "current id"), new: try number(args[1], "new id"))
+        case "reserve_metadata_snap":
+            try expect(0, "reserve_metadata_snap")
+            self = .reserveMetadataSnap
+        case "release_metadata_snap":
+            try expect(0, "release_metadata_snap")
+            self = .releaseMetadataSnap
+        default:
+            throw .malformedMessage(text, "unknown message '\(keyword)' (expected create_thin, create_snap, delete, set_transaction_id, reserve_metadata_snap or release_metadata_snap)")
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .createThin(let id): "create_thin \(id)"
+        case .createSnap(let id, let origin): "create_snap \(id) \(origin)"
+        case .delete(let id): "delete \(id)"
+        case .setTransactionID(let c, let n): "set_transaction_id \(c) \(n)"
+        case .reserveMetadataSnap: "reserve_metadata_snap"
+        case .releaseMetadataSnap: "release_metadata_snap"
+        }
+    }
+}
+
+/// The fields of the kernel's thin-pool status line, in its order (dm-thin.c `pool_status`):
+///
+///     <transaction id> <used metadata blocks>/<total metadata blocks> <used data blocks>/<total data blocks>
+///     <held metadata root|-> rw|ro|out_of_data_space discard_passdown|no_discard_passdown|ignore_discard
+///     queue_if_no_space|error_if_no_space needs_check|- <metadata low watermark>
+public struct PoolStatus: Equatable, Sendable {
+    public enum Mode: String, Sendable { case rw, ro, outOfDataSpace = "out_of_data_space", fail = "Fail" }
+    public var transactionID: UInt64
+    public var usedMetadataBlocks: UInt64
+    public var totalMetadataBlocks: UInt64
+    public var usedDataBlocks: UInt64
+    public var totalDataBlocks: UInt64
+    public var heldMetadataRoot: UInt64?
+    public var mode: Mode
+    public var discard: String
+    public var errorIfNoSpace: Bool
+    public var needsCheck: Bool
+    public var metadataLowWatermark: UInt64
+    /// Data block size in bytes (not in the line; the table carries it).
+    public var dataBlockSize: UInt64
+
+    public var line: String {
+        if mode == .fail { return "Fail" }
+        return "\(transactionID) \(usedMetadataBlocks)/\(totalMetadataBlocks) \(usedDataBlocks)/\(totalDataBlocks) "
+            + "\(heldMetadataRoot.map(String.init) ?? "-") \(mode.rawValue) \(discard) "
+            + "\(errorIfNoSpace ? "error_if_no_space" : "queue_if_no_space") \(needsCheck ? "needs_check" : "-") \(metadataLowWatermark)"
+    }
+
+    /// The kernel's `calc_metadata_threshold`: 4 MiB of metadata, or a quarter of the device if smaller.
+    public static func metadataLowWatermark(totalMetadataBlocks: UInt64) -> UInt64 {
+        min(1024, totalMetadataBlocks / 4)
+    }
+}
+
+/// The thin target's status line: `<nr mapped sectors> <highest mapped sector>` (dm-thin.c `thin_status`).
+public struct ThinDeviceStatus: Equatable, Sendable {
+    public var mappedSectors: UInt64
+    /// The last sector of the highest mapped block, or nil when nothing is mapped.
+    public var highestMappedSector: UInt64?
+
+    public var line: String { "\(mappedSectors) \(highestMappedSector.map(String.init) ?? "-")" }
+}
+
+/// Errors of the pool layer. Each names the device, path or message at fault.
+public enum ThinPoolError: Error, CustomStringConvertible, Sendable {
+    case metadata(MetadataError)
+    case message(ThinMetadata.MessageError)
+    case malformedMessage(String, String)
+    case deviceBusy(ThinDeviceID, openCount: Int)
+    case noDataSpace(ThinDeviceID)
+    case readOnly(String)
+    case beyondDevice(ThinDeviceID, offset: UInt64, length: UInt64, size: UInt64)
+    case io(operation: String, path: String, errno: Errno)
+    case invalidConfiguration(String)
+    case noPool(root: String)
+
+    public var description: String {
+        switch self {
+        case .metadata(let e): "\(e)"
+        case .message(let e): "\(e)"
+        case .malformedMessage(let m, let why): "bad pool message '\(m)': \(why)"
+        case .deviceBusy(let id, let n): "thin device \(id) is busy: open \(n) time(s)"
+        case .noDataSpace(let id): "thin device \(id): the pool is out of data space; grow it with 'thinfs pool resize'"
+        case .readOnly(let why): "the pool is read-only: \(why)"
+        case .beyondDevice(let id, let o, let l, let s): "thin device \(id): I/O at \(o)+\(l) is beyond its size of \(s) bytes"
+        case .io(let op, let path, let e): "\(op) \(path): \(e)"
+        case .invalidConfiguration(let s): s
+        case .noPool(let root): "no thin pool at \(root): create one with 'thinfs pool create --root \(root)'"
+        }
+    }
+
+    /// The errno a block-device user (or FUSE) should see.
+    public var errno: Errno {
+        switch self {
+        case .noDataSpace, .metadata(.noDataSpace), .metadata(.noMetadataSpace): .noSpace
+        case .readOnly, .metadata(.readOnly): .readOnlyFileSystem
+        case .deviceBusy: .resourceBusy
+        case .message(.unknownDevice), .message(.unknownOrigin), .noPool: .noSuchFileOrDirectory
+        case .message(.deviceIDInUse): .fileExists
+        case .io(_, _, let e): e
+        case .beyondDevice: .noSpace
+        default: .invalidArgument
+        }
+    }
+}

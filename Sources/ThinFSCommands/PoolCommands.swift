@@ -1,0 +1,144 @@
+import ArgumentParser
+import Foundation
+import PersistentData
+import ThinFS
+
+struct PoolCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pool",
+        abstract: "Create, inspect and change the thin pool.",
+        subcommands: [Create.self, Open.self, Message.self, Status.self, Dump.self, Restore.self, Resize.self]
+    )
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create a pool: sparse data and metadata files with fresh dm-thin metadata.")
+        @OptionGroup var options: RootOptions
+        @Option(help: "Data file or block device (default: ROOT/pool/data).") var data: String?
+        @Option(help: "Metadata file or block device (default: ROOT/pool/metadata).") var metadata: String?
+        @Option(name: .customLong("data-size"), help: "Data size (Docker's loop-lvm default: 100G).") var dataSize = Size(bytes: 100 << 30)
+        @Option(name: .customLong("metadata-size"), help: "Metadata size (default 2G).") var metadataSize = Size(bytes: 2 << 30)
+        @Option(name: .customLong("block-size"), help: "Pool block size, 64K to 1G in multiples of 64K (default 64K).") var blockSize = Size(bytes: 64 << 10)
+        @Flag(name: .customLong("no-block-zeroing"), help: "Do not zero the rest of a new block on a partial write (dm-thin's skip_block_zeroing).") var noBlockZeroing = false
+        @Flag(name: .customLong("no-atomic-commit"), help: "Overwrite committed exclusive blocks in place, as the kernel does (faster; not crash-atomic).") var noAtomicCommit = false
+
+        func run() throws {
+            let pool = try options.poolRoot.create(
+                data: data, metadata: metadata, dataSize: dataSize.bytes, metadataSize: metadataSize.bytes, blockSize: blockSize.bytes,
+                options: .init(blockZeroing: !noBlockZeroing, atomicCommit: !noAtomicCommit))
+            print("created pool: data \(pool.dataPath), metadata \(pool.metadataPath), block size \(ByteSize.format(pool.blockSize))")
+        }
+    }
+
+    struct Open: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Adopt an existing pool (kernel-made, thin_restore-made) without changing it.")
+        @OptionGroup var options: RootOptions
+        @Option(help: "Data file or block device.") var data: String
+        @Option(help: "Metadata file or block device.") var metadata: String
+        @Flag(name: .customLong("no-block-zeroing")) var noBlockZeroing = false
+        @Flag(name: .customLong("no-atomic-commit")) var noAtomicCommit = false
+
+        func run() throws {
+            let pool = try options.poolRoot.adopt(data: data, metadata: metadata,
+                                                  options: .init(blockZeroing: !noBlockZeroing, atomicCommit: !noAtomicCommit))
+            print("adopted pool: \(try pool.status().line)")
+        }
+    }
+
+    struct Message: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Send a dm-thin pool message, e.g. 'create_thin 1' or 'create_snap 2 1'.")
+        @OptionGroup var options: RootOptions
+        @Argument(help: "create_thin <id> | create_snap <id> <origin> | delete <id> | set_transaction_id <cur> <new> | reserve_metadata_snap | release_metadata_snap")
+        var message: [String]
+
+        func run() throws {
+            let text = message.joined(separator: " ")
+            let parsed = try PoolMessage(parsing: text)
+            try options.poolRoot.open().message(parsed)
+        }
+    }
+
+    struct Status: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print the pool status line in the kernel's format.")
+        @OptionGroup var options: RootOptions
+        @Flag(help: "Print it the way 'docker info' prints its storage section.") var human = false
+
+        func run() throws {
+            let root = options.poolRoot
+            let pool = try root.open(readOnly: true)
+            let s = try pool.status()
+            guard human else {
+                print(s.line)
+                return
+            }
+            let bs = s.dataBlockSize
+            let ms = UInt64(4096)
+            print("""
+            Storage Driver: thinfs (userspace dm-thin pool)
+             Pool Blocksize: \(ByteSize.human(bs))
+             Data file: \(pool.dataPath)
+             Metadata file: \(pool.metadataPath)
+             Data Space Used: \(ByteSize.human(s.usedDataBlocks * bs))
+             Data Space Total: \(ByteSize.human(s.totalDataBlocks * bs))
+             Data Space Available: \(ByteSize.human((s.totalDataBlocks - s.usedDataBlocks) * bs))
+             Metadata Space Used: \(ByteSize.human(s.usedMetadataBlocks * ms))
+             Metadata Space Total: \(ByteSize.human(s.totalMetadataBlocks * ms))
+             Metadata Space Available: \(ByteSize.human((s.totalMetadataBlocks - s.usedMetadataBlocks) * ms))
+             Thin Devices: \(try pool.deviceIDs().count)
+             Transaction Id: \(s.transactionID)
+             Mode: \(s.mode.rawValue)\(s.needsCheck ? " (needs_check)" : "")
+             Held Metadata Snapshot: \(s.heldMetadataRoot.map(String.init) ?? "none")
+             Atomic Commit: \(pool.options.atomicCommit)
+             Block Zeroing: \(pool.options.blockZeroing)
+            """)
+        }
+    }
+
+    struct Dump: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print the metadata as XML, element for element what thin_dump prints.")
+        @OptionGroup var options: RootOptions
+        @Flag(name: .customLong("metadata-snap"), help: "Dump the held metadata snapshot instead.") var metadataSnap = false
+
+        func run() throws {
+            let pool = try options.poolRoot.open(readOnly: true)
+            try pool.withMetadata { md in
+                try md.dumpXML(metadataSnapshot: metadataSnap) { FileHandle.standardOutput.write(Data($0.utf8)) }
+            }
+        }
+    }
+
+    struct Restore: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Write fresh metadata from thin_dump XML, as thin_restore does.")
+        @OptionGroup var options: RootOptions
+        @Argument(help: "The XML file.") var file: String
+        @Flag(help: "Overwrite metadata that already holds thin devices.") var force = false
+
+        func run() throws {
+            let root = options.poolRoot
+            let config = try root.config()
+            guard let xml = FileManager.default.contents(atPath: file) else {
+                throw ThinPoolError.invalidConfiguration("cannot read \(file)")
+            }
+            if !force, let existing = try? UserspaceThinPool.open(dataPath: config.data, metadataPath: config.metadata, readOnly: true),
+               let ids = try? existing.deviceIDs(), !ids.isEmpty {
+                throw ThinPoolError.invalidConfiguration("\(config.metadata) holds \(ids.count) thin device(s); restoring would replace them. Use --force.")
+            }
+            // Parse and build in memory first, so bad XML changes nothing on disk.
+            let scratch = MemoryMetadataStorage(nrBlocks: try FileMetadataStorage(path: config.metadata, readOnly: true).nrBlocks)
+            _ = try ThinMetadata.restore(xml: xml, storage: scratch)
+            let md = try ThinMetadata.restore(xml: xml, storage: FileMetadataStorage(path: config.metadata))
+            print("restored \(md.deviceIDs.count) thin device(s) into \(config.metadata)")
+        }
+    }
+
+    struct Resize: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Grow the data device online. Shrinking is refused.")
+        @OptionGroup var options: RootOptions
+        @Option(name: .customLong("data-size"), help: "The new data size.") var dataSize: Size
+
+        func run() throws {
+            let pool = try options.poolRoot.open()
+            try pool.resize(dataBytes: dataSize.bytes)
+            print(try pool.status().line)
+        }
+    }
+}
