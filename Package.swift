@@ -65,10 +65,12 @@ let package = Package(
         .executableTarget(name: "thinfs", dependencies: ["ThinFSCommands"]),
         .executableTarget(name: "thinfs-mount", dependencies: ["ThinFSCommands"]),
 
+        // Shared by the test suites: thin-provisioning-tools as an oracle, scratch directories.
+        .target(name: "TestSupport", dependencies: [.product(name: "Logging", package: "swift-log")], path: "Tests/TestSupport"),
         .testTarget(name: "PersistentDataTests", dependencies: ["PersistentData"]),
         .testTarget(
             name: "ThinFSTests",
-            dependencies: ["ThinFS", "PersistentData", "ThinFSCommands"]
+            dependencies: ["ThinFS", "PersistentData", "ThinFSCommands", "TestSupport"]
         ),
     ],
     swiftLanguageModes: [.v6]
