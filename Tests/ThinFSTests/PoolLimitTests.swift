@@ -1,0 +1,174 @@
+import Foundation
+import PersistentData
+import TestSupport
+import Testing
+@testable import ThinFS
+
+@Suite("Pool limits and bad input")
+struct PoolLimitTests {
+    func makePool(_ dir: TempDir, dataBlocks: UInt64 = 64, metadata: UInt64 = 8 << 20,
+                  options: UserspaceThinPool.Options = .init()) throws -> UserspaceThinPool {
+        try UserspaceThinPool.create(dataPath: dir.path + "/data", metadataPath: dir.path + "/metadata",
+                                     dataSize: dataBlocks * (64 << 10), metadataSize: metadata, blockSize: 64 << 10,
+                                     options: options, logger: quietLogger)
+    }
+
+    @Test(.enabled(if: Oracle.available)) func fullDataSpaceFailsWithENOSPCAndRecoversAfterGrowth() throws {
+        let dir = TempDir()
+        let pool = try makePool(dir, dataBlocks: 16)
+        try pool.message(.createThin(1))
+        let block = [UInt8](repeating: 7, count: 64 << 10)
+        for b in 0..<16 { try block.withUnsafeBytes { try pool.write(1, $0, at: UInt64(b) << 16) } }
+        try pool.commit()
+        #expect(try pool.status().mode == .outOfDataSpace)
+        #expect(try pool.status().line.contains(" out_of_data_space "))
+        let error = #expect(throws: ThinPoolError.self) {
+            try block.withUnsafeBytes { try pool.write(1, $0, at: 16 << 16) }
+        }
+        #expect(error?.errno == .noSpace)
+        // A write that spans a free and a full block fails whole: nothing is half-allocated.
+        #expect(try pool.status().usedDataBlocks == 16)
+        try pool.commit()
+        try Oracle.check(dir.path + "/metadata")
+        try pool.resize(dataBytes: 32 << 16)
+        try block.withUnsafeBytes { try pool.write(1, $0, at: 16 << 16) }
+        try pool.commit()
+        #expect(try pool.status().mode == .rw)
+        #expect(try pool.status().totalDataBlocks == 32)
+        try Oracle.check(dir.path + "/metadata")
+        // Shrinking is refused, with nothing changed.
+        #expect(throws: ThinPoolError.self) { try pool.resize(dataBytes: 16 << 16) }
+        #expect(try pool.status().totalDataBlocks == 32)
+    }
+
+    @Test(.enabled(if: Oracle.available)) func growthAcrossBitmapBoundaryKeepsCountsRight() throws {
+        let dir = TempDir()
+        // 16320 entries fit one bitmap; grow from 1 bitmap to 3.
+        let pool = try makePool(dir, dataBlocks: 16000)
+        try pool.message(.createThin(1))
+        let chunk = [UInt8](repeating: 1, count: 4096)
+        try chunk.withUnsafeBytes { try pool.write(1, $0, at: 0) }
+        try pool.resize(dataBytes: 40000 << 16)
+        try chunk.withUnsafeBytes { try pool.write(1, $0, at: 30000 << 16) }
+        try pool.commit()
+        #expect(try pool.status().totalDataBlocks == 40000)
+        #expect(try pool.status().usedDataBlocks == 2)
+        try Oracle.check(dir.path + "/metadata")
+        #expect(try pool.dumpXML() == (try Oracle.dump(dir.path + "/metadata")))
+    }
+
+    @Test(.enabled(if: Oracle.available)) func virtualBlocksBeyond32BitsAndLargestDeviceID() throws {
+        let dir = TempDir()
+        let pool = try makePool(dir)
+        let id = ThinMetadata.maxDeviceID
+        try pool.message(.createThin(id))
+        let bytes = Array("far away".utf8)
+        let offset: UInt64 = (1 << 34) << 16 + 123   // virtual block 2^34, past 2^32
+        try bytes.withUnsafeBytes { try pool.write(id, $0, at: offset) }
+        try pool.commit()
+        var back = [UInt8](repeating: 0, count: bytes.count)
+        try back.withUnsafeMutableBytes { try pool.read(id, into: $0, at: offset) }
+        #expect(back == bytes)
+        #expect(try pool.deviceStatus(id).line == "128 \(((1 << 34) + 1) * 128 - 1)")
+        try Oracle.check(dir.path + "/metadata")
+        #expect(throws: ThinPoolError.self) { try PoolMessage(parsing: "create_thin 16777216") }
+    }
+
+    /// Each case: a message, and a fragment the error must contain.
+    @Test(arguments: [
+        ("create_thin", "usage: create_thin <dev id>"),
+        ("create_thin x", "'x' is not a decimal number"),
+        ("create_snap 5", "usage: create_snap"),
+        ("delete 1 2", "usage: delete"),
+        ("frobnicate 1", "unknown message 'frobnicate'"),
+        ("", "empty message"),
+        ("create_thin 16777216", "exceeds the 24-bit maximum"),
+    ])
+    func malformedMessages(text: String, fragment: String) {
+        do {
+            _ = try PoolMessage(parsing: text)
+            Issue.record("'\(text)' parsed")
+        } catch {
+            #expect("\(error)".contains(fragment), "\(error)")
+        }
+    }
+
+    @Test func messageErrorsNameTheDevice() throws {
+        let dir = TempDir()
+        let pool = try makePool(dir)
+        try pool.message(.createThin(1))
+        let cases: [(PoolMessage, String)] = [
+            (.createThin(1), "thin device 1 already exists"),
+            (.createSnap(2, origin: 9), "origin thin device 9 does not exist"),
+            (.delete(7), "thin device 7 does not exist"),
+            (.setTransactionID(current: 5, new: 6), "the pool is at 0, the message expected 5"),
+            (.releaseMetadataSnap, "no metadata snapshot is held"),
+        ]
+        for (m, fragment) in cases {
+            let e = #expect(throws: ThinPoolError.self) { try pool.message(m) }
+            #expect(e.map { "\($0)" }?.contains(fragment) == true, "\(m): \(String(describing: e))")
+        }
+        try pool.message(.setTransactionID(current: 0, new: 1))
+        #expect(try pool.status().transactionID == 1)
+        // An open device cannot be deleted.
+        let dev = try pool.openDevice(1, size: 1 << 20)
+        let busy = #expect(throws: ThinPoolError.self) { try pool.message(.delete(1)) }
+        #expect(busy?.errno == .resourceBusy)
+        (dev as? ThinDevice)?.close()
+        try pool.message(.delete(1))
+    }
+
+    /// Each case: a pool parameter set that must be refused, and a fragment of the error.
+    @Test(arguments: [
+        (UInt64(32 << 10), UInt64(1 << 30), "block size 32K is invalid"),
+        (UInt64(96 << 10), UInt64(96 << 20), "block size 96K is invalid"),
+        (UInt64(64 << 10), UInt64((1 << 30) + 4096), "not a positive multiple of the block size"),
+    ])
+    func badCreateParameters(blockSize: UInt64, dataSize: UInt64, fragment: String) {
+        let dir = TempDir()
+        do {
+            _ = try UserspaceThinPool.create(dataPath: dir.path + "/data", metadataPath: dir.path + "/metadata", dataSize: dataSize,
+                                             metadataSize: 8 << 20, blockSize: blockSize, logger: quietLogger)
+            Issue.record("created")
+        } catch {
+            #expect("\(error)".contains(fragment), "\(error)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/data"), "a refused create left files behind")
+    }
+
+    @Test func foreignMetadataIsRefusedAndUntouched() throws {
+        let dir = TempDir()
+        let meta = dir.file("metadata", size: 0)
+        let junk = Data((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 2654435761 >> 7) })
+        try junk.write(to: URL(fileURLWithPath: meta))
+        _ = dir.file("data", size: 1 << 30)
+        let e = #expect(throws: ThinPoolError.self) {
+            try UserspaceThinPool.open(dataPath: dir.path + "/data", metadataPath: meta, logger: quietLogger)
+        }
+        #expect(e.map { "\($0)" }?.contains("not thin-pool metadata") == true, "\(String(describing: e))")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: meta)) == junk)
+    }
+
+    @Test func blockZeroingOnPartialWrites() throws {
+        for zeroing in [true, false] {
+            let dir = TempDir()
+            let pool = try makePool(dir, options: .init(blockZeroing: zeroing, atomicCommit: true))
+            try pool.message(.createThin(1))
+            // Leave stale bytes in a data block, free it, and get it reallocated.
+            let stale = [UInt8](repeating: 0xEE, count: 64 << 10)
+            try stale.withUnsafeBytes { try pool.write(1, $0, at: 0) }
+            try pool.commit()
+            try pool.discard(1, offset: 0, length: 64 << 10)
+            try pool.commit()
+            try [UInt8](repeating: 1, count: 512).withUnsafeBytes { try pool.write(1, $0, at: 4096) }
+            var back = [UInt8](repeating: 9, count: 4096)
+            try back.withUnsafeMutableBytes { try pool.read(1, into: $0, at: 0) }
+            if zeroing {
+                #expect(back.allSatisfy { $0 == 0 }, "the unwritten part of a new block must read as zeros")
+            } else {
+                // skip_block_zeroing: the allocator hands out block 1 next; block 0's stale bytes stay free.
+                #expect(back.allSatisfy { $0 == 0 || $0 == 0xEE })
+            }
+        }
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs every Debian package ThinFS needs to build, test and demo. Idempotent:
+# packages already present are not touched, and apt runs only when one is missing.
+set -euo pipefail
+
+packages=(
+  pkg-config
+  libfuse3-dev fuse3            # FUSE server (thinfs-mount)
+  libdevmapper-dev lvm2         # kernel pool backend, direct-lvm setup
+  libext2fs-dev e2fsprogs       # ext4 through libext2fs; mke2fs, e2fsck
+  libarchive-dev                # layer tars
+  thin-provisioning-tools       # thin_check / thin_dump / thin_restore: the metadata oracle
+  libsqlite3-dev                # layer store metadata
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]} == 0)); then
+  echo "setup: all packages present"
+  exit 0
+fi
+
+sudo=""
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null || { echo "setup: need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+echo "setup: installing ${missing[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
