@@ -9,6 +9,11 @@ public enum Oracle {
         public var status: Int32
         public var stdout: String
         public var stderr: String
+        public init(status: Int32, stdout: String, stderr: String) {
+            self.status = status
+            self.stdout = stdout
+            self.stderr = stderr
+        }
     }
 
     public static func run(_ tool: String, _ args: [String]) throws -> Result {

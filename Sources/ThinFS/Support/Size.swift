@@ -6,21 +6,23 @@ public enum ByteSize {
     }
 
     public static func parse(_ text: String) throws(ParseError) -> UInt64 {
-        var s = Substring(text.trimmingCharacters(in: " "))
+        var digits = Substring(text)
         var shift: UInt64 = 0
-        if let last = s.last?.uppercased() {
-            switch last {
+        // An optional "B" or "iB" after the unit letter ("64K", "64KiB", "64KB"), or "B" alone.
+        if digits.hasSuffix("iB") || digits.hasSuffix("ib") { digits = digits.dropLast(2) } else if digits.last == "B" || digits.last == "b" { digits = digits.dropLast() }
+        if let unit = digits.last, !unit.isNumber {
+            switch unit.uppercased() {
             case "K": shift = 10
             case "M": shift = 20
             case "G": shift = 30
             case "T": shift = 40
-            case "B": shift = 0
-            default: break
+            default: throw ParseError(text: text)
             }
-            if !(last.first!.isNumber) { s = s.dropLast() }
-            if s.last?.uppercased() == "I", shift > 0 { s = s.dropLast() }   // "GiB" style
+            digits = digits.dropLast()
         }
-        guard let n = UInt64(s), n <= UInt64.max >> shift else { throw ParseError(text: text) }
+        guard !digits.isEmpty, digits.allSatisfy(\.isNumber), let n = UInt64(digits), n <= UInt64.max >> shift else {
+            throw ParseError(text: text)
+        }
         return n << shift
     }
 
@@ -44,11 +46,5 @@ public enum ByteSize {
         }
         let rounded = (value * 100).rounded() / 100
         return i == 0 ? "\(bytes) B" : "\(rounded) \(units[i])"
-    }
-}
-
-extension String {
-    func trimmingCharacters(in set: Character) -> String {
-        String(drop { $0 == set }.reversed().drop { $0 == set }.reversed())
     }
 }
