@@ -7,21 +7,43 @@ struct DevCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dev",
         abstract: "Read and write thin devices.",
-        subcommands: [Write.self, Read.self, Status.self]
+        subcommands: [Format.self, Write.self, Read.self, Status.self]
     )
 
     static let chunk = 1 << 20
+
+    struct Format: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Put a fresh ext4 on a thin device with mke2fs and Docker's options.")
+        @OptionGroup var options: RootOptions
+        @Argument(help: "Thin device id.") var id: DeviceIDArgument
+        @Option(help: "Filesystem size (default 10G, Docker's dm.basesize).") var size = Size(bytes: 10 << 30)
+        @Option(name: .customLong("fs"), help: "Filesystem type: ext4.") var filesystem = "ext4"
+        @Option(name: .customLong("mkfs-arg"), help: "An extra mke2fs argument (repeatable).") var mkfsArgs: [String] = []
+        @Flag(help: "Format even if the device already holds data.") var force = false
+
+        func run() throws {
+            guard let fs = DeviceFormatter.Filesystem(rawValue: filesystem) else {
+                throw ThinPoolError.invalidConfiguration("filesystem '\(filesystem)' is not supported: only ext4 (xfs may come later)")
+            }
+            let root = options.poolRoot
+            let pool = try root.open()
+            let result = try DeviceFormatter().format(pool: pool, id: id.id, size: size.bytes, filesystem: fs,
+                                                      extraArguments: mkfsArgs, force: force, scratchDirectory: root.path + "/tmp")
+            try root.record(filesystem: .init(type: fs.rawValue, uuid: result.uuid, size: result.size), for: id.id)
+            print("formatted thin device \(id.id): \(fs.rawValue), \(ByteSize.format(result.size)), UUID \(result.uuid), \(result.bytesWritten) bytes written")
+        }
+    }
 
     struct Write: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Write stdin to a thin device, then commit.")
         @OptionGroup var options: RootOptions
         @Argument(help: "Thin device id.") var id: DeviceIDArgument
-        @Option(help: "Byte offset to write at.") var offset: UInt64 = 0
+        @Option(help: "Byte offset to write at (K/M/G/T suffixes allowed).") var offset = Size(bytes: 0)
 
         func run() throws {
             let pool = try options.poolRoot.open()
             let dev = try pool.openDevice(id.id, size: ThinDevice.maximumSize)
-            var position = offset
+            var position = offset.bytes
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: DevCommand.chunk, alignment: 4096)
             defer { buffer.deallocate() }
             while true {
@@ -46,15 +68,16 @@ struct DevCommand: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Write a thin device's bytes to stdout; unmapped ranges read as zeros.")
         @OptionGroup var options: RootOptions
         @Argument(help: "Thin device id.") var id: DeviceIDArgument
-        @Option(help: "Byte offset to read from.") var offset: UInt64 = 0
-        @Option(help: "Bytes to read (default: up to the end of the highest mapped block).") var length: UInt64?
+        @Option(help: "Byte offset to read from (K/M/G/T suffixes allowed).") var offset = Size(bytes: 0)
+        @Option(help: "Bytes to read (default: up to the end of the highest mapped block).") var length: Size?
 
         func run() throws {
             let pool = try options.poolRoot.open(readOnly: true)
             let dev = try pool.openDevice(id.id, size: ThinDevice.maximumSize)
             let total: UInt64
+            let offset = self.offset.bytes
             if let length {
-                total = length
+                total = length.bytes
             } else {
                 let status = try pool.deviceStatus(id.id)
                 let end = status.highestMappedSector.map { ($0 + 1) * 512 } ?? 0

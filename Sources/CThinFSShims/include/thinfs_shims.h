@@ -8,3 +8,9 @@ int thinfs_punch_hole(int fd, int64_t offset, int64_t length);
 
 /// fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length); -1 and errno on failure.
 int thinfs_zero_range(int fd, int64_t offset, int64_t length);
+
+/// lseek(fd, offset, SEEK_DATA): the next data at or after offset; -1 with ENXIO past the last.
+int64_t thinfs_seek_data(int fd, int64_t offset);
+
+/// lseek(fd, offset, SEEK_HOLE): the next hole at or after offset (end of file counts as one).
+int64_t thinfs_seek_hole(int fd, int64_t offset);

@@ -92,6 +92,45 @@ public struct PoolRoot: Sendable {
                                           readOnly: readOnly, logger: logger)
     }
 
+    /// A filesystem put on a thin device by `thinfs dev format`.
+    public struct FilesystemRecord: Codable, Equatable, Sendable {
+        public var type: String
+        public var uuid: String
+        public var size: UInt64
+        public init(type: String, uuid: String, size: UInt64) {
+            self.type = type
+            self.uuid = uuid
+            self.size = size
+        }
+    }
+
+    public var filesystemsPath: String { path + "/filesystems.json" }
+
+    /// The filesystems recorded in this root, by thin device id.
+    public func filesystems() throws -> [ThinDeviceID: FilesystemRecord] {
+        guard let bytes = FileManager.default.contents(atPath: filesystemsPath) else { return [:] }
+        do {
+            // Keyed by the id as a string, so the JSON is an object.
+            let byName = try JSONDecoder().decode([String: FilesystemRecord].self, from: bytes)
+            return Dictionary(uniqueKeysWithValues: byName.compactMap { k, v in ThinDeviceID(k).map { ($0, v) } })
+        } catch {
+            throw ThinPoolError.invalidConfiguration("\(filesystemsPath) is corrupt: \(error)")
+        }
+    }
+
+    /// Records (or, with nil, forgets) the filesystem of a device; written atomically.
+    public func record(filesystem: FilesystemRecord?, for id: ThinDeviceID) throws {
+        var all = try filesystems()
+        all[id] = filesystem
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        do {
+            try encoder.encode(Dictionary(uniqueKeysWithValues: all.map { (String($0.key), $0.value) })).write(to: URL(fileURLWithPath: filesystemsPath), options: .atomic)
+        } catch {
+            throw ThinPoolError.invalidConfiguration("cannot write \(filesystemsPath): \(error)")
+        }
+    }
+
     private func absolute(_ p: String) -> String {
         p.hasPrefix("/") ? p : FileManager.default.currentDirectoryPath + "/" + p
     }
