@@ -67,7 +67,7 @@ let package = Package(
 
         // Shared by the test suites: thin-provisioning-tools as an oracle, scratch directories.
         .target(name: "TestSupport", dependencies: [.product(name: "Logging", package: "swift-log")], path: "Tests/TestSupport"),
-        .testTarget(name: "PersistentDataTests", dependencies: ["PersistentData"]),
+        .testTarget(name: "PersistentDataTests", dependencies: ["PersistentData", "TestSupport"], exclude: ["Fixtures"]),
         .testTarget(
             name: "ThinFSTests",
             dependencies: ["ThinFS", "PersistentData", "ThinFSCommands", "TestSupport"]

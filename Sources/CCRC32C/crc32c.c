@@ -1,11 +1,12 @@
 #include "crc32c.h"
+#include <pthread.h>
 #include <string.h>
 
 // Reflected polynomial of CRC32C (iSCSI, RFC 3720).
 #define POLY 0x82f63b78u
 
 static uint32_t table[8][256];
-static int table_ready;
+static pthread_once_t table_once = PTHREAD_ONCE_INIT;
 
 static void build_table(void) {
     for (uint32_t i = 0; i < 256; i++) {
@@ -20,12 +21,11 @@ static void build_table(void) {
             table[t][i] = c;
         }
     }
-    __atomic_store_n(&table_ready, 1, __ATOMIC_RELEASE);
 }
 
 // Slicing-by-8: eight bytes per step through eight 256-entry tables.
 uint32_t thinfs_crc32c_software(uint32_t crc, const void *data, size_t len) {
-    if (!__atomic_load_n(&table_ready, __ATOMIC_ACQUIRE)) build_table();
+    pthread_once(&table_once, build_table);
     const uint8_t *p = data;
     while (len >= 8) {
         uint64_t w;
@@ -74,17 +74,18 @@ static uint32_t shift_constant(size_t n) {
 
 #define STRIPE 1360   // 3 * 1360 = 4080 = a metadata block after its checksum field, rounded to 8
 static uint32_t shift_stripe, shift_two_stripes;
-static int shifts_ready;
+static pthread_once_t shifts_once = PTHREAD_ONCE_INIT;
+
+static void build_shifts(void) {
+    shift_stripe = shift_constant(STRIPE);
+    shift_two_stripes = shift_constant(2 * STRIPE);
+}
 
 __attribute__((target("sse4.2")))
 static uint32_t crc32c_hw(uint32_t crc, const void *data, size_t len) {
     const uint8_t *p = data;
     if (len >= 3 * STRIPE) {
-        if (!__atomic_load_n(&shifts_ready, __ATOMIC_ACQUIRE)) {
-            shift_stripe = shift_constant(STRIPE);
-            shift_two_stripes = shift_constant(2 * STRIPE);
-            __atomic_store_n(&shifts_ready, 1, __ATOMIC_RELEASE);
-        }
+        pthread_once(&shifts_once, build_shifts);
         while (len >= 3 * STRIPE) {
             uint64_t a = crc, b = 0, c = 0;
             for (size_t i = 0; i < STRIPE; i += 8) {

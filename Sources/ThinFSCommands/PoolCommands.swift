@@ -7,7 +7,7 @@ struct PoolCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pool",
         abstract: "Create, inspect and change the thin pool.",
-        subcommands: [Create.self, Open.self, Message.self, Status.self, Dump.self, Restore.self, Resize.self]
+        subcommands: [Create.self, Open.self, Message.self, Status.self, Dump.self, Restore.self, Check.self, Resize.self]
     )
 
     struct Create: ParsableCommand {
@@ -127,6 +127,18 @@ struct PoolCommand: ParsableCommand {
             _ = try ThinMetadata.restore(xml: xml, storage: scratch)
             let md = try ThinMetadata.restore(xml: xml, storage: FileMetadataStorage(path: config.metadata))
             print("restored \(md.deviceIDs.count) thin device(s) into \(config.metadata)")
+        }
+    }
+
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Check the metadata: trees, reference counts, space maps (thin_check must agree).")
+        @OptionGroup var options: RootOptions
+
+        func run() throws {
+            let config = try options.poolRoot.config()
+            let report = try ThinMetadata.check(storage: FileMetadataStorage(path: config.metadata, readOnly: true))
+            print(report)
+            guard report.isClean else { throw ExitCode(1) }
         }
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 
 /// thin-provisioning-tools, the external oracle for the metadata format.
@@ -24,8 +25,20 @@ public enum Oracle {
         p.standardOutput = out
         p.standardError = err
         try p.run()
+        // Drain stderr on another thread: a tool that fills the stderr pipe
+        // (thin_check on badly damaged metadata) would otherwise block forever
+        // while we wait for the end of stdout.
+        let errData = Mutex(Data())
+        let drained = DispatchSemaphore(value: 0)
+        let errHandle = err.fileHandleForReading
+        Thread.detachNewThread {
+            let e = errHandle.readDataToEndOfFile()
+            errData.withLock { $0 = e }
+            drained.signal()
+        }
         let o = out.fileHandleForReading.readDataToEndOfFile()
-        let e = err.fileHandleForReading.readDataToEndOfFile()
+        drained.wait()
+        let e = errData.withLock { $0 }
         p.waitUntilExit()
         return Result(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
     }
@@ -65,7 +78,7 @@ public final class TempDir {
     deinit { try? FileManager.default.removeItem(atPath: path) }
     public func file(_ name: String, size: UInt64) -> String {
         let p = path + "/" + name
-        FileManager.default.createFile(atPath: p, contents: nil)
+        _ = FileManager.default.createFile(atPath: p, contents: nil)
         let h = FileHandle(forWritingAtPath: p)!
         try! h.truncate(atOffset: size)
         try! h.close()

@@ -4,19 +4,6 @@ import TestSupport
 import Testing
 @testable import ThinFS
 
-/// A reproducible random generator (SplitMix64), so a failing run can be replayed from its seed.
-struct SeededRandom: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 /// What the pool should hold, kept independently of the engine.
 ///
 /// Each mapped block carries a token that stands for one pool data block. A

@@ -75,11 +75,11 @@ extension ThinMetadata {
     }
 
     /// Every mapping of device `id` with virtual block in `range`, in order.
-    public func mappings(_ id: ThinDeviceID, in range: Range<UInt64> = 0..<UInt64.max,
+    public func mappings(_ id: ThinDeviceID, in range: ClosedRange<UInt64> = 0...UInt64.max,
                          _ body: (UInt64, BlockTime) throws -> Bool) throws {
         let d = try device(id)
         try mappingTree.forEach(d.root, from: range.lowerBound) { k, v in
-            guard k < range.upperBound else { return false }
+            guard k <= range.upperBound else { return false }
             return try body(k, BlockTime(packed: v))
         }
     }

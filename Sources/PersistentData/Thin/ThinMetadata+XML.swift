@@ -16,7 +16,7 @@ import Foundation
 /// A run of consecutive virtual blocks mapped to consecutive data blocks with
 /// the same time is one range_mapping.
 extension ThinMetadata {
-    /// Writes the committed state (or the held metadata snapshot) as thin_dump would.
+    /// Writes the current state as thin_dump would print it once committed (or the held metadata snapshot).
     public func dumpXML(metadataSnapshot: Bool = false, to out: (String) -> Void) throws {
         let sb: Superblock
         if metadataSnapshot {
@@ -25,7 +25,13 @@ extension ThinMetadata {
         } else {
             sb = superblock
         }
-        out("<superblock uuid=\"\(Self.xmlEscape(sb.uuidString))\" time=\"\(sb.time)\" transaction=\"\(sb.transactionID)\" flags=\"\(sb.flags)\" version=\"\(sb.version)\" data_block_size=\"\(sb.dataBlockSize)\" nr_data_blocks=\"\(dataSM.nrBlocks)\">\n")
+        // A metadata snapshot's superblock copy has its space-map roots wiped
+        // (`__reserve_metadata_snap`), so its data block count is 0; thin_dump -m
+        // prints that 0 too ("metadata snap, we really don't know").
+        let nrDataBlocks = metadataSnapshot ? sb.dataSpaceMap.nrBlocks : dataSM.nrBlocks
+        // thin_dump 0.9.0 always prints uuid="" (metadata_dumper.cc passes ""
+        // to begin_superblock), though thin_restore stores the attribute's bytes.
+        out("<superblock uuid=\"\" time=\"\(sb.time)\" transaction=\"\(sb.transactionID)\" flags=\"\(sb.flags)\" version=\"\(sb.version)\" data_block_size=\"\(sb.dataBlockSize)\" nr_data_blocks=\"\(nrDataBlocks)\">\n")
         var details: [(UInt64, DeviceDetails)] = []
         let mapRoot = metadataSnapshot ? sb.dataMappingRoot : mappingRoot
         let detRoot = metadataSnapshot ? sb.deviceDetailsRoot : detailsRoot
@@ -68,11 +74,6 @@ extension ThinMetadata {
         var s = ""
         try dumpXML(metadataSnapshot: metadataSnapshot) { s += $0 }
         return s
-    }
-
-    static func xmlEscape(_ s: String) -> String {
-        s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "\"", with: "&quot;")
-            .replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
     }
 
     /// Builds fresh metadata from thin_dump XML, as thin_restore does.
@@ -162,6 +163,10 @@ struct ThinXMLParser {
                     let data: UInt64 = try attr(single ? "data_block" : "data_begin")
                     let length: UInt64 = single ? 1 : try attr("length")
                     let time: UInt32 = try attr("time")
+                    // The last block of the run must exist, or `origin + i` traps.
+                    if length > 0, origin.addingReportingOverflow(length - 1).overflow || data.addingReportingOverflow(length - 1).overflow {
+                        throw ParseError.malformed(line: parser.lineNumber, "<\(name)> of \(length) blocks runs past the last block number")
+                    }
                     for i in 0..<length {
                         result.devices[result.devices.count - 1].mappings.append((origin + i, BlockTime(block: data + i, time: time)))
                     }

@@ -95,6 +95,8 @@ public final class ThinMetadata {
     public static func format(storage: MetadataStorage, dataBlockSize: UInt32, nrDataBlocks: UInt64) throws(MetadataError) -> ThinMetadata {
         let nrBlocks = min(storage.nrBlocks, maxMetadataBlocks)
         guard nrBlocks >= 64 else { throw .tooSmall(path: storage.name, bytes: storage.nrBlocks * 4096) }
+        // A mapping holds its data block in 40 bits (as resizeData already enforces).
+        guard nrDataBlocks < (1 << 40) else { throw .invalidArgument("\(nrDataBlocks) data blocks exceed the 40-bit block field") }
         let bm = BlockManager(storage: storage)
         let msm = SpaceMap(nrBlocks: nrBlocks)
         msm.set(Superblock.location, count: 1)
@@ -189,24 +191,41 @@ public final class ThinMetadata {
     /// Throws away every change since the last commit and reloads it from disk.
     public func abort() throws(MetadataError) {
         bm.discardAll()
-        let parts = try Self.load(bm: bm)
-        tm = parts.tm
-        metadataStore = parts.metadata
-        dataStore = parts.data
-        superblock = parts.sb
-        mappingRoot = superblock.dataMappingRoot
-        detailsRoot = superblock.deviceDetailsRoot
-        try loadDevices()
+        do {
+            let parts = try Self.load(bm: bm)
+            tm = parts.tm
+            metadataStore = parts.metadata
+            dataStore = parts.data
+            superblock = parts.sb
+            mappingRoot = superblock.dataMappingRoot
+            detailsRoot = superblock.deviceDetailsRoot
+            try loadDevices()
+        } catch {
+            // The transaction's blocks are gone from the cache, yet the space
+            // maps and roots in memory still point at them: a commit now would
+            // publish blocks that were never written.
+            mode = .readOnly("the last commit could not be reloaded: \(error)")
+            throw error
+        }
     }
 
     /// A failure in the middle of a change: roll back to the last commit and, as
     /// the kernel does, flag the metadata for checking and go read-only.
     func fail(_ error: MetadataError) throws(MetadataError) -> Never {
-        try? abort()
-        superblock.needsCheck = true
-        let sb = MetadataBlock(location: Superblock.location)
-        superblock.store(into: sb)
-        try? bm.writeNow(sb, as: .superblock)
+        do {
+            try abort()
+            superblock.needsCheck = true
+            let sb = MetadataBlock(location: Superblock.location)
+            superblock.store(into: sb)
+            try? bm.writeNow(sb, as: .superblock)
+        } catch {
+            // The last commit could not be reloaded, so `superblock` may still
+            // hold this transaction's roots (commit sets them before writing the
+            // blocks): writing it could publish blocks that never reached the
+            // disk. Like the kernel when dm_pool_abort_metadata fails (fail_io),
+            // leave the disk alone; needs_check is only recorded in memory.
+            superblock.needsCheck = true
+        }
         mode = .readOnly("\(error); needs_check is set")
         throw error
     }
@@ -227,7 +246,9 @@ public final class ThinMetadata {
     }
 
     /// Clears needs_check after a successful check (thin_check --clear-needs-check-flag).
+    /// It starts again from the last commit, so nothing of a failed transaction is published.
     public func clearNeedsCheck() throws(MetadataError) {
+        try abort()
         superblock.needsCheck = false
         mode = .readWrite
         try commit()

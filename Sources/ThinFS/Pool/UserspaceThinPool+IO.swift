@@ -199,7 +199,7 @@ extension UserspaceThinPool {
             try metaLock.withLock {
                 try wrap {
                     var mapped: [UInt64] = []
-                    try md.mappings(id, in: first..<end) { vb, _ in mapped.append(vb); return true }
+                    try md.mappings(id, in: first...(end - 1)) { vb, _ in mapped.append(vb); return true }
                     for vb in mapped { try md.remove(id, vb) }
                 }
             }
