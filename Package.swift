@@ -49,9 +49,12 @@ let package = Package(
             dependencies: [
                 "PersistentData",
                 "CThinFSShims",
+                "CExt2fs",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
-            ]
+            ],
+            // libext2fs reports errors through com_err (error_message); its pkg-config file leaves it to the caller.
+            linkerSettings: [.linkedLibrary("com_err")]
         ),
         .target(
             name: "ThinFSCommands",

@@ -35,6 +35,18 @@ public final class FileBlockDevice: BlockDevice {
 
     deinit { try? fd.close() }
 
+    /// Creates a sparse file of `size` bytes (refusing an existing one) and opens it.
+    public static func create(path: FilePath, size: UInt64) throws -> FileBlockDevice {
+        do {
+            let fd = try FileDescriptor.open(path, .readWrite, options: [.create, .exclusiveCreate, .closeOnExec], permissions: [.ownerReadWrite])
+            defer { try? fd.close() }
+            try fd.truncate(to: size, path: path.string)
+        } catch let e as Errno {
+            throw ThinPoolError.io(operation: "create", path: path.string, errno: e)
+        }
+        return try FileBlockDevice(path: path)
+    }
+
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try fd.readFully(into: buffer, at: offset, path: path.string)
     }

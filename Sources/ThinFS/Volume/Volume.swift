@@ -1,0 +1,1174 @@
+import CExt2fs
+import Foundation
+import Logging
+import SystemPackage
+
+/// An ext4 filesystem on any `BlockDevice`, read and written in userspace
+/// through libext2fs. This is the only file that imports CExt2fs.
+///
+/// ## The io_manager
+/// libext2fs reaches its device through an `io_manager`: a table of C
+/// callbacks (open, read_blk64, write_blk64, flush, discard, ...) that get an
+/// `io_channel`. `blockDeviceIOManager` implements that table over a Swift
+/// `BlockDevice`; `ext2fs_open2` names the device with a key of
+/// `ChannelRegistry`, and the channel's `private_data` holds the device.
+/// A flush of the channel is a flush of the device: on a thin device, a pool
+/// commit.
+///
+/// ## Serialization
+/// libext2fs is not thread-safe: a filesystem handle keeps block and inode
+/// caches, bitmaps and a dirty superblock with no locking. Every call that
+/// reaches `fs` runs under `lock`, so one thread at a time owns the handle;
+/// FUSE threads queue on it. Reads and writes of file data therefore
+/// serialize too; this is the price of libext2fs.
+public final class Volume: FileSystemVolume, @unchecked Sendable {
+    public let device: BlockDevice
+    public let isReadOnly: Bool
+    public var rootInode: UInt64 { UInt64(EXT2_ROOT_INO) }
+    let logger: Logger
+
+    private let lock = Lock()
+    private var fs: ext2_filsys?
+    private let channelName: String
+    /// Open handles per inode, and inodes whose last link went while open (freed on the last release).
+    private var openCounts: [UInt64: Int] = [:]
+    private var orphans: Set<UInt64> = []
+    private var nextGeneration = UInt32.random(in: 0...UInt32.max)
+
+    /// Opens the ext4 on `device`. Read-only volumes never write to it.
+    public init(device: BlockDevice, readOnly: Bool, logger: Logger = Logger(label: "thinfs.volume")) throws {
+        _ = Self.errorTable
+        self.device = device
+        self.isReadOnly = readOnly
+        self.logger = logger
+        channelName = ChannelRegistry.shared.register(device)
+        var handle: ext2_filsys?
+        var flags = EXT2_FLAG_64BITS | EXT2_FLAG_SKIP_MMP
+        if !readOnly { flags |= EXT2_FLAG_RW }
+        let rc = ext2fs_open2(channelName, nil, flags, 0, 0, blockDeviceIOManager, &handle)
+        guard rc == 0, let handle else {
+            ChannelRegistry.shared.unregister(channelName)
+            throw VolumeError(Self.errno(rc), "the device holds no ext4 filesystem libext2fs can open (\(Self.message(rc)))")
+        }
+        fs = handle
+        // Modes come from callers; libext2fs must not mask them.
+        handle.pointee.umask = 0
+        if !readOnly {
+            let rb = ext2fs_read_bitmaps(handle)
+            guard rb == 0 else {
+                ext2fs_close_free(&fs)
+                ChannelRegistry.shared.unregister(channelName)
+                throw VolumeError(Self.errno(rb), "cannot read the allocation bitmaps (\(Self.message(rb)))")
+            }
+        }
+    }
+
+    deinit { try? close() }
+
+    /// Writes everything back (superblock, bitmaps, inodes) and closes the filesystem.
+    public func close() throws {
+        try lock.withLock { () throws(VolumeError) in
+            guard fs != nil else { return }
+            let rc = ext2fs_close_free(&fs)
+            ChannelRegistry.shared.unregister(channelName)
+            if rc != 0 { throw VolumeError(Self.errno(rc), "closing the filesystem (\(Self.message(rc)))") }
+        }
+    }
+
+    // MARK: Errors
+
+    /// com_err needs the ext2 table registered before it can name ext2 error codes.
+    private static let errorTable: Void = { initialize_ext2_error_table() }()
+
+    /// libext2fs error codes are errno values or com_err codes of the ext2 table; the latter map to the errno
+    /// a kernel filesystem returns in the same situation.
+    static func errno(_ rc: errcode_t) -> Errno {
+        if rc > 0 && rc < 4096 { return Errno(rawValue: Int32(rc)) }
+        switch rc {
+        case EXT2_ET_FILE_NOT_FOUND: return .noSuchFileOrDirectory
+        case EXT2_ET_RO_FILSYS: return .readOnlyFileSystem
+        case EXT2_ET_DIR_NO_SPACE, EXT2_ET_BLOCK_ALLOC_FAIL, EXT2_ET_INODE_ALLOC_FAIL, EXT2_ET_EA_NO_SPACE,
+             EXT2_ET_INLINE_DATA_NO_SPACE, EXT2_ET_DIR_NO_SPACE_FOR_CSUM:
+            return .noSpace
+        case EXT2_ET_NO_MEMORY: return .noMemory
+        case EXT2_ET_EA_KEY_NOT_FOUND: return .init(rawValue: ENODATA)
+        case EXT2_ET_FILE_TOO_BIG: return .fileTooLarge
+        case EXT2_ET_BAD_MAGIC, EXT2_ET_UNSUPP_FEATURE: return .invalidArgument
+        default: return .ioError
+        }
+    }
+
+    static func message(_ rc: errcode_t) -> String { String(cString: error_message(rc)) }
+
+    private func check(_ rc: errcode_t, _ context: @autoclosure () -> String) throws(VolumeError) {
+        if rc != 0 { throw VolumeError(Self.errno(rc), "\(context()) (\(Self.message(rc)))") }
+    }
+
+    /// Runs `body` with the filesystem handle, holding the lock.
+    private func withFS<T>(_ body: (ext2_filsys) throws(VolumeError) -> T) throws(VolumeError) -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let fs else { throw VolumeError(.badFileDescriptor, "the volume is closed") }
+        return try body(fs)
+    }
+
+    private func requireWritable(_ op: String) throws(VolumeError) {
+        if isReadOnly { throw VolumeError(.readOnlyFileSystem, "\(op): the volume is read-only") }
+    }
+
+    // MARK: Inodes
+
+    private func readInode(_ fs: ext2_filsys, _ ino: UInt64) throws(VolumeError) -> ext2_inode_large {
+        guard ino >= 1, ino <= UInt64(fs.pointee.super.pointee.s_inodes_count) else {
+            throw VolumeError(.invalidArgument, "inode \(ino) is out of range")
+        }
+        var inode = ext2_inode_large()
+        let rc = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                ext2fs_read_inode_full(fs, ext2_ino_t(ino), $0, Int32(MemoryLayout<ext2_inode_large>.size))
+            }
+        }
+        try check(rc, "reading inode \(ino)")
+        guard inode.i_links_count > 0 || openCounts[ino] != nil || orphans.contains(ino) else {
+            throw VolumeError(.noSuchFileOrDirectory, "inode \(ino) is not in use")
+        }
+        return inode
+    }
+
+    private func writeInode(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large) throws(VolumeError) {
+        let rc = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                ext2fs_write_inode_full(fs, ext2_ino_t(ino), $0, Int32(MemoryLayout<ext2_inode_large>.size))
+            }
+        }
+        try check(rc, "writing inode \(ino)")
+    }
+
+    /// ext4 timestamps: 32 signed bits of seconds, and an "extra" word holding
+    /// nanoseconds << 2 and two epoch bits that extend the seconds past 2038
+    /// (Documentation/filesystems/ext4/inodes.rst, "Inode Timestamps").
+    static func decodeTime(_ seconds: UInt32, _ extra: UInt32, hasExtra: Bool) -> Timestamp {
+        var s = Int64(Int32(bitPattern: seconds))
+        guard hasExtra else { return Timestamp(seconds: s, nanoseconds: 0) }
+        s += Int64(extra & 3) << 32
+        return Timestamp(seconds: s, nanoseconds: extra >> 2)
+    }
+
+    static func encodeTime(_ t: Timestamp) -> (UInt32, UInt32) {
+        let low = UInt32(truncatingIfNeeded: t.seconds)
+        let epoch = UInt32(truncatingIfNeeded: (t.seconds - Int64(Int32(bitPattern: low))) >> 32) & 3
+        return (low, (min(t.nanoseconds, 999_999_999) << 2) | epoch)
+    }
+
+    static func now() -> Timestamp {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Timestamp(seconds: Int64(ts.tv_sec), nanoseconds: UInt32(ts.tv_nsec))
+    }
+
+    private static let extraSize = UInt16(MemoryLayout<ext2_inode_large>.size - Int(EXT2_GOOD_OLD_INODE_SIZE))
+
+    private func hasExtra(_ inode: ext2_inode_large) -> Bool { inode.i_extra_isize >= 24 }
+
+    private func setTimes(_ inode: inout ext2_inode_large, atime: Timestamp? = nil, mtime: Timestamp? = nil,
+                          ctime: Timestamp? = nil, crtime: Timestamp? = nil) {
+        if let t = atime { (inode.i_atime, inode.i_atime_extra) = Self.encodeTime(t) }
+        if let t = mtime { (inode.i_mtime, inode.i_mtime_extra) = Self.encodeTime(t) }
+        if let t = ctime { (inode.i_ctime, inode.i_ctime_extra) = Self.encodeTime(t) }
+        if let t = crtime { (inode.i_crtime, inode.i_crtime_extra) = Self.encodeTime(t) }
+    }
+
+    private func attributes(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large) -> FileAttributes {
+        let extra = hasExtra(inode)
+        let mode = UInt32(inode.i_mode)
+        var rdev: UInt64 = 0
+        if Self.isDevice(mode) {
+            // Old encoding (major << 8 | minor) in i_block[0], else the new one in i_block[1] (fs/ext4/inode.c).
+            let b0 = inode.i_block.0, b1 = inode.i_block.1
+            if b0 != 0 {
+                rdev = Self.makedev(major: (b0 >> 8) & 0xff, minor: b0 & 0xff)
+            } else {
+                rdev = Self.makedev(major: (b1 & 0xfff00) >> 8, minor: (b1 & 0xff) | ((b1 >> 12) & 0xfff00))
+            }
+        }
+        let blocks = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_get_stat_i_blocks(fs, $0) }
+        }
+        return FileAttributes(
+            ino: ino, mode: mode, nlink: UInt32(inode.i_links_count),
+            uid: UInt32(inode.i_uid) | UInt32(inode.osd2.linux2.l_i_uid_high) << 16,
+            gid: UInt32(inode.i_gid) | UInt32(inode.osd2.linux2.l_i_gid_high) << 16,
+            rdev: rdev, size: UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32, blocks: UInt64(blocks),
+            atime: Self.decodeTime(inode.i_atime, inode.i_atime_extra, hasExtra: extra),
+            mtime: Self.decodeTime(inode.i_mtime, inode.i_mtime_extra, hasExtra: extra),
+            ctime: Self.decodeTime(inode.i_ctime, inode.i_ctime_extra, hasExtra: extra),
+            blockSize: UInt32(fs.pointee.blocksize), generation: inode.i_generation)
+    }
+
+    static func isDevice(_ mode: UInt32) -> Bool {
+        let t = mode & 0o170000
+        return t == 0o020000 || t == 0o060000
+    }
+
+    static func makedev(major: UInt32, minor: UInt32) -> UInt64 {
+        // glibc's encoding of dev_t.
+        (UInt64(major & 0xfff) << 8) | (UInt64(major & ~0xfff) << 32) | UInt64(minor & 0xff) | (UInt64(minor & ~0xff) << 12)
+    }
+
+    static func major(_ dev: UInt64) -> UInt32 { UInt32(((dev >> 8) & 0xfff) | ((dev >> 32) & ~0xfff)) }
+    static func minor(_ dev: UInt64) -> UInt32 { UInt32((dev & 0xff) | ((dev >> 12) & ~0xff)) }
+
+    static func fileType(_ mode: UInt32) -> Int32 {
+        switch mode & 0o170000 {
+        case 0o100000: EXT2_FT_REG_FILE
+        case 0o040000: EXT2_FT_DIR
+        case 0o020000: EXT2_FT_CHRDEV
+        case 0o060000: EXT2_FT_BLKDEV
+        case 0o010000: EXT2_FT_FIFO
+        case 0o140000: EXT2_FT_SOCK
+        case 0o120000: EXT2_FT_SYMLINK
+        default: EXT2_FT_UNKNOWN
+        }
+    }
+
+    static func mode(fromFileType t: Int32) -> UInt32 {
+        switch t {
+        case EXT2_FT_REG_FILE: 0o100000
+        case EXT2_FT_DIR: 0o040000
+        case EXT2_FT_CHRDEV: 0o020000
+        case EXT2_FT_BLKDEV: 0o060000
+        case EXT2_FT_FIFO: 0o010000
+        case EXT2_FT_SOCK: 0o140000
+        case EXT2_FT_SYMLINK: 0o120000
+        default: 0
+        }
+    }
+
+    // MARK: Names
+
+    static func checkName(_ name: String) throws(VolumeError) {
+        guard !name.isEmpty, name != ".", name != "..", !name.contains("/"), !name.utf8.contains(0) else {
+            throw VolumeError(.invalidArgument, "'\(name)' is not a valid file name")
+        }
+        guard name.utf8.count <= 255 else { throw VolumeError(.fileNameTooLong, "'\(name.prefix(32))...' is longer than 255 bytes") }
+    }
+
+    private func lookupIno(_ fs: ext2_filsys, _ parent: UInt64, _ name: String) throws(VolumeError) -> UInt64? {
+        var ino: ext2_ino_t = 0
+        let rc = name.withCString { ext2fs_lookup(fs, ext2_ino_t(parent), $0, Int32(name.utf8.count), nil, &ino) }
+        if rc == EXT2_ET_FILE_NOT_FOUND { return nil }
+        try check(rc, "looking up '\(name)' in directory \(parent)")
+        return UInt64(ino)
+    }
+
+    private func requireDirectory(_ fs: ext2_filsys, _ ino: UInt64) throws(VolumeError) -> ext2_inode_large {
+        let inode = try readInode(fs, ino)
+        guard UInt32(inode.i_mode) & 0o170000 == 0o040000 else {
+            throw VolumeError(.notDirectory, "inode \(ino) is not a directory")
+        }
+        return inode
+    }
+
+    /// Adds a directory entry, growing the directory when its blocks are full.
+    private func addLink(_ fs: ext2_filsys, _ dir: UInt64, _ name: String, _ ino: UInt64, mode: UInt32) throws(VolumeError) {
+        var rc = name.withCString { ext2fs_link(fs, ext2_ino_t(dir), $0, ext2_ino_t(ino), Self.fileType(mode)) }
+        if rc == EXT2_ET_DIR_NO_SPACE {
+            try check(ext2fs_expand_dir(fs, ext2_ino_t(dir)), "growing directory \(dir)")
+            rc = name.withCString { ext2fs_link(fs, ext2_ino_t(dir), $0, ext2_ino_t(ino), Self.fileType(mode)) }
+        }
+        try check(rc, "adding '\(name)' to directory \(dir)")
+    }
+
+    private func removeLink(_ fs: ext2_filsys, _ dir: UInt64, _ name: String) throws(VolumeError) {
+        let rc = name.withCString { ext2fs_unlink(fs, ext2_ino_t(dir), $0, 0, 0) }
+        try check(rc, "removing '\(name)' from directory \(dir)")
+    }
+
+    /// Marks a directory's contents changed (mtime and ctime).
+    private func touchDirectory(_ fs: ext2_filsys, _ dir: UInt64, links delta: Int = 0) throws(VolumeError) {
+        var inode = try readInode(fs, dir)
+        let t = Self.now()
+        setTimes(&inode, mtime: t, ctime: t)
+        inode.i_links_count = UInt16(Int(inode.i_links_count) + delta)
+        try writeInode(fs, dir, &inode)
+    }
+
+    // MARK: FileSystemVolume: reading
+
+    public func lookup(parent: UInt64, name: String) throws(VolumeError) -> FileAttributes {
+        try withFS { fs throws(VolumeError) in
+            _ = try requireDirectory(fs, parent)
+            guard name.utf8.count <= 255 else { throw VolumeError(.fileNameTooLong, "name longer than 255 bytes") }
+            guard let ino = try lookupIno(fs, parent, name) else {
+                throw VolumeError(.noSuchFileOrDirectory, "'\(name)' is not in directory \(parent)")
+            }
+            var inode = try readInode(fs, ino)
+            return attributes(fs, ino, &inode)
+        }
+    }
+
+    public func getattr(_ ino: UInt64) throws(VolumeError) -> FileAttributes {
+        try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            return attributes(fs, ino, &inode)
+        }
+    }
+
+    public func readdir(_ ino: UInt64, after cookie: UInt64,
+                        _ body: (DirectoryEntry) throws(VolumeError) -> Bool) throws(VolumeError) {
+        // Collect under the lock, then call back without it: the callback may be slow (FUSE buffer packing).
+        let entries: [DirectoryEntry] = try withFS { fs throws(VolumeError) in
+            _ = try requireDirectory(fs, ino)
+            final class Context {
+                var entries: [DirectoryEntry] = []
+                var index: UInt64 = 0
+                let after: UInt64
+                init(after: UInt64) { self.after = after }
+            }
+            let context = Context(after: cookie)
+            let rc = withExtendedLifetime(context) {
+                ext2fs_dir_iterate2(fs, ext2_ino_t(ino), 0, nil, { _, _, dirent, _, _, _, priv in
+                    let context = Unmanaged<Context>.fromOpaque(priv!).takeUnretainedValue()
+                    guard let dirent else { return 0 }
+                    context.index += 1
+                    // A cookie is the entry's position: stable while the directory is unchanged.
+                    guard context.index > context.after else { return 0 }
+                    let length = Int(dirent.pointee.name_len & 0xff)
+                    let name = withUnsafeBytes(of: &dirent.pointee.name) { raw in
+                        String(decoding: raw.prefix(length), as: UTF8.self)
+                    }
+                    let type = Volume.mode(fromFileType: ext2fs_dirent_file_type(dirent))
+                    context.entries.append(DirectoryEntry(name: name, ino: UInt64(dirent.pointee.inode), type: type,
+                                                          cookie: context.index))
+                    return 0
+                }, Unmanaged.passUnretained(context).toOpaque())
+            }
+            try check(rc, "reading directory \(ino)")
+            return context.entries
+        }
+        for e in entries where !(try body(e)) { return }
+    }
+
+    public func readlink(_ ino: UInt64) throws(VolumeError) -> String {
+        try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            guard UInt32(inode.i_mode) & 0o170000 == 0o120000 else {
+                throw VolumeError(.invalidArgument, "inode \(ino) is not a symbolic link")
+            }
+            let size = Int(inode.i_size)
+            let fast = withUnsafeMutablePointer(to: &inode) {
+                $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_is_fast_symlink($0) }
+            }
+            if fast != 0 {
+                return withUnsafeBytes(of: &inode.i_block) { String(decoding: $0.prefix(size), as: UTF8.self) }
+            }
+            let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 8)
+            defer { bytes.deallocate() }
+            let n = try readData(fs, ino, 0, bytes)
+            return String(decoding: UnsafeRawBufferPointer(rebasing: bytes[0..<n]), as: UTF8.self)
+        }
+    }
+
+    public func read(_ ino: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(VolumeError) -> Int {
+        try withFS { fs throws(VolumeError) in
+            let inode = try readInode(fs, ino)
+            guard UInt32(inode.i_mode) & 0o170000 != 0o040000 else { throw VolumeError(.isDirectory, "inode \(ino) is a directory") }
+            return try readData(fs, ino, offset, buffer)
+        }
+    }
+
+    private func openFile(_ fs: ext2_filsys, _ ino: UInt64, write: Bool) throws(VolumeError) -> ext2_file_t {
+        var file: ext2_file_t?
+        try check(ext2fs_file_open2(fs, ext2_ino_t(ino), nil, write ? EXT2_FILE_WRITE : 0, &file), "opening inode \(ino)")
+        return file!
+    }
+
+    private func readData(_ fs: ext2_filsys, _ ino: UInt64, _ offset: UInt64, _ buffer: UnsafeMutableRawBufferPointer) throws(VolumeError) -> Int {
+        let file = try openFile(fs, ino, write: false)
+        defer { ext2fs_file_close(file) }
+        try check(ext2fs_file_llseek(file, offset, EXT2_SEEK_SET, nil), "seeking inode \(ino) to \(offset)")
+        var done = 0
+        while done < buffer.count {
+            var got: UInt32 = 0
+            let want = UInt32(min(buffer.count - done, 1 << 30))
+            try check(ext2fs_file_read(file, buffer.baseAddress! + done, want, &got), "reading inode \(ino) at \(offset + UInt64(done))")
+            if got == 0 { break }
+            done += Int(got)
+        }
+        return done
+    }
+
+    public func statfs() throws(VolumeError) -> FileSystemStatistics {
+        let stats = try withFS { fs throws(VolumeError) in
+            let sb = fs.pointee.super.pointee
+            let blocks = UInt64(sb.s_blocks_count) | UInt64(sb.s_blocks_count_hi) << 32
+            let free = UInt64(sb.s_free_blocks_count) | UInt64(sb.s_free_blocks_hi) << 32
+            let reserved = UInt64(sb.s_r_blocks_count) | UInt64(sb.s_r_blocks_count_hi) << 32
+            // Like the kernel's ext4_statfs, metadata overhead is not counted in f_blocks... libext2fs
+            // does not track it; the totals here are the superblock's.
+            return FileSystemStatistics(blockSize: UInt64(fs.pointee.blocksize), blocks: blocks, freeBlocks: free,
+                                        availableBlocks: free > reserved ? free - reserved : 0,
+                                        files: UInt64(sb.s_inodes_count), freeFiles: UInt64(sb.s_free_inodes_count),
+                                        nameMax: 255)
+        }
+        return limitedByPool(stats)
+    }
+
+    /// A container must not believe it has more space than the pool can give:
+    /// free and available blocks are capped by the pool's free data space.
+    private func limitedByPool(_ s: FileSystemStatistics) -> FileSystemStatistics {
+        guard let thin = device as? ThinDevice, let status = try? thin.pool.status() else { return s }
+        let poolFree = (status.totalDataBlocks - status.usedDataBlocks) * status.dataBlockSize / s.blockSize
+        var r = s
+        r.freeBlocks = min(s.freeBlocks, poolFree)
+        r.availableBlocks = min(s.availableBlocks, poolFree)
+        return r
+    }
+
+    // MARK: FileSystemVolume: changing
+
+    public func setattr(_ ino: UInt64, _ changes: AttributeChanges) throws(VolumeError) -> FileAttributes {
+        try requireWritable("setattr")
+        return try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            let now = Self.now()
+            if let size = changes.size {
+                guard UInt32(inode.i_mode) & 0o170000 == 0o100000 else {
+                    throw VolumeError(UInt32(inode.i_mode) & 0o170000 == 0o040000 ? .isDirectory : .invalidArgument,
+                                      "truncate of inode \(ino), which is not a regular file")
+                }
+                let file = try openFile(fs, ino, write: true)
+                let rc = ext2fs_file_set_size2(file, ext2_off64_t(size))
+                ext2fs_file_close(file)
+                try check(rc, "truncating inode \(ino) to \(size)")
+                inode = try readInode(fs, ino)
+                setTimes(&inode, mtime: now, ctime: now)
+            }
+            if let mode = changes.mode {
+                inode.i_mode = UInt16((UInt32(inode.i_mode) & 0o170000) | (mode & 0o7777))
+            }
+            if let uid = changes.uid {
+                inode.i_uid = UInt16(truncatingIfNeeded: uid)
+                inode.osd2.linux2.l_i_uid_high = UInt16(truncatingIfNeeded: uid >> 16)
+            }
+            if let gid = changes.gid {
+                inode.i_gid = UInt16(truncatingIfNeeded: gid)
+                inode.osd2.linux2.l_i_gid_high = UInt16(truncatingIfNeeded: gid >> 16)
+            }
+            switch changes.atime {
+            case .now: setTimes(&inode, atime: now)
+            case .set(let t): setTimes(&inode, atime: t)
+            case nil: break
+            }
+            switch changes.mtime {
+            case .now: setTimes(&inode, mtime: now)
+            case .set(let t): setTimes(&inode, mtime: t)
+            case nil: break
+            }
+            setTimes(&inode, ctime: changes.ctime ?? now)
+            try writeInode(fs, ino, &inode)
+            return attributes(fs, ino, &inode)
+        }
+    }
+
+    /// Allocates and initializes an inode with no links yet.
+    private func newInode(_ fs: ext2_filsys, parent: UInt64, mode: UInt32, owner: Owner) throws(VolumeError) -> (UInt64, ext2_inode_large) {
+        var ino: ext2_ino_t = 0
+        try check(ext2fs_new_inode(fs, ext2_ino_t(parent), Int32(mode), nil, &ino), "allocating an inode in directory \(parent)")
+        ext2fs_inode_alloc_stats2(fs, ino, 1, mode & 0o170000 == 0o040000 ? 1 : 0)
+        var inode = ext2_inode_large()
+        inode.i_mode = UInt16(truncatingIfNeeded: mode)
+        inode.i_extra_isize = Self.extraSize
+        inode.i_uid = UInt16(truncatingIfNeeded: owner.uid)
+        inode.osd2.linux2.l_i_uid_high = UInt16(truncatingIfNeeded: owner.uid >> 16)
+        // Set-group-ID directories pass their group on (and, to subdirectories, the bit itself).
+        let parentInode = try readInode(fs, parent)
+        var gid = owner.gid
+        if UInt32(parentInode.i_mode) & 0o2000 != 0 {
+            gid = UInt32(parentInode.i_gid) | UInt32(parentInode.osd2.linux2.l_i_gid_high) << 16
+            if mode & 0o170000 == 0o040000 { inode.i_mode |= 0o2000 }
+        }
+        inode.i_gid = UInt16(truncatingIfNeeded: gid)
+        inode.osd2.linux2.l_i_gid_high = UInt16(truncatingIfNeeded: gid >> 16)
+        inode.i_generation = nextGeneration
+        nextGeneration &+= 1
+        let t = Self.now()
+        setTimes(&inode, atime: t, mtime: t, ctime: t, crtime: t)
+        if ext2fs_has_feature_extents(fs.pointee.super) != 0 && mode & 0o170000 != 0o120000 && !Self.isDevice(mode)
+            && mode & 0o170000 != 0o010000 && mode & 0o170000 != 0o140000 {
+            // An empty extent tree header in i_block, as the kernel gives every new file and directory.
+            var handle: ext2_extent_handle_t?
+            let rc = withUnsafeMutablePointer(to: &inode) {
+                $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_extent_open2(fs, ino, $0, &handle) }
+            }
+            try check(rc, "initializing the extent tree of inode \(ino)")
+            ext2fs_extent_free(handle)
+        }
+        return (UInt64(ino), inode)
+    }
+
+    public func mknod(parent: UInt64, name: String, mode: UInt32, rdev: UInt64, owner: Owner) throws(VolumeError) -> FileAttributes {
+        try requireWritable("mknod")
+        try Self.checkName(name)
+        let type = mode & 0o170000
+        guard [0o100000, 0o010000, 0o140000, 0o020000, 0o060000].contains(type) else {
+            throw VolumeError(.invalidArgument, "mknod '\(name)': unsupported file type \(String(type, radix: 8))")
+        }
+        return try withFS { fs throws(VolumeError) in
+            _ = try requireDirectory(fs, parent)
+            if try lookupIno(fs, parent, name) != nil { throw VolumeError(.fileExists, "'\(name)' exists in directory \(parent)") }
+            var (ino, inode) = try newInode(fs, parent: parent, mode: mode, owner: owner)
+            inode.i_links_count = 1
+            if Self.isDevice(mode) {
+                let major = Self.major(rdev), minor = Self.minor(rdev)
+                if major < 256 && minor < 256 {
+                    inode.i_block.0 = major << 8 | minor
+                } else {
+                    inode.i_block.1 = (minor & 0xff) | (major << 8) | ((minor & ~0xff) << 12)
+                }
+            }
+            let rc = withUnsafeMutablePointer(to: &inode) {
+                $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_write_new_inode(fs, ext2_ino_t(ino), $0) }
+            }
+            try check(rc, "writing new inode \(ino)")
+            try addLink(fs, parent, name, ino, mode: mode)
+            try touchDirectory(fs, parent)
+            inode = try readInode(fs, ino)
+            return attributes(fs, ino, &inode)
+        }
+    }
+
+    public func mkdir(parent: UInt64, name: String, mode: UInt32, owner: Owner) throws(VolumeError) -> FileAttributes {
+        try requireWritable("mkdir")
+        try Self.checkName(name)
+        return try withFS { fs throws(VolumeError) in
+            _ = try requireDirectory(fs, parent)
+            if try lookupIno(fs, parent, name) != nil { throw VolumeError(.fileExists, "'\(name)' exists in directory \(parent)") }
+            var rc = name.withCString { ext2fs_mkdir(fs, ext2_ino_t(parent), 0, $0) }
+            if rc == EXT2_ET_DIR_NO_SPACE {
+                try check(ext2fs_expand_dir(fs, ext2_ino_t(parent)), "growing directory \(parent)")
+                rc = name.withCString { ext2fs_mkdir(fs, ext2_ino_t(parent), 0, $0) }
+            }
+            try check(rc, "creating directory '\(name)' in \(parent)")
+            guard let ino = try lookupIno(fs, parent, name) else {
+                throw VolumeError(.ioError, "directory '\(name)' vanished after mkdir")
+            }
+            // ext2fs_mkdir sets a default mode, root ownership and times in seconds: make them the caller's.
+            var inode = try readInode(fs, ino)
+            let parentInode = try readInode(fs, parent)
+            var gid = owner.gid
+            var dirMode = 0o040000 | (mode & 0o7777)
+            if UInt32(parentInode.i_mode) & 0o2000 != 0 {
+                gid = UInt32(parentInode.i_gid) | UInt32(parentInode.osd2.linux2.l_i_gid_high) << 16
+                dirMode |= 0o2000
+            }
+            inode.i_mode = UInt16(dirMode)
+            inode.i_uid = UInt16(truncatingIfNeeded: owner.uid)
+            inode.osd2.linux2.l_i_uid_high = UInt16(truncatingIfNeeded: owner.uid >> 16)
+            inode.i_gid = UInt16(truncatingIfNeeded: gid)
+            inode.osd2.linux2.l_i_gid_high = UInt16(truncatingIfNeeded: gid >> 16)
+            if inode.i_extra_isize < Self.extraSize { inode.i_extra_isize = Self.extraSize }
+            // i_generation stays as ext2fs_mkdir set it: with metadata_csum it seeds the directory block's checksum.
+            let t = Self.now()
+            setTimes(&inode, atime: t, mtime: t, ctime: t, crtime: t)
+            try writeInode(fs, ino, &inode)
+            try touchDirectory(fs, parent)
+            return attributes(fs, ino, &inode)
+        }
+    }
+
+    public func symlink(parent: UInt64, name: String, target: String, owner: Owner) throws(VolumeError) -> FileAttributes {
+        try requireWritable("symlink")
+        try Self.checkName(name)
+        guard !target.isEmpty, target.utf8.count < 4096 else {
+            throw VolumeError(target.isEmpty ? .noSuchFileOrDirectory : .fileNameTooLong, "symlink target of '\(name)'")
+        }
+        return try withFS { fs throws(VolumeError) in
+            _ = try requireDirectory(fs, parent)
+            if try lookupIno(fs, parent, name) != nil { throw VolumeError(.fileExists, "'\(name)' exists in directory \(parent)") }
+            var rc = name.withCString { n in target.withCString { ext2fs_symlink(fs, ext2_ino_t(parent), 0, n, $0) } }
+            if rc == EXT2_ET_DIR_NO_SPACE {
+                try check(ext2fs_expand_dir(fs, ext2_ino_t(parent)), "growing directory \(parent)")
+                rc = name.withCString { n in target.withCString { ext2fs_symlink(fs, ext2_ino_t(parent), 0, n, $0) } }
+            }
+            try check(rc, "creating symlink '\(name)' in \(parent)")
+            guard let ino = try lookupIno(fs, parent, name) else { throw VolumeError(.ioError, "symlink '\(name)' vanished") }
+            var inode = try readInode(fs, ino)
+            inode.i_uid = UInt16(truncatingIfNeeded: owner.uid)
+            inode.osd2.linux2.l_i_uid_high = UInt16(truncatingIfNeeded: owner.uid >> 16)
+            inode.i_gid = UInt16(truncatingIfNeeded: owner.gid)
+            inode.osd2.linux2.l_i_gid_high = UInt16(truncatingIfNeeded: owner.gid >> 16)
+            if inode.i_extra_isize < Self.extraSize { inode.i_extra_isize = Self.extraSize }
+            let t = Self.now()
+            setTimes(&inode, atime: t, mtime: t, ctime: t, crtime: t)
+            try writeInode(fs, ino, &inode)
+            try touchDirectory(fs, parent)
+            return attributes(fs, ino, &inode)
+        }
+    }
+
+    public func link(_ ino: UInt64, newParent: UInt64, newName: String) throws(VolumeError) -> FileAttributes {
+        try requireWritable("link")
+        try Self.checkName(newName)
+        return try withFS { fs throws(VolumeError) in
+            _ = try requireDirectory(fs, newParent)
+            var inode = try readInode(fs, ino)
+            guard UInt32(inode.i_mode) & 0o170000 != 0o040000 else {
+                throw VolumeError(.notPermitted, "hard link to directory inode \(ino)")
+            }
+            guard inode.i_links_count < 65000 else { throw VolumeError(.tooManyLinks, "inode \(ino) has too many links") }
+            if try lookupIno(fs, newParent, newName) != nil { throw VolumeError(.fileExists, "'\(newName)' exists in directory \(newParent)") }
+            try addLink(fs, newParent, newName, ino, mode: UInt32(inode.i_mode))
+            inode.i_links_count += 1
+            setTimes(&inode, ctime: Self.now())
+            try writeInode(fs, ino, &inode)
+            try touchDirectory(fs, newParent)
+            return attributes(fs, ino, &inode)
+        }
+    }
+
+    public func unlink(parent: UInt64, name: String) throws(VolumeError) {
+        try requireWritable("unlink")
+        try withFS { fs throws(VolumeError) in
+            _ = try requireDirectory(fs, parent)
+            guard let ino = try lookupIno(fs, parent, name) else {
+                throw VolumeError(.noSuchFileOrDirectory, "'\(name)' is not in directory \(parent)")
+            }
+            var inode = try readInode(fs, ino)
+            guard UInt32(inode.i_mode) & 0o170000 != 0o040000 else { throw VolumeError(.isDirectory, "'\(name)' is a directory") }
+            try removeLink(fs, parent, name)
+            try touchDirectory(fs, parent)
+            try dropLink(fs, ino, &inode)
+        }
+    }
+
+    /// One link fewer; an inode with none left is freed now, or at its last release if open.
+    private func dropLink(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large, directory: Bool = false) throws(VolumeError) {
+        inode.i_links_count = directory ? 0 : inode.i_links_count - 1
+        setTimes(&inode, ctime: Self.now())
+        try writeInode(fs, ino, &inode)
+        if inode.i_links_count == 0 {
+            if openCounts[ino] != nil { orphans.insert(ino) } else { try freeInode(fs, ino) }
+        }
+    }
+
+    /// Releases an inode's blocks, extended attributes and the inode itself.
+    private func freeInode(_ fs: ext2_filsys, _ ino: UInt64) throws(VolumeError) {
+        var inode = ext2_inode_large()
+        let rr = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                ext2fs_read_inode_full(fs, ext2_ino_t(ino), $0, Int32(MemoryLayout<ext2_inode_large>.size))
+            }
+        }
+        try check(rr, "reading inode \(ino)")
+        let valid = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_inode_has_valid_blocks2(fs, $0) }
+        }
+        if valid != 0 {
+            let rc = withUnsafeMutablePointer(to: &inode) {
+                $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, 0, ~0) }
+            }
+            try check(rc, "releasing the blocks of inode \(ino)")
+        }
+        try check(ext2fs_free_ext_attr(fs, ext2_ino_t(ino), &inode), "releasing the extended attributes of inode \(ino)")
+        inode.i_dtime = UInt32(truncatingIfNeeded: Self.now().seconds)
+        try writeInode(fs, ino, &inode)
+        ext2fs_inode_alloc_stats2(fs, ext2_ino_t(ino), -1, UInt32(inode.i_mode) & 0o170000 == 0o040000 ? 1 : 0)
+        orphans.remove(ino)
+    }
+
+    private func isEmptyDirectory(_ fs: ext2_filsys, _ ino: UInt64) throws(VolumeError) -> Bool {
+        final class Flag { var empty = true }
+        let flag = Flag()
+        let rc = withExtendedLifetime(flag) {
+            ext2fs_dir_iterate2(fs, ext2_ino_t(ino), 0, nil, { _, _, dirent, _, _, _, priv in
+                let flag = Unmanaged<Flag>.fromOpaque(priv!).takeUnretainedValue()
+                guard let dirent else { return 0 }
+                let length = Int(dirent.pointee.name_len & 0xff)
+                let dot = withUnsafeBytes(of: &dirent.pointee.name) { raw in
+                    (length == 1 && raw[0] == 0x2e) || (length == 2 && raw[0] == 0x2e && raw[1] == 0x2e)
+                }
+                if !dot && dirent.pointee.inode != 0 {
+                    flag.empty = false
+                    return DIRENT_ABORT
+                }
+                return 0
+            }, Unmanaged.passUnretained(flag).toOpaque())
+        }
+        try check(rc, "reading directory \(ino)")
+        return flag.empty
+    }
+
+    public func rmdir(parent: UInt64, name: String) throws(VolumeError) {
+        try requireWritable("rmdir")
+        if name == "." { throw VolumeError(.invalidArgument, "rmdir of '.'") }
+        if name == ".." { throw VolumeError(.directoryNotEmpty, "rmdir of '..'") }
+        try withFS { fs throws(VolumeError) in
+            _ = try requireDirectory(fs, parent)
+            guard let ino = try lookupIno(fs, parent, name) else {
+                throw VolumeError(.noSuchFileOrDirectory, "'\(name)' is not in directory \(parent)")
+            }
+            var inode = try readInode(fs, ino)
+            guard UInt32(inode.i_mode) & 0o170000 == 0o040000 else { throw VolumeError(.notDirectory, "'\(name)' is not a directory") }
+            guard try isEmptyDirectory(fs, ino) else { throw VolumeError(.directoryNotEmpty, "directory '\(name)' is not empty") }
+            try removeLink(fs, parent, name)
+            try touchDirectory(fs, parent, links: -1)   // its ".." no longer points at the parent
+            try dropLink(fs, ino, &inode, directory: true)
+        }
+    }
+
+    public func rename(parent: UInt64, name: String, newParent: UInt64, newName: String, flags: RenameFlags) throws(VolumeError) {
+        try requireWritable("rename")
+        try Self.checkName(newName)
+        guard !(flags.contains(.noReplace) && flags.contains(.exchange)) else {
+            throw VolumeError(.invalidArgument, "RENAME_NOREPLACE and RENAME_EXCHANGE together")
+        }
+        try withFS { fs throws(VolumeError) in
+            _ = try requireDirectory(fs, parent)
+            _ = try requireDirectory(fs, newParent)
+            guard let ino = try lookupIno(fs, parent, name) else {
+                throw VolumeError(.noSuchFileOrDirectory, "'\(name)' is not in directory \(parent)")
+            }
+            let target = try lookupIno(fs, newParent, newName)
+            if target == ino { return }   // the same file: POSIX says do nothing
+            var inode = try readInode(fs, ino)
+            let isDir = UInt32(inode.i_mode) & 0o170000 == 0o040000
+            if isDir && parent != newParent {
+                // A directory cannot move below itself.
+                var walk = newParent
+                while walk != rootInode {
+                    if walk == ino { throw VolumeError(.invalidArgument, "moving directory '\(name)' into itself") }
+                    guard let up = try lookupIno(fs, walk, "..") else { break }
+                    walk = up
+                }
+            }
+            if flags.contains(.exchange) {
+                guard let other = target else { throw VolumeError(.noSuchFileOrDirectory, "'\(newName)' is not in directory \(newParent)") }
+                var otherInode = try readInode(fs, other)
+                let otherIsDir = UInt32(otherInode.i_mode) & 0o170000 == 0o040000
+                try removeLink(fs, parent, name)
+                try removeLink(fs, newParent, newName)
+                try addLink(fs, parent, name, other, mode: UInt32(otherInode.i_mode))
+                try addLink(fs, newParent, newName, ino, mode: UInt32(inode.i_mode))
+                if parent != newParent {
+                    if isDir { try setDotDot(fs, ino, to: newParent) }
+                    if otherIsDir { try setDotDot(fs, other, to: parent) }
+                    let delta = (isDir ? 1 : 0) - (otherIsDir ? 1 : 0)
+                    try touchDirectory(fs, parent, links: -delta)
+                    try touchDirectory(fs, newParent, links: delta)
+                } else {
+                    try touchDirectory(fs, parent)
+                }
+                let t = Self.now()
+                setTimes(&inode, ctime: t)
+                setTimes(&otherInode, ctime: t)
+                try writeInode(fs, ino, &inode)
+                try writeInode(fs, other, &otherInode)
+                return
+            }
+            if let other = target {
+                if flags.contains(.noReplace) { throw VolumeError(.fileExists, "'\(newName)' exists in directory \(newParent)") }
+                var otherInode = try readInode(fs, other)
+                let otherIsDir = UInt32(otherInode.i_mode) & 0o170000 == 0o040000
+                if isDir && !otherIsDir { throw VolumeError(.notDirectory, "'\(newName)' is not a directory") }
+                if !isDir && otherIsDir { throw VolumeError(.isDirectory, "'\(newName)' is a directory") }
+                if otherIsDir {
+                    guard try isEmptyDirectory(fs, other) else { throw VolumeError(.directoryNotEmpty, "directory '\(newName)' is not empty") }
+                }
+                try removeLink(fs, newParent, newName)
+                if otherIsDir { try touchDirectory(fs, newParent, links: -1) }
+                try dropLink(fs, other, &otherInode, directory: otherIsDir)
+            }
+            try removeLink(fs, parent, name)
+            try addLink(fs, newParent, newName, ino, mode: UInt32(inode.i_mode))
+            if isDir && parent != newParent {
+                try setDotDot(fs, ino, to: newParent)
+                try touchDirectory(fs, parent, links: -1)
+                try touchDirectory(fs, newParent, links: 1)
+            } else {
+                try touchDirectory(fs, parent)
+                if parent != newParent { try touchDirectory(fs, newParent) }
+            }
+            inode = try readInode(fs, ino)
+            setTimes(&inode, ctime: Self.now())
+            try writeInode(fs, ino, &inode)
+        }
+    }
+
+    /// Points a moved directory's ".." at its new parent.
+    private func setDotDot(_ fs: ext2_filsys, _ dir: UInt64, to parent: UInt64) throws(VolumeError) {
+        try removeLink(fs, dir, "..")
+        try addLink(fs, dir, "..", parent, mode: 0o040000)
+    }
+
+    public func write(_ ino: UInt64, at offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(VolumeError) -> Int {
+        try requireWritable("write")
+        return try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            guard UInt32(inode.i_mode) & 0o170000 == 0o100000 else {
+                throw VolumeError(UInt32(inode.i_mode) & 0o170000 == 0o040000 ? .isDirectory : .invalidArgument, "write to inode \(ino), not a regular file")
+            }
+            guard buffer.count > 0 else { return 0 }
+            let file = try openFile(fs, ino, write: true)
+            var closed = false
+            defer { if !closed { ext2fs_file_close(file) } }
+            try check(ext2fs_file_llseek(file, offset, EXT2_SEEK_SET, nil), "seeking inode \(ino) to \(offset)")
+            var done = 0
+            while done < buffer.count {
+                var wrote: UInt32 = 0
+                let want = UInt32(min(buffer.count - done, 1 << 30))
+                try check(ext2fs_file_write(file, buffer.baseAddress! + done, want, &wrote), "writing inode \(ino) at \(offset + UInt64(done))")
+                if wrote == 0 { throw VolumeError(.noSpace, "writing inode \(ino): no progress") }
+                done += Int(wrote)
+            }
+            closed = true
+            try check(ext2fs_file_close(file), "closing inode \(ino)")
+            inode = try readInode(fs, ino)
+            let t = Self.now()
+            setTimes(&inode, mtime: t, ctime: t)
+            // Writing clears set-user-ID (and set-group-ID with group execute), as the kernel does for unprivileged writers.
+            try writeInode(fs, ino, &inode)
+            return done
+        }
+    }
+
+    public func fallocate(_ ino: UInt64, mode: FallocateMode, offset: UInt64, length: UInt64) throws(VolumeError) {
+        try requireWritable("fallocate")
+        guard length > 0 else { throw VolumeError(.invalidArgument, "fallocate of zero bytes") }
+        try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            guard UInt32(inode.i_mode) & 0o170000 == 0o100000 else { throw VolumeError(.operationNotSupportedByDevice, "fallocate of inode \(ino), not a regular file") }
+            let bs = UInt64(fs.pointee.blocksize)
+            let size = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
+            if mode.contains(.punchHole) {
+                guard mode.contains(.keepSize) else { throw VolumeError(.notSupported, "PUNCH_HOLE needs KEEP_SIZE") }
+                // Zero partial blocks at the edges; release the whole blocks between.
+                let end = min(offset + length, size)
+                guard offset < end else { return }
+                let firstWhole = (offset + bs - 1) / bs, endWhole = end / bs
+                try zeroRange(fs, ino, offset, min(end, firstWhole * bs))
+                if endWhole * bs > offset && endWhole * bs < end { try zeroRange(fs, ino, max(offset, endWhole * bs), end) }
+                if firstWhole < endWhole {
+                    let rc = withUnsafeMutablePointer(to: &inode) {
+                        $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                            ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, firstWhole, endWhole - 1)
+                        }
+                    }
+                    try check(rc, "punching blocks \(firstWhole)..<\(endWhole) of inode \(ino)")
+                    inode = try readInode(fs, ino)
+                }
+            } else {
+                guard mode.rawValue & ~FallocateMode.keepSize.rawValue == 0 else {
+                    throw VolumeError(.notSupported, "fallocate mode \(mode.rawValue)")
+                }
+                let first = offset / bs, last = (offset + length - 1) / bs
+                let rc = withUnsafeMutablePointer(to: &inode) {
+                    $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                        ext2fs_fallocate(fs, EXT2_FALLOCATE_INIT_BEYOND_EOF | EXT2_FALLOCATE_FORCE_UNINIT, ext2_ino_t(ino), $0, ~0, first, last - first + 1)
+                    }
+                }
+                try check(rc, "allocating \(length) bytes at \(offset) in inode \(ino)")
+                try writeInode(fs, ino, &inode)
+                if !mode.contains(.keepSize) && offset + length > size {
+                    let file = try openFile(fs, ino, write: true)
+                    let sr = ext2fs_file_set_size2(file, ext2_off64_t(offset + length))
+                    ext2fs_file_close(file)
+                    try check(sr, "extending inode \(ino)")
+                }
+                inode = try readInode(fs, ino)
+            }
+            let t = Self.now()
+            setTimes(&inode, mtime: t, ctime: t)
+            try writeInode(fs, ino, &inode)
+        }
+    }
+
+    private func zeroRange(_ fs: ext2_filsys, _ ino: UInt64, _ start: UInt64, _ end: UInt64) throws(VolumeError) {
+        guard start < end else { return }
+        let zeros = [UInt8](repeating: 0, count: Int(end - start))
+        let file = try openFile(fs, ino, write: true)
+        defer { ext2fs_file_close(file) }
+        try check(ext2fs_file_llseek(file, start, EXT2_SEEK_SET, nil), "seeking inode \(ino)")
+        var wrote: UInt32 = 0
+        let rc = zeros.withUnsafeBytes { ext2fs_file_write(file, $0.baseAddress!, UInt32($0.count), &wrote) }
+        try check(rc, "zeroing inode \(ino) at \(start)")
+    }
+
+    public func seek(_ ino: UInt64, from offset: UInt64, to whence: SeekTarget) throws(VolumeError) -> UInt64 {
+        try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            let size = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
+            guard offset < size else { throw VolumeError(.init(rawValue: ENXIO), "seek past the end of inode \(ino)") }
+            let bs = UInt64(fs.pointee.blocksize)
+            var block = offset / bs
+            let lastBlock = (size - 1) / bs
+            while block <= lastBlock {
+                var physical: blk64_t = 0
+                var retFlags: Int32 = 0
+                let rc = withUnsafeMutablePointer(to: &inode) {
+                    $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                        ext2fs_bmap2(fs, ext2_ino_t(ino), $0, nil, 0, block, &retFlags, &physical)
+                    }
+                }
+                try check(rc, "mapping block \(block) of inode \(ino)")
+                // Unwritten (preallocated) extents read as zeros: the kernel reports them as holes too.
+                let isData = physical != 0 && retFlags & BMAP_RET_UNINIT == 0
+                if isData == (whence == .data) {
+                    return max(offset, block * bs)
+                }
+                block += 1
+            }
+            if whence == .hole { return size }
+            throw VolumeError(.init(rawValue: ENXIO), "no data after \(offset) in inode \(ino)")
+        }
+    }
+
+    // MARK: Extended attributes
+
+    private func withXattrs<T>(_ fs: ext2_filsys, _ ino: UInt64, _ body: (OpaquePointer) throws(VolumeError) -> T) throws(VolumeError) -> T {
+        var handle: OpaquePointer?
+        try check(ext2fs_xattrs_open(fs, ext2_ino_t(ino), &handle), "opening the extended attributes of inode \(ino)")
+        defer { ext2fs_xattrs_close(&handle) }
+        try check(ext2fs_xattrs_read(handle), "reading the extended attributes of inode \(ino)")
+        return try body(handle!)
+    }
+
+    static func checkXattrName(_ name: String) throws(VolumeError) {
+        let known = ["user.", "trusted.", "security.", "system."]
+        guard known.contains(where: name.hasPrefix), name.utf8.count <= 255 else {
+            throw VolumeError(.notSupported, "extended attribute name '\(name)' has no supported namespace")
+        }
+    }
+
+    public func getxattr(_ ino: UInt64, name: String) throws(VolumeError) -> [UInt8] {
+        try Self.checkXattrName(name)
+        return try withFS { fs throws(VolumeError) in
+            _ = try readInode(fs, ino)
+            return try withXattrs(fs, ino) { h throws(VolumeError) in
+                var value: UnsafeMutableRawPointer?
+                var length = 0
+                let rc = ext2fs_xattr_get(h, name, &value, &length)
+                if rc == EXT2_ET_EA_KEY_NOT_FOUND { throw VolumeError(.init(rawValue: ENODATA), "inode \(ino) has no attribute '\(name)'") }
+                try check(rc, "reading attribute '\(name)' of inode \(ino)")
+                defer { ext2fs_free_mem_shim(value) }
+                return Array(UnsafeRawBufferPointer(start: value, count: length))
+            }
+        }
+    }
+
+    public func setxattr(_ ino: UInt64, name: String, value: [UInt8], flags: XattrFlags) throws(VolumeError) {
+        try requireWritable("setxattr")
+        try Self.checkXattrName(name)
+        try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            try withXattrs(fs, ino) { h throws(VolumeError) in
+                var existing: UnsafeMutableRawPointer?
+                var length = 0
+                let lookup = ext2fs_xattr_get(h, name, &existing, &length)
+                if lookup == 0 { ext2fs_free_mem_shim(existing) }
+                if flags.contains(.create) && lookup == 0 { throw VolumeError(.fileExists, "attribute '\(name)' exists on inode \(ino)") }
+                if flags.contains(.replace) && lookup != 0 { throw VolumeError(.init(rawValue: ENODATA), "inode \(ino) has no attribute '\(name)'") }
+                let rc = value.withUnsafeBytes { b in
+                    // An empty value still needs a non-null pointer.
+                    ext2fs_xattr_set(h, name, b.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, b.count)
+                }
+                try check(rc, "setting attribute '\(name)' of inode \(ino)")
+            }
+            inode = try readInode(fs, ino)
+            setTimes(&inode, ctime: Self.now())
+            try writeInode(fs, ino, &inode)
+        }
+    }
+
+    public func listxattr(_ ino: UInt64) throws(VolumeError) -> [String] {
+        try withFS { fs throws(VolumeError) in
+            _ = try readInode(fs, ino)
+            return try withXattrs(fs, ino) { h throws(VolumeError) in
+                final class Names { var list: [String] = [] }
+                let names = Names()
+                let rc = withExtendedLifetime(names) {
+                    ext2fs_xattrs_iterate(h, { name, _, _, priv in
+                        let names = Unmanaged<Names>.fromOpaque(priv!).takeUnretainedValue()
+                        if let name { names.list.append(String(cString: name)) }
+                        return 0
+                    }, Unmanaged.passUnretained(names).toOpaque())
+                }
+                try check(rc, "listing attributes of inode \(ino)")
+                return names.list
+            }
+        }
+    }
+
+    public func removexattr(_ ino: UInt64, name: String) throws(VolumeError) {
+        try requireWritable("removexattr")
+        try Self.checkXattrName(name)
+        try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            try withXattrs(fs, ino) { h throws(VolumeError) in
+                var existing: UnsafeMutableRawPointer?
+                var length = 0
+                let lookup = ext2fs_xattr_get(h, name, &existing, &length)
+                if lookup == EXT2_ET_EA_KEY_NOT_FOUND { throw VolumeError(.init(rawValue: ENODATA), "inode \(ino) has no attribute '\(name)'") }
+                try check(lookup, "reading attribute '\(name)' of inode \(ino)")
+                ext2fs_free_mem_shim(existing)
+                try check(ext2fs_xattr_remove(h, name), "removing attribute '\(name)' of inode \(ino)")
+            }
+            inode = try readInode(fs, ino)
+            setTimes(&inode, ctime: Self.now())
+            try writeInode(fs, ino, &inode)
+        }
+    }
+
+    // MARK: Lifetime of inodes, durability
+
+    public func open(_ ino: UInt64) throws(VolumeError) {
+        try withFS { fs throws(VolumeError) in
+            _ = try readInode(fs, ino)
+            openCounts[ino, default: 0] += 1
+        }
+    }
+
+    public func release(_ ino: UInt64) {
+        try? withFS { fs throws(VolumeError) in
+            guard let n = openCounts[ino] else { return }
+            if n > 1 {
+                openCounts[ino] = n - 1
+                return
+            }
+            openCounts[ino] = nil
+            if orphans.contains(ino) { try freeInode(fs, ino) }
+        }
+    }
+
+    public func forget(_ ino: UInt64) {}
+
+    /// Writes libext2fs's dirty state (inode and block caches, bitmaps, superblock) and flushes the device.
+    public func fsync(_ ino: UInt64?) throws(VolumeError) {
+        guard !isReadOnly else { return }
+        try withFS { fs throws(VolumeError) in
+            try check(ext2fs_flush(fs), "flushing the filesystem")
+        }
+    }
+}
+
+// MARK: - The io_manager over BlockDevice
+
+/// Devices handed to libext2fs by name: `ext2fs_open2` takes a name, not a pointer.
+final class ChannelRegistry: @unchecked Sendable {
+    static let shared = ChannelRegistry()
+    private let lock = Lock()
+    private var devices: [String: BlockDevice] = [:]
+    private var next = 0
+
+    func register(_ device: BlockDevice) -> String {
+        lock.withLock {
+            next += 1
+            let name = "thinfs-blockdevice-\(next)"
+            devices[name] = device
+            return name
+        }
+    }
+
+    func unregister(_ name: String) { lock.withLock { _ = devices.removeValue(forKey: name) } }
+    func device(_ name: String) -> BlockDevice? { lock.withLock { devices[name] } }
+}
+
+/// What a channel's private_data holds.
+private final class ChannelState {
+    let device: BlockDevice
+    init(device: BlockDevice) { self.device = device }
+}
+
+private func channelDevice(_ channel: io_channel?) -> BlockDevice {
+    Unmanaged<ChannelState>.fromOpaque(channel!.pointee.private_data).takeUnretainedValue().device
+}
+
+/// Byte range of a libext2fs block request: a negative count is a byte count (ext2_io.h).
+private func byteRange(_ channel: io_channel?, _ block: UInt64, _ count: Int32) -> (offset: UInt64, length: Int) {
+    let bs = UInt64(channel!.pointee.block_size)
+    return (block * bs, count < 0 ? Int(-count) : Int(count) * Int(bs))
+}
+
+/// Maps a device error to an errno-valued errcode_t (libext2fs accepts errno values as error codes).
+private func errcode(_ error: Error) -> errcode_t {
+    if let e = error as? ThinPoolError { return errcode_t(e.errno.rawValue) }
+    if let e = error as? Errno { return errcode_t(e.rawValue) }
+    return errcode_t(EIO)
+}
+
+private func channelRead(_ channel: io_channel?, _ block: UInt64, _ count: Int32, _ data: UnsafeMutableRawPointer?) -> errcode_t {
+    let r = byteRange(channel, block, count)
+    do {
+        try channelDevice(channel).read(into: UnsafeMutableRawBufferPointer(start: data, count: r.length), at: r.offset)
+        return 0
+    } catch { return errcode(error) }
+}
+
+private func channelWrite(_ channel: io_channel?, _ block: UInt64, _ count: Int32, _ data: UnsafeRawPointer?) -> errcode_t {
+    let r = byteRange(channel, block, count)
+    do {
+        try channelDevice(channel).write(UnsafeRawBufferPointer(start: data, count: r.length), at: r.offset)
+        return 0
+    } catch { return errcode(error) }
+}
+
+nonisolated(unsafe) let blockDeviceIOManager: io_manager = {
+    let m = UnsafeMutablePointer<struct_io_manager>.allocate(capacity: 1)
+    m.initialize(to: struct_io_manager())
+    m.pointee.magic = EXT2_ET_MAGIC_IO_MANAGER
+    m.pointee.name = UnsafePointer(strdup("ThinFS BlockDevice I/O manager"))
+    m.pointee.open = { name, _, channelOut in
+        guard let name, let device = ChannelRegistry.shared.device(String(cString: name)) else { return errcode_t(ENOENT) }
+        let ch = UnsafeMutablePointer<struct_io_channel>.allocate(capacity: 1)
+        ch.initialize(to: struct_io_channel())
+        ch.pointee.magic = EXT2_ET_MAGIC_IO_CHANNEL
+        ch.pointee.manager = blockDeviceIOManager
+        ch.pointee.name = strdup(name)
+        ch.pointee.block_size = 1024
+        ch.pointee.refcount = 1
+        ch.pointee.private_data = UnsafeMutableRawPointer(Unmanaged.passRetained(ChannelState(device: device)).toOpaque())
+        channelOut?.pointee = ch
+        return 0
+    }
+    m.pointee.close = { channel in
+        guard let channel else { return 0 }
+        channel.pointee.refcount -= 1
+        guard channel.pointee.refcount <= 0 else { return 0 }
+        Unmanaged<ChannelState>.fromOpaque(channel.pointee.private_data).release()
+        free(channel.pointee.name)
+        channel.deallocate()
+        return 0
+    }
+    m.pointee.set_blksize = { channel, size in
+        channel?.pointee.block_size = size
+        return 0
+    }
+    m.pointee.read_blk = { channel, block, count, data in channelRead(channel, UInt64(block), count, data) }
+    m.pointee.write_blk = { channel, block, count, data in channelWrite(channel, UInt64(block), count, data) }
+    m.pointee.read_blk64 = { channel, block, count, data in channelRead(channel, UInt64(block), count, data) }
+    m.pointee.write_blk64 = { channel, block, count, data in channelWrite(channel, UInt64(block), count, data) }
+    m.pointee.write_byte = { channel, offset, count, data in
+        do {
+            try channelDevice(channel).write(UnsafeRawBufferPointer(start: data, count: Int(count)), at: UInt64(offset))
+            return 0
+        } catch { return errcode(error) }
+    }
+    m.pointee.flush = { channel in
+        do {
+            try channelDevice(channel).flush()
+            return 0
+        } catch { return errcode(error) }
+    }
+    m.pointee.discard = { channel, block, count in
+        let bs = UInt64(channel!.pointee.block_size)
+        do {
+            try channelDevice(channel).discard(offset: UInt64(block) * bs, length: UInt64(count) * bs)
+            return 0
+        } catch { return errcode(error) }
+    }
+    m.pointee.set_option = { _, _, _ in errcode_t(EXT2_ET_INVALID_ARGUMENT) }
+    return m
+}()
+
+/// ext2fs_free_mem is an inline function taking a pointer to the pointer; this is its effect.
+private func ext2fs_free_mem_shim(_ p: UnsafeMutableRawPointer?) { free(p) }

@@ -1,0 +1,253 @@
+import Foundation
+import PersistentData
+import SystemPackage
+import TestSupport
+import Testing
+@testable import ThinFS
+
+/// mke2fs and e2fsck from e2fsprogs: the oracle for the filesystem the Volume writes.
+enum E2fsprogs {
+    static var available: Bool { FileManager.default.isExecutableFile(atPath: "/sbin/mke2fs") }
+
+    static func mkfs(_ path: String, size: UInt64) throws {
+        let f = FileManager.default
+        _ = f.createFile(atPath: path, contents: nil)
+        let h = FileHandle(forWritingAtPath: path)!
+        try h.truncate(atOffset: size)
+        try h.close()
+        let r = try Oracle.run("/sbin/mke2fs", ["-t", "ext4", "-b", "4096", "-F", "-q", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", path])
+        guard r.status == 0 else { throw Oracle.OracleError.failed("mke2fs: \(r.stderr)") }
+    }
+
+    /// e2fsck -fn: forced, read-only; exit 0 means clean.
+    static func check(_ path: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let r = try Oracle.run("/sbin/e2fsck", ["-fn", path])
+        #expect(r.status == 0, "e2fsck -fn \(path):\n\(r.stdout)\(r.stderr)", sourceLocation: sourceLocation)
+    }
+}
+
+@Suite("Volume (libext2fs)", .enabled(if: E2fsprogs.available, "needs e2fsprogs"))
+struct VolumeTests {
+    func withImage(_ body: (Volume, String) throws -> Void) throws {
+        let dir = TempDir()
+        let image = dir.path + "/fs.img"
+        try E2fsprogs.mkfs(image, size: 64 << 20)
+        let volume = try Volume(device: FileBlockDevice(path: FilePath(image)), readOnly: false, logger: quietLogger)
+        try body(volume, image)
+        try volume.close()
+        try E2fsprogs.check(image)
+    }
+
+    @Test func createReadWriteAndNames() throws {
+        try withImage { v, _ in
+            let root = v.rootInode
+            let owner = Owner(uid: 1000, gid: 1000)
+            let dir = try v.mkdir(parent: root, name: "etc", mode: 0o755, owner: owner)
+            #expect(dir.isDirectory && dir.mode & 0o7777 == 0o755 && dir.uid == 1000 && dir.nlink == 2)
+            #expect(try v.getattr(root).nlink == 4)   // ., .., lost+found's .., etc's ..
+            let file = try v.mknod(parent: dir.ino, name: "hosts", mode: 0o100644, rdev: 0, owner: owner)
+            let text = Array("127.0.0.1 localhost\n".utf8)
+            #expect(try text.withUnsafeBytes { try v.write(file.ino, at: 0, from: $0) } == text.count)
+            var back = [UInt8](repeating: 0, count: 100)
+            let n = try back.withUnsafeMutableBytes { try v.read(file.ino, at: 0, into: $0) }
+            #expect(Array(back.prefix(n)) == text)
+            #expect(try v.lookup(parent: dir.ino, name: "hosts").size == UInt64(text.count))
+            #expect(throws: VolumeError.self) { try v.lookup(parent: dir.ino, name: "missing") }
+            let e = #expect(throws: VolumeError.self) { try v.mknod(parent: dir.ino, name: "hosts", mode: 0o100644, rdev: 0, owner: owner) }
+            #expect(e?.errno == .fileExists)
+
+            // Large file past 4 GiB (sparse) and a read across the hole.
+            let big = try v.mknod(parent: root, name: "big", mode: 0o100600, rdev: 0, owner: .root)
+            let tail = Array("tail".utf8)
+            _ = try tail.withUnsafeBytes { try v.write(big.ino, at: 5 << 30, from: $0) }
+            #expect(try v.getattr(big.ino).size == (5 << 30) + 4)
+            #expect(try v.seek(big.ino, from: 0, to: .data) == (5 << 30) / 4096 * 4096)
+            #expect(try v.seek(big.ino, from: 0, to: .hole) == 0)
+
+            // Symlinks, fast and slow.
+            let short = try v.symlink(parent: root, name: "short", target: "etc/hosts", owner: owner)
+            #expect(short.isSymlink)
+            #expect(try v.readlink(short.ino) == "etc/hosts")
+            let longTarget = String(repeating: "x/", count: 200) + "end"
+            let long = try v.symlink(parent: root, name: "long", target: longTarget, owner: owner)
+            #expect(try v.readlink(long.ino) == longTarget)
+
+            // Hard links across directories.
+            let linked = try v.link(file.ino, newParent: root, newName: "hosts-link")
+            #expect(linked.nlink == 2)
+            try v.unlink(parent: dir.ino, name: "hosts")
+            #expect(try v.getattr(file.ino).nlink == 1)
+            #expect(try v.lookup(parent: root, name: "hosts-link").ino == file.ino)
+
+            // Devices and fifos.
+            let null = try v.mknod(parent: root, name: "null", mode: 0o020666, rdev: Volume.makedev(major: 1, minor: 3), owner: .root)
+            #expect(Volume.major(null.rdev) == 1 && Volume.minor(null.rdev) == 3)
+            let big8 = try v.mknod(parent: root, name: "bigdev", mode: 0o060600, rdev: Volume.makedev(major: 259, minor: 70000), owner: .root)
+            #expect(Volume.major(big8.rdev) == 259 && Volume.minor(big8.rdev) == 70000)
+            _ = try v.mknod(parent: root, name: "fifo", mode: 0o010644, rdev: 0, owner: .root)
+
+            // readdir sees everything once, with resumable cookies.
+            var names: [String] = []
+            try v.readdir(root, after: 0) { names.append($0.name); return true }
+            #expect(Set(names) == [".", "..", "lost+found", "etc", "big", "short", "long", "hosts-link", "null", "bigdev", "fifo"])
+            var firstTwo: [DirectoryEntry] = []
+            try v.readdir(root, after: 0) { firstTwo.append($0); return firstTwo.count < 2 }
+            var rest: [String] = []
+            try v.readdir(root, after: firstTwo[1].cookie) { rest.append($0.name); return true }
+            #expect(firstTwo.map(\.name) + rest == names)
+        }
+    }
+
+    @Test func renameSemantics() throws {
+        try withImage { v, _ in
+            let root = v.rootInode
+            let a = try v.mkdir(parent: root, name: "a", mode: 0o755, owner: .root)
+            let b = try v.mkdir(parent: root, name: "b", mode: 0o755, owner: .root)
+            let f = try v.mknod(parent: a.ino, name: "f", mode: 0o100644, rdev: 0, owner: .root)
+            let g = try v.mknod(parent: b.ino, name: "g", mode: 0o100644, rdev: 0, owner: .root)
+            // Over an existing file: the target's inode goes.
+            try v.rename(parent: a.ino, name: "f", newParent: b.ino, newName: "g", flags: [])
+            #expect(try v.lookup(parent: b.ino, name: "g").ino == f.ino)
+            #expect(throws: VolumeError.self) { try v.getattr(g.ino) }
+            // NOREPLACE refuses; EXCHANGE swaps.
+            let h = try v.mknod(parent: a.ino, name: "h", mode: 0o100644, rdev: 0, owner: .root)
+            let e = #expect(throws: VolumeError.self) { try v.rename(parent: a.ino, name: "h", newParent: b.ino, newName: "g", flags: .noReplace) }
+            #expect(e?.errno == .fileExists)
+            try v.rename(parent: a.ino, name: "h", newParent: b.ino, newName: "g", flags: .exchange)
+            #expect(try v.lookup(parent: a.ino, name: "h").ino == f.ino)
+            #expect(try v.lookup(parent: b.ino, name: "g").ino == h.ino)
+            // Directories: over an empty one works and fixes link counts; over a non-empty one fails.
+            let d = try v.mkdir(parent: a.ino, name: "d", mode: 0o755, owner: .root)
+            _ = try v.mkdir(parent: b.ino, name: "empty", mode: 0o755, owner: .root)
+            try v.rename(parent: a.ino, name: "d", newParent: b.ino, newName: "empty", flags: [])
+            #expect(try v.getattr(a.ino).nlink == 2 && (try v.getattr(b.ino).nlink) == 3)
+            #expect(try v.lookup(parent: d.ino, name: "..").ino == b.ino)
+            let full = #expect(throws: VolumeError.self) { try v.rename(parent: root, name: "a", newParent: root, newName: "b", flags: []) }
+            #expect(full?.errno == .directoryNotEmpty)
+            // A directory cannot move into itself.
+            let loop = #expect(throws: VolumeError.self) { try v.rename(parent: root, name: "b", newParent: d.ino, newName: "x", flags: []) }
+            #expect(loop?.errno == .invalidArgument)
+            let notEmpty = #expect(throws: VolumeError.self) { try v.rmdir(parent: root, name: "b") }
+            #expect(notEmpty?.errno == .directoryNotEmpty)
+        }
+    }
+
+    @Test func attributesXattrsAndSparseFiles() throws {
+        try withImage { v, _ in
+            let root = v.rootInode
+            let f = try v.mknod(parent: root, name: "f", mode: 0o100644, rdev: 0, owner: .root)
+            let t = Timestamp(seconds: 1_700_000_000, nanoseconds: 123_456_789)
+            let after2038 = Timestamp(seconds: 4_000_000_000, nanoseconds: 5)
+            var a = try v.setattr(f.ino, AttributeChanges(mode: 0o4750, uid: 70000, gid: 42, atime: .set(after2038), mtime: .set(t)))
+            #expect(a.mode == 0o104750 && a.uid == 70000 && a.gid == 42 && a.mtime == t && a.atime == after2038)
+            a = try v.setattr(f.ino, AttributeChanges(size: 1 << 20))
+            #expect(a.size == 1 << 20 && a.blocks == 0, "truncate up leaves a hole")
+
+            try v.setxattr(f.ino, name: "user.color", value: Array("blue".utf8), flags: [])
+            try v.setxattr(f.ino, name: "security.capability", value: [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], flags: [])
+            #expect(try v.getxattr(f.ino, name: "user.color") == Array("blue".utf8))
+            #expect(Set(try v.listxattr(f.ino)) == ["user.color", "security.capability"])
+            #expect((#expect(throws: VolumeError.self) { try v.setxattr(f.ino, name: "user.color", value: [1], flags: .create) })?.errno == .fileExists)
+            #expect((#expect(throws: VolumeError.self) { try v.setxattr(f.ino, name: "user.none", value: [1], flags: .replace) })?.errno == .noData)
+            try v.removexattr(f.ino, name: "user.color")
+            #expect((#expect(throws: VolumeError.self) { try v.getxattr(f.ino, name: "user.color") })?.errno == .noData)
+
+            // fallocate, then punch a hole in the middle.
+            try v.fallocate(f.ino, mode: .keepSize, offset: 0, length: 1 << 20)
+            let data = [UInt8](repeating: 0x5A, count: 1 << 20)
+            _ = try data.withUnsafeBytes { try v.write(f.ino, at: 0, from: $0) }
+            try v.fallocate(f.ino, mode: [.punchHole, .keepSize], offset: 4096 + 100, length: 3 * 4096)
+            var back = [UInt8](repeating: 1, count: 5 * 4096)
+            _ = try back.withUnsafeMutableBytes { try v.read(f.ino, at: 0, into: $0) }
+            #expect(back[0..<4196].allSatisfy { $0 == 0x5A })
+            #expect(back[4196..<(4096 + 100 + 3 * 4096)].allSatisfy { $0 == 0 })
+            #expect(back[(4096 + 100 + 3 * 4096)...].allSatisfy { $0 == 0x5A })
+            #expect(try v.seek(f.ino, from: 4096 + 100, to: .hole) == 2 * 4096)
+            let st = try v.statfs()
+            #expect(st.blockSize == 4096 && st.freeBlocks > 0 && st.availableBlocks <= st.freeBlocks)
+        }
+    }
+
+    @Test func unlinkedOpenFileLivesUntilRelease() throws {
+        try withImage { v, _ in
+            let f = try v.mknod(parent: v.rootInode, name: "tmp", mode: 0o100600, rdev: 0, owner: .root)
+            _ = try [UInt8](repeating: 7, count: 100_000).withUnsafeBytes { try v.write(f.ino, at: 0, from: $0) }
+            let freeBefore = try v.statfs().freeBlocks
+            try v.open(f.ino)
+            try v.unlink(parent: v.rootInode, name: "tmp")
+            var b = [UInt8](repeating: 0, count: 10)
+            #expect(try b.withUnsafeMutableBytes { try v.read(f.ino, at: 0, into: $0) } == 10 && b[9] == 7)
+            v.release(f.ino)
+            #expect(throws: VolumeError.self) { try v.getattr(f.ino) }
+            #expect(try v.statfs().freeBlocks > freeBefore)
+        }
+    }
+
+    @Test func readOnlyVolumeRefusesWrites() throws {
+        let dir = TempDir()
+        let image = dir.path + "/fs.img"
+        try E2fsprogs.mkfs(image, size: 16 << 20)
+        let before = try Data(contentsOf: URL(fileURLWithPath: image))
+        let v = try Volume(device: FileBlockDevice(path: FilePath(image), readOnly: true), readOnly: true, logger: quietLogger)
+        #expect((#expect(throws: VolumeError.self) { try v.mkdir(parent: v.rootInode, name: "x", mode: 0o755, owner: .root) })?.errno == .readOnlyFileSystem)
+        #expect(try v.lookup(parent: v.rootInode, name: "lost+found").isDirectory)
+        try v.close()
+        #expect(try Data(contentsOf: URL(fileURLWithPath: image)) == before)
+    }
+
+    @Test func notAnExt4IsRefusedClearly() throws {
+        let dir = TempDir()
+        let path = dir.file("zeros", size: 8 << 20)
+        let e = #expect(throws: VolumeError.self) { try Volume(device: FileBlockDevice(path: FilePath(path)), readOnly: true, logger: quietLogger) }
+        #expect(e.map { "\($0)" }?.contains("no ext4 filesystem") == true)
+    }
+
+    /// The whole path on a thin device: format, write through libext2fs, commit, and the pool and the filesystem both check clean.
+    @Test(.enabled(if: Oracle.available)) func volumeOnAThinDevice() throws {
+        let dir = TempDir()
+        let pool = try UserspaceThinPool.create(dataPath: dir.path + "/data", metadataPath: dir.path + "/metadata", dataSize: 1 << 30,
+                                                metadataSize: 16 << 20, blockSize: 64 << 10, logger: quietLogger)
+        try pool.message(.createThin(1))
+        let size: UInt64 = 256 << 20
+        _ = try DeviceFormatter(logger: quietLogger).format(pool: pool, id: 1, size: size, scratchDirectory: dir.path + "/tmp")
+        do {
+            let v = try Volume(device: pool.openDevice(1, size: size), readOnly: false, logger: quietLogger)
+            let d = try v.mkdir(parent: v.rootInode, name: "data", mode: 0o755, owner: .root)
+            for i in 0..<200 {
+                let f = try v.mknod(parent: d.ino, name: "file-\(i)", mode: 0o100644, rdev: 0, owner: .root)
+                _ = try [UInt8](repeating: UInt8(i), count: 5000 + i).withUnsafeBytes { try v.write(f.ino, at: 0, from: $0) }
+            }
+            let st = try v.statfs()
+            #expect(st.freeBlocks * st.blockSize <= (1 << 30), "statfs is capped by the pool's free space")
+            try v.close()
+        }
+        // Snapshot, change the origin, and read the snapshot's untouched file back.
+        try pool.message(.createSnap(2, origin: 1))
+        do {
+            let v = try Volume(device: pool.openDevice(1, size: size), readOnly: false, logger: quietLogger)
+            let d = try v.lookup(parent: v.rootInode, name: "data")
+            try v.unlink(parent: d.ino, name: "file-7")
+            try v.close()
+        }
+        let snap = try Volume(device: pool.openDevice(2, size: size), readOnly: true, logger: quietLogger)
+        let d = try snap.lookup(parent: snap.rootInode, name: "data")
+        let f7 = try snap.lookup(parent: d.ino, name: "file-7")
+        var b = [UInt8](repeating: 0, count: 5007)
+        #expect(try b.withUnsafeMutableBytes { try snap.read(f7.ino, at: 0, into: $0) } == 5007 && b.allSatisfy { $0 == 7 })
+        try snap.close()
+        try pool.commit()
+        try Oracle.check(dir.path + "/metadata")
+        for id: ThinDeviceID in [1, 2] {
+            let image = dir.path + "/dev\(id).img"
+            let dev = try pool.openDevice(id, size: size)
+            let out = try FileBlockDevice.create(path: FilePath(image), size: size)
+            let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+            defer { chunk.deallocate() }
+            for off in stride(from: UInt64(0), to: size, by: 1 << 20) {
+                try dev.read(into: chunk, at: off)
+                try out.write(UnsafeRawBufferPointer(chunk), at: off)
+            }
+            try E2fsprogs.check(image)
+        }
+    }
+}
