@@ -118,13 +118,18 @@ struct PoolCommand: ParsableCommand {
             guard let xml = FileManager.default.contents(atPath: file) else {
                 throw ThinPoolError.invalidConfiguration("cannot read \(file)")
             }
-            if !force, let existing = try? UserspaceThinPool.open(dataPath: config.data, metadataPath: config.metadata, readOnly: true),
-               let ids = try? existing.deviceIDs(), !ids.isEmpty {
-                throw ThinPoolError.invalidConfiguration("\(config.metadata) holds \(ids.count) thin device(s); restoring would replace them. Use --force.")
+            if !force, let existing = try? ThinMetadata.open(storage: FileMetadataStorage(path: config.metadata, readOnly: true)),
+               !existing.deviceIDs.isEmpty {
+                throw ThinPoolError.invalidConfiguration("\(config.metadata) holds \(existing.deviceIDs.count) thin device(s); restoring would replace them. Use --force.")
             }
             // Parse and build in memory first, so bad XML changes nothing on disk.
             let scratch = MemoryMetadataStorage(nrBlocks: try FileMetadataStorage(path: config.metadata, readOnly: true).nrBlocks)
-            _ = try ThinMetadata.restore(xml: xml, storage: scratch)
+            let parsed = try ThinMetadata.restore(xml: xml, storage: scratch)
+            let needed = parsed.nrDataBlocks * UInt64(parsed.dataBlockSize) * 512
+            let dataSize = (try? FileManager.default.attributesOfItem(atPath: config.data)[.size] as? UInt64) ?? 0
+            guard dataSize >= needed else {
+                throw ThinPoolError.invalidConfiguration("\(file) describes \(needed) bytes of data, but \(config.data) has \(dataSize); grow it first")
+            }
             let md = try ThinMetadata.restore(xml: xml, storage: FileMetadataStorage(path: config.metadata))
             print("restored \(md.deviceIDs.count) thin device(s) into \(config.metadata)")
         }

@@ -157,3 +157,56 @@ struct CLITests {
         #expect(try CLI.run(["dev", "status"] + root + ["1"]).stdout == "\((8 << 20) / 512) \((8 << 20) / 512 - 1)\n")
     }
 }
+
+@Suite("thinfs CLI: adopting, restoring and checking pools",
+       .enabled(if: CLI.available && Oracle.available, "needs the thinfs binary and thin-provisioning-tools"))
+struct CLIPoolFileTests {
+    static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("PersistentDataTests/Fixtures")
+
+    /// A pool made by thin_restore is adopted without a byte changing, and its devices read back.
+    @Test func openAdoptsAThinRestorePoolUnchanged() throws {
+        let dir = TempDir()
+        let xml = try String(contentsOf: Self.fixtures.appendingPathComponent("basic.xml"), encoding: .utf8)
+        let meta = dir.file("meta", size: 8 << 20)
+        try Oracle.restore(xml: xml, to: meta)
+        let nrData = UInt64(xml.firstMatch(of: /nr_data_blocks="(\d+)"/)!.1)!
+        let blockSectors = UInt64(xml.firstMatch(of: /data_block_size="(\d+)"/)!.1)!
+        let data = dir.file("data", size: nrData * blockSectors * 512)
+        let before = try Data(contentsOf: URL(fileURLWithPath: meta))
+        let r = try CLI.run(["pool", "open", "--root", dir.path + "/root", "--data", data, "--metadata", meta])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(try CLI.run(["pool", "status", "--root", dir.path + "/root"]).status == 0)
+        #expect(try CLI.run(["pool", "dump", "--root", dir.path + "/root"]).stdout == xml)
+        #expect(try CLI.run(["pool", "check", "--root", dir.path + "/root"]).status == 0)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: meta)) == before, "adopting changed the metadata")
+    }
+
+    @Test func restoreThenCheckAgreesWithThinCheck() throws {
+        let dir = TempDir()
+        let root = ["--root", dir.path]
+        #expect(try CLI.run(["pool", "create"] + root + ["--data-size", "1G", "--metadata-size", "8M"]).status == 0)
+        let fixture = Self.fixtures.appendingPathComponent("snapshot-chain.xml")
+        let xml = try String(contentsOf: fixture, encoding: .utf8)
+        #expect(try CLI.run(["pool", "restore"] + root + [fixture.path]).status == 0)
+        let meta = dir.path + "/pool/metadata"
+        #expect(try Oracle.dump(meta) == xml)
+        // Restoring over devices needs --force.
+        let refused = try CLI.run(["pool", "restore"] + root + [fixture.path])
+        #expect(refused.status != 0 && refused.stderr.contains("--force"))
+        let clean = try CLI.run(["pool", "check"] + root)
+        #expect(clean.status == 0 && clean.stdout.contains("metadata is consistent"), "\(clean.stdout)")
+
+        // Damage the device-details root block: both checkers must object, and ours names the block.
+        let sb = try Data(contentsOf: URL(fileURLWithPath: meta))
+        let detailsRoot = sb[328..<336].withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+        let h = FileHandle(forUpdatingAtPath: meta)!
+        try h.seek(toOffset: detailsRoot * 4096 + 100)
+        h.write(Data([0xFF, 0xEE]))
+        try h.close()
+        let ours = try CLI.run(["pool", "check"] + root)
+        #expect(ours.status != 0)
+        #expect((ours.stdout + ours.stderr).contains("\(detailsRoot)"), "\(ours.stdout)\(ours.stderr)")
+        #expect(try Oracle.run("thin_check", [meta]).status != 0)
+    }
+}
