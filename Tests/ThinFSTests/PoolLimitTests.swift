@@ -172,3 +172,20 @@ struct PoolLimitTests {
         }
     }
 }
+
+@Suite("One writer per pool")
+struct PoolLockTests {
+    @Test func aSecondWriterIsRefusedAndReadersAreNot() throws {
+        let dir = TempDir()
+        let data = dir.path + "/data", meta = dir.path + "/metadata"
+        var first: UserspaceThinPool? = try UserspaceThinPool.create(dataPath: data, metadataPath: meta, dataSize: 64 << 20,
+                                                                     metadataSize: 4 << 20, blockSize: 64 << 10, logger: quietLogger)
+        try first!.message(.createThin(1))
+        let e = #expect(throws: ThinPoolError.self) { try UserspaceThinPool.open(dataPath: data, metadataPath: meta, logger: quietLogger) }
+        #expect(e.map { "\($0)" }?.contains("open for writing by another process") == true)
+        let reader = try UserspaceThinPool.open(dataPath: data, metadataPath: meta, readOnly: true, logger: quietLogger)
+        #expect(try reader.deviceIDs() == [1])
+        first = nil   // the lock goes with the last reference
+        _ = try UserspaceThinPool.open(dataPath: data, metadataPath: meta, logger: quietLogger)
+    }
+}

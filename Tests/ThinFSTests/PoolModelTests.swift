@@ -83,7 +83,8 @@ struct PoolModelTests {
         let blockSize = 64 << 10
         let nrBlocks: UInt64 = 512
         let options = UserspaceThinPool.Options(blockZeroing: zeroing, atomicCommit: atomic)
-        var pool = try UserspaceThinPool.create(dataPath: dataPath, metadataPath: metaPath, dataSize: nrBlocks * UInt64(blockSize),
+        // Implicitly unwrapped so a reopen can drop the old pool (and its exclusive lock) first.
+        var pool: UserspaceThinPool! = try UserspaceThinPool.create(dataPath: dataPath, metadataPath: metaPath, dataSize: nrBlocks * UInt64(blockSize),
                                                 metadataSize: 8 << 20, blockSize: UInt64(blockSize), options: options, logger: quietLogger)
         var model = PoolModel(blockSize: blockSize, atomic: atomic)
         var committed = model
@@ -167,10 +168,12 @@ struct PoolModelTests {
                     try pool.commit()
                     model.commit()
                     committed = model
+                    pool = nil
                     pool = try UserspaceThinPool.open(dataPath: dataPath, metadataPath: metaPath, options: options, logger: quietLogger)
                     try verify(model)
                 case 92..<96:
                     // Crash: abandon the transaction and reopen. Only the last commit survives.
+                    pool = nil
                     pool = try UserspaceThinPool.open(dataPath: dataPath, metadataPath: metaPath, options: options, logger: quietLogger)
                     model = committed
                     if atomic {

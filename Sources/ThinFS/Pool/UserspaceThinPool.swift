@@ -65,6 +65,32 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
     let stripes: [Lock] = (0..<256).map { _ in Lock() }
     var openCounts: [ThinDeviceID: Int] = [:]
 
+    /// One writer per pool: two processes each caching the metadata would
+    /// overwrite each other's commits. A writer holds an exclusive flock on the
+    /// data file (or device) for as long as it is open; the lock dies with the
+    /// process, so a crash never leaves a pool locked. Read-only openers take
+    /// no lock: they read the last commit, which a writer never overwrites in
+    /// place (only the superblock moves on).
+    ///
+    /// A lock can outlive its holder's close for an instant: a child forked by
+    /// another thread shares the open file description until its exec closes
+    /// it. So a busy lock is retried for a second before it counts as held.
+    static func lockExclusively(_ fd: FileDescriptor, path: String) throws {
+        var attempts = 0
+        while flock(fd.rawValue, LOCK_EX | LOCK_NB) != 0 {
+            if errno == EINTR { continue }
+            if errno == EWOULDBLOCK && attempts < 20 {
+                attempts += 1
+                usleep(50_000)
+                continue
+            }
+            if errno == EWOULDBLOCK {
+                throw ThinPoolError.invalidConfiguration("the pool with data \(path) is open for writing by another process (a thinfs-mount daemon?); stop it first")
+            }
+            throw ThinPoolError.io(operation: "flock", path: path, errno: Errno(rawValue: errno))
+        }
+    }
+
     private init(dataPath: String, metadataPath: String, data: FileDescriptor, md: ThinMetadata,
                  options: Options, readOnly: Bool, logger: Logger) {
         self.dataPath = dataPath
@@ -98,6 +124,7 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
         }
         let dataFD = try createBacking(dataPath, size: dataSize)
         do {
+            try lockExclusively(dataFD, path: dataPath)
             let metaFD = try createBacking(metadataPath, size: metadataSize)
             try? metaFD.close()
         } catch {
@@ -150,14 +177,25 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
     /// Opens an existing pool without changing it (nothing is written until a change is committed).
     public static func open(dataPath: String, metadataPath: String, options: Options = Options(), readOnly: Bool = false,
                             logger: Logger = Logger(label: "thinfs.pool")) throws -> UserspaceThinPool {
-        let storage = try FileMetadataStorage(path: metadataPath, readOnly: readOnly)
+        let dataFD = try openFD(dataPath, readOnly: readOnly)
+        if !readOnly {
+            do { try lockExclusively(dataFD, path: dataPath) } catch {
+                try? dataFD.close()
+                throw error
+            }
+        }
+        let storage: FileMetadataStorage
+        do { storage = try FileMetadataStorage(path: metadataPath, readOnly: readOnly) } catch {
+            try? dataFD.close()
+            throw error
+        }
         let md: ThinMetadata
         do {
             md = try ThinMetadata.open(storage: storage)
         } catch {
+            try? dataFD.close()
             throw ThinPoolError.invalidConfiguration("\(metadataPath): \(error)")
         }
-        let dataFD = try openFD(dataPath, readOnly: readOnly)
         let dataSize = UInt64((try? dataFD.seek(offset: 0, from: .end)) ?? 0)
         let needed = md.nrDataBlocks * UInt64(md.dataBlockSize) * 512
         guard dataSize >= needed else {
