@@ -67,6 +67,8 @@ public final class BlockManager {
 
     /// Marks a cached block as modified, to be sealed and written at the next flush.
     public func markDirty(_ block: MetadataBlock, as type: BlockType) {
+        // Shadowing marks the same block dirty over and over within a transaction.
+        if dirty.contains(block.location), let entry = cache[block.location], entry.block === block, entry.type == type { return }
         if let entry = cache[block.location], entry.block === block {
             entry.type = type
         } else {

@@ -39,8 +39,9 @@ extension ThinMetadata {
             // Shadow the top-level path first: if it is shared (a metadata
             // snapshot holds it), the copy takes its own reference to the old
             // subtree root before the subtree is shadowed below, as dm-btree's
-            // multi-level insert does.
-            mappingRoot = try topTree.insert(mappingRoot, UInt64(id), d.root).root
+            // multi-level insert does. Once shadowed in this transaction the
+            // path stays private until the commit, so it is done once per device.
+            try makeTopPathPrivate(id, d.root)
             let r = try mappingTree.insert(d.root, vblock, BlockTime(block: dataBlock, time: superblock.time).packed)
             d.root = r.root
             mappingRoot = try topTree.insert(mappingRoot, UInt64(id), d.root).root
@@ -60,7 +61,7 @@ extension ThinMetadata {
         var d = try device(id)
         guard try mappingTree.lookup(d.root, vblock) != nil else { return false }
         try change { () throws(MetadataError) in
-            mappingRoot = try topTree.insert(mappingRoot, UInt64(id), d.root).root
+            try makeTopPathPrivate(id, d.root)
             let r = try mappingTree.remove(d.root, vblock)
             d.root = r.root
             mappingRoot = try topTree.insert(mappingRoot, UInt64(id), d.root).root
@@ -72,6 +73,12 @@ extension ThinMetadata {
             devices[id] = d
         }
         return true
+    }
+
+    private func makeTopPathPrivate(_ id: ThinDeviceID, _ root: UInt64) throws(MetadataError) {
+        guard !privateTopPaths.contains(id) else { return }
+        mappingRoot = try topTree.insert(mappingRoot, UInt64(id), root).root
+        privateTopPaths.insert(id)
     }
 
     /// Every mapping of device `id` with virtual block in `range`, in order.

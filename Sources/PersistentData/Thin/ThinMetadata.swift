@@ -43,6 +43,8 @@ public final class ThinMetadata {
     }
     /// Every device, loaded at open; details are written back at commit.
     var devices: [ThinDeviceID: Device] = [:]
+    /// Devices whose top-level path was shadowed in this transaction; emptied at commit and abort.
+    var privateTopPaths: Set<ThinDeviceID> = []
 
     public var metadataSM: SpaceMap { metadataStore.sm }
     public var dataSM: SpaceMap { dataStore.sm }
@@ -186,6 +188,7 @@ public final class ThinMetadata {
         }
         metadataSM.didCommit()
         dataSM.didCommit()
+        privateTopPaths.removeAll()
     }
 
     /// Throws away every change since the last commit and reloads it from disk.
@@ -199,6 +202,7 @@ public final class ThinMetadata {
             superblock = parts.sb
             mappingRoot = superblock.dataMappingRoot
             detailsRoot = superblock.deviceDetailsRoot
+            privateTopPaths.removeAll()
             try loadDevices()
         } catch {
             // The transaction's blocks are gone from the cache, yet the space

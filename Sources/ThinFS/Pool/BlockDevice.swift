@@ -109,6 +109,23 @@ extension FileDescriptor {
         }
     }
 
+    /// fallocate(ZERO_RANGE | KEEP_SIZE), or zeros written where the file system lacks it.
+    func zeroRange(offset: UInt64, length: UInt64, path: String) throws {
+        if thinfs_zero_range(rawValue, Int64(offset), Int64(length)) == 0 { return }
+        guard errno == EOPNOTSUPP || errno == ENOSYS else {
+            throw ThinPoolError.io(operation: "fallocate(ZERO_RANGE)", path: path, errno: Errno(rawValue: errno))
+        }
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(min(length, 1 << 20)), alignment: 4096)
+        defer { zeros.deallocate() }
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        var done: UInt64 = 0
+        while done < length {
+            let n = Int(min(UInt64(zeros.count), length - done))
+            try writeFully(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: offset + done, path: path)
+            done += UInt64(n)
+        }
+    }
+
     func truncate(to size: UInt64, path: String) throws {
         if ftruncate(rawValue, off_t(size)) != 0 {
             throw ThinPoolError.io(operation: "ftruncate", path: path, errno: Errno(rawValue: errno))
