@@ -1,21 +1,234 @@
 import ArgumentParser
+import Dispatch
+import Foundation
+import Logging
 import ThinFS
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// `thinfs-mount`: the FUSE daemon. Serving files through FUSE and libext2fs
-/// arrives with the FUSE-server issue; until then it refuses clearly.
+/// `thinfs-mount`: the FUSE daemon. It serves the ext4 on one thin device through FUSE.
+///
+/// Without `-f` it detaches: it re-executes itself with `-f` and a pipe (`THINFS_READY_FD`),
+/// and waits for the child to report that the mount is ready, or why it failed. A
+/// multithreaded Swift process must not fork, so the daemon is a fresh process.
+///
+/// As `mount.fuse.thinfs` (a symlink or `scripts/mount.fuse.thinfs`), it takes mount(8)'s
+/// form instead: `mount.fuse.thinfs DIR:ID MOUNTPOINT [-o OPTIONS]`.
 public struct ThinFSMountCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "thinfs-mount",
-        abstract: "Serve the ext4 on a thin device through FUSE (not built yet)."
+        abstract: "Serve the ext4 on a thin device through FUSE.",
+        discussion: """
+            Detaches once the mount is ready (or stays in the foreground with -f) and exits \
+            non-zero with the reason if the mount fails. umount, fusermount3 -u, SIGTERM and \
+            SIGINT all flush, commit the pool and exit 0.
+
+            As a mount(8) helper (installed as /sbin/mount.fuse.thinfs):
+              mount -t fuse.thinfs DIR:ID MOUNTPOINT -o ro
+            """,
+        version: ThinFSVersion.string
     )
 
-    @Option(help: "The ThinFS root directory.") var root: String = PoolRoot.defaultPath
-    @Option(help: "Thin device id.") var device: UInt32?
-    @Argument var mountpoint: String?
+    @Option(help: "The ThinFS root directory (default: $THINFS_ROOT or /var/lib/thinfs).")
+    var root: String = PoolRoot.defaultPath
+
+    @Option(help: "Thin device id (formatted with 'thinfs dev format').")
+    var device: DeviceIDArgument
+
+    @Argument(help: "An empty directory to mount on.")
+    var mountpoint: String
+
+    @Option(name: .customShort("o"), help: ArgumentHelp(
+        "Mount options, comma-separated, repeatable: ro, allow_other, nonempty, or any FUSE or kernel mount option.",
+        valueName: "options"))
+    var mountOptions: [String] = []
+
+    @Flag(name: .customShort("f"), help: "Stay in the foreground.")
+    var foreground = false
+
+    @Flag(name: .shortAndLong, help: "Log at debug level to stderr.")
+    var verbose = false
 
     public init() {}
 
+    /// The options after splitting on commas.
+    var options: [String] { mountOptions.flatMap { $0.split(separator: ",").map(String.init) }.filter { !$0.isEmpty } }
+    var readOnly: Bool { options.contains("ro") }
+
     public func run() throws {
-        throw ValidationError("thinfs-mount cannot serve files yet: the FUSE server is not part of this build")
+        if !foreground {
+            // The parent: start the daemon and relay its verdict.
+            throw MountDaemon.detach(arguments: canonicalArguments + ["-f"])
+        }
+        let ready = MountDaemon.ReadyChannel.fromEnvironment()
+        if ready != nil { _ = setsid() }  // the daemon leaves the caller's session and terminal
+        // Before any thread exists: SIGTERM/SIGINT/SIGHUP are taken by dispatch sources, so every
+        // thread must block them, or an unblocked thread would receive (and drop) them.
+        let signals = ShutdownSignals.block()
+        Logging.bootstrapOnce(verbose: verbose)
+        do {
+            try serve(signals: signals, ready: ready)
+        } catch {
+            guard let ready else { throw error }
+            // The waiting parent prints the reason; the daemon itself stays quiet.
+            ready.fail("\(error)")
+            throw ExitCode.failure
+        }
+    }
+
+    /// The arguments that reproduce this invocation (what the daemon is started with).
+    var canonicalArguments: [String] {
+        // Absolute, so the daemon's arguments (and the fsname) do not depend on a working directory.
+        let absolute = { (path: String) in URL(fileURLWithPath: path).standardizedFileURL.path }
+        var args = ["--root", absolute(root), "--device", String(device.id), absolute(mountpoint)]
+        if !options.isEmpty { args += ["-o", options.joined(separator: ",")] }
+        if verbose { args.append("-v") }
+        return args
+    }
+
+    private func serve(signals: ShutdownSignals, ready: MountDaemon.ReadyChannel?) throws {
+        let logger = Logger(label: "thinfs.mount")
+        let id = device.id
+        let extra = options.filter { $0 != "ro" && $0 != "allow_other" }
+        // Check the mount point before the pool is touched: a bad one must change nothing.
+        let canonical = try FUSEServer.checkMountpoint(mountpoint, allowNonEmpty: extra.contains("nonempty"))
+
+        let poolRoot = PoolRoot(path: URL(fileURLWithPath: root).standardizedFileURL.path)
+        let pool = try poolRoot.open(readOnly: readOnly)
+        guard try pool.deviceExists(id) else { throw MountError.noDevice(id, root: root) }
+        guard let record = try poolRoot.filesystems()[id] else { throw MountError.notFormatted(id, root: root) }
+        let blockDevice = try pool.openDevice(id, size: record.size)
+        defer { (blockDevice as? ThinDevice)?.close() }
+
+        // ── The volume: the one line that puts the ext4 layer (libext2fs) under the FUSE server. ──
+        let volume = try Volume(device: blockDevice, readOnly: readOnly, logger: Logger(label: "thinfs.volume"))
+
+        do {
+            let server = FUSEServer(volume: volume, mountpoint: canonical,
+                                    options: .init(readOnly: readOnly, allowOther: options.contains("allow_other"),
+                                                   source: "\(poolRoot.path):\(id)", extraOptions: extra),
+                                    logger: logger)
+            let sources = signals.onSignal { signal in
+                logger.info("stopping", metadata: ["signal": "\(signal)", "fuse.mountpoint": "\(canonical)"])
+                server.stop()
+            }
+            try withExtendedLifetime(sources) {
+                try server.mount()
+                ready?.succeed()
+                try server.run()  // returns after the unmount and the final fsync
+            }
+        } catch {
+            // Closed here, while the device is still open, rather than whenever the last reference goes.
+            try? volume.close()
+            throw error
+        }
+        // Closing writes libext2fs's last state (superblock, bitmaps) and flushes the device, which
+        // commits the pool; the explicit commit covers a volume that had nothing left to write.
+        try volume.close()
+        if !readOnly { try pool.commit() }
+    }
+
+    // MARK: mount(8) helper
+
+    /// The name mount(8) runs for `-t fuse.thinfs`.
+    public static let helperName = "mount.fuse.thinfs"
+
+    /// What `main` should parse: `argv` without its first element, translated from mount(8)'s
+    /// helper form when the program was started as `mount.fuse.thinfs`.
+    public static func arguments(for argv: [String]) throws(ValidationError) -> [String] {
+        let rest = Array(argv.dropFirst())
+        guard let name = argv.first, (name as NSString).lastPathComponent == helperName else { return rest }
+        return try helperArguments(rest)
+    }
+
+    /// mount(8), "External helpers": `/sbin/mount.TYPE SPEC DIR [-sfnv] [-N NAMESPACE] [-o OPTIONS] [-t TYPE.SUBTYPE]`.
+    /// SPEC is `DIR:ID`, the ThinFS root and a thin device id.
+    static func helperArguments(_ args: [String]) throws(ValidationError) -> [String] {
+        var positional: [String] = []
+        var options: [String] = []
+        var verbose = false
+        var i = 0
+        while i < args.count {
+            let a = args[i]
+            switch a {
+            case "-o", "-t", "-N":
+                guard i + 1 < args.count else { throw ValidationError("\(helperName): \(a) needs a value") }
+                if a == "-o" { options += args[i + 1].split(separator: ",").map(String.init) }
+                i += 2
+                continue
+            case "-v": verbose = true
+            case "-s", "-n", "-f": break  // sloppy, no mtab, fake: nothing for a FUSE daemon to do differently
+            default:
+                if a.hasPrefix("-o") && a.count > 2 {
+                    options += a.dropFirst(2).split(separator: ",").map(String.init)
+                } else if a.hasPrefix("-") {
+                    throw ValidationError("\(helperName): unknown option \(a)")
+                } else {
+                    positional.append(a)
+                }
+            }
+            i += 1
+        }
+        guard positional.count == 2 else {
+            throw ValidationError("usage: \(helperName) DIR:ID MOUNTPOINT [-o OPTIONS]")
+        }
+        let spec = positional[0]
+        guard let colon = spec.lastIndex(of: ":"), DeviceIDArgument(argument: String(spec[spec.index(after: colon)...])) != nil,
+              colon != spec.startIndex else {
+            throw ValidationError("\(helperName): the source must be DIR:ID (a ThinFS root and a thin device id), not '\(spec)'")
+        }
+        // Options that mean something to mount(8) or fstab but not to a FUSE mount.
+        let mountOnly: Set = ["defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group", "nofail", "_netdev"]
+        let kept = options.filter { !mountOnly.contains($0) && !$0.hasPrefix("x-") && !$0.hasPrefix("comment=") }
+        var result = ["--root", String(spec[..<colon]), "--device", String(spec[spec.index(after: colon)...]), positional[1]]
+        if !kept.isEmpty { result += ["-o", kept.joined(separator: ",")] }
+        if verbose { result.append("-v") }
+        return result
+    }
+}
+
+/// Errors of `thinfs-mount` that name their remedy.
+enum MountError: Error, CustomStringConvertible {
+    case noDevice(UInt32, root: String)
+    case notFormatted(UInt32, root: String)
+
+    var description: String {
+        switch self {
+        case .noDevice(let id, let root):
+            "thin device \(id) does not exist in the pool at \(root): create it with 'thinfs pool message --root \(root) create_thin \(id)' and format it with 'thinfs dev format --root \(root) \(id)'"
+        case .notFormatted(let id, let root):
+            "thin device \(id) in \(root) holds no filesystem: format it with 'thinfs dev format --root \(root) \(id)'"
+        }
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP, delivered to a dispatch source instead of killing the process.
+struct ShutdownSignals {
+    static let numbers: [Int32] = [SIGTERM, SIGINT, SIGHUP]
+
+    /// Ignores and blocks the signals in the calling thread, which every thread created later
+    /// inherits; then they stay pending until a signal source reads them.
+    static func block() -> ShutdownSignals {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in numbers {
+            signal(s, SIG_IGN)
+            sigaddset(&set, s)
+        }
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        // A write to a closed pipe (the ready channel, a closed terminal) must not kill the daemon.
+        signal(SIGPIPE, SIG_IGN)
+        return ShutdownSignals()
+    }
+
+    /// Calls `handler` on a dispatch queue for each signal, for as long as the returned sources live.
+    func onSignal(_ handler: @escaping @Sendable (Int32) -> Void) -> [any DispatchSourceSignal] {
+        Self.numbers.map { s in
+            let source = DispatchSource.makeSignalSource(signal: s, queue: .global())
+            source.setEventHandler { handler(s) }
+            source.resume()
+            return source
+        }
     }
 }

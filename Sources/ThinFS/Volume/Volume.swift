@@ -956,11 +956,53 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         }
     }
 
+    /// An access ACL in the xattr format (posix_acl_xattr.h): a u32 version 2, then
+    /// (u16 tag, u16 perm, u32 id) entries. Returns the permission bits it implies
+    /// and whether it says no more than those bits (only owner, group and other).
+    static func accessACLMode(_ value: [UInt8]) throws(VolumeError) -> (mode: UInt32, equivalent: Bool) {
+        func u16(_ i: Int) -> UInt32 { UInt32(value[i]) | UInt32(value[i + 1]) << 8 }
+        guard value.count >= 4, (value.count - 4) % 8 == 0, u16(0) == 2, u16(2) == 0 else {
+            throw VolumeError(.invalidArgument, "system.posix_acl_access is not a version 2 ACL")
+        }
+        var owner: UInt32?, group: UInt32?, other: UInt32?, mask: UInt32?
+        var named = false
+        for i in stride(from: 4, to: value.count, by: 8) {
+            let perm = u16(i + 2) & 7
+            switch u16(i) {
+            case 0x01: owner = perm
+            case 0x02, 0x08: named = true
+            case 0x04: group = perm
+            case 0x10: mask = perm
+            case 0x20: other = perm
+            default: throw VolumeError(.invalidArgument, "system.posix_acl_access has an unknown tag \(u16(i))")
+            }
+        }
+        guard let owner, let group, let other, !named || mask != nil else {
+            throw VolumeError(.invalidArgument, "system.posix_acl_access lacks a required entry")
+        }
+        return (owner << 6 | (mask ?? group) << 3 | other, !named && mask == nil)
+    }
+
     public func setxattr(_ ino: UInt64, name: String, value: [UInt8], flags: XattrFlags) throws(VolumeError) {
         try requireWritable("setxattr")
         try Self.checkXattrName(name)
         try withFS { fs throws(VolumeError) in
             var inode = try readInode(fs, ino)
+            if name == "system.posix_acl_access" {
+                // As the kernel's posix_acl_update_mode: the ACL's owner, group (or mask) and other
+                // permissions become the mode bits, and an ACL that says nothing more is not stored.
+                let acl = try Self.accessACLMode(value)
+                inode.i_mode = UInt16((UInt32(inode.i_mode) & ~0o777) | acl.mode)
+                setTimes(&inode, ctime: Self.now())
+                try writeInode(fs, ino, &inode)
+                if acl.equivalent {
+                    try withXattrs(fs, ino) { h throws(VolumeError) in
+                        let rc = ext2fs_xattr_remove(h, name)
+                        if rc != EXT2_ET_EA_KEY_NOT_FOUND { try check(rc, "removing attribute '\(name)' of inode \(ino)") }
+                    }
+                    return
+                }
+            }
             try withXattrs(fs, ino) { h throws(VolumeError) in
                 var existing: UnsafeMutableRawPointer?
                 var length = 0

@@ -1,0 +1,218 @@
+import Foundation
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// Everything about the mount point that needs no libfuse: checking it before
+// mounting, finding our mount in /proc/self/mountinfo, and unmounting it from
+// the outside (which is how `stop()` ends the session loop).
+
+extension FUSEServer {
+    /// How a FUSE mount is made and served.
+    public struct Options: Sendable {
+        /// Mount `ro` and answer EROFS to every modifying request.
+        public var readOnly: Bool
+        /// `allow_other`: users other than the mounter may enter (needs `user_allow_other` in
+        /// /etc/fuse.conf when not root).
+        public var allowOther: Bool
+        /// What /proc/mounts shows as the source: `thinfs:<source>`.
+        public var source: String
+        /// Further mount options, passed to libfuse as they are (`noatime`, `nosuid`, ...).
+        /// `nonempty` is ours: it allows a mount point that is not empty.
+        public var extraOptions: [String]
+        /// Upper bound on libfuse worker threads.
+        public var maxThreads: Int
+        /// How often a read-write mount commits (`volume.fsync(nil)`); nil never does.
+        public var commitInterval: Duration?
+        /// The kernel's read-ahead for the mount, in KiB (FUSE starts at 128); nil leaves it.
+        public var readAheadKiB: Int?
+
+        public init(readOnly: Bool = false, allowOther: Bool = false, source: String = "thinfs",
+                    extraOptions: [String] = [], maxThreads: Int = 16, commitInterval: Duration? = .seconds(1),
+                    readAheadKiB: Int? = 1024) {
+            self.readOnly = readOnly
+            self.allowOther = allowOther
+            self.source = source
+            self.extraOptions = extraOptions
+            self.maxThreads = maxThreads
+            self.commitInterval = commitInterval
+            self.readAheadKiB = readAheadKiB
+        }
+
+        var allowsNonEmptyMountpoint: Bool { extraOptions.contains("nonempty") }
+    }
+
+    /// Errors of mounting and serving. Each names the mount point.
+    public enum Error: Swift.Error, CustomStringConvertible, Sendable {
+        case mountpointMissing(String)
+        case mountpointInaccessible(String, Errno)
+        case notADirectory(String)
+        case notEmpty(String)
+        case busy(String)
+        case deadMount(String)
+        case invalidOptions(String, message: String)
+        case mountFailed(String, message: String)
+        case wrongState(String, String)
+        case loopFailed(String, Errno)
+        case commitFailed(String, String)
+
+        public var description: String {
+            switch self {
+            case .mountpointMissing(let p): "mount point \(p) does not exist: create the directory first"
+            case .mountpointInaccessible(let p, let e): "mount point \(p) cannot be examined: \(e)"
+            case .notADirectory(let p): "mount point \(p) is not a directory"
+            case .notEmpty(let p): "mount point \(p) is not empty: use an empty directory, or pass -o nonempty to hide its contents"
+            case .busy(let p): "mount point \(p) is busy: something is already mounted there; unmount it first"
+            case .deadMount(let p): "mount point \(p) is a FUSE mount whose daemon has gone: run 'fusermount3 -u \(p)' (or 'umount -l \(p)') first"
+            case .invalidOptions(let p, let m): "mount options for \(p) were refused: \(m)"
+            case .mountFailed(let p, let m): "mounting \(p) failed: \(m)"
+            case .wrongState(let p, let why): "FUSE server for \(p): \(why)"
+            case .loopFailed(let p, let e): "serving \(p) failed: \(e)"
+            case .commitFailed(let p, let why): "the final commit of \(p) failed: \(why)"
+            }
+        }
+    }
+
+    /// Checks that `path` can take a mount and returns its canonical path.
+    ///
+    /// The mount table is consulted before anything touches the path itself, so a hung
+    /// FUSE mount there is reported instead of hanging us.
+    public static func checkMountpoint(_ path: String, allowNonEmpty: Bool) throws(Error) -> String {
+        let lexical = URL(fileURLWithPath: path).standardizedFileURL.path
+        if MountTable.current().contains(where: { $0.mountPoint == lexical }) { throw .busy(lexical) }
+        var st = stat()
+        guard stat(path, &st) == 0 else {
+            let e = Errno(rawValue: errno)
+            switch e {
+            case .noSuchFileOrDirectory: throw .mountpointMissing(path)
+            case .socketNotConnected: throw .deadMount(path)  // ENOTCONN: a FUSE mount with no daemon
+            case .notDirectory: throw .notADirectory(path)
+            default: throw .mountpointInaccessible(path, e)
+            }
+        }
+        guard st.st_mode & S_IFMT == S_IFDIR else { throw .notADirectory(path) }
+        guard let resolved = realpath(path, nil) else { throw .mountpointInaccessible(path, Errno(rawValue: errno)) }
+        let canonical = String(cString: resolved)
+        free(resolved)
+        if canonical != lexical, MountTable.current().contains(where: { $0.mountPoint == canonical }) {
+            throw .busy(canonical)
+        }
+        if !allowNonEmpty {
+            guard let dir = opendir(canonical) else { throw .mountpointInaccessible(canonical, Errno(rawValue: errno)) }
+            defer { closedir(dir) }
+            while let entry = readdir(dir) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+                if name != "." && name != ".." { throw .notEmpty(canonical) }
+            }
+        }
+        return canonical
+    }
+
+    /// Unmounts from outside the session, as `umount` would: the kernel first writes back
+    /// cached pages through the still-running workers, then ends the connection, and the
+    /// session loop returns. A busy mount point is detached lazily instead; the loop then
+    /// ends when the last open file on it is closed.
+    /// Returns nil on success, or why it failed.
+    static func unmountFromOutside(_ mountpoint: String) -> String? {
+        if geteuid() == 0 {
+            if umount2(mountpoint, 0) == 0 { return nil }
+            let e = errno
+            if e == EINVAL || e == ENOENT { return nil }  // not mounted any more
+            if e == EBUSY {
+                if umount2(mountpoint, Int32(MNT_DETACH)) == 0 { return nil }
+                return "umount2(MNT_DETACH): \(Errno(rawValue: errno))"
+            }
+            return "umount2: \(Errno(rawValue: e))"
+        }
+        // Unprivileged: fusermount3 is setuid root and checks that we own the mount.
+        if runFusermount(["-u", "-q", mountpoint]) || runFusermount(["-u", "-q", "-z", mountpoint]) { return nil }
+        return "fusermount3 -u failed"
+    }
+
+    private static func runFusermount(_ args: [String]) -> Bool {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/fusermount3")
+        p.arguments = args
+        do { try p.run() } catch { return false }
+        p.waitUntilExit()
+        return p.terminationStatus == 0
+    }
+
+    /// Ends the connection without unmounting cleanly: requests in flight fail with ENOTCONN
+    /// and pages cached in the kernel are lost. Used when a second stop is asked for.
+    static func abortConnection(device: MountTable.Entry.Device) -> Bool {
+        // /sys/fs/fuse/connections/N is named by the minor number of the mount's anonymous device.
+        let path = "/sys/fs/fuse/connections/\(device.minor)/abort"
+        return (try? "1".write(toFile: path, atomically: false, encoding: .utf8)) != nil
+    }
+
+    /// FUSE gives a mount 128 KiB of read-ahead, and INIT can only lower it (the kernel keeps
+    /// the smaller of the device's value and the reply's). Raising the backing-device knob
+    /// before the INIT reply lets sequential reads reach the 1 MiB requests the server
+    /// accepts. Best effort: it needs root.
+    static func setReadAhead(kib: Int, device: MountTable.Entry.Device) -> Bool {
+        let path = "/sys/class/bdi/\(device.major):\(device.minor)/read_ahead_kb"
+        return (try? "\(kib)".write(toFile: path, atomically: false, encoding: .utf8)) != nil
+    }
+}
+
+/// /proc/self/mountinfo, as proc(5) describes it:
+///
+///     36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
+///     (1)(2)(3)   (4)   (5)      (6)      (7)   (8) (9)   (10)         (11)
+///
+/// (3) is the device's major:minor, (5) the mount point with space, tab, newline and
+/// backslash escaped as octal (\040), (9) the filesystem type and (10) the source.
+struct MountTable {
+    struct Entry: Equatable {
+        struct Device: Equatable {
+            var major: UInt32
+            var minor: UInt32
+        }
+        var device: Device
+        var mountPoint: String
+        var type: String
+        var source: String
+    }
+
+    var entries: [Entry]
+
+    static func current() -> [Entry] {
+        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+        return parse(text)
+    }
+
+    static func parse(_ text: String) -> [Entry] {
+        text.split(separator: "\n").compactMap { line in
+            let fields = line.split(separator: " ", omittingEmptySubsequences: false)
+            guard fields.count >= 10, let dash = fields.firstIndex(of: "-"), dash + 2 < fields.count else { return nil }
+            let mm = fields[2].split(separator: ":")
+            guard mm.count == 2, let major = UInt32(mm[0]), let minor = UInt32(mm[1]) else { return nil }
+            return Entry(device: .init(major: major, minor: minor), mountPoint: unescape(fields[4]),
+                         type: String(fields[dash + 1]), source: unescape(fields[dash + 2]))
+        }
+    }
+
+    /// Undoes the kernel's octal escapes (`\040` is a space).
+    static func unescape(_ field: Substring) -> String {
+        var bytes: [UInt8] = []
+        let utf8 = Array(field.utf8)
+        var i = 0
+        while i < utf8.count {
+            if utf8[i] == UInt8(ascii: "\\"), i + 3 < utf8.count,
+               let v = UInt8(String(decoding: utf8[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
+                bytes.append(v)
+                i += 4
+            } else {
+                bytes.append(utf8[i])
+                i += 1
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+extension Array where Element == MountTable.Entry {
+    func entry(at mountPoint: String) -> MountTable.Entry? { last(where: { $0.mountPoint == mountPoint }) }
+}
