@@ -82,7 +82,7 @@ let package = Package(
             dependencies: ["ThinFS", "PersistentData", "ThinFSCommands", "TestSupport"]
         ),
         // Privileged: real FUSE mounts (needs /dev/fuse and root); each test is gated on both.
-        .testTarget(name: "FUSETests", dependencies: ["ThinFS", "TestSupport"], path: "Tests/FUSETests"),
+        .testTarget(name: "FUSETests", dependencies: ["ThinFS", "PersistentData", "TestSupport"], path: "Tests/FUSETests"),
     ],
     swiftLanguageModes: [.v6]
 )
