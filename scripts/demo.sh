@@ -7,10 +7,20 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh >/dev/null
 swift build -c release --product thinfs 2>&1 | tail -1
-thinfs="$(swift build -c release --show-bin-path)/thinfs"
+swift build -c release --product thinfs-mount 2>&1 | tail -1
+bin="$(swift build -c release --show-bin-path)"
+thinfs="$bin/thinfs"
+mount_cmd="$bin/thinfs-mount"
 
 root=$(mktemp -d /var/tmp/thinfs-demo.XXXXXX)
-trap 'rm -rf "$root"' EXIT
+cleanup() {
+  for m in "$root/mnt-origin" "$root/mnt-snap"; do
+    if grep -q " $m " /proc/mounts 2>/dev/null; then umount "$m" 2>/dev/null || umount -l "$m"; fi
+  done
+  sleep 0.5
+  rm -rf "$root"
+}
+trap cleanup EXIT
 export THINFS_ROOT=$root
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 
@@ -54,3 +64,33 @@ echo
 step thin_check "$root/pool/metadata"
 echo
 echo "thin_check: clean"
+
+if [[ -e /dev/fuse && $(id -u) -eq 0 ]]; then
+  echo
+  echo "# Files through FUSE: an ext4 on thin device 3, read and written through libext2fs; the kernel never mounts it"
+  step "$thinfs" pool message create_thin 3
+  step "$thinfs" dev format 3 --size 1G
+  mkdir -p "$root/mnt-origin" "$root/mnt-snap"
+  step "$mount_cmd" --root "$root" --device 3 "$root/mnt-origin"
+  step grep " $root/mnt-origin " /proc/mounts
+  echo "hello from a thin device" > "$root/mnt-origin/hello.txt"
+  cp -r /etc/apt "$root/mnt-origin/apt"
+  step ls -la "$root/mnt-origin"
+  step umount "$root/mnt-origin"
+  sleep 0.5
+  echo
+  echo "# snapshot it, mount the snapshot read-only beside the origin, and change the origin"
+  step "$thinfs" pool message create_snap 4 3
+  step "$mount_cmd" --root "$root" --device 3 "$root/mnt-origin"
+  step "$mount_cmd" --root "$root" --device 4 "$root/mnt-snap" -o ro
+  echo "changed after the snapshot" > "$root/mnt-origin/hello.txt"
+  step cat "$root/mnt-origin/hello.txt" "$root/mnt-snap/hello.txt"
+  touch "$root/mnt-snap/nope" 2>&1 || echo "(the snapshot mount is read-only)"
+  step df -h "$root/mnt-origin"
+  step umount "$root/mnt-origin"
+  step umount "$root/mnt-snap"
+  sleep 0.5
+  step thin_check "$root/pool/metadata"
+else
+  echo "(skipping the FUSE part: it needs /dev/fuse and root)"
+fi

@@ -53,7 +53,17 @@ struct PoolCommand: ParsableCommand {
         func run() throws {
             let text = message.joined(separator: " ")
             let parsed = try PoolMessage(parsing: text)
-            try options.poolRoot.open().message(parsed)
+            let root = options.poolRoot
+            try root.open().message(parsed)
+            // A snapshot carries its origin's filesystem; a deleted device carries none.
+            switch parsed {
+            case .createSnap(let id, let origin):
+                if let fs = try root.filesystems()[origin] { try root.record(filesystem: fs, for: id) }
+            case .delete(let id):
+                if try root.filesystems()[id] != nil { try root.record(filesystem: nil, for: id) }
+            default:
+                break
+            }
         }
     }
 

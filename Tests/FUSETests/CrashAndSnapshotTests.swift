@@ -131,7 +131,7 @@ struct CrashAndSnapshotTests {
         #expect(FileManager.default.createFile(atPath: origin + "/change", contents: Data("before".utf8)))
         root.unmount(origin)
         #expect(try Binaries.run("thinfs", ["pool", "message", "--root", root.path, "create_snap", "2", "1"]).status == 0)
-        try PoolRoot(path: root.path).record(filesystem: PoolRoot(path: root.path).filesystems()[1], for: 2)
+        #expect(try PoolRoot(path: root.path).filesystems()[2] == PoolRoot(path: root.path).filesystems()[1], "the snapshot inherits its origin's filesystem record")
 
         try root.mount(1, at: origin)
         defer { root.unmount(origin) }
