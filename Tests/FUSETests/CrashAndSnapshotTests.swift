@@ -151,4 +151,53 @@ struct CrashAndSnapshotTests {
         try root.fsck(1)
         try root.fsck(2)
     }
+
+    /// A device whose bytes are not ext4, or whose ext4 superblock is damaged, is refused with a
+    /// clear error, and neither the pool's metadata nor its data change.
+    @Test func notExt4AndCorruptSuperblockAreRefusedWithoutWrites() throws {
+        let root = try Root(size: "64M")
+        let mnt = root.dir.path + "/mnt"
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        // Device 2: random bytes, recorded as if formatted.
+        #expect(try Binaries.run("thinfs", ["pool", "message", "--root", root.path, "create_thin", "2"]).status == 0)
+        let junk = root.dir.path + "/junk"
+        #expect(FileManager.default.createFile(atPath: junk, contents: Data((0..<(256 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ 7) })))
+        let w = Process()
+        w.executableURL = URL(fileURLWithPath: Binaries.path("thinfs"))
+        w.arguments = ["dev", "write", "--root", root.path, "2"]
+        w.standardInput = FileHandle(forReadingAtPath: junk)
+        try w.run()
+        w.waitUntilExit()
+        #expect(w.terminationStatus == 0)
+        try PoolRoot(path: root.path).record(filesystem: .init(type: "ext4", uuid: "none", size: 64 << 20), for: 2)
+        // Device 1: a real ext4 whose primary superblock (bytes 1024..<2048) is overwritten.
+        let w2 = Process()
+        w2.executableURL = URL(fileURLWithPath: Binaries.path("thinfs"))
+        w2.arguments = ["dev", "write", "--root", root.path, "1", "--offset", "1024"]
+        let pipe = Pipe()
+        w2.standardInput = pipe
+        try w2.run()
+        pipe.fileHandleForWriting.write(Data(repeating: 0x5A, count: 1024))
+        try pipe.fileHandleForWriting.close()
+        w2.waitUntilExit()
+        #expect(w2.terminationStatus == 0)
+
+        // The metadata by content; the 4G sparse data file by its modification time (any write moves it).
+        func state() throws -> (Data, Int, Int) {
+            var st = Glibc.stat()
+            stat(root.path + "/pool/data", &st)
+            return (try Data(contentsOf: URL(fileURLWithPath: root.path + "/pool/metadata")), st.st_mtim.tv_sec, st.st_mtim.tv_nsec)
+        }
+        let before = try state()
+        for id in ["1", "2"] {
+            for ro in [false, true] {
+                let r = try Binaries.run("thinfs-mount", ["--root", root.path, "--device", id, mnt] + (ro ? ["-o", "ro"] : []))
+                #expect(r.status != 0, "device \(id) mounted")
+                #expect(r.stderr.contains("no ext4 filesystem"), "device \(id): \(r.stderr)")
+                #expect(!Host.isMounted(mnt))
+            }
+        }
+        let after = try state()
+        #expect(before == after, "a refused mount wrote to the pool")
+    }
 }
