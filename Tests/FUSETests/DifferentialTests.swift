@@ -256,6 +256,10 @@ struct DifferentialTests {
         step("mkdir in setgid", LibC.check(mkdir(p("sg/sub"), 0o755)))
         step("stat sg/file", stat(p("sg/file")))
         step("stat sg/sub", stat(p("sg/sub")))
+        step("symlink in setgid", LibC.check(symlink("file", p("sg/link"))))
+        step("stat sg/link", stat(p("sg/link")))
+        step("mknod fifo in setgid", LibC.check(mkfifo(p("sg/fifo"), 0o600)))
+        step("stat sg/fifo", stat(p("sg/fifo")))
 
         // Extended attributes.
         step("setxattr user", LibC.setxattr(p("r2"), "user.k", Array("v".utf8)))

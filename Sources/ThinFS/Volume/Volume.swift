@@ -196,13 +196,32 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         }
         return FileAttributes(
             ino: ino, mode: mode, nlink: UInt32(inode.i_links_count),
-            uid: UInt32(inode.i_uid) | UInt32(inode.osd2.linux2.l_i_uid_high) << 16,
-            gid: UInt32(inode.i_gid) | UInt32(inode.osd2.linux2.l_i_gid_high) << 16,
+            uid: Self.uid(inode), gid: Self.gid(inode),
             rdev: rdev, size: UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32, blocks: UInt64(blocks),
             atime: Self.decodeTime(inode.i_atime, inode.i_atime_extra, hasExtra: extra),
             mtime: Self.decodeTime(inode.i_mtime, inode.i_mtime_extra, hasExtra: extra),
             ctime: Self.decodeTime(inode.i_ctime, inode.i_ctime_extra, hasExtra: extra),
             blockSize: UInt32(fs.pointee.blocksize), generation: inode.i_generation)
+    }
+
+    private static func uid(_ inode: ext2_inode_large) -> UInt32 { UInt32(inode.i_uid) | UInt32(inode.osd2.linux2.l_i_uid_high) << 16 }
+    private static func gid(_ inode: ext2_inode_large) -> UInt32 { UInt32(inode.i_gid) | UInt32(inode.osd2.linux2.l_i_gid_high) << 16 }
+
+    /// Splits 32-bit ids into ext4's low and high 16-bit fields.
+    private static func setOwner(_ inode: inout ext2_inode_large, uid: UInt32? = nil, gid: UInt32? = nil) {
+        if let uid {
+            inode.i_uid = UInt16(truncatingIfNeeded: uid)
+            inode.osd2.linux2.l_i_uid_high = UInt16(truncatingIfNeeded: uid >> 16)
+        }
+        if let gid {
+            inode.i_gid = UInt16(truncatingIfNeeded: gid)
+            inode.osd2.linux2.l_i_gid_high = UInt16(truncatingIfNeeded: gid >> 16)
+        }
+    }
+
+    /// The group of a new entry: a set-group-ID directory passes its own on (inode_init_owner).
+    private static func newGroup(_ parent: ext2_inode_large, _ owner: Owner) -> (gid: UInt32, setgidDirectory: Bool) {
+        UInt32(parent.i_mode) & 0o2000 != 0 ? (gid(parent), true) : (owner.gid, false)
     }
 
     static func isDevice(_ mode: UInt32) -> Bool {
@@ -271,12 +290,18 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
 
     /// Adds a directory entry, growing the directory when its blocks are full.
     private func addLink(_ fs: ext2_filsys, _ dir: UInt64, _ name: String, _ ino: UInt64, mode: UInt32) throws(VolumeError) {
-        var rc = name.withCString { ext2fs_link(fs, ext2_ino_t(dir), $0, ext2_ino_t(ino), Self.fileType(mode)) }
-        if rc == EXT2_ET_DIR_NO_SPACE {
-            try check(ext2fs_expand_dir(fs, ext2_ino_t(dir)), "growing directory \(dir)")
-            rc = name.withCString { ext2fs_link(fs, ext2_ino_t(dir), $0, ext2_ino_t(ino), Self.fileType(mode)) }
+        let rc = try withDirectorySpace(fs, dir) {
+            name.withCString { ext2fs_link(fs, ext2_ino_t(dir), $0, ext2_ino_t(ino), Self.fileType(mode)) }
         }
         try check(rc, "adding '\(name)' to directory \(dir)")
+    }
+
+    /// Runs a libext2fs call that adds an entry to `dir`, growing the directory once if it is full.
+    private func withDirectorySpace(_ fs: ext2_filsys, _ dir: UInt64, _ call: () -> errcode_t) throws(VolumeError) -> errcode_t {
+        let rc = call()
+        guard rc == EXT2_ET_DIR_NO_SPACE else { return rc }
+        try check(ext2fs_expand_dir(fs, ext2_ino_t(dir)), "growing directory \(dir)")
+        return call()
     }
 
     private func removeLink(_ fs: ext2_filsys, _ dir: UInt64, _ name: String) throws(VolumeError) {
@@ -447,14 +472,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             if let mode = changes.mode {
                 inode.i_mode = UInt16((UInt32(inode.i_mode) & 0o170000) | (mode & 0o7777))
             }
-            if let uid = changes.uid {
-                inode.i_uid = UInt16(truncatingIfNeeded: uid)
-                inode.osd2.linux2.l_i_uid_high = UInt16(truncatingIfNeeded: uid >> 16)
-            }
-            if let gid = changes.gid {
-                inode.i_gid = UInt16(truncatingIfNeeded: gid)
-                inode.osd2.linux2.l_i_gid_high = UInt16(truncatingIfNeeded: gid >> 16)
-            }
+            Self.setOwner(&inode, uid: changes.uid, gid: changes.gid)
             switch changes.atime {
             case .now: setTimes(&inode, atime: now)
             case .set(let t): setTimes(&inode, atime: t)
@@ -479,17 +497,8 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         var inode = ext2_inode_large()
         inode.i_mode = UInt16(truncatingIfNeeded: mode)
         inode.i_extra_isize = Self.extraSize
-        inode.i_uid = UInt16(truncatingIfNeeded: owner.uid)
-        inode.osd2.linux2.l_i_uid_high = UInt16(truncatingIfNeeded: owner.uid >> 16)
-        // Set-group-ID directories pass their group on (and, to subdirectories, the bit itself).
-        let parentInode = try readInode(fs, parent)
-        var gid = owner.gid
-        if UInt32(parentInode.i_mode) & 0o2000 != 0 {
-            gid = UInt32(parentInode.i_gid) | UInt32(parentInode.osd2.linux2.l_i_gid_high) << 16
-            if mode & 0o170000 == 0o040000 { inode.i_mode |= 0o2000 }
-        }
-        inode.i_gid = UInt16(truncatingIfNeeded: gid)
-        inode.osd2.linux2.l_i_gid_high = UInt16(truncatingIfNeeded: gid >> 16)
+        let group = Self.newGroup(try readInode(fs, parent), owner)
+        Self.setOwner(&inode, uid: owner.uid, gid: group.gid)
         inode.i_generation = nextGeneration
         nextGeneration &+= 1
         let t = Self.now()
@@ -544,29 +553,17 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return try withFS { fs throws(VolumeError) in
             _ = try requireDirectory(fs, parent)
             if try lookupIno(fs, parent, name) != nil { throw VolumeError(.fileExists, "'\(name)' exists in directory \(parent)") }
-            var rc = name.withCString { ext2fs_mkdir(fs, ext2_ino_t(parent), 0, $0) }
-            if rc == EXT2_ET_DIR_NO_SPACE {
-                try check(ext2fs_expand_dir(fs, ext2_ino_t(parent)), "growing directory \(parent)")
-                rc = name.withCString { ext2fs_mkdir(fs, ext2_ino_t(parent), 0, $0) }
-            }
+            let rc = try withDirectorySpace(fs, parent) { name.withCString { ext2fs_mkdir(fs, ext2_ino_t(parent), 0, $0) } }
             try check(rc, "creating directory '\(name)' in \(parent)")
             guard let ino = try lookupIno(fs, parent, name) else {
                 throw VolumeError(.ioError, "directory '\(name)' vanished after mkdir")
             }
             // ext2fs_mkdir sets a default mode, root ownership and times in seconds: make them the caller's.
             var inode = try readInode(fs, ino)
-            let parentInode = try readInode(fs, parent)
-            var gid = owner.gid
-            var dirMode = 0o040000 | (mode & 0o7777)
-            if UInt32(parentInode.i_mode) & 0o2000 != 0 {
-                gid = UInt32(parentInode.i_gid) | UInt32(parentInode.osd2.linux2.l_i_gid_high) << 16
-                dirMode |= 0o2000
-            }
-            inode.i_mode = UInt16(dirMode)
-            inode.i_uid = UInt16(truncatingIfNeeded: owner.uid)
-            inode.osd2.linux2.l_i_uid_high = UInt16(truncatingIfNeeded: owner.uid >> 16)
-            inode.i_gid = UInt16(truncatingIfNeeded: gid)
-            inode.osd2.linux2.l_i_gid_high = UInt16(truncatingIfNeeded: gid >> 16)
+            // A set-group-ID parent passes on its group and, to subdirectories, the bit itself.
+            let group = Self.newGroup(try readInode(fs, parent), owner)
+            inode.i_mode = UInt16(0o040000 | (mode & 0o7777) | (group.setgidDirectory ? 0o2000 : 0))
+            Self.setOwner(&inode, uid: owner.uid, gid: group.gid)
             if inode.i_extra_isize < Self.extraSize { inode.i_extra_isize = Self.extraSize }
             // i_generation stays as ext2fs_mkdir set it: with metadata_csum it seeds the directory block's checksum.
             let t = Self.now()
@@ -586,18 +583,13 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return try withFS { fs throws(VolumeError) in
             _ = try requireDirectory(fs, parent)
             if try lookupIno(fs, parent, name) != nil { throw VolumeError(.fileExists, "'\(name)' exists in directory \(parent)") }
-            var rc = name.withCString { n in target.withCString { ext2fs_symlink(fs, ext2_ino_t(parent), 0, n, $0) } }
-            if rc == EXT2_ET_DIR_NO_SPACE {
-                try check(ext2fs_expand_dir(fs, ext2_ino_t(parent)), "growing directory \(parent)")
-                rc = name.withCString { n in target.withCString { ext2fs_symlink(fs, ext2_ino_t(parent), 0, n, $0) } }
+            let rc = try withDirectorySpace(fs, parent) {
+                name.withCString { n in target.withCString { ext2fs_symlink(fs, ext2_ino_t(parent), 0, n, $0) } }
             }
             try check(rc, "creating symlink '\(name)' in \(parent)")
             guard let ino = try lookupIno(fs, parent, name) else { throw VolumeError(.ioError, "symlink '\(name)' vanished") }
             var inode = try readInode(fs, ino)
-            inode.i_uid = UInt16(truncatingIfNeeded: owner.uid)
-            inode.osd2.linux2.l_i_uid_high = UInt16(truncatingIfNeeded: owner.uid >> 16)
-            inode.i_gid = UInt16(truncatingIfNeeded: owner.gid)
-            inode.osd2.linux2.l_i_gid_high = UInt16(truncatingIfNeeded: owner.gid >> 16)
+            Self.setOwner(&inode, uid: owner.uid, gid: Self.newGroup(try readInode(fs, parent), owner).gid)
             if inode.i_extra_isize < Self.extraSize { inode.i_extra_isize = Self.extraSize }
             let t = Self.now()
             setTimes(&inode, atime: t, mtime: t, ctime: t, crtime: t)
