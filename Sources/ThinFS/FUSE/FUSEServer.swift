@@ -519,8 +519,10 @@ public final class FUSEServer: Sendable {
         let ino = inode(node)
         do { try volume.open(ino) } catch { fail(req, "open", error); return }
         fi.pointee.direct_io = 0
-        // Nothing changes a read-only layer, so its pages stay valid from one open to the next.
-        fi.pointee.keep_cache = readOnly ? 1 : 0
+        // Keep cached pages across opens. A read-only layer never changes; a read-write mount
+        // is changed only through this kernel mount (the daemon holds the pool's writer lock,
+        // and the volume has no other writer), so the kernel's pages are the truth there too.
+        fi.pointee.keep_cache = 1
         // fuse_reply_open(3): when the reply fails, release is never called for this open.
         if fuse_reply_open(req, fi) != 0 { volume.release(ino) }
     }
@@ -532,7 +534,7 @@ public final class FUSEServer: Sendable {
             let a = try volume.mknod(parent: inode(parent), name: name, mode: numericCast(typed), rdev: 0, owner: Self.owner(req))
             try volume.open(a.ino)
             fi.pointee.direct_io = 0
-            fi.pointee.keep_cache = 0
+            fi.pointee.keep_cache = 1
             var e = entryParam(a)
             remember(a.ino)
             if fuse_reply_create(req, &e, fi) != 0 {
