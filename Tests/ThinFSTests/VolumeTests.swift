@@ -183,6 +183,24 @@ struct VolumeTests {
         }
     }
 
+    /// Unaligned writes into blocks another file freed: the uncovered parts read as zeros, never the old bytes.
+    @Test func unalignedWritesNeverExposeFreedBlocks() throws {
+        try withImage { v, _ in
+            let old = try v.mknod(parent: v.rootInode, name: "old", mode: 0o100644, rdev: 0, owner: .root)
+            _ = try [UInt8](repeating: 0xEE, count: 1 << 20).withUnsafeBytes { try v.write(old.ino, at: 0, from: $0) }
+            try v.unlink(parent: v.rootInode, name: "old")
+            let f = try v.mknod(parent: v.rootInode, name: "new", mode: 0o100644, rdev: 0, owner: .root)
+            _ = try [UInt8](repeating: 0x11, count: 10_000).withUnsafeBytes { try v.write(f.ino, at: 3000, from: $0) }
+            _ = try [UInt8](repeating: 0x22, count: 9000).withUnsafeBytes { try v.write(f.ino, at: 40_000, from: $0) }
+            var back = [UInt8](repeating: 0xFF, count: 49_000)
+            #expect(try back.withUnsafeMutableBytes { try v.read(f.ino, at: 0, into: $0) } == 49_000)
+            #expect(back[0..<3000].allSatisfy { $0 == 0 })
+            #expect(back[3000..<13_000].allSatisfy { $0 == 0x11 })
+            #expect(back[13_000..<40_000].allSatisfy { $0 == 0 })
+            #expect(back[40_000...].allSatisfy { $0 == 0x22 })
+        }
+    }
+
     @Test func readOnlyVolumeRefusesWrites() throws {
         let dir = TempDir()
         let image = dir.path + "/fs.img"

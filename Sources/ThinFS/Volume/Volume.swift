@@ -801,6 +801,22 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                 throw VolumeError(UInt32(inode.i_mode) & 0o170000 == 0o040000 ? .isDirectory : .invalidArgument, "write to inode \(ino), not a regular file")
             }
             guard buffer.count > 0 else { return 0 }
+            // Allocate the blocks the write covers whole in one go: ext2fs_file_write would allocate
+            // them one at a time, searching the bitmap from its goal each time, which dominated
+            // sequential writes. Only whole blocks: a partially written new block must read zeros
+            // elsewhere, which ext2fs_file_write guarantees for blocks it allocates itself.
+            let bs = UInt64(fs.pointee.blocksize)
+            let firstWhole = (offset + bs - 1) / bs, endWhole = (offset + UInt64(buffer.count)) / bs
+            if endWhole > firstWhole {
+                let rc = withUnsafeMutablePointer(to: &inode) {
+                    $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                        ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
+                                         ~0, firstWhole, endWhole - firstWhole)
+                    }
+                }
+                try check(rc, "allocating blocks \(firstWhole)..<\(endWhole) of inode \(ino)")
+                try writeInode(fs, ino, &inode)
+            }
             let file = try openFile(fs, ino, write: true)
             var closed = false
             defer { if !closed { ext2fs_file_close(file) } }
@@ -1108,13 +1124,169 @@ final class ChannelRegistry: @unchecked Sendable {
 }
 
 /// What a channel's private_data holds.
+/// What a channel's private_data holds: the device, and a small block cache.
+///
+/// libext2fs re-reads extent-tree, bitmap and directory blocks all the time, and
+/// writes a file one block at a time, rewriting its inode-table block after
+/// each; unix_io keeps a write-back cache for both, and so does this manager:
+///
+/// - single-block reads are cached; larger reads go to the device, after any
+///   dirty cached block they overlap has been written back;
+/// - single-block writes stay in the cache, dirty, and are written back sorted
+///   and coalesced into large pwrites when half the cache is dirty, and at
+///   every flush, before the device's own flush (a pool commit);
+/// - larger writes go straight to the device and update the cached copies they
+///   overlap; discards drop them.
+///
+/// So the device holds everything written once a flush returns, which is all a
+/// commit needs. Callbacks run under the Volume's lock; the cache's own lock
+/// only makes that independent of the caller.
 private final class ChannelState {
     let device: BlockDevice
+    private struct Entry {
+        var data: UnsafeMutableRawPointer
+        var dirty: Bool
+    }
+    private let lock = Lock()
+    private var blocks: [UInt64: Entry] = [:]
+    private var order: [UInt64] = []
+    private var next = 0
+    private var dirtyCount = 0
+    private var blockSize = 0
+    static let capacity = 1024
+
     init(device: BlockDevice) { self.device = device }
+    deinit {
+        for e in blocks.values { e.data.deallocate() }
+    }
+
+    func setBlockSize(_ size: Int) throws {
+        try lock.withLock {
+            guard size != blockSize else { return }
+            try writeBack()
+            for e in blocks.values { e.data.deallocate() }
+            blocks.removeAll()
+            order.removeAll()
+            next = 0
+            blockSize = size
+        }
+    }
+
+    func read(_ block: UInt64, _ count: Int32, _ data: UnsafeMutableRawPointer, _ r: (offset: UInt64, length: Int)) throws {
+        try lock.withLock {
+            if count == 1, r.length == blockSize, let hit = blocks[block] {
+                data.copyMemory(from: hit.data, byteCount: r.length)
+                return
+            }
+            if dirtyCount > 0, overlapsDirty(r) { try writeBack() }
+            try device.read(into: UnsafeMutableRawBufferPointer(start: data, count: r.length), at: r.offset)
+            if count == 1, r.length == blockSize { try insert(block, data, dirty: false) }
+        }
+    }
+
+    func write(_ block: UInt64, _ count: Int32, _ data: UnsafeRawPointer, _ r: (offset: UInt64, length: Int)) throws {
+        try lock.withLock {
+            if count == 1, r.length == blockSize, blockSize > 0 {
+                try insert(block, data, dirty: true)
+                return
+            }
+            try device.write(UnsafeRawBufferPointer(start: data, count: r.length), at: r.offset)
+            guard blockSize > 0, !blocks.isEmpty, r.length > 0 else { return }
+            // Keep overlapping cached copies current (a dirty one stays dirty: its other bytes are newer than the device).
+            let bs = UInt64(blockSize)
+            for b in overlapping(r) {
+                guard let cached = blocks[b] else { continue }
+                let start = max(r.offset, b * bs), end = min(r.offset + UInt64(r.length), (b + 1) * bs)
+                cached.data.advanced(by: Int(start - b * bs)).copyMemory(from: data.advanced(by: Int(start - r.offset)), byteCount: Int(end - start))
+            }
+        }
+    }
+
+    func discard(_ r: (offset: UInt64, length: Int)) throws {
+        try lock.withLock {
+            // Discarded bytes are gone: drop the cached copies, dirty or not, then unmap.
+            for b in overlapping(r) {
+                if let e = blocks.removeValue(forKey: b) {
+                    if e.dirty { dirtyCount -= 1 }
+                    e.data.deallocate()
+                    if let i = order.firstIndex(of: b) { order.remove(at: i); if next > order.count { next = 0 } }
+                }
+            }
+            try device.discard(offset: r.offset, length: UInt64(r.length))
+        }
+    }
+
+    /// Writes back every dirty block without flushing the device.
+    func writeBackDirty() throws { try lock.withLock { try writeBack() } }
+
+    /// Writes back every dirty block, then flushes the device (a pool commit on a thin device).
+    func flush() throws {
+        try lock.withLock { try writeBack() }
+        try device.flush()
+    }
+
+    // MARK: Under the lock
+
+    private func overlapping(_ r: (offset: UInt64, length: Int)) -> [UInt64] {
+        guard blockSize > 0, !blocks.isEmpty, r.length > 0 else { return [] }
+        let bs = UInt64(blockSize)
+        let first = r.offset / bs, last = (r.offset + UInt64(r.length) - 1) / bs
+        // A long range overlaps few cached blocks: then walk the cache instead of the range.
+        return last - first < UInt64(blocks.count) ? Array(first...last) : blocks.keys.filter { $0 >= first && $0 <= last }
+    }
+
+    private func overlapsDirty(_ r: (offset: UInt64, length: Int)) -> Bool {
+        overlapping(r).contains { blocks[$0]?.dirty == true }
+    }
+
+    private func insert(_ block: UInt64, _ data: UnsafeRawPointer, dirty: Bool) throws {
+        if var e = blocks[block] {
+            e.data.copyMemory(from: data, byteCount: blockSize)
+            if dirty && !e.dirty { dirtyCount += 1 }
+            e.dirty = e.dirty || dirty
+            blocks[block] = e
+        } else {
+            if order.count >= Self.capacity {
+                // Round-robin replacement; a dirty victim is written back first, with all the others.
+                if blocks[order[next]]?.dirty == true { try writeBack() }
+                if let old = blocks.removeValue(forKey: order[next]) { old.data.deallocate() }
+                order[next] = block
+                next = (next + 1) % Self.capacity
+            } else {
+                order.append(block)
+            }
+            let copy = UnsafeMutableRawPointer.allocate(byteCount: blockSize, alignment: 64)
+            copy.copyMemory(from: data, byteCount: blockSize)
+            blocks[block] = Entry(data: copy, dirty: dirty)
+            if dirty { dirtyCount += 1 }
+        }
+        if dirtyCount >= Self.capacity / 2 { try writeBack() }
+    }
+
+    /// Writes the dirty blocks in block order, one pwrite per contiguous run (up to 1 MiB).
+    private func writeBack() throws {
+        guard dirtyCount > 0 else { return }
+        let dirty = blocks.filter { $0.value.dirty }.keys.sorted()
+        let maxRun = max(1, (1 << 20) / blockSize)
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: maxRun * blockSize, alignment: 4096)
+        defer { buffer.deallocate() }
+        var i = 0
+        while i < dirty.count {
+            var n = 0
+            while i + n < dirty.count, n < maxRun, dirty[i + n] == dirty[i] + UInt64(n) {
+                buffer.advanced(by: n * blockSize).copyMemory(from: blocks[dirty[i + n]]!.data, byteCount: blockSize)
+                n += 1
+            }
+            try device.write(UnsafeRawBufferPointer(start: buffer, count: n * blockSize), at: dirty[i] * UInt64(blockSize))
+            for b in dirty[i..<(i + n)] { blocks[b]!.dirty = false }
+            dirtyCount -= n
+            i += n
+        }
+    }
 }
 
-private func channelDevice(_ channel: io_channel?) -> BlockDevice {
-    Unmanaged<ChannelState>.fromOpaque(channel!.pointee.private_data).takeUnretainedValue().device
+private func channelState(_ channel: io_channel?) -> ChannelState {
+    Unmanaged<ChannelState>.fromOpaque(channel!.pointee.private_data).takeUnretainedValue()
 }
 
 /// Byte range of a libext2fs block request: a negative count is a byte count (ext2_io.h).
@@ -1131,17 +1303,15 @@ private func errcode(_ error: Error) -> errcode_t {
 }
 
 private func channelRead(_ channel: io_channel?, _ block: UInt64, _ count: Int32, _ data: UnsafeMutableRawPointer?) -> errcode_t {
-    let r = byteRange(channel, block, count)
     do {
-        try channelDevice(channel).read(into: UnsafeMutableRawBufferPointer(start: data, count: r.length), at: r.offset)
+        try channelState(channel).read(block, count, data!, byteRange(channel, block, count))
         return 0
     } catch { return errcode(error) }
 }
 
 private func channelWrite(_ channel: io_channel?, _ block: UInt64, _ count: Int32, _ data: UnsafeRawPointer?) -> errcode_t {
-    let r = byteRange(channel, block, count)
     do {
-        try channelDevice(channel).write(UnsafeRawBufferPointer(start: data, count: r.length), at: r.offset)
+        try channelState(channel).write(block, count, data!, byteRange(channel, block, count))
         return 0
     } catch { return errcode(error) }
 }
@@ -1168,14 +1338,20 @@ nonisolated(unsafe) let blockDeviceIOManager: io_manager = {
         guard let channel else { return 0 }
         channel.pointee.refcount -= 1
         guard channel.pointee.refcount <= 0 else { return 0 }
+        // ext2fs_close flushes a dirty filesystem first; anything still cached dirty goes out now.
+        let written: errcode_t
+        do { try channelState(channel).writeBackDirty(); written = 0 } catch { written = errcode(error) }
         Unmanaged<ChannelState>.fromOpaque(channel.pointee.private_data).release()
         free(channel.pointee.name)
         channel.deallocate()
-        return 0
+        return written
     }
     m.pointee.set_blksize = { channel, size in
-        channel?.pointee.block_size = size
-        return 0
+        do {
+            try channelState(channel).setBlockSize(Int(size))
+            channel?.pointee.block_size = size
+            return 0
+        } catch { return errcode(error) }
     }
     m.pointee.read_blk = { channel, block, count, data in channelRead(channel, UInt64(block), count, data) }
     m.pointee.write_blk = { channel, block, count, data in channelWrite(channel, UInt64(block), count, data) }
@@ -1183,20 +1359,21 @@ nonisolated(unsafe) let blockDeviceIOManager: io_manager = {
     m.pointee.write_blk64 = { channel, block, count, data in channelWrite(channel, UInt64(block), count, data) }
     m.pointee.write_byte = { channel, offset, count, data in
         do {
-            try channelDevice(channel).write(UnsafeRawBufferPointer(start: data, count: Int(count)), at: UInt64(offset))
+            // A byte write (the superblock) is never a whole block: it goes through to the device.
+            try channelState(channel).write(0, -count, data!, (UInt64(offset), Int(count)))
             return 0
         } catch { return errcode(error) }
     }
     m.pointee.flush = { channel in
         do {
-            try channelDevice(channel).flush()
+            try channelState(channel).flush()
             return 0
         } catch { return errcode(error) }
     }
     m.pointee.discard = { channel, block, count in
         let bs = UInt64(channel!.pointee.block_size)
         do {
-            try channelDevice(channel).discard(offset: UInt64(block) * bs, length: UInt64(count) * bs)
+            try channelState(channel).discard((UInt64(block) * bs, Int(UInt64(count) * bs)))
             return 0
         } catch { return errcode(error) }
     }
