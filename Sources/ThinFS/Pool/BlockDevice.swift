@@ -17,6 +17,21 @@ public protocol BlockDevice: AnyObject, Sendable {
     func flush() throws
 }
 
+extension BlockDevice {
+    /// Copies the first `length` bytes to `target`, 1 MiB at a time (exporting a device as an image).
+    public func copy(to target: BlockDevice, length: UInt64) throws {
+        let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { chunk.deallocate() }
+        var offset: UInt64 = 0
+        while offset < length {
+            let part = UnsafeMutableRawBufferPointer(rebasing: chunk[0..<Int(min(UInt64(chunk.count), length - offset))])
+            try read(into: part, at: offset)
+            try target.write(UnsafeRawBufferPointer(part), at: offset)
+            offset += UInt64(part.count)
+        }
+    }
+}
+
 /// A regular file as a block device (tests, mkfs scratch images).
 public final class FileBlockDevice: BlockDevice {
     public let path: FilePath

@@ -564,14 +564,20 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             let group = Self.newGroup(try readInode(fs, parent), owner)
             inode.i_mode = UInt16(0o040000 | (mode & 0o7777) | (group.setgidDirectory ? 0o2000 : 0))
             Self.setOwner(&inode, uid: owner.uid, gid: group.gid)
-            if inode.i_extra_isize < Self.extraSize { inode.i_extra_isize = Self.extraSize }
             // i_generation stays as ext2fs_mkdir set it: with metadata_csum it seeds the directory block's checksum.
-            let t = Self.now()
-            setTimes(&inode, atime: t, mtime: t, ctime: t, crtime: t)
-            try writeInode(fs, ino, &inode)
-            try touchDirectory(fs, parent)
-            return attributes(fs, ino, &inode)
+            return try finishNewEntry(fs, ino, &inode, parent: parent)
         }
+    }
+
+    /// For entries libext2fs created (ext2fs_mkdir, ext2fs_symlink): room for nanosecond times,
+    /// the times themselves, and the parent's mtime and ctime.
+    private func finishNewEntry(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large, parent: UInt64) throws(VolumeError) -> FileAttributes {
+        if inode.i_extra_isize < Self.extraSize { inode.i_extra_isize = Self.extraSize }
+        let t = Self.now()
+        setTimes(&inode, atime: t, mtime: t, ctime: t, crtime: t)
+        try writeInode(fs, ino, &inode)
+        try touchDirectory(fs, parent)
+        return attributes(fs, ino, &inode)
     }
 
     public func symlink(parent: UInt64, name: String, target: String, owner: Owner) throws(VolumeError) -> FileAttributes {
@@ -590,12 +596,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             guard let ino = try lookupIno(fs, parent, name) else { throw VolumeError(.ioError, "symlink '\(name)' vanished") }
             var inode = try readInode(fs, ino)
             Self.setOwner(&inode, uid: owner.uid, gid: Self.newGroup(try readInode(fs, parent), owner).gid)
-            if inode.i_extra_isize < Self.extraSize { inode.i_extra_isize = Self.extraSize }
-            let t = Self.now()
-            setTimes(&inode, atime: t, mtime: t, ctime: t, crtime: t)
-            try writeInode(fs, ino, &inode)
-            try touchDirectory(fs, parent)
-            return attributes(fs, ino, &inode)
+            return try finishNewEntry(fs, ino, &inode, parent: parent)
         }
     }
 
