@@ -114,13 +114,15 @@ public final class BlockManager {
 
     private func insert(_ entry: Entry) {
         cache[entry.block.location] = entry
-        if cache.count > cacheCapacity { trim() }
+        if cache.count - dirty.count > cacheCapacity { trim() }
     }
 
-    /// Drops clean blocks until the cache is at three quarters of its capacity.
+    /// Drops clean blocks until they are three quarters of the capacity. Dirty blocks
+    /// stay (they are written at the next flush) and do not count, so a large
+    /// transaction does not make every read miss rescan the cache.
     private func trim() {
-        guard cache.count > cacheCapacity else { return }
-        var excess = cache.count - cacheCapacity * 3 / 4
+        var excess = cache.count - dirty.count - cacheCapacity * 3 / 4
+        guard excess > 0 else { return }
         for (location, _) in cache where excess > 0 && !dirty.contains(location) {
             cache.removeValue(forKey: location)
             excess -= 1
