@@ -396,8 +396,11 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
 
     public func read(_ ino: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(VolumeError) -> Int {
         try withFS { fs throws(VolumeError) in
-            let inode = try readInode(fs, ino)
+            var inode = try readInode(fs, ino)
             guard UInt32(inode.i_mode) & 0o170000 != 0o040000 else { throw VolumeError(.isDirectory, "inode \(ino) is a directory") }
+            if inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0 && inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0 {
+                return try readExtents(fs, ino, &inode, offset, buffer)
+            }
             return try readData(fs, ino, offset, buffer)
         }
     }
@@ -406,6 +409,53 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         var file: ext2_file_t?
         try check(ext2fs_file_open2(fs, ext2_ino_t(ino), nil, write ? EXT2_FILE_WRITE : 0, &file), "opening inode \(ino)")
         return file!
+    }
+
+    /// Reads an extent-mapped file by following its block map: each run of consecutive physical
+    /// blocks is one device read (one pool read for up to a request), instead of
+    /// ext2fs_file_read's one block at a time. Holes and unwritten extents read as zeros.
+    private func readExtents(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large, _ offset: UInt64,
+                             _ buffer: UnsafeMutableRawBufferPointer) throws(VolumeError) -> Int {
+        let size = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
+        guard offset < size, buffer.count > 0 else { return 0 }
+        let end = min(offset + UInt64(buffer.count), size)
+        let bs = UInt64(fs.pointee.blocksize)
+        // The channel may hold written-back-later blocks: the device must see them first.
+        let channel = channelState(fs.pointee.io)
+        do { try channel.writeBackDirty() } catch { throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "reading inode \(ino)") }
+        func map(_ lblk: UInt64) throws(VolumeError) -> (physical: UInt64, data: Bool) {
+            var physical: blk64_t = 0
+            var flags: Int32 = 0
+            let rc = withUnsafeMutablePointer(to: &inode) {
+                $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_bmap2(fs, ext2_ino_t(ino), $0, nil, 0, lblk, &flags, &physical) }
+            }
+            try check(rc, "mapping block \(lblk) of inode \(ino)")
+            return (physical, physical != 0 && flags & BMAP_RET_UNINIT == 0)
+        }
+        var pos = offset
+        while pos < end {
+            let first = pos / bs
+            let m = try map(first)
+            var run: UInt64 = 1
+            while (first + run) * bs < end {
+                let next = try map(first + run)
+                guard next.data == m.data, !m.data || next.physical == m.physical + run else { break }
+                run += 1
+            }
+            let runEnd = min(end, (first + run) * bs)
+            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(pos - offset)..<Int(runEnd - offset)])
+            if m.data {
+                do {
+                    try channel.device.read(into: slice, at: m.physical * bs + (pos - first * bs))
+                } catch {
+                    throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "reading inode \(ino) at \(pos): \(error)")
+                }
+            } else {
+                slice.initializeMemory(as: UInt8.self, repeating: 0)
+            }
+            pos = runEnd
+        }
+        return Int(end - offset)
     }
 
     private func readData(_ fs: ext2_filsys, _ ino: UInt64, _ offset: UInt64, _ buffer: UnsafeMutableRawBufferPointer) throws(VolumeError) -> Int {
