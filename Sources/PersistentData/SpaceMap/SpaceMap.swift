@@ -114,17 +114,19 @@ public final class SpaceMap {
     }
 
     /// Finds a block in [from, to) free now and in the committed state.
-    private func search(from: UInt64, to: UInt64) -> UInt64? {
+    private func search(from: UInt64, to: UInt64) -> UInt64? { firstZero(from: from, to: to, orCommitted: false) }
+
+    /// The first block in [from, to) whose count is zero and, unless `orCommitted`, that the
+    /// last commit does not reference either.
+    private func firstZero(from: UInt64, to: UInt64, orCommitted: Bool) -> UInt64? {
         var b = from
         while b < to {
-            let wi = Int(b >> 5)
-            let w = words[wi]
             // Skip a whole word at once when all 32 entries are in use.
-            if b & 31 == 0 && Self.allNonZero(w) {
+            if b & 31 == 0 && Self.allNonZero(words[Int(b >> 5)]) {
                 b += 32
                 continue
             }
-            if entry(b) == 0 && !isCommitted(b) { return b }
+            if entry(b) == 0 && (orCommitted || !isCommitted(b)) { return b }
             b += 1
         }
         return nil
@@ -233,21 +235,13 @@ public final class SpaceMap {
         let start = UInt64(index * Self.entriesPerBitmap)
         let end = min(start + UInt64(Self.entriesPerBitmap), nrBlocks)
         var used = 0
-        var firstFree = -1
         let base = index * Self.wordsPerBitmap
         for i in 0..<Self.wordsPerBitmap where base + i < words.count {
             let w = words[base + i]
             used += ((w | (w >> 1)) & 0x5555_5555_5555_5555).nonzeroBitCount
         }
-        if firstFree < 0 {
-            var b = start
-            while b < end {
-                if b & 31 == 0 && Self.allNonZero(words[Int(b >> 5)]) { b += 32; continue }
-                if entry(b) == 0 { firstFree = Int(b - start); break }
-                b += 1
-            }
-        }
-        return (used, firstFree < 0 ? Int(end - start) : firstFree)
+        let firstFree = firstZero(from: start, to: end, orCommitted: true).map { Int($0 - start) } ?? Int(end - start)
+        return (used, firstFree)
     }
 
     /// Every block with a non-zero count, in order (for checkers and dumps).
