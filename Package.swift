@@ -69,6 +69,7 @@ let package = Package(
                 "PersistentData",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
         .executableTarget(name: "thinfs", dependencies: ["ThinFSCommands"]),

@@ -37,9 +37,12 @@ public final class FileBlockDevice: BlockDevice {
     public let path: FilePath
     public let size: UInt64
     private let fd: FileDescriptor
+    /// The path as errors print it, made once: converting `path` on every I/O cost a heap allocation.
+    private let name: String
 
     public init(path: FilePath, readOnly: Bool = false) throws {
         self.path = path
+        self.name = path.string
         do {
             fd = try FileDescriptor.open(path, readOnly ? .readOnly : .readWrite, options: [.closeOnExec])
             size = UInt64(try fd.seek(offset: 0, from: .end))
@@ -63,18 +66,18 @@ public final class FileBlockDevice: BlockDevice {
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try fd.readFully(into: buffer, at: offset, path: path.string)
+        try fd.readFully(into: buffer, at: offset, path: name)
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try fd.writeFully(buffer, at: offset, path: path.string)
+        try fd.writeFully(buffer, at: offset, path: name)
     }
 
     public func discard(offset: UInt64, length: UInt64) throws {
-        try fd.punchHole(offset: offset, length: length, path: path.string)
+        try fd.punchHole(offset: offset, length: length, path: name)
     }
 
-    public func flush() throws { try fd.dataSync(path: path.string) }
+    public func flush() throws { try fd.dataSync(path: name) }
 }
 
 extension FileDescriptor {

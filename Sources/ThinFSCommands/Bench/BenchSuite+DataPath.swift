@@ -29,7 +29,7 @@ extension BenchSuite {
         let n = UInt64(totalWrites)
         // Sparse, so generous: the sequential devices, every copy and every fresh block fit without reuse.
         let dataSize = UInt64(Self.sequentialDevices.count) * s + 4 * n * bs + (64 << 20)
-        let raw = try RawFile(creating: scratch.file("raw-0.img"), size: s)
+        let raw = try RawFile.create(scratch.file("raw-0.img"), size: s)
         do {
             let pool = try UserspaceThinPool.create(dataPath: dataFile, metadataPath: metadataFile, dataSize: dataSize,
                                                     metadataSize: Self.metadataSize, blockSize: bs)
@@ -91,7 +91,7 @@ extension BenchSuite {
         var writes = Rounds(), syncs = Rounds()
         for (round, id) in Self.sequentialDevices.enumerated() {
             let t: BlockDevice = round == 0 ? dev : try pool.openDevice(id, size: bytes)
-            let r: BlockDevice = round == 0 ? raw : try RawFile(creating: scratch.file("raw-\(round).img"), size: bytes)
+            let r: BlockDevice = round == 0 ? raw : try RawFile.create(scratch.file("raw-\(round).img"), size: bytes)
             var sync = (raw: 0.0, thin: 0.0)
             writes.add(try paired(round, fresh: bytes, raw: {
                 let w = try sequentialWrite(r, bytes: bytes, buffer: buffer)
@@ -191,7 +191,7 @@ extension BenchSuite {
         let bs = Self.poolBlockSize
         try pool.message(.createThin(Self.fresh))
         let dev = try pool.openDevice(Self.fresh, size: 2 * UInt64(n) * bs)
-        let raw = try RawFile(creating: scratch.file("raw-fresh.img"), size: 2 * UInt64(n) * bs)
+        let raw = try RawFile.create(scratch.file("raw-fresh.img"), size: 2 * UInt64(n) * bs)
         let buffer = IOBuffer(count: Int(bs), rng: &rng)
 
         step("first writes into fresh blocks: \(n) x 4K, then \(n) x 64K, in alternating rounds")

@@ -106,7 +106,7 @@ final class BenchSuite {
     func pretouch(_ bytes: UInt64) throws {
         guard bytes > 0 else { return }
         let name = "pretouch.img"
-        let file = try RawFile(creating: scratch.file(name), size: bytes)
+        let file = try RawFile.create(scratch.file(name), size: bytes)
         defer { scratch.removeFile(name) }
         _ = try sequentialWrite(file, bytes: bytes, buffer: pretouchBuffer)
     }

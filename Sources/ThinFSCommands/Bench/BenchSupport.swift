@@ -1,4 +1,5 @@
 import Foundation
+import SystemPackage
 import ThinFS
 
 /// Monotonic timing for the benchmarks. `ContinuousClock` reads CLOCK_BOOTTIME
@@ -116,59 +117,11 @@ enum BenchError: Error, CustomStringConvertible {
 }
 
 /// The baseline every pool figure is compared with: a sparse file on the same
-/// file system, read and written with bare pread/pwrite. (`FileBlockDevice`
-/// is not used: it builds a path String for every I/O, which would slow the
-/// baseline down and flatter the pool.)
-final class RawFile: BlockDevice {
-    let path: String
-    let size: UInt64
-    private let fd: Int32
-
+/// file system, read and written with pread/pwrite through `FileBlockDevice`.
+enum RawFile {
     /// Creates the file (it must not exist) with `size` bytes, all a hole.
-    init(creating path: String, size: UInt64) throws {
-        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw ThinPoolError.io(operation: "create", path: path, errno: .init(rawValue: errno)) }
-        guard ftruncate(fd, off_t(size)) == 0 else {
-            let e = errno
-            close(fd)
-            throw ThinPoolError.io(operation: "ftruncate", path: path, errno: .init(rawValue: e))
-        }
-        self.path = path
-        self.size = size
-        self.fd = fd
-    }
-
-    deinit { close(fd) }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        var done = 0
-        while done < buffer.count {
-            let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw ThinPoolError.io(operation: "pread", path: path, errno: .init(rawValue: n == 0 ? EIO : errno)) }
-            done += n
-        }
-    }
-
-    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        var done = 0
-        while done < buffer.count {
-            let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw ThinPoolError.io(operation: "pwrite", path: path, errno: .init(rawValue: n == 0 ? EIO : errno)) }
-            done += n
-        }
-    }
-
-    func discard(offset: UInt64, length: UInt64) throws {
-        throw ThinPoolError.invalidConfiguration("the benchmark's raw file does not discard")
-    }
-
-    func flush() throws {
-        while fdatasync(fd) != 0 {
-            if errno == EINTR { continue }
-            throw ThinPoolError.io(operation: "fdatasync", path: path, errno: .init(rawValue: errno))
-        }
+    static func create(_ path: String, size: UInt64) throws -> FileBlockDevice {
+        try FileBlockDevice.create(path: FilePath(path), size: size)
     }
 }
 
