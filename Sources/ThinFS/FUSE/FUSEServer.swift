@@ -683,14 +683,17 @@ public final class FUSEServer: Sendable {
         let bytes = [UInt8](UnsafeRawBufferPointer(start: value, count: value == nil ? 0 : size))
         do {
             try volume.setxattr(inode(node), name: name, value: bytes, flags: XattrFlags(rawValue: flags))
-            fuse_reply_err(req, 0)
+            // Before the reply, so that a stat right after setxattr returns cannot see the old mode.
             if name == "system.posix_acl_access" { invalidateAttributes(node) }
+            fuse_reply_err(req, 0)
         } catch { fail(req, "setxattr", error) }
     }
 
     /// An access ACL changes the mode bits, which the kernel cached without knowing (FUSE_CAP_POSIX_ACL
     /// is off, so it treats the ACL as an opaque xattr): tell it to drop the cached attributes
-    /// (a negative offset invalidates attributes only, fuse_lowlevel.h).
+    /// (a negative offset invalidates attributes only, fuse_lowlevel.h). Attribute-only
+    /// invalidation takes no inode or page lock in the kernel, so it is safe while the
+    /// setxattr request is still pending.
     private func invalidateAttributes(_ node: fuse_ino_t) {
         guard let session = state.withLock({ $0.session }) else { return }
         _ = fuse_lowlevel_notify_inval_inode(session.pointer, node, -1, 0)
