@@ -9,6 +9,7 @@
 //                           space maps, transaction manager, thin metadata
 //   CFuse CDevMapper        system libraries: a modulemap and a shim.h each;
 //   CExt2fs CArchive        exactly one Swift file imports each of them
+//   CSQLite
 //   ThinFS                  pool backends, thin devices, (later) volume, layers, FUSE
 //   ThinFSCommands          swift-argument-parser commands, a library so tests drive it
 //   thinfs, thinfs-mount    @main only
@@ -27,6 +28,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        // SHA-256 for image digests and chain ids.
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // System libraries. Each is a modulemap plus a shim.h that only defines and includes.
@@ -34,6 +37,7 @@ let package = Package(
         .systemLibrary(name: "CDevMapper", pkgConfig: "devmapper", providers: [.apt(["libdevmapper-dev"])]),
         .systemLibrary(name: "CExt2fs", pkgConfig: "ext2fs", providers: [.apt(["libext2fs-dev"])]),
         .systemLibrary(name: "CArchive", pkgConfig: "libarchive", providers: [.apt(["libarchive-dev"])]),
+        .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
 
         // The one piece of C that Swift cannot express: the SSE4.2 crc32 instruction.
         .target(name: "CCRC32C"),
@@ -56,6 +60,10 @@ let package = Package(
                 "CThinFSShims",
                 "CExt2fs",
                 "CFuse",
+                "CArchive",
+                "CSQLite",
+                "CDevMapper",
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ],

@@ -11,6 +11,8 @@ packages=(
   libarchive-dev                # layer tars
   thin-provisioning-tools       # thin_check / thin_dump / thin_restore: the metadata oracle
   libsqlite3-dev                # layer store metadata
+  busybox-static zstd           # test images (a busybox rootfs, zstd layers); the VM initramfs
+  qemu-system-x86               # the kernel test guest (scripts/vm)
 )
 
 missing=()

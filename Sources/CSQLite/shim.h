@@ -1,0 +1,3 @@
+// CSQLite: only includes. Exactly one Swift file imports this module (Layers/LayerDatabase.swift).
+#pragma once
+#include <sqlite3.h>
