@@ -9,7 +9,7 @@ public struct ThinFSCommand: ParsableCommand {
         commandName: "thinfs",
         abstract: "Container layers in dm-thin snapshots, served through FUSE.",
         version: ThinFSVersion.string,
-        subcommands: [PoolCommand.self, DevCommand.self, BenchCommand.self]
+        subcommands: [PoolCommand.self, DevCommand.self, BenchCommand.self, SetupLVMCommand.self, KernelPoolCommand.self]
     )
 
     public init() {}

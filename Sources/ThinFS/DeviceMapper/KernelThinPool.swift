@@ -1,0 +1,348 @@
+import Logging
+import PersistentData
+import Synchronization
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A kernel dm-thin pool (an LVM thin pool such as `docker-thinpool`, or a
+/// loop-file pool from `LoopThinPool`), driven through a `DeviceMapperControl`.
+///
+/// Thin device `id` is activated as `/dev/mapper/<prefix>-<id>` with the table
+/// `0 <sectors> thin /dev/mapper/<pool> <id>`, and opened with O_DIRECT.
+///
+/// ## Concurrency
+/// `lock` serializes this pool's multi-step sequences (suspend, message,
+/// resume; activate-or-reload). Lock order: this pool's lock, then the
+/// control's (libdevmapper's) lock; the control never calls back.
+public final class KernelThinPool: ThinPoolBackend {
+    public enum Error: Swift.Error, Sendable, CustomStringConvertible {
+        case noSuchPool(String)
+        case notAThinPool(String, found: String)
+        case poolFailed(String)
+        case thinDeviceFailed(String)
+        case status(String, KernelStatusError)
+
+        public var description: String {
+            switch self {
+            case .noSuchPool(let n):
+                "no device-mapper device '\(n)': create the pool first ('thinfs setup-lvm' or a loop pool), see 'dmsetup ls'"
+            case .notAThinPool(let n, let found): "device-mapper device '\(n)' is not a thin pool (its table is '\(found)')"
+            case .poolFailed(let n): "thin pool '\(n)' has failed (status 'Fail'); see dmesg, repair with thin_check/thin_repair"
+            case .thinDeviceFailed(let n): "thin device '\(n)' has failed (status 'Fail'): its pool has failed"
+            case .status(let n, let e): "\(n): \(e)"
+            }
+        }
+    }
+
+    /// The pool's dm name (`docker-thinpool`).
+    public let poolName: String
+    /// Thin devices are named `<devicePrefix>-<id>`.
+    public let devicePrefix: String
+    public let control: DeviceMapperControl
+    /// How removal and cancelling a deferred remove retry EBUSY.
+    public let busyRetry: BusyRetry
+    let logger: Logger
+    private let lock = Mutex(())
+
+    /// Attaches to an existing, active pool; it is checked to be a `thin-pool` target.
+    ///
+    /// - Parameters:
+    ///   - poolName: the dm name, as in `dm.thinpooldev=/dev/mapper/NAME` (a `/dev/mapper/` prefix is dropped).
+    ///   - devicePrefix: the thin devices' name prefix (default: the pool name).
+    public init(poolName: String, devicePrefix: String? = nil, control: DeviceMapperControl = LibDeviceMapper.shared,
+                busyRetry: BusyRetry = .removal, logger: Logger = Logger(label: "thinfs.kernel-pool")) throws {
+        let name = poolName.hasPrefix("/dev/mapper/") ? String(poolName.dropFirst("/dev/mapper/".count)) : poolName
+        self.poolName = name
+        self.devicePrefix = devicePrefix ?? name
+        self.control = control
+        self.busyRetry = busyRetry
+        self.logger = logger
+        guard try control.info(name) != nil else { throw Error.noSuchPool(name) }
+        _ = try poolTable()
+    }
+
+    // MARK: - Names and tables
+
+    public func deviceName(_ id: ThinDeviceID) -> String { "\(devicePrefix)-\(id)" }
+    public func devicePath(_ id: ThinDeviceID) -> String { "/dev/mapper/\(deviceName(id))" }
+    public var poolPath: String { "/dev/mapper/\(poolName)" }
+
+    public func thinTable(_ id: ThinDeviceID, size: UInt64) -> ThinTable {
+        // A thin device's length is whole sectors; the kernel rounds nothing for us.
+        ThinTable(poolDevice: poolPath, id: id, sectors: (size + 511) / 512)
+    }
+
+    /// The pool's live `thin-pool` table.
+    public func poolTable() throws -> ThinPoolTable {
+        let table = try control.table(poolName)
+        guard table.count == 1, table[0].type == "thin-pool" else {
+            throw Error.notAThinPool(poolName, found: table.map(\.description).joined(separator: "; "))
+        }
+        do throws(KernelStatusError) { return try ThinPoolTable(table[0]) } catch { throw Error.status(poolName, error) }
+    }
+
+    // MARK: - ThinPoolBackend
+
+    /// Sends a pool message. `create_snap` of an active origin suspends the
+    /// origin around the message and resumes it after, even on failure: the
+    /// kernel requires the origin to be quiesced, or writes in flight may land
+    /// after the snapshot's copy-on-write sharing is set up (containerd#4374:
+    /// snapshots of a busy origin came out corrupt without it).
+    public func message(_ message: PoolMessage) throws {
+        try lock.withLock { _ in
+            if case .createSnap(_, let origin) = message, let info = try control.info(deviceName(origin)), !info.suspended {
+                try control.suspend(deviceName(origin), noFlush: false)
+                defer {
+                    do { try control.resume(deviceName(origin)) } catch {
+                        logger.info("resume after snapshot failed", metadata: ["thin.id": "\(origin)", "error": "\(error)"])
+                    }
+                }
+                try send(message)
+            } else {
+                try send(message)
+            }
+        }
+    }
+
+    /// One message, with the kernel's errno turned into the pool layer's errors.
+    private func send(_ message: PoolMessage) throws {
+        do {
+            try control.message(poolName, sector: 0, message.description)
+            logger.debug("pool message", metadata: ["dm.pool": "\(poolName)", "dm.message": "\(message)"])
+        } catch {
+            throw translate(error, message)
+        }
+    }
+
+    private func translate(_ error: DeviceMapperError, _ message: PoolMessage) -> Swift.Error {
+        switch (message, error.errno) {
+        case (.createThin(let id), .fileExists?), (.createSnap(let id, _), .fileExists?):
+            return ThinPoolError.message(.deviceIDInUse(id))
+        case (.createSnap(_, let origin), .noData?):
+            return ThinPoolError.message(.unknownOrigin(origin))
+        case (.delete(let id), .noData?):
+            return ThinPoolError.message(.unknownDevice(id))
+        case (.delete(let id), .resourceBusy?):
+            let open = (try? control.info(deviceName(id)))??.openCount ?? 0
+            return ThinPoolError.deviceBusy(id, openCount: Int(open))
+        case (.createThin(let id), .noSpace?), (.createSnap(let id, _), .noSpace?):
+            return ThinPoolError.noDataSpace(id)
+        case (.setTransactionID(let given, _), .invalidArgument?):
+            if let s = try? status(), s.mode != .fail { return ThinPoolError.message(.transactionIDMismatch(current: s.transactionID, given: given)) }
+            return error
+        case (.reserveMetadataSnap, .resourceBusy?), (.reserveMetadataSnap, .invalidArgument?):
+            return ThinPoolError.message(.metadataSnapshotHeld((try? status())?.heldMetadataRoot ?? 0))
+        case (.releaseMetadataSnap, .invalidArgument?):
+            return ThinPoolError.message(.noMetadataSnapshot)
+        case (_, .readOnlyFileSystem?), (_, .notSupported?):
+            return ThinPoolError.readOnly("the kernel refused '\(message)' on pool '\(poolName)' (\(error.errno!)); see its status")
+        default:
+            return error
+        }
+    }
+
+    public func status() throws -> PoolStatus {
+        let table = try poolTable()
+        let lines = try control.status(poolName)
+        guard let line = lines.first, line.type == "thin-pool" else { throw Error.notAThinPool(poolName, found: lines.map(\.description).joined()) }
+        do throws(KernelStatusError) {
+            return try PoolStatus(kernelLine: line.params, dataBlockSize: table.blockSectors * 512)
+        } catch {
+            throw Error.status(poolName, error)
+        }
+    }
+
+    /// The thin target's status. The kernel reports it only for an active
+    /// device, so an inactive one is activated for the query and removed again.
+    public func deviceStatus(_ id: ThinDeviceID) throws -> ThinDeviceStatus {
+        try lock.withLock { _ in
+            let name = deviceName(id)
+            let wasActive = try control.info(name) != nil
+            if !wasActive { try activateLocked(id, size: 4096) }
+            defer { if !wasActive { try? control.removeRetryingBusy(name, retry: busyRetry) } }
+            guard let line = try control.status(name).first else { throw Error.status(name, .malformed("thin status", "")) }
+            let parsed: KernelThinStatus
+            do throws(KernelStatusError) { parsed = try KernelThinStatus(kernelLine: line.params) } catch { throw Error.status(name, error) }
+            switch parsed {
+            case .ok(let s): return s
+            case .fail: throw Error.thinDeviceFailed(name)
+            case .unavailable: throw Error.status(name, .malformed("thin status (device being removed)", line.params))
+            }
+        }
+    }
+
+    /// Activates the thin device (or grows its table to `size`) and opens its node with O_DIRECT.
+    public func openDevice(_ id: ThinDeviceID, size: UInt64) throws -> BlockDevice {
+        try activate(id, size: size)
+        return try DirectBlockDevice(path: devicePath(id))
+    }
+
+    /// Whether the pool has thin device `id`. The kernel has no query for one id: an active
+    /// device exists; otherwise a probe activation succeeds exactly when it does (thin_ctr
+    /// fails with ENODATA for an unknown id).
+    public func deviceExists(_ id: ThinDeviceID) throws -> Bool {
+        try lock.withLock { _ in
+            if try control.info(deviceName(id)) != nil { return true }
+            do {
+                try activateLocked(id, size: 4096)
+            } catch let e as DeviceMapperError where e.errno == .noData {
+                // libdevmapper removes a device whose table failed to load; be sure.
+                if let i = try control.info(deviceName(id)), !i.liveTable { try? control.remove(deviceName(id), deferred: false) }
+                return false
+            }
+            try control.removeRetryingBusy(deviceName(id), retry: busyRetry)
+            return true
+        }
+    }
+
+    /// Every thin device id in the pool, read from a metadata snapshot
+    /// (`reserve_metadata_snap`, then the held root's device-details tree read
+    /// with O_DIRECT from the metadata device, then `release_metadata_snap`):
+    /// the kernel keeps a held snapshot's blocks intact, so the read is
+    /// consistent while the pool runs. This is what `thin_ls -m` does.
+    public func deviceIDs() throws -> [ThinDeviceID] {
+        try lock.withLock { _ in
+            let table = try poolTable()
+            try send(.reserveMetadataSnap)
+            defer { try? send(.releaseMetadataSnap) }
+            let storage = try DirectMetadataStorage(path: try Self.nodePath(forDevice: table.metadataDevice))
+            let md = try ThinMetadata.open(storage: storage)
+            var ids: [ThinDeviceID] = []
+            try md.dumpXML(metadataSnapshot: true) { line in
+                // Only the device lines matter: `  <device dev_id="N" ...>`.
+                guard line.hasPrefix("  <device dev_id=\""), let end = line.dropFirst(18).firstIndex(of: "\""),
+                      let id = ThinDeviceID(line[line.index(line.startIndex, offsetBy: 18)..<end]) else { return }
+                ids.append(id)
+            }
+            return ids.sorted()
+        }
+    }
+
+    /// dm-thin commits on every flush to a thin device (and once a second when
+    /// dirty): this flushes every active thin device of the pool.
+    public func commit() throws {
+        for device in try control.list() where device.name.hasPrefix("\(devicePrefix)-") && device.name != poolName {
+            let fd = open("/dev/mapper/\(device.name)", O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { continue }
+            defer { close(fd) }
+            while fsync(fd) != 0 {
+                if errno == EINTR { continue }
+                throw ThinPoolError.io(operation: "fsync", path: "/dev/mapper/\(device.name)", errno: Errno(rawValue: errno))
+            }
+        }
+    }
+
+    /// Grows the pool's table to `dataBytes` (the data device must already be that large:
+    /// `lvextend`, or `LoopThinPool.resize`, which grows the file and the loop device first).
+    public func resize(dataBytes: UInt64) throws {
+        try lock.withLock { _ in
+            var table = try poolTable()
+            let sectors = dataBytes / 512 / table.blockSectors * table.blockSectors
+            guard sectors >= table.dataSectors else {
+                throw ThinPoolError.invalidConfiguration("thin pool '\(poolName)': shrinking from \(table.dataSectors * 512) to \(dataBytes) bytes is not supported")
+            }
+            guard sectors > table.dataSectors else { return }
+            table.dataSectors = sectors
+            try control.reload(poolName, table: [table.target])
+        }
+    }
+
+    // MARK: - Activation and removal
+
+    /// Activates thin device `id` with `size` bytes, or reloads an active one whose size differs.
+    public func activate(_ id: ThinDeviceID, size: UInt64) throws {
+        try lock.withLock { _ in try activateLocked(id, size: size) }
+    }
+
+    private func activateLocked(_ id: ThinDeviceID, size: UInt64) throws {
+        let name = deviceName(id)
+        let table = thinTable(id, size: size)
+        if let info = try control.info(name) {
+            if info.deferredRemove {
+                // Re-activating a device pending removal: take it back instead (Docker did the same).
+                try control.cancelDeferredRemoveRetryingBusy(name, retry: busyRetry)
+                if let lib = control as? LibDeviceMapper { try lib.makeNodes(name) }
+            }
+            let live = try control.table(name)
+            if live != [table.target] { try control.reload(name, table: [table.target]) }
+            return
+        }
+        try control.create(name, table: [table.target], readOnly: false)
+        logger.debug("activated thin device", metadata: ["thin.id": "\(id)", "dm.name": "\(name)"])
+    }
+
+    /// Deactivates thin device `id`. Not deferred: EBUSY is retried (see
+    /// `removeRetryingBusy`), then thrown. Deferred: the kernel removes it when
+    /// its last opener closes (at once if none). Absent devices are fine.
+    public func deactivate(_ id: ThinDeviceID, deferred: Bool = false) throws {
+        try lock.withLock { _ in
+            let name = deviceName(id)
+            guard try control.info(name) != nil else { return }
+            do {
+                try control.removeRetryingBusy(name, deferred: deferred, retry: deferred ? .never : busyRetry)
+            } catch let error as DeviceMapperError where error.errno == .resourceBusy {
+                let open = (try? control.info(name))??.openCount ?? 0
+                throw ThinPoolError.deviceBusy(id, openCount: Int(open))
+            }
+        }
+    }
+
+    /// Cancels a pending deferred remove of thin device `id`, so it stays active.
+    public func cancelDeferredRemove(_ id: ThinDeviceID) throws {
+        try lock.withLock { _ in
+            let name = deviceName(id)
+            try control.cancelDeferredRemoveRetryingBusy(name, retry: busyRetry)
+            // Without udev, libdevmapper may already have removed the node; make it again.
+            if let lib = control as? LibDeviceMapper { try lib.makeNodes(name) }
+        }
+    }
+
+    /// The dm state of thin device `id` (open count, deferred remove), or nil when inactive.
+    public func info(_ id: ThinDeviceID) throws -> DeviceMapperInfo? { try control.info(deviceName(id)) }
+
+    // MARK: -
+
+    /// `/dev/<name>` of a table's `major:minor` (or a path, unchanged), through sysfs.
+    static func nodePath(forDevice device: String) throws -> String {
+        if device.hasPrefix("/") { return device }
+        let uevent = "/sys/dev/block/\(device)/uevent"
+        guard let f = fopen(uevent, "r") else { throw ThinPoolError.io(operation: "open", path: uevent, errno: Errno(rawValue: errno)) }
+        defer { fclose(f) }
+        var buf = [CChar](repeating: 0, count: 256)
+        while fgets(&buf, Int32(buf.count), f) != nil {
+            let line = String(decoding: buf.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            if line.hasPrefix("DEVNAME=") { return "/dev/" + line.dropFirst(8) }
+        }
+        throw ThinPoolError.io(operation: "DEVNAME in", path: uevent, errno: .noSuchFileOrDirectory)
+    }
+}
+
+/// Metadata blocks read with O_DIRECT from a live pool's metadata device: the
+/// kernel writes metadata through dm-bufio, below the device's page cache, so a
+/// buffered read could return stale blocks. Read-only.
+final class DirectMetadataStorage: MetadataStorage {
+    let device: DirectBlockDevice
+    let nrBlocks: UInt64
+    var name: String { device.path }
+
+    init(path: String) throws {
+        device = try DirectBlockDevice(path: path, readOnly: true)
+        nrBlocks = device.size / UInt64(MetadataBlock.size)
+    }
+
+    func read(block: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(MetadataError) {
+        do {
+            try device.read(into: buffer, at: block * UInt64(MetadataBlock.size))
+        } catch {
+            throw .io(operation: "pread(O_DIRECT)", path: name, errno: (error as? ThinPoolError)?.errno.rawValue ?? EIO)
+        }
+    }
+
+    func write(block: UInt64, from buffer: UnsafeRawBufferPointer) throws(MetadataError) {
+        throw .io(operation: "write", path: name, errno: EROFS)
+    }
+
+    func sync() throws(MetadataError) {}
+}
