@@ -145,7 +145,7 @@ ln -s /proc/self/mounts "$stage/etc/mtab"
 # modules.dep so busybox modprobe resolves them in the guest.
 # crc32c comes first: libcrc32c asks the crypto API for it when it loads.
 modules=(crc32c_generic crc32c_intel libcrc32c virtio_pci virtio_blk loop dm_mod dm_bufio dm_bio_prison
-         dm_persistent_data dm_thin_pool ext4 fuse overlay 9p 9pnet_virtio ${THINFS_VM_EXTRA_MODULES:-})
+         dm_persistent_data dm_thin_pool dm_snapshot ext4 fuse overlay 9p 9pnet_virtio ${THINFS_VM_EXTRA_MODULES:-})
 declare -A modpath=()
 while IFS= read -r line; do
   m=${line%%:*}; n=${m##*/}; n=${n%.ko}; n=${n//-/_}

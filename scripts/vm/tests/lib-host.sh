@@ -38,7 +38,7 @@ with_fuse() {
 image_files() {
   local img="$VM_WORK/image-$2" dir="$VM_WORK/rdump-$2"
   "$THINFS" dev read --root "$1" "$2" --length "$3" > "$img"
-  e2fsck -fn "$img" >&2 || fail "device $2: e2fsck -fn of the bytes thinfs reads is not clean"
+  local log; log=$(e2fsck -fn "$img" 2>&1) || { echo "$log" >&2; fail "device $2: e2fsck -fn of the bytes thinfs reads is not clean"; }
   rm -rf "$dir"; mkdir -p "$dir"
   debugfs -R "rdump / $dir" "$img" >/dev/null 2>&1 || fail "device $2: debugfs rdump failed"
   fs_manifest "$dir"
