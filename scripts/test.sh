@@ -8,3 +8,4 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 swift build --build-tests
 swift test --skip-build
+bash scripts/vm/suite.sh   # the kernel suite in a qemu guest (scripts/vm/README.md); skips loudly without qemu

@@ -39,6 +39,8 @@ fi
 rm -rf "$entry.tmp"
 mkdir -p "$entry.tmp/deb"
 log "downloading $package into $entry"
+# apt drops to the _apt user for downloads; let it write here (no "unsandboxed" warning).
+chown _apt "$entry.tmp/deb" 2>/dev/null || true
 (cd "$entry.tmp/deb" && apt-get download "$package" >&2) || {
   log "apt-get download $package failed; running apt-get update and retrying"
   apt-get update -qq >&2
