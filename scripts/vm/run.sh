@@ -118,7 +118,9 @@ accel=(-accel tcg,thread=multi -cpu max)
 console="$tmp/console.log"
 : > "$console"
 start=$(date +%s%N)
-"$qemu" -nodefaults -no-user-config -machine pc "${accel[@]}" -smp "$cpus" -m "$mem" \
+# setpriv --pdeathsig: should this script itself be SIGKILLed (no trap runs), the kernel kills qemu too.
+pdeath=(); setpriv --help 2>/dev/null | grep -q -- --pdeathsig && pdeath=(setpriv --pdeathsig KILL --)
+"${pdeath[@]}" "$qemu" -nodefaults -no-user-config -machine pc "${accel[@]}" -smp "$cpus" -m "$mem" \
   -display none -serial "file:$console" -no-reboot \
   -kernel "$entry/vmlinux" -initrd "$initramfs" \
   -append "console=ttyS0 mitigations=off panic=-1 loglevel=4 rdinit=/init quiet" \

@@ -56,7 +56,11 @@ bin=$(cd "$bin" && pwd)
 export THINFS="$bin/thinfs" THINFS_MOUNT="$bin/thinfs-mount" VM_TESTS="$here/tests"
 
 if [[ -n $keep ]]; then
-  rm -rf "$keep"; mkdir -p "$keep"; work=$(cd "$keep" && pwd)
+  # Only ever wipe a directory an earlier --keep made.
+  if [[ -d $keep && -n $(ls -A "$keep") && ! -f $keep/.thinfs-vm-suite ]]; then
+    echo "suite.sh: --keep $keep exists and is not an earlier suite's work directory; choose another" >&2; exit 2
+  fi
+  rm -rf "$keep"; mkdir -p "$keep"; work=$(cd "$keep" && pwd); touch "$work/.thinfs-vm-suite"
 else
   work=$(mktemp -d "${TMPDIR:-/tmp}/thinfs-vm-suite.XXXXXX")
   trap 'rm -rf "$work"' EXIT
