@@ -6,7 +6,8 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 step() { echo "--- $*"; }
 
 # sha256 of LENGTH bytes of thin device ID of the pool in ROOT, as `thinfs dev read` reads them.
-dev_sha() { "$THINFS" dev read --root "$1" "$2" --length "$3" | sha256sum | cut -d' ' -f1; }
+# dev_sha ROOT ID LENGTH [OFFSET]
+dev_sha() { "$THINFS" dev read --root "$1" "$2" --length "$3" --offset "${4:-0}" | sha256sum | cut -d' ' -f1; }
 
 # Serves thin device ID of ROOT through thinfs-mount on MOUNTPOINT, runs FUNCTION MOUNTPOINT, then
 # unmounts and waits for the daemon to commit and exit. Extra arguments go to thinfs-mount (-o ro).

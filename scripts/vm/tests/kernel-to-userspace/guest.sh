@@ -8,7 +8,7 @@ set -eu
 meta=$(vm_disk k-meta); data=$(vm_disk k-data)
 loop_meta=$(losetup -f --show "$meta"); loop_data=$(losetup -f --show "$data")
 sectors=$((32 << 11))
-dmsetup create k-pool --table "0 $((128 << 11)) thin-pool $loop_meta $loop_data 128 0 0"
+dmsetup create k-pool --table "0 $((2048 << 11)) thin-pool $loop_meta $loop_data 128 0 0"
 msg() { dmsetup message k-pool 0 "$1"; }
 thin() { dmsetup create "k-thin-$1" --table "0 $sectors thin /dev/mapper/k-pool $1"; }
 mkdir -p /mnt/k

@@ -29,13 +29,17 @@ activate_thin() { # POOL ID SECTORS
   vm_run dmsetup create "$1-thin-$2" --table "0 $3 thin /dev/mapper/$1-pool $2"
 }
 
-for p in a b; do activate_pool "$p"; done
+for p in a b c; do activate_pool "$p"; done
 dmsetup table
 
 while read -r p id sectors kind sha mapped highest; do
   activate_thin "$p" "$id" "$sectors"
   node=/dev/mapper/$p-thin-$id
-  check "pool $p device $id bytes" "$sha" "$(sha256sum < "$node" | cut -d' ' -f1)"
+  if [ "$kind" = tail ]; then  # the last 32 MiB only
+    check "pool $p device $id bytes (last 32 MiB)" "$sha" "$(dd if="$node" bs=1M skip=$((sectors / 2048 - 32)) count=32 2>/dev/null | sha256sum | cut -d' ' -f1)"
+  else
+    check "pool $p device $id bytes" "$sha" "$(sha256sum < "$node" | cut -d' ' -f1)"
+  fi
   check "pool $p device $id status (mapped, highest)" "$mapped $highest" "$(dmsetup status "$p-thin-$id" | cut -d' ' -f4-5)"
   if [ "$kind" = ext4 ]; then
     e2fsck -fn "$node" > "e2fsck-$p-$id.log" 2>&1
@@ -86,13 +90,22 @@ done
 cat kernel-devices
 
 echo "--- deactivate"
-for n in $(dmsetup ls | awk '/-thin-/ {print $1}'); do vm_run dmsetup remove "$n"; done
+for n in $(dmsetup ls | awk '/^[ab]-thin-/ {print $1}'); do vm_run dmsetup remove "$n"; done
 dmsetup status a-pool | cut -d' ' -f4-7 > kernel-a.status
 cat kernel-a.status
 vm_run dmsetup remove a-pool
+echo "--- the kernel allocates in pool c (past the first bitmap)"
+vm_run dmsetup message c-pool 0 "create_thin 12"
+activate_thin c 12 65536
+dd if=/dev/urandom of=/dev/mapper/c-thin-12 bs=65536 seek=17 count=40 oflag=direct 2>/dev/null || vm_fail "dd to c thin 12"
+echo "12 $(sha256sum < /dev/mapper/c-thin-12 | cut -d' ' -f1) $(dmsetup status c-thin-12 | cut -d' ' -f4-5)" > kernel-c-devices
+for n in $(dmsetup ls | awk '/^c-thin-/ {print $1}'); do vm_run dmsetup remove "$n"; done
+dmsetup status c-pool | cut -d' ' -f4-7 > kernel-c.status
+cat kernel-c.status kernel-c-devices
 vm_run dmsetup remove b-pool
+vm_run dmsetup remove c-pool
 losetup -D
-for p in a b; do
+for p in a b c; do
   thin_check "$(vm_disk "$p-meta")" > "thin_check-$p.log" 2>&1
   check "thin_check of pool $p after the kernel" 0 "$?"
 done
