@@ -24,7 +24,13 @@ enum MountDaemon {
     static let failureByte = UInt8(ascii: "E")
 
     /// Starts the daemon and waits for its verdict; returns the `ExitCode` to leave with.
-    static func detach(arguments: [String]) -> ExitCode {
+    /// `name` in the directory of the running executable (`thinfs` starts `thinfs-mount`).
+    static func siblingExecutable(_ name: String) -> String {
+        let me = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        return me.deletingLastPathComponent().appendingPathComponent(name).path
+    }
+
+    static func detach(arguments: [String], executable: String = "/proc/self/exe") -> ExitCode {
         var fds: [Int32] = [-1, -1]
         guard pipe(&fds) == 0 else { return report("cannot create a pipe: \(describe(errno))") }
         let (readEnd, writeEnd) = (fds[0], fds[1])
@@ -46,13 +52,13 @@ enum MountDaemon {
         var pid: pid_t = 0
         let rc = withCStrings(["thinfs-mount"] + arguments) { argv in
             withCStrings(environment.map { "\($0.key)=\($0.value)" }) { envp in
-                posix_spawn(&pid, "/proc/self/exe", &actions, nil, argv, envp)
+                posix_spawn(&pid, executable, &actions, nil, argv, envp)
             }
         }
         close(writeEnd)
         guard rc == 0 else {
             close(readEnd)
-            return report("cannot start the daemon (/proc/self/exe): \(describe(rc))")
+            return report("cannot start the daemon (\(executable)): \(describe(rc))")
         }
 
         var verdict: [UInt8] = []

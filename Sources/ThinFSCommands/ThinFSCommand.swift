@@ -3,13 +3,14 @@ import Foundation
 import Logging
 import ThinFS
 
-/// `thinfs`: manage ThinFS pools, thin devices and (later) layers.
+/// `thinfs`: manage ThinFS layer stores, pools and thin devices.
 public struct ThinFSCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "thinfs",
         abstract: "Container layers in dm-thin snapshots, served through FUSE.",
         version: ThinFSVersion.string,
-        subcommands: [PoolCommand.self, DevCommand.self, BenchCommand.self, SetupLVMCommand.self, KernelPoolCommand.self]
+        subcommands: [InitCommand.self, LayerCommand.self, ImageCommand.self, MountCommand.self, UmountCommand.self,
+                      InfoCommand.self, CleanupCommand.self, PoolCommand.self, DevCommand.self, BenchCommand.self, SetupLVMCommand.self, KernelPoolCommand.self]
     )
 
     public init() {}

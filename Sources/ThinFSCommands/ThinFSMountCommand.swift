@@ -34,7 +34,10 @@ public struct ThinFSMountCommand: ParsableCommand {
     var root: String = PoolRoot.defaultPath
 
     @Option(help: "Thin device id (formatted with 'thinfs dev format').")
-    var device: DeviceIDArgument
+    var device: DeviceIDArgument?
+
+    @Option(help: "A layer of the root's layer store (made with 'thinfs init'); image layers are always read-only.")
+    var layer: String?
 
     @Argument(help: "An empty directory to mount on.")
     var mountpoint: String
@@ -51,6 +54,12 @@ public struct ThinFSMountCommand: ParsableCommand {
     var verbose = false
 
     public init() {}
+
+    public func validate() throws {
+        guard (device == nil) != (layer == nil) else {
+            throw ValidationError("give exactly one of --device ID (a thin device) or --layer ID (a layer)")
+        }
+    }
 
     /// The options after splitting on commas.
     var options: [String] { mountOptions.flatMap { $0.split(separator: ",").map(String.init) }.filter { !$0.isEmpty } }
@@ -81,15 +90,19 @@ public struct ThinFSMountCommand: ParsableCommand {
     var canonicalArguments: [String] {
         // Absolute, so the daemon's arguments (and the fsname) do not depend on a working directory.
         let absolute = { (path: String) in URL(fileURLWithPath: path).standardizedFileURL.path }
-        var args = ["--root", absolute(root), "--device", String(device.id), absolute(mountpoint)]
+        var args = ["--root", absolute(root)]
+        if let layer { args += ["--layer", layer] }
+        if let device { args += ["--device", String(device.id)] }
+        args.append(absolute(mountpoint))
         if !options.isEmpty { args += ["-o", options.joined(separator: ",")] }
         if verbose { args.append("-v") }
         return args
     }
 
     private func serve(signals: ShutdownSignals, ready: MountDaemon.ReadyChannel?) throws {
+        if let layer { return try serveLayers(first: layer, signals: signals, ready: ready) }
         let logger = Logger(label: "thinfs.mount")
-        let id = device.id
+        let id = device!.id
         let extra = options.filter { $0 != "ro" && $0 != "allow_other" }
         // Check the mount point before the pool is touched: a bad one must change nothing.
         let canonical = try FUSEServer.checkMountpoint(mountpoint, allowNonEmpty: extra.contains("nonempty"))
@@ -127,6 +140,43 @@ public struct ThinFSMountCommand: ParsableCommand {
         // commits the pool; the explicit commit covers a volume that had nothing left to write.
         try volume.close()
         if !readOnly { try pool.commit() }
+    }
+
+    /// Layer mode: this process becomes the root's pool owner (`LayerDaemon`), serves `first`,
+    /// and takes further mounts and store requests on the control socket until the last
+    /// layer is unmounted. If another daemon owns the pool already, the mount goes to it.
+    private func serveLayers(first: String, signals: ShutdownSignals, ready: MountDaemon.ReadyChannel?) throws {
+        let logger = Logger(label: "thinfs.mount")
+        let rootPath = URL(fileURLWithPath: root).standardizedFileURL.path
+        let mp = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
+        let request = LayerRequest(.mount, layer: first, mountpoint: mp, readOnly: readOnly, mountOptions: options)
+        let store: LayerStore
+        do {
+            store = try LayerStore.open(root: rootPath, logger: Logger(label: "thinfs.layers"))
+        } catch ThinPoolError.heldByAnotherProcess {
+            // Another daemon owns the pool: it serves this mount too.
+            let response = try StoreAccess.perform(root: rootPath, request)
+            if let error = response.error { throw CommandFailure(message: error) }
+            ready?.succeed()
+            return
+        }
+        let daemon = LayerDaemon(store: store, logger: logger)
+        let sources = signals.onSignal { signal in
+            logger.info("stopping", metadata: ["signal": "\(signal)"])
+            daemon.stopAll()
+        }
+        try withExtendedLifetime(sources) {
+            do {
+                try daemon.mount(first, at: mp, readOnly: readOnly, options: options)
+                try daemon.listen()
+            } catch {
+                daemon.stopAll()
+                daemon.waitUntilIdle()
+                throw error
+            }
+            ready?.succeed()
+            daemon.waitUntilIdle()
+        }
     }
 
     // MARK: mount(8) helper
@@ -174,14 +224,17 @@ public struct ThinFSMountCommand: ParsableCommand {
             throw ValidationError("usage: \(helperName) DIR:ID MOUNTPOINT [-o OPTIONS]")
         }
         let spec = positional[0]
-        guard let colon = spec.lastIndex(of: ":"), DeviceIDArgument(argument: String(spec[spec.index(after: colon)...])) != nil,
-              colon != spec.startIndex else {
+        guard let colon = spec.lastIndex(of: ":"), colon != spec.startIndex, spec.index(after: colon) != spec.endIndex,
+              LayerStore.exists(at: String(spec[..<colon])) || DeviceIDArgument(argument: String(spec[spec.index(after: colon)...])) != nil else {
             throw ValidationError("\(helperName): the source must be DIR:ID (a ThinFS root and a thin device id), not '\(spec)'")
         }
         // Options that mean something to mount(8) or fstab but not to a FUSE mount.
         let mountOnly: Set = ["defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group", "nofail", "_netdev"]
         let kept = options.filter { !mountOnly.contains($0) && !$0.hasPrefix("x-") && !$0.hasPrefix("comment=") }
-        var result = ["--root", String(spec[..<colon]), "--device", String(spec[spec.index(after: colon)...]), positional[1]]
+        let dir = String(spec[..<colon]), id = String(spec[spec.index(after: colon)...])
+        // A layer store's DIR:ID names a layer; a bare pool's names a thin device.
+        let kind = LayerStore.exists(at: dir) ? "--layer" : "--device"
+        var result = ["--root", dir, kind, id, positional[1]]
         if !kept.isEmpty { result += ["-o", kept.joined(separator: ",")] }
         if verbose { result.append("-v") }
         return result

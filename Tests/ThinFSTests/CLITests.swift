@@ -17,10 +17,13 @@ enum CLI {
     static var available: Bool { FileManager.default.isExecutableFile(atPath: binary) }
 
     @discardableResult
-    static func run(_ args: [String], stdin: Data? = nil) throws -> Oracle.Result {
+    static func run(_ args: [String], stdin: Data? = nil, environment: [String: String] = [:]) throws -> Oracle.Result {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: binary)
         p.arguments = args
+        if !environment.isEmpty {
+            p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         let out = Pipe(), err = Pipe(), input = Pipe()
         p.standardOutput = out
         p.standardError = err

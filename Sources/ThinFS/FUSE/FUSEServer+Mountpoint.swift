@@ -114,7 +114,7 @@ extension FUSEServer {
     /// session loop returns. A busy mount point is detached lazily instead; the loop then
     /// ends when the last open file on it is closed.
     /// Returns nil on success, or why it failed.
-    static func unmountFromOutside(_ mountpoint: String) -> String? {
+    public static func unmountFromOutside(_ mountpoint: String) -> String? {
         if geteuid() == 0 {
             if umount2(mountpoint, 0) == 0 { return nil }
             let e = errno
@@ -128,6 +128,11 @@ extension FUSEServer {
         // Unprivileged: fusermount3 is setuid root and checks that we own the mount.
         if runFusermount(["-u", "-q", mountpoint]) || runFusermount(["-u", "-q", "-z", mountpoint]) { return nil }
         return "fusermount3 -u failed"
+    }
+
+    /// The source (`ROOT:ID`) of the FUSE mount at `mountpoint` (canonical path), if one is there.
+    public static func mountSource(at mountpoint: String) -> String? {
+        MountTable.current().entry(at: mountpoint).flatMap { $0.type.hasPrefix("fuse") ? $0.source : nil }
     }
 
     private static func runFusermount(_ args: [String]) -> Bool {

@@ -67,6 +67,9 @@ public final class FUSEServer: Sendable {
     /// lseek(2) whence values the Glibc module hides behind _GNU_SOURCE.
     private static let seekData: Int32 = 3, seekHole: Int32 = 4
 
+    /// The libfuse version, for `thinfs info`.
+    public static var libraryVersion: String { String(cString: fuse_pkgversion()) }
+
     public init(volume: any FileSystemVolume, mountpoint: String, options: Options = Options(),
                 logger: Logger = Logger(label: "thinfs.fuse")) {
         self.volume = volume

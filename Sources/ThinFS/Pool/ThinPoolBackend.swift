@@ -138,6 +138,8 @@ public enum ThinPoolError: Error, CustomStringConvertible, Sendable {
     case io(operation: String, path: String, errno: Errno)
     case invalidConfiguration(String)
     case noPool(root: String)
+    /// Another process holds the pool open for writing (its data file's flock).
+    case heldByAnotherProcess(data: String)
 
     public var description: String {
         switch self {
@@ -151,6 +153,7 @@ public enum ThinPoolError: Error, CustomStringConvertible, Sendable {
         case .io(let op, let path, let e): "\(op) \(path): \(e)"
         case .invalidConfiguration(let s): s
         case .noPool(let root): "no thin pool at \(root): create one with 'thinfs pool create --root \(root)'"
+        case .heldByAnotherProcess(let data): "the pool with data \(data) is open for writing by another process (a thinfs-mount daemon?); stop it first"
         }
     }
 
@@ -159,7 +162,7 @@ public enum ThinPoolError: Error, CustomStringConvertible, Sendable {
         switch self {
         case .noDataSpace, .metadata(.noDataSpace), .metadata(.noMetadataSpace): .noSpace
         case .readOnly, .metadata(.readOnly): .readOnlyFileSystem
-        case .deviceBusy: .resourceBusy
+        case .deviceBusy, .heldByAnotherProcess: .resourceBusy
         case .message(.unknownDevice), .message(.unknownOrigin), .noPool: .noSuchFileOrDirectory
         case .message(.deviceIDInUse): .fileExists
         case .io(_, _, let e): e

@@ -85,7 +85,7 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
                 continue
             }
             if errno == EWOULDBLOCK {
-                throw ThinPoolError.invalidConfiguration("the pool with data \(path) is open for writing by another process (a thinfs-mount daemon?); stop it first")
+                throw ThinPoolError.heldByAnotherProcess(data: path)
             }
             throw ThinPoolError.io(operation: "flock", path: path, errno: Errno(rawValue: errno))
         }
@@ -103,7 +103,22 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
         self.logger = logger
     }
 
-    deinit { try? data.close() }
+    private let closeLock = Lock()
+    private var isClosed = false
+
+    deinit { if !isClosed { try? data.close() } }
+
+    /// Commits (a writer) and closes the data file, which releases the writer's flock at once
+    /// rather than whenever the last reference goes. Later I/O fails. Idempotent.
+    public func close() throws {
+        let first = closeLock.withLock { () -> Bool in
+            defer { isClosed = true }
+            return !isClosed
+        }
+        guard first else { return }
+        defer { try? data.close() }
+        if !readOnly, (try? requireWritable()) != nil { try commit() }
+    }
 
     public static func validateBlockSize(_ blockSize: UInt64) throws(ThinPoolError) {
         guard blockSize >= minBlockSize, blockSize <= maxBlockSize, blockSize % minBlockSize == 0 else {

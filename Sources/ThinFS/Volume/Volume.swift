@@ -35,9 +35,18 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     private var orphans: Set<UInt64> = []
     private var nextGeneration = UInt32.random(in: 0...UInt32.max)
 
+    /// What `fsync` runs after libext2fs's state is on the device, outside the lock: for a volume
+    /// in a `VolumeGroup`, the group's commit (the device's own flush then commits nothing).
+    private let commitHook: (@Sendable () throws -> Void)?
+
     /// Opens the ext4 on `device`. Read-only volumes never write to it.
-    public init(device: BlockDevice, readOnly: Bool, logger: Logger = Logger(label: "thinfs.volume")) throws {
+    ///
+    /// `commit`, when given, is called by every `fsync` after the filesystem's state has been
+    /// written to the device and the volume's lock released: see `VolumeGroup`.
+    public init(device: BlockDevice, readOnly: Bool, logger: Logger = Logger(label: "thinfs.volume"),
+                commit: (@Sendable () throws -> Void)? = nil) throws {
         _ = Self.errorTable
+        self.commitHook = commit
         self.device = device
         self.isReadOnly = readOnly
         self.logger = logger
@@ -64,6 +73,25 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     }
 
     deinit { try? close() }
+
+    /// The filesystem UUID of the ext4 on `device`, read without changing anything.
+    public static func filesystemUUID(device: BlockDevice) throws -> String {
+        let volume = try Volume(device: device, readOnly: true)
+        defer { try? volume.close() }
+        return try volume.withFS { fs throws(VolumeError) in
+            let bytes = withUnsafeBytes(of: fs.pointee.super.pointee.s_uuid) { Array($0) }
+            return UUID(uuid: (bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7], bytes[8],
+                               bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15])).uuidString.lowercased()
+        }
+    }
+
+    /// The libext2fs version, for `thinfs info`.
+    public static var libraryVersion: String {
+        var version: UnsafePointer<CChar>?
+        var date: UnsafePointer<CChar>?
+        _ = ext2fs_get_library_version(&version, &date)
+        return version.map { String(cString: $0) } ?? "unknown"
+    }
 
     /// Writes everything back (superblock, bitmaps, inodes) and closes the filesystem.
     public func close() throws {
@@ -1149,6 +1177,20 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         try withFS { fs throws(VolumeError) in
             try check(ext2fs_flush(fs), "flushing the filesystem")
         }
+        guard let commitHook else { return }
+        do { try commitHook() } catch { throw VolumeError(.ioError, "committing the pool: \(error)") }
+    }
+
+    /// Writes libext2fs's dirty state to the device, then runs `body` still holding the volume's
+    /// lock, so nothing in this filesystem changes until `body` returns. `VolumeGroup` nests this
+    /// over its volumes around one pool commit.
+    public func withFlushedState<T>(_ body: () throws -> T) throws -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        if let fs, !isReadOnly {
+            try check(ext2fs_flush(fs), "flushing the filesystem")
+        }
+        return try body()
     }
 }
 

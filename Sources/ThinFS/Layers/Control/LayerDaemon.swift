@@ -1,0 +1,134 @@
+import Foundation
+import Logging
+
+/// The pool owner while layers are mounted: serves any number of layer mounts from one
+/// process, each through its own FUSE session, over one `LayerStore` (one pool writer).
+///
+///     thinfs mount A ──spawn──▶ thinfs-mount --layer A      (no daemon yet: it becomes the owner)
+///                                 ├─ LayerStore.open (the pool's flock)
+///                                 ├─ control.sock  ◀── thinfs mount B / layer create / rm / ls ...
+///                                 ├─ FUSE session A (thread)   ─┐ one VolumeGroup: every commit
+///                                 └─ FUSE session B (thread)   ─┘ flushes both volumes first
+///
+/// When a session ends (umount, fusermount3 -u), its layer is closed (deactivated, in Docker's
+/// words; nothing can keep it busy after that) and deferred deletions are retried. When the
+/// last session ends the daemon commits, stops listening and exits.
+public final class LayerDaemon: @unchecked Sendable {
+    public let store: LayerStore
+    let logger: Logger
+    private let lock = NSCondition()
+    private var mounts: [String: FUSEServer] = [:]
+    /// Requests being handled; the daemon does not exit under one (it may be a mount).
+    private var requestsInFlight = 0
+    private var exiting = false
+    private var listener: ControlSocket.Listener?
+    /// Docker retried deferred deletions every 30 s (deviceset.go `cleanupDeletedDevices`).
+    public var cleanupInterval: TimeInterval = 30
+
+    public init(store: LayerStore, logger: Logger = Logger(label: "thinfs.daemon")) {
+        self.store = store
+        self.logger = logger
+    }
+
+    /// Starts answering requests on `ROOT/control.sock`.
+    public func listen() throws {
+        let listener = try ControlSocket.Listener(path: LayerStore.controlSocketPath(store.root))
+        self.listener = listener
+        let service = LayerService(store: store, daemon: self)
+        listener.serve { [weak self] request in
+            guard let self else { return LayerResponse(error: "the daemon is stopping; retry", errno: EAGAIN) }
+            guard self.begin() else { return LayerResponse(error: "the daemon is stopping; retry", errno: EAGAIN) }
+            defer { self.end() }
+            return service.handle(request)
+        }
+        // The periodic deferred-deletion worker.
+        let timer = Thread { [weak self] in
+            while let self, !self.isExiting {
+                Thread.sleep(forTimeInterval: min(self.cleanupInterval, 1))
+                if Int(Date().timeIntervalSince1970) % max(1, Int(self.cleanupInterval)) == 0 {
+                    _ = try? self.store.cleanup()
+                }
+            }
+        }
+        timer.name = "thinfs-cleanup"
+        timer.start()
+    }
+
+    private var isExiting: Bool { lock.withLock { exiting } }
+
+    private func begin() -> Bool {
+        lock.withLock {
+            guard !exiting else { return false }
+            requestsInFlight += 1
+            return true
+        }
+    }
+
+    private func end() {
+        lock.withLock {
+            requestsInFlight -= 1
+            lock.broadcast()
+        }
+    }
+
+    /// Mounts layer `id` at `mountpoint` and serves it on a new thread. Image layers are always
+    /// read-only. Returns once the mount is ready.
+    public func mount(_ id: String, at mountpoint: String, readOnly requested: Bool, options: [String] = []) throws {
+        let layer = try store.liveLayer(id)
+        let readOnly = requested || layer.kind == .image
+        let extra = options.filter { $0 != "ro" && $0 != "rw" && $0 != "allow_other" }
+        let canonical = try FUSEServer.checkMountpoint(mountpoint, allowNonEmpty: extra.contains("nonempty"))
+        let open = try store.openLayer(id, readOnly: readOnly, what: "mounted at \(canonical)")
+        let server = FUSEServer(volume: open.volume, mountpoint: canonical,
+                                options: .init(readOnly: readOnly, allowOther: options.contains("allow_other"),
+                                               source: "\(store.root):\(id)", extraOptions: extra),
+                                logger: logger)
+        do {
+            try server.mount()
+        } catch {
+            try? open.close()
+            throw error
+        }
+        lock.withLock { mounts[canonical] = server }
+        let thread = Thread { [self] in
+            do { try server.run() } catch {
+                logger.error("serving failed", metadata: ["layer": "\(id)", "fuse.mountpoint": "\(canonical)", "error": "\(error)"])
+            }
+            // Deactivation: the volume and the device close, the busy lock goes.
+            do { try open.close() } catch {
+                logger.error("closing the layer failed", metadata: ["layer": "\(id)", "error": "\(error)"])
+            }
+            do {
+                let deleted = try store.cleanup()
+                if !deleted.isEmpty { logger.info("deferred deletions done", metadata: ["layers": "\(deleted)"]) }
+            } catch {
+                logger.error("deferred deletion failed", metadata: ["error": "\(error)"])
+            }
+            lock.withLock {
+                mounts[canonical] = nil
+                lock.broadcast()
+            }
+        }
+        thread.name = "thinfs-fuse-\(id)"
+        thread.start()
+        logger.info("mounted layer", metadata: ["layer": "\(id)", "fuse.mountpoint": "\(canonical)", "ro": "\(readOnly)"])
+    }
+
+    /// Unmounts every layer (SIGTERM): each session flushes and closes as on umount.
+    public func stopAll() {
+        for server in lock.withLock({ Array(mounts.values) }) { server.stop() }
+    }
+
+    /// Blocks until no layer is mounted and no request is in flight, then stops listening.
+    public func waitUntilIdle() {
+        lock.withLock {
+            while !mounts.isEmpty || requestsInFlight > 0 { lock.wait() }
+            exiting = true
+        }
+        listener?.close()
+        _ = try? store.cleanup()
+        try? store.close()
+    }
+
+    public var mountCount: Int { lock.withLock { mounts.count } }
+}

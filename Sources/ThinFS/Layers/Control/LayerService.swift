@@ -1,0 +1,91 @@
+import Foundation
+
+/// Runs `LayerRequest`s against a store: in the CLI's process, or in the daemon for requests
+/// that came through the control socket. Every error becomes a response naming the layer or
+/// path at fault; nothing here prints.
+public struct LayerService: Sendable {
+    public let store: LayerStore
+    /// Set in the daemon: mounts are served there. Without one, `mount` is refused (the CLI
+    /// starts a daemon instead).
+    let daemon: LayerDaemon?
+
+    public init(store: LayerStore, daemon: LayerDaemon? = nil) {
+        self.store = store
+        self.daemon = daemon
+    }
+
+    public func handle(_ request: LayerRequest) -> LayerResponse {
+        do {
+            return LayerResponse(output: try perform(request))
+        } catch {
+            return Self.failure(error)
+        }
+    }
+
+    /// An error as a response: its message, and the errno its subsystem maps it to.
+    public static func failure(_ error: Swift.Error) -> LayerResponse {
+        switch error {
+        case let error as LayerStore.Error:
+            return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
+        case let error as ThinPoolError:
+            return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
+        case let error as VolumeError:
+            return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
+        default:
+            return LayerResponse(error: "\(error)", errno: EIO)
+        }
+    }
+
+    private func need<T>(_ value: T?, _ what: String) throws -> T {
+        guard let value else { throw LayerStore.Error.unsupported("the request has no \(what)") }
+        return value
+    }
+
+    private func perform(_ r: LayerRequest) throws -> String {
+        switch r.operation {
+        case .ping:
+            return "pong\n"
+        case .create:
+            let layer = try store.createImageLayer(try need(r.layer, "layer id"), parent: r.parent)
+            return "\(layer.id)\n"
+        case .createRW:
+            let layer = try store.createContainerLayer(try need(r.layer, "layer id"), parent: try need(r.parent, "parent"), size: r.size)
+            return "\(layer.id)\n"
+        case .remove:
+            let id = try need(r.layer, "layer id")
+            switch try store.remove(id) {
+            case .deleted: return "\(id)\n"
+            case .deferred(let holder): return "\(id) (busy, \(holder): deletion deferred until it is free)\n"
+            }
+        case .list:
+            let rows = try store.listing()
+            if r.json == true {
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                return String(decoding: try encoder.encode(rows), as: UTF8.self) + "\n"
+            }
+            return LayerStore.formatListing(rows)
+        case .info:
+            return try store.info()
+        case .cleanup:
+            let deleted = try store.cleanup()
+            let left = try store.deferredDeletedCount()
+            return deleted.map { "deleted \($0)\n" }.joined() + "\(left) deferred deletion(s) still waiting\n"
+        case .applyDiff:
+            let stats = try store.applyDiff(try need(r.layer, "layer id"), from: try need(r.path, "tar path"))
+            return stats
+        case .diff:
+            try store.diff(try need(r.layer, "layer id"), to: try need(r.path, "output path"))
+            return ""
+        case .importImage:
+            return try store.importImage(try need(r.path, "image path"), name: r.name)
+        case .mount:
+            guard let daemon else {
+                throw LayerStore.Error.unsupported("mount requests are served by a thinfs-mount daemon")
+            }
+            try daemon.mount(try need(r.layer, "layer id"), at: try need(r.mountpoint, "mount point"),
+                             readOnly: r.readOnly ?? false, options: r.mountOptions ?? [])
+            return ""
+        }
+    }
+}

@@ -1,0 +1,216 @@
+import Foundation
+import PersistentData
+
+/// Pool changes as journaled transactions: moby's open-transaction protocol
+/// (deviceset.go `openTransaction` / `closeTransaction` / `rollbackTransaction`), kept in the
+/// store's database instead of a `transaction-metadata` file.
+///
+///     step                         database                      pool (durable at commit)
+///     ───────────────────────────  ────────────────────────────  ─────────────────────────────
+///     1 open                       journal += (T, op, layer, dev)
+///     2 send                                                     create_snap dev origin / delete dev
+///     3 record                     layers += row / -= row
+///     4 close                                                    set_transaction_id T-1 T; commit
+///     5 forget                     journal -= T
+///
+/// The pool's transaction id says whether step 4 happened. At open, for each journal row:
+/// - pool transaction id ≥ T: the pool has the change; roll forward (make the database say so).
+/// - otherwise: roll back a create (delete the device if an earlier commit made it durable, drop
+///   the row), and finish a delete (the user asked for it, and the data may be half gone).
+///
+/// Crash points for tests (`THINFS_CRASH_AT`): `<op>.opened`, `<op>.sent`, `<op>.recorded`,
+/// `<op>.closed`, with op `create` or `delete`.
+extension LayerStore {
+    enum JournalOp: String { case create, delete }
+
+    struct JournalEntry {
+        var txid: UInt64
+        var op: JournalOp
+        var layer: String
+        var deviceID: ThinDeviceID
+        var origin: ThinDeviceID?
+    }
+
+    /// What `open` found and repaired; also logged.
+    public struct RecoveryReport: Sendable, Equatable {
+        public var rolledBack: [String] = []
+        public var rolledForward: [String] = []
+        /// Thin devices the pool had and no layer owned: deleted.
+        public var orphanDevices: [ThinDeviceID] = []
+        /// Layers whose device the pool did not have: dropped from the database.
+        public var missingDevices: [String] = []
+        public var isEmpty: Bool { rolledBack.isEmpty && rolledForward.isEmpty && orphanDevices.isEmpty && missingDevices.isEmpty }
+    }
+
+    var transactionID: UInt64 { get throws { try pool.status().transactionID } }
+
+    // MARK: The protocol
+
+    /// Creates thin device `deviceID` as a snapshot of `origin` and records `layer`, journaled.
+    /// A device id the pool already has is skipped, as moby does, and the next free one tried.
+    func journaledCreate(_ layer: Layer, origin: ThinDeviceID) throws -> Layer {
+        var layer = layer
+        var attempts = 0
+        while true {
+            let txid = try transactionID + 1
+            try db.execute("INSERT INTO journal(txid, op, layer, device_id, origin) VALUES(?, 'create', ?, ?, ?)",
+                           [.integer(Int64(txid)), .text(layer.id), .integer(Int64(layer.deviceID)), .integer(Int64(origin))])
+            Self.crashPoint("create.opened")
+            do {
+                try pool.message(.createSnap(layer.deviceID, origin: origin))
+            } catch ThinPoolError.message(.deviceIDInUse(let taken)) {
+                // "device already there": a device no layer records (containerd#4790). Skip its id.
+                try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(txid))])
+                logger.warning("thin device id taken in the pool; trying the next", metadata: ["thin.id": "\(taken)"])
+                attempts += 1
+                guard attempts < 1000 else { throw Error.noFreeDeviceID }
+                layer.deviceID = try allocateDeviceID(after: taken)
+                continue
+            }
+            Self.crashPoint("create.sent")
+            try db.transaction {
+                try insert(layer)
+                try Self.setSetting(db, "next.device", String(layer.deviceID + 1))
+            }
+            Self.crashPoint("create.recorded")
+            try closeTransaction(txid)
+            Self.crashPoint("create.closed")
+            try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(txid))])
+            return layer
+        }
+    }
+
+    /// Deletes `layer`'s thin device and its record, journaled.
+    func journaledDelete(_ layer: Layer) throws {
+        let txid = try transactionID + 1
+        try db.execute("INSERT INTO journal(txid, op, layer, device_id, origin) VALUES(?, 'delete', ?, ?, NULL)",
+                       [.integer(Int64(txid)), .text(layer.id), .integer(Int64(layer.deviceID))])
+        Self.crashPoint("delete.opened")
+        if try pool.deviceExists(layer.deviceID) {
+            try pool.message(.delete(layer.deviceID))
+        }
+        Self.crashPoint("delete.sent")
+        try db.execute("DELETE FROM layers WHERE id = ?", [.text(layer.id)])
+        try? FileManager.default.removeItem(atPath: lockPath(layer.id))
+        Self.crashPoint("delete.recorded")
+        try closeTransaction(txid)
+        Self.crashPoint("delete.closed")
+        try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(txid))])
+    }
+
+    /// Step 4: the pool's transaction id moves to `txid` in the same commit as the change.
+    /// Open volumes are flushed first (the group commit), so their filesystems stay consistent.
+    private func closeTransaction(_ txid: UInt64) throws {
+        try pool.message(.setTransactionID(current: txid - 1, new: txid))
+        try volumes.commit()
+    }
+
+    func insert(_ layer: Layer) throws {
+        try db.execute("INSERT INTO layers(\(Self.columns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?)", [
+            .text(layer.id), layer.parent.map { .text($0) } ?? .null, .integer(Int64(layer.deviceID)),
+            .text(layer.kind.rawValue), .integer(Int64(layer.size)), .text(layer.state.rawValue), .text(layer.uuid),
+            .text(ISO8601DateFormatter().string(from: layer.created)),
+        ])
+    }
+
+    /// The next device id no layer, journal entry or pool device uses (24-bit, as dm-thin).
+    func allocateDeviceID(after taken: ThinDeviceID? = nil) throws -> ThinDeviceID {
+        let recorded = Set(try db.query("SELECT device_id FROM layers UNION SELECT device_id FROM journal").compactMap {
+            $0.first?.integer.map { ThinDeviceID($0) }
+        })
+        let inPool = Set(try pool.deviceIDs())
+        var candidate = max(try Self.setting(db, "next.device").flatMap(UInt32.init) ?? 1, (taken ?? 0) + 1)
+        var wrapped = false
+        while recorded.contains(candidate) || inPool.contains(candidate) || candidate == base.deviceID {
+            candidate += 1
+            if candidate > ThinMetadata.maxDeviceID {
+                guard !wrapped else { throw Error.noFreeDeviceID }
+                wrapped = true
+                candidate = 1
+            }
+        }
+        return candidate
+    }
+
+    // MARK: Recovery
+
+    private func journal() throws -> [JournalEntry] {
+        try db.query("SELECT txid, op, layer, device_id, origin FROM journal ORDER BY txid").map {
+            JournalEntry(txid: UInt64($0[0].integer ?? 0), op: JournalOp(rawValue: $0[1].text ?? "") ?? .create,
+                         layer: $0[2].text ?? "", deviceID: ThinDeviceID($0[3].integer ?? 0),
+                         origin: $0[4].integer.map { ThinDeviceID($0) })
+        }
+    }
+
+    /// Rolls interrupted changes back or forward, then reconciles the database with the pool.
+    @discardableResult
+    func recover() throws -> RecoveryReport {
+        try locked {
+            var report = RecoveryReport()
+            for entry in try journal() {
+                let poolTx = try transactionID
+                switch (entry.op, poolTx >= entry.txid) {
+                case (.create, true):
+                    // The commit that made the device also moved the transaction id: the record was
+                    // written before it (step 3), so only the journal row is left.
+                    report.rolledForward.append(entry.layer)
+                case (.create, false):
+                    if try pool.deviceExists(entry.deviceID) { try pool.message(.delete(entry.deviceID)) }
+                    try db.execute("DELETE FROM layers WHERE id = ? AND device_id = ?",
+                                   [.text(entry.layer), .integer(Int64(entry.deviceID))])
+                    try pool.message(.setTransactionID(current: poolTx, new: entry.txid))
+                    try pool.commit()
+                    report.rolledBack.append(entry.layer)
+                case (.delete, let done):
+                    if !done {
+                        if try pool.deviceExists(entry.deviceID) { try pool.message(.delete(entry.deviceID)) }
+                        try pool.message(.setTransactionID(current: poolTx, new: entry.txid))
+                        try pool.commit()
+                    }
+                    try db.execute("DELETE FROM layers WHERE id = ? AND device_id = ?",
+                                   [.text(entry.layer), .integer(Int64(entry.deviceID))])
+                    report.rolledForward.append(entry.layer)
+                }
+                try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(entry.txid))])
+            }
+            try reconcile(&report)
+            if !report.isEmpty {
+                logger.warning("recovered the layer store", metadata: [
+                    "rolled_back": "\(report.rolledBack)", "rolled_forward": "\(report.rolledForward)",
+                    "orphan_devices": "\(report.orphanDevices)", "missing_devices": "\(report.missingDevices)",
+                ])
+            }
+            lastRecovery = report
+            return report
+        }
+    }
+
+    /// Devices the pool has and no layer records are deleted; layers whose device the pool
+    /// lacks are dropped (their data is gone), children first.
+    private func reconcile(_ report: inout RecoveryReport) throws {
+        let layers = try allLayers()
+        let owned = Set(layers.map(\.deviceID) + [base.deviceID])
+        let inPool = try pool.deviceIDs()
+        var changed = false
+        for id in inPool where !owned.contains(id) {
+            try pool.message(.delete(id))
+            report.orphanDevices.append(id)
+            changed = true
+        }
+        let present = Set(inPool)
+        var missing = Set(layers.filter { !present.contains($0.deviceID) }.map(\.id))
+        // A child of a missing layer keeps its own data (snapshots share blocks, they do not need
+        // the origin), so only the missing ones go; their children are re-parented to nothing.
+        for layer in layers.reversed() where missing.contains(layer.id) {
+            try db.execute("UPDATE layers SET parent = NULL WHERE parent = ?", [.text(layer.id)])
+            try db.execute("DELETE FROM layers WHERE id = ?", [.text(layer.id)])
+            report.missingDevices.append(layer.id)
+            missing.remove(layer.id)
+        }
+        if changed {
+            let tx = try transactionID
+            try pool.message(.setTransactionID(current: tx, new: tx + 1))
+            try pool.commit()
+        }
+    }
+}

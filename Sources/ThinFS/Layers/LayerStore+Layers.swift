@@ -1,0 +1,248 @@
+import Foundation
+import Logging
+import PersistentData
+import SystemPackage
+
+/// Creating and removing layers, busy locks, deferred deletion.
+extension LayerStore {
+    // MARK: Create
+
+    /// `thinfs layer create`: an image layer, a snapshot of `parent` (or of the base device).
+    public func createImageLayer(_ id: String, parent: String?) throws -> Layer {
+        try create(id, parent: parent, kind: .image, size: nil)
+    }
+
+    /// `thinfs layer create-rw`: a container layer, a read-write snapshot of image layer `parent`.
+    /// A `size` larger than the parent's filesystem grows the container's filesystem.
+    public func createContainerLayer(_ id: String, parent: String, size: UInt64?) throws -> Layer {
+        try create(id, parent: parent, kind: .container, size: size)
+    }
+
+    private func create(_ id: String, parent: String?, kind: Kind, size: UInt64?) throws -> Layer {
+        try Self.validate(id: id)
+        return try locked {
+            if let existing = try layer(id) { throw Error.layerExists(id, state: existing.state) }
+            let origin: (device: ThinDeviceID, size: UInt64, uuid: String)
+            if let parent {
+                let p = try liveLayer(parent)
+                guard p.kind == .image else { throw Error.notAnImageLayer(parent, kind: p.kind) }
+                // The parent is frozen from now on: nothing may be serving it read-write.
+                if let holder = try busyHolder(parent), !holder.readOnly {
+                    throw Error.busy(parent, holder: "\(holder.description); a layer mounted read-write cannot be snapshotted")
+                }
+                origin = (p.deviceID, p.size, p.uuid)
+            } else {
+                origin = (base.deviceID, base.size, base.uuid)
+            }
+            if let size, size < origin.size { throw Error.sizeTooSmall(id, size: size, minimum: origin.size) }
+            if let size, size > origin.size {
+                throw Error.unsupported("layer \(id): growing a filesystem beyond its parent's \(ByteSize.human(origin.size)) is not supported yet; omit --size or pass \(ByteSize.format(origin.size))")
+            }
+            try checkFreeSpace()
+            let layer = Layer(id: id, parent: parent, deviceID: try allocateDeviceID(), kind: kind, size: origin.size,
+                              state: .active, uuid: origin.uuid, created: Date())
+            let created = try journaledCreate(layer, origin: origin.device)
+            logger.info("created layer", metadata: ["layer": "\(id)", "thin.id": "\(created.deviceID)", "parent": "\(parent ?? "<base>")"])
+            return created
+        }
+    }
+
+    /// Docker's `dm.min_free_space` check before every create (deviceset.go `checkThinPool`):
+    /// both data and metadata must keep that percentage free (at least one block).
+    public func checkFreeSpace() throws {
+        let s = try pool.status()
+        let percent = options.minFreeSpacePercent
+        let minData = max(1, s.totalDataBlocks * percent / 100)
+        let freeData = s.totalDataBlocks - s.usedDataBlocks
+        if freeData < minData {
+            throw Error.lowSpace(what: "data", free: freeData, needed: minData, unit: "blocks of \(ByteSize.format(s.dataBlockSize))")
+        }
+        let minMeta = max(1, s.totalMetadataBlocks * percent / 100)
+        let freeMeta = s.totalMetadataBlocks - s.usedMetadataBlocks
+        if freeMeta < minMeta {
+            throw Error.lowSpace(what: "metadata", free: freeMeta, needed: minMeta, unit: "blocks of 4K")
+        }
+    }
+
+    // MARK: Remove
+
+    public enum Removal: Equatable, Sendable {
+        case deleted
+        /// Busy, and deferred deletion is on: marked deleted; the device goes when it is free.
+        case deferred(holder: String)
+    }
+
+    /// `thinfs layer rm`.
+    public func remove(_ id: String) throws -> Removal {
+        try locked {
+            guard let layer = try layer(id) else { throw Error.unknownLayer(id) }
+            let children = try children(of: id).filter { $0.state == .active }
+            guard children.isEmpty else { throw Error.hasChildren(id, children: children.map(\.id)) }
+            if layer.state == .deleted { return .deferred(holder: try busyHolder(id)?.description ?? "pending cleanup") }
+            guard let exclusive = try tryLockExclusive(id) else {
+                let holder = try busyHolder(id)?.description ?? "in use"
+                guard options.deferredDeletion else {
+                    throw Error.busy(id, holder: "\(holder); unmount it first, or enable dm.use_deferred_deletion")
+                }
+                try db.execute("UPDATE layers SET state = 'deleted' WHERE id = ?", [.text(id)])
+                logger.info("deferred the deletion of a busy layer", metadata: ["layer": "\(id)", "holder": "\(holder)"])
+                return .deferred(holder: holder)
+            }
+            defer { exclusive.release() }
+            try journaledDelete(layer)
+            logger.info("deleted layer", metadata: ["layer": "\(id)", "thin.id": "\(layer.deviceID)"])
+            return .deleted
+        }
+    }
+
+    /// `thinfs cleanup`, and every unmount: deletes the deferred-deleted layers nobody uses any more.
+    /// Returns the ids deleted.
+    @discardableResult
+    public func cleanup() throws -> [String] {
+        try locked {
+            var deleted: [String] = []
+            for layer in try allLayers() where layer.state == .deleted {
+                guard let exclusive = try tryLockExclusive(layer.id) else { continue }
+                defer { exclusive.release() }
+                try journaledDelete(layer)
+                deleted.append(layer.id)
+                logger.info("deleted a deferred-deleted layer", metadata: ["layer": "\(layer.id)", "thin.id": "\(layer.deviceID)"])
+            }
+            return deleted
+        }
+    }
+
+    /// How many layers wait for deferred deletion (`Deferred Deleted Device Count`).
+    public func deferredDeletedCount() throws -> Int {
+        Int(try db.query("SELECT COUNT(*) FROM layers WHERE state = 'deleted'").first?.first?.integer ?? 0)
+    }
+
+    // MARK: Busy locks
+
+    /// A layer is busy while some process holds a shared flock on its lock file: a FUSE mount
+    /// serving it, or a Volume open on it (apply-diff, diff). flock dies with its process, so a
+    /// crashed daemon never leaves a layer busy. Holders write who they are next to the lock.
+    public final class LayerLock: @unchecked Sendable {
+        let fd: FileDescriptor
+        let holderPath: String?
+        private var released = false
+        private let lock = Lock()
+
+        init(fd: FileDescriptor, holderPath: String?) {
+            self.fd = fd
+            self.holderPath = holderPath
+        }
+
+        deinit { release() }
+
+        public func release() {
+            let first = lock.withLock { () -> Bool in
+                defer { released = true }
+                return !released
+            }
+            guard first else { return }
+            if let holderPath { unlink(holderPath) }
+            try? fd.close()
+        }
+    }
+
+    public struct Holder: Codable, Equatable, Sendable, CustomStringConvertible {
+        public var pid: Int32
+        public var what: String
+        public var readOnly: Bool
+        public var description: String { "held by pid \(pid) (\(what))" }
+    }
+
+    func lockPath(_ id: String) -> String { locksDirectory + "/\(id).lock" }
+
+    private func openLockFile(_ id: String) throws -> FileDescriptor {
+        try FileDescriptor.open(FilePath(lockPath(id)), .readWrite, options: [.create, .closeOnExec],
+                                permissions: [.ownerReadWrite])
+    }
+
+    /// Takes `id`'s busy lock shared, for as long as the returned lock lives. `what` says who.
+    public func holdBusy(_ id: String, what: String, readOnly: Bool) throws -> LayerLock {
+        let fd = try openLockFile(id)
+        guard flock(fd.rawValue, LOCK_SH | LOCK_NB) == 0 else {
+            try? fd.close()
+            throw Error.busy(id, holder: "it is being removed")
+        }
+        let holderPath = locksDirectory + "/\(id).holder.\(getpid()).\(UUID().uuidString.prefix(8))"
+        let holder = Holder(pid: getpid(), what: what, readOnly: readOnly)
+        try? JSONEncoder().encode(holder).write(to: URL(fileURLWithPath: holderPath))
+        return LayerLock(fd: fd, holderPath: holderPath)
+    }
+
+    /// Takes `id`'s busy lock exclusively if nobody holds it; nil if the layer is busy.
+    func tryLockExclusive(_ id: String) throws -> LayerLock? {
+        let fd = try openLockFile(id)
+        guard flock(fd.rawValue, LOCK_EX | LOCK_NB) == 0 else {
+            try? fd.close()
+            return nil
+        }
+        return LayerLock(fd: fd, holderPath: nil)
+    }
+
+    /// Who holds `id` busy, or nil if nobody. Holder files of dead processes are ignored.
+    public func busyHolder(_ id: String) throws -> Holder? {
+        if let probe = try tryLockExclusive(id) {
+            probe.release()
+            return nil
+        }
+        let prefix = "\(id).holder."
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: locksDirectory)) ?? []
+        let holders = names.filter { $0.hasPrefix(prefix) }.compactMap { name -> Holder? in
+            guard let data = FileManager.default.contents(atPath: locksDirectory + "/" + name),
+                  let h = try? JSONDecoder().decode(Holder.self, from: data), kill(h.pid, 0) == 0 else { return nil }
+            return h
+        }
+        // Read-write holders first: they are what blocks a snapshot.
+        return holders.first { !$0.readOnly } ?? holders.first ?? Holder(pid: 0, what: "an unknown process", readOnly: true)
+    }
+
+    // MARK: Volumes
+
+    /// An open volume on a layer, holding it busy. Close it to commit and release.
+    public final class OpenLayer: @unchecked Sendable {
+        public let layer: Layer
+        public let member: VolumeGroup.Member
+        public var volume: Volume { member.volume }
+        let busy: LayerLock
+
+        init(layer: Layer, member: VolumeGroup.Member, busy: LayerLock) {
+            self.layer = layer
+            self.member = member
+            self.busy = busy
+        }
+
+        /// Writes the filesystem back, commits the pool, and releases the layer.
+        public func close() throws {
+            defer { busy.release() }
+            try member.close()
+        }
+    }
+
+    /// Opens `id`'s filesystem. Image layers with children are frozen: read-write is refused.
+    public func openLayer(_ id: String, readOnly: Bool, what: String) throws -> OpenLayer {
+        try locked {
+            let layer = try liveLayer(id)
+            if !readOnly, let child = try children(of: id).first {
+                throw Error.parentFrozen(id, child: child.id)
+            }
+            // One writer, or any number of readers: a second Volume over a device being written
+            // would read stale caches. Every open happens in the pool's one owner, under the lock.
+            if let holder = try busyHolder(id), !readOnly || !holder.readOnly {
+                throw Error.busy(id, holder: "\(holder.description); \(readOnly ? "it is open read-write" : "a read-write open needs it unused")")
+            }
+            let busy = try holdBusy(id, what: what, readOnly: readOnly)
+            do {
+                let member = try volumes.open(device: layer.deviceID, size: layer.size, readOnly: readOnly,
+                                              logger: Logger(label: "thinfs.volume"))
+                return OpenLayer(layer: layer, member: member, busy: busy)
+            } catch {
+                busy.release()
+                throw error
+            }
+        }
+    }
+}

@@ -1,0 +1,343 @@
+import Foundation
+import Logging
+import PersistentData
+import SystemPackage
+
+/// The layer store: Docker's devicemapper graphdriver model over a thin pool.
+///
+///     base device (thin, fresh ext4, dm.basesize)
+///       └─ image layer A      create_snap of the base
+///            └─ image layer B create_snap of A      (A is frozen once B exists)
+///                 ├─ container c1   rw snapshot of B
+///                 └─ container c2   rw snapshot of B
+///
+/// A root directory holds:
+///
+///     ROOT/pool.json, ROOT/pool/{data,metadata}   the userspace pool (PoolRoot)
+///     ROOT/layers.db                              SQLite: settings, layers, journal
+///     ROOT/locks/<layer>.lock                     busy locks (flock, held while served)
+///     ROOT/control.sock                           the pool owner's socket (LayerControl)
+///     ROOT/tmp/                                   mkfs scratch images, spooled tars
+///
+/// **One writer per pool.** The pool's metadata lives in the memory of the one process that
+/// has it open for writing (a flock on the data file). A `thinfs-mount` daemon serving layers
+/// is that process while it runs; other commands then send it their request through
+/// `ROOT/control.sock` (`LayerControl`) instead of opening the pool themselves.
+///
+/// **Journal.** Every change to the pool runs as moby's open-transaction protocol
+/// (`LayerStore+Journal.swift`): the intent goes to the database first, then the pool message,
+/// then the record, then `set_transaction_id` and a pool commit. `open` rolls an interrupted
+/// change back or forward, then reconciles the database with the pool.
+///
+/// **Concurrency.** Operations of one store serialize on `lock`. Lock order: the store's
+/// lock, then a `VolumeGroup`'s, then a volume's; the pool's locks are innermost.
+public final class LayerStore: @unchecked Sendable {
+    public enum Kind: String, Codable, Sendable { case image, container }
+    public enum State: String, Codable, Sendable {
+        case active
+        /// Removed while busy, with deferred deletion: the device goes when its last user does.
+        case deleted
+    }
+
+    public struct Layer: Codable, Equatable, Sendable {
+        public var id: String
+        public var parent: String?
+        public var deviceID: ThinDeviceID
+        public var kind: Kind
+        /// The filesystem size in bytes (the thin device's size).
+        public var size: UInt64
+        public var state: State
+        public var uuid: String
+        public var created: Date
+    }
+
+    /// The base device, made by `initialize`.
+    public struct Base: Equatable, Sendable {
+        public var deviceID: ThinDeviceID
+        public var uuid: String
+        public var size: UInt64
+        public var filesystem: String
+    }
+
+    public let root: String
+    public let poolRoot: PoolRoot
+    public let pool: UserspaceThinPool
+    public let options: StorageOptions
+    public let base: Base
+    /// Every volume this process has open on the pool; commits flush them all first.
+    public let volumes: VolumeGroup
+    let db: LayerDatabase
+    let lock = NSRecursiveLock()
+    let logger: Logger
+    /// What the last `recover` (at open) found and repaired.
+    public internal(set) var lastRecovery = RecoveryReport()
+
+    var databasePath: String { Self.databasePath(root) }
+    static func databasePath(_ root: String) -> String { root + "/layers.db" }
+    public var locksDirectory: String { root + "/locks" }
+    public var scratchDirectory: String { root + "/tmp" }
+    public static func controlSocketPath(_ root: String) -> String { root + "/control.sock" }
+
+    /// Is `root` a layer store (made by `thinfs init`)?
+    public static func exists(at root: String) -> Bool {
+        guard FileManager.default.fileExists(atPath: databasePath(root)),
+              let db = try? LayerDatabase(path: databasePath(root)) else { return false }
+        defer { db.close() }
+        return (try? setting(db, "options")) != nil
+    }
+
+    private init(root: String, poolRoot: PoolRoot, pool: UserspaceThinPool, db: LayerDatabase,
+                 options: StorageOptions, base: Base, logger: Logger) {
+        self.root = root
+        self.poolRoot = poolRoot
+        self.pool = pool
+        self.db = db
+        self.options = options
+        self.base = base
+        self.logger = logger
+        self.volumes = VolumeGroup(pool: pool, logger: logger)
+    }
+
+    // MARK: Errors
+
+    public enum Error: Swift.Error, CustomStringConvertible, Equatable {
+        case notInitialized(root: String)
+        case alreadyInitialized(root: String)
+        case unknownLayer(String)
+        case layerExists(String, state: State)
+        case invalidLayerID(String, reason: String)
+        case hasChildren(String, children: [String])
+        case parentFrozen(String, child: String)
+        case notAnImageLayer(String, kind: Kind)
+        case busy(String, holder: String)
+        case deleted(String)
+        case lowSpace(what: String, free: UInt64, needed: UInt64, unit: String)
+        case baseMismatch(root: String, expected: String, found: String)
+        case unsupported(String)
+        case sizeTooSmall(String, size: UInt64, minimum: UInt64)
+        case noFreeDeviceID
+
+        public var description: String {
+            switch self {
+            case .notInitialized(let root):
+                "\(root) is not a ThinFS layer store: run 'thinfs init --root \(root)' first"
+            case .alreadyInitialized(let root):
+                "\(root) is already a ThinFS layer store (layers.db exists)"
+            case .unknownLayer(let id): "layer \(id) does not exist"
+            case .layerExists(let id, let state):
+                state == .deleted
+                    ? "layer \(id) already exists, removed but not yet deleted (busy); run 'thinfs cleanup' once it is free"
+                    : "layer \(id) already exists"
+            case .invalidLayerID(let id, let why): "invalid layer id '\(id)': \(why)"
+            case .hasChildren(let id, let children):
+                "layer \(id) has children and cannot be removed: \(children.joined(separator: ", ")) (remove them first)"
+            case .parentFrozen(let id, let child):
+                "layer \(id) cannot be written: layer \(child) is a snapshot of it (image layers are frozen once a child exists)"
+            case .notAnImageLayer(let id, let kind):
+                "layer \(id) is a \(kind.rawValue) layer; only image layers can be parents"
+            case .busy(let id, let holder): "layer \(id) is busy: \(holder)"
+            case .deleted(let id):
+                "layer \(id) has been removed (deferred deletion pending): it cannot be mounted or snapshotted"
+            case .lowSpace(let what, let free, let needed, let unit):
+                "the thin pool has \(free) free \(what) \(unit), less than the \(needed) required by dm.min_free_space: grow the pool ('thinfs pool resize'), remove layers, or lower dm.min_free_space"
+            case .baseMismatch(let root, let expected, let found):
+                "the pool at \(root) is not this store's pool: the base device's filesystem UUID is \(found), the store recorded \(expected)"
+            case .unsupported(let what): what
+            case .sizeTooSmall(let id, let size, let minimum):
+                "layer \(id): size \(ByteSize.human(size)) is smaller than its parent's filesystem (\(ByteSize.human(minimum))); layers can only grow"
+            case .noFreeDeviceID: "no free thin device id below 2^24"
+            }
+        }
+
+        public var errno: Errno {
+            switch self {
+            case .unknownLayer, .notInitialized: .noSuchFileOrDirectory
+            case .layerExists, .alreadyInitialized: .fileExists
+            case .busy, .hasChildren: .resourceBusy
+            case .lowSpace: .noSpace
+            case .parentFrozen: .readOnlyFileSystem
+            default: .invalidArgument
+            }
+        }
+    }
+
+    // MARK: Creating and opening
+
+    /// `thinfs init`: creates the pool (or adopts the root's existing one), then the base device.
+    public static func initialize(root: String, options: StorageOptions,
+                                  logger: Logger = Logger(label: "thinfs.layers")) throws -> LayerStore {
+        let root = URL(fileURLWithPath: root).standardizedFileURL.path
+        guard !exists(at: root) else { throw Error.alreadyInitialized(root: root) }
+        if let device = options.thinPoolDevice {
+            throw Error.unsupported("dm.thinpooldev=\(device): a kernel thin pool needs the libdevmapper backend, which this store cannot use yet; leave dm.thinpooldev unset to use the userspace pool in \(root)")
+        }
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        let poolRoot = PoolRoot(path: root)
+        let pool: UserspaceThinPool
+        if poolRoot.hasPool {
+            pool = try poolRoot.open(logger: logger)
+            let status = try pool.status()
+            guard status.transactionID == 0, status.usedDataBlocks == 0, try pool.deviceIDs().isEmpty else {
+                throw Error.unsupported("the pool in \(root) is in use (transaction id \(status.transactionID), \(status.usedDataBlocks) data blocks used): a layer store only adopts an empty pool")
+            }
+        } else {
+            pool = try poolRoot.create(data: nil, metadata: nil, dataSize: options.loopDataSize,
+                                       metadataSize: options.loopMetadataSize, blockSize: options.blockSize,
+                                       options: .init(), logger: logger)
+        }
+        // The settings row "options" is written last: a root without it is an interrupted init.
+        do {
+            let db = try LayerDatabase(path: databasePath(root))
+            defer { db.close() }
+            try createSchema(db)
+            // The base device: a thin device with a fresh ext4, with Docker's mkfs options.
+            let baseID: ThinDeviceID = 1
+            try pool.message(.createThin(baseID))
+            let formatted = try DeviceFormatter(logger: logger).format(
+                pool: pool, id: baseID, size: options.baseSize, filesystem: .ext4, extraArguments: options.mkfsArguments,
+                scratchDirectory: root + "/tmp")
+            try pool.message(.setTransactionID(current: 0, new: 1))
+            try pool.commit()
+            let encoded = String(decoding: try JSONEncoder().encode(options), as: UTF8.self)
+            try db.transaction {
+                try setSetting(db, "base.device", String(baseID))
+                try setSetting(db, "base.uuid", formatted.uuid)
+                try setSetting(db, "base.size", String(options.baseSize))
+                try setSetting(db, "base.fs", options.filesystem)
+                try setSetting(db, "next.device", String(baseID + 1))
+                try setSetting(db, "options", encoded)
+            }
+        }
+        return try LayerStore(opened: root, pool: pool, logger: logger)
+    }
+
+    /// Opens an initialized store, taking the pool for writing. Recovers an interrupted change
+    /// and reconciles the database with the pool.
+    public static func open(root: String, logger: Logger = Logger(label: "thinfs.layers")) throws -> LayerStore {
+        let root = URL(fileURLWithPath: root).standardizedFileURL.path
+        guard exists(at: root) else { throw Error.notInitialized(root: root) }
+        let pool = try PoolRoot(path: root).open(logger: logger)
+        return try LayerStore(opened: root, pool: pool, logger: logger)
+    }
+
+    private convenience init(opened root: String, pool: UserspaceThinPool, logger: Logger) throws {
+        let db = try LayerDatabase(path: Self.databasePath(root))
+        try Self.createSchema(db)
+        guard let encoded = try Self.setting(db, "options"),
+              let options = try? JSONDecoder().decode(StorageOptions.self, from: Data(encoded.utf8)),
+              let baseID = try Self.setting(db, "base.device").flatMap(UInt32.init),
+              let uuid = try Self.setting(db, "base.uuid"),
+              let size = try Self.setting(db, "base.size").flatMap(UInt64.init) else {
+            throw Error.notInitialized(root: root)
+        }
+        let base = Base(deviceID: baseID, uuid: uuid, size: size, filesystem: try Self.setting(db, "base.fs") ?? "ext4")
+        self.init(root: root, poolRoot: PoolRoot(path: root), pool: pool, db: db, options: options, base: base, logger: logger)
+        try FileManager.default.createDirectory(atPath: locksDirectory, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: scratchDirectory, withIntermediateDirectories: true)
+        try recover()
+        try verifyBase()
+    }
+
+    /// A different pool under the same root would hand out other layers' data: the base
+    /// device's filesystem must still be the one `initialize` made.
+    private func verifyBase() throws {
+        guard try pool.deviceExists(base.deviceID) else {
+            throw Error.baseMismatch(root: root, expected: base.uuid, found: "missing (no thin device \(base.deviceID))")
+        }
+        let device = try pool.openDevice(base.deviceID, size: base.size)
+        defer { (device as? ThinDevice)?.close() }
+        let found = try Volume.filesystemUUID(device: device)
+        guard found == base.uuid else { throw Error.baseMismatch(root: root, expected: base.uuid, found: found) }
+    }
+
+    /// Commits and closes the pool, releasing it for other processes. The store's volumes are
+    /// closed by their owners first; the store is unusable afterwards.
+    public func close() throws {
+        try locked {
+            defer { db.close() }
+            try pool.close()
+        }
+    }
+
+    func locked<T>(_ body: () throws -> T) rethrows -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body()
+    }
+
+    // MARK: Schema and settings
+
+    static func createSchema(_ db: LayerDatabase) throws {
+        try db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        try db.execute("""
+            CREATE TABLE IF NOT EXISTS layers (
+              id TEXT PRIMARY KEY, parent TEXT, device_id INTEGER NOT NULL UNIQUE,
+              kind TEXT NOT NULL, size INTEGER NOT NULL, state TEXT NOT NULL, uuid TEXT NOT NULL,
+              created TEXT NOT NULL)
+            """)
+        // One row per pool change in flight (moby's transaction-metadata file).
+        try db.execute("""
+            CREATE TABLE IF NOT EXISTS journal (
+              txid INTEGER PRIMARY KEY, op TEXT NOT NULL, layer TEXT NOT NULL, device_id INTEGER NOT NULL,
+              origin INTEGER)
+            """)
+    }
+
+    static func setting(_ db: LayerDatabase, _ key: String) throws -> String? {
+        try db.query("SELECT value FROM settings WHERE key = ?", [.text(key)]).first?.first?.text
+    }
+
+    static func setSetting(_ db: LayerDatabase, _ key: String, _ value: String) throws {
+        try db.execute("INSERT INTO settings(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                       [.text(key), .text(value)])
+    }
+
+    // MARK: Queries
+
+    static let columns = "id, parent, device_id, kind, size, state, uuid, created"
+
+    func decode(_ row: LayerDatabase.Row) -> Layer {
+        Layer(id: row[0].text ?? "", parent: row[1].text, deviceID: ThinDeviceID(row[2].integer ?? 0),
+              kind: Kind(rawValue: row[3].text ?? "") ?? .image, size: UInt64(row[4].integer ?? 0),
+              state: State(rawValue: row[5].text ?? "") ?? .active, uuid: row[6].text ?? "",
+              created: ISO8601DateFormatter().date(from: row[7].text ?? "") ?? Date(timeIntervalSince1970: 0))
+    }
+
+    /// Every layer, live and deferred-deleted, in creation order.
+    public func allLayers() throws -> [Layer] {
+        try db.query("SELECT \(Self.columns) FROM layers ORDER BY created, rowid").map(decode)
+    }
+
+    /// The layer `id`, live or deferred-deleted.
+    public func layer(_ id: String) throws -> Layer? {
+        try db.query("SELECT \(Self.columns) FROM layers WHERE id = ?", [.text(id)]).first.map(decode)
+    }
+
+    /// The live layer `id`: a deferred-deleted one is gone as far as users are concerned.
+    public func liveLayer(_ id: String) throws -> Layer {
+        guard let layer = try layer(id) else { throw Error.unknownLayer(id) }
+        guard layer.state == .active else { throw Error.deleted(id) }
+        return layer
+    }
+
+    /// The ids of the layers whose parent is `id`, deferred-deleted ones included.
+    public func children(of id: String) throws -> [Layer] {
+        try db.query("SELECT \(Self.columns) FROM layers WHERE parent = ? ORDER BY created", [.text(id)]).map(decode)
+    }
+
+    /// Layer ids are names in a directory and a database key: printable, no slashes.
+    static func validate(id: String) throws {
+        guard !id.isEmpty, id.count <= 200 else { throw Error.invalidLayerID(id, reason: "it must have 1 to 200 characters") }
+        let allowed = CharacterSet(charactersIn: "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:._-")
+        guard id.unicodeScalars.allSatisfy(allowed.contains), id.first != ".", id.first != "-" else {
+            throw Error.invalidLayerID(id, reason: "use letters, digits and : . _ - (not starting with . or -)")
+        }
+    }
+
+    /// Crash injection for the journal tests: `THINFS_CRASH_AT=<point>` kills the process with
+    /// SIGKILL at that point, so nothing after it runs (no defer, no flush).
+    static func crashPoint(_ name: String) {
+        guard let target = ProcessInfo.processInfo.environment["THINFS_CRASH_AT"], target == name else { return }
+        kill(getpid(), SIGKILL)
+    }
+}

@@ -1,0 +1,93 @@
+import Foundation
+
+/// The `--storage-opt` keys, with Docker's devicemapper names and defaults
+/// (moby daemon/graphdriver/devmapper/deviceset.go, `NewDeviceSet`), so a devicemapper
+/// user's daemon.json options carry over. Unknown keys are an error, as in Docker.
+public struct StorageOptions: Codable, Equatable, Sendable {
+    public var baseSize: UInt64 = 10 << 30           // dm.basesize
+    public var loopDataSize: UInt64 = 100 << 30      // dm.loopdatasize
+    public var loopMetadataSize: UInt64 = 2 << 30    // dm.loopmetadatasize
+    public var blockSize: UInt64 = 64 << 10          // dm.blocksize
+    public var thinPoolDevice: String?               // dm.thinpooldev
+    public var filesystem: String = "ext4"           // dm.fs
+    public var mkfsArguments: [String] = []          // dm.mkfsarg (repeatable)
+    public var mountOptions: [String] = []           // dm.mountopt
+    public var deferredRemoval = false               // dm.use_deferred_removal
+    public var deferredDeletion = false              // dm.use_deferred_deletion
+    public var minFreeSpacePercent: UInt64 = 10      // dm.min_free_space
+
+    public init() {}
+
+    public struct Error: Swift.Error, CustomStringConvertible, Equatable {
+        public var option: String
+        public var reason: String
+        public var description: String { "storage option \(option): \(reason)" }
+    }
+
+    /// The keys Docker's devicemapper driver knew that ThinFS accepts.
+    public static let keys = [
+        "dm.basesize", "dm.loopdatasize", "dm.loopmetadatasize", "dm.blocksize", "dm.thinpooldev", "dm.fs",
+        "dm.mkfsarg", "dm.mountopt", "dm.use_deferred_removal", "dm.use_deferred_deletion", "dm.min_free_space",
+    ]
+
+    /// Applies `KEY=VAL` options in order over the defaults.
+    public init(parsing options: [String]) throws(Error) {
+        self.init()
+        for option in options { try apply(option) }
+    }
+
+    public mutating func apply(_ option: String) throws(Error) {
+        guard let eq = option.firstIndex(of: "=") else {
+            throw Error(option: option, reason: "expected KEY=VALUE")
+        }
+        let key = option[..<eq].lowercased().trimmingCharacters(in: .whitespaces)
+        let value = String(option[option.index(after: eq)...]).trimmingCharacters(in: .whitespaces)
+        func size() throws(Error) -> UInt64 {
+            guard let v = try? ByteSize.parse(value), v > 0 else {
+                throw Error(option: key, reason: "'\(value)' is not a size (examples: 10G, 512M, 64K)")
+            }
+            return v
+        }
+        func bool() throws(Error) -> Bool {
+            switch value.lowercased() {
+            case "true", "1", "yes": return true
+            case "false", "0", "no": return false
+            default: throw Error(option: key, reason: "'\(value)' is not a boolean (true or false)")
+            }
+        }
+        switch key {
+        case "dm.basesize":
+            let v = try size()
+            guard v >= 1 << 20, v % 4096 == 0 else { throw Error(option: key, reason: "\(value) must be at least 1M and a multiple of 4K") }
+            baseSize = v
+        case "dm.loopdatasize": loopDataSize = try size()
+        case "dm.loopmetadatasize": loopMetadataSize = try size()
+        case "dm.blocksize":
+            let v = try size()
+            // dm-thin: a multiple of 64K between 64K and 1G (thin-provisioning.rst).
+            guard v % (64 << 10) == 0, v >= 64 << 10, v <= 1 << 30 else {
+                throw Error(option: key, reason: "\(value) must be a multiple of 64K between 64K and 1G")
+            }
+            blockSize = v
+        case "dm.thinpooldev": thinPoolDevice = value
+        case "dm.fs":
+            switch value {
+            case "ext4": filesystem = value
+            case "xfs": throw Error(option: key, reason: "xfs is not supported yet: the FUSE server reads ext4 through libext2fs (xfs may come later); use ext4")
+            default: throw Error(option: key, reason: "unknown filesystem '\(value)'; ThinFS supports ext4")
+            }
+        case "dm.mkfsarg": mkfsArguments.append(value)
+        case "dm.mountopt": mountOptions += value.split(separator: ",").map(String.init)
+        case "dm.use_deferred_removal": deferredRemoval = try bool()
+        case "dm.use_deferred_deletion": deferredDeletion = try bool()
+        case "dm.min_free_space":
+            let digits = value.hasSuffix("%") ? String(value.dropLast()) : value
+            guard let v = UInt64(digits), v < 100 else {
+                throw Error(option: key, reason: "'\(value)' must be a percentage from 0% to 99%")
+            }
+            minFreeSpacePercent = v
+        default:
+            throw Error(option: key, reason: "unknown option; the known ones are \(Self.keys.joined(separator: ", "))")
+        }
+    }
+}

@@ -1,0 +1,119 @@
+import Logging
+import PersistentData
+
+/// Volumes on several thin devices of one pool, in one process, committed together.
+///
+/// A pool commit makes the current mappings of *every* thin device durable at once. A
+/// volume's ext4 is only consistent on its device right after libext2fs has flushed its
+/// caches, so a commit started by one volume must first flush all the others, and keep
+/// them still until the pool's metadata is written. Otherwise a crash could leave one
+/// layer's ext4 half-written in the committed state while another layer asked for the commit.
+///
+///     fsync(A) ─▶ flush A under A's lock ─▶ release A ─▶ group.commit():
+///         group lock ─▶ lock + flush A ─▶ lock + flush B ─▶ … ─▶ pool.commit() ─▶ unlock B, A
+///
+/// Each member volume sees its device through `MemberDevice`, whose `flush` writes nothing
+/// and commits nothing: the group commits instead, through the volume's commit hook.
+///
+/// **Lock order:** the group's lock, then the volumes' locks in the order they joined. A
+/// volume never takes the group's lock while it holds its own (`Volume.fsync` calls the hook
+/// after releasing it), so the order always holds and the commit cannot deadlock.
+public final class VolumeGroup: @unchecked Sendable {
+    public let pool: ThinPoolBackend
+    private let lock = Lock()
+    /// Members in joining order; the commit walks them in this order.
+    private var members: [(key: Int, volume: Volume)] = []
+    private var nextKey = 0
+    private let logger: Logger
+
+    public init(pool: ThinPoolBackend, logger: Logger = Logger(label: "thinfs.volumes")) {
+        self.pool = pool
+        self.logger = logger
+    }
+
+    /// A member's handle: close it to leave the group (flushes, commits, releases the device).
+    public final class Member: @unchecked Sendable {
+        public let volume: Volume
+        public let deviceID: ThinDeviceID
+        let key: Int
+        let device: BlockDevice
+        weak var group: VolumeGroup?
+
+        init(volume: Volume, deviceID: ThinDeviceID, key: Int, device: BlockDevice, group: VolumeGroup) {
+            self.volume = volume
+            self.deviceID = deviceID
+            self.key = key
+            self.device = device
+            self.group = group
+        }
+
+        /// Writes the volume back, commits the pool, and closes the volume and its device.
+        public func close() throws {
+            guard let group else { return }
+            self.group = nil
+            try group.leave(self)
+        }
+    }
+
+    /// Opens the ext4 on thin device `id` as a member of the group.
+    public func open(device id: ThinDeviceID, size: UInt64, readOnly: Bool,
+                     logger: Logger = Logger(label: "thinfs.volume")) throws -> Member {
+        let device = try pool.openDevice(id, size: size)
+        do {
+            let key = lock.withLock { () -> Int in
+                nextKey += 1
+                return nextKey
+            }
+            let volume = try Volume(device: MemberDevice(device), readOnly: readOnly, logger: logger,
+                                    commit: { [weak self] in try self?.commit() })
+            lock.withLock { members.append((key, volume)) }
+            return Member(volume: volume, deviceID: id, key: key, device: device, group: self)
+        } catch {
+            (device as? ThinDevice)?.close()
+            throw error
+        }
+    }
+
+    /// Flushes every member and commits the pool once, with every member held still.
+    public func commit() throws {
+        try lock.withLock {
+            let volumes = members.map(\.volume)
+            try commitHolding(volumes[...])
+        }
+    }
+
+    private func commitHolding(_ rest: ArraySlice<Volume>) throws {
+        guard let first = rest.first else {
+            try pool.commit()
+            return
+        }
+        try first.withFlushedState { try commitHolding(rest.dropFirst()) }
+    }
+
+    fileprivate func leave(_ member: Member) throws {
+        defer { (member.device as? ThinDevice)?.close() }
+        // Closing writes libext2fs's last state; the commit makes it durable with everyone else's.
+        var failure: Error?
+        do { try member.volume.close() } catch { failure = error }
+        lock.withLock { members.removeAll { $0.key == member.key } }
+        if !member.volume.isReadOnly {
+            do { try commit() } catch { failure = failure ?? error }
+        }
+        if let failure { throw failure }
+    }
+
+    /// The device ids of the open members.
+    public var openCount: Int { lock.withLock { members.count } }
+}
+
+/// A thin device as a group member sees it: `flush` does not commit (the group does).
+private final class MemberDevice: BlockDevice, @unchecked Sendable {
+    let base: BlockDevice
+    init(_ base: BlockDevice) { self.base = base }
+    var size: UInt64 { base.size }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws { try base.read(into: buffer, at: offset) }
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws { try base.write(buffer, at: offset) }
+    func discard(offset: UInt64, length: UInt64) throws { try base.discard(offset: offset, length: length) }
+    /// The data is in the pool once written; durability is the group commit's job.
+    func flush() throws {}
+}

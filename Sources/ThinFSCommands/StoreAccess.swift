@@ -1,0 +1,63 @@
+import ArgumentParser
+import Foundation
+import ThinFS
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a layer command reaches the store.
+///
+/// The pool has one writer. If a `thinfs-mount` daemon owns it (layers are mounted), the
+/// request goes to the daemon's control socket; otherwise this process opens the store,
+/// runs the request, and closes it. A daemon that is starting or stopping holds the pool
+/// for a moment without answering: then both are retried for a few seconds.
+enum StoreAccess {
+    static func perform(root: String, _ request: LayerRequest,
+                        progress: ((LayerStore.ImportProgress) -> Void)? = nil) throws -> LayerResponse {
+        let root = URL(fileURLWithPath: root).standardizedFileURL.path
+        let socket = LayerStore.controlSocketPath(root)
+        let deadline = Date().addingTimeInterval(15)
+        while true {
+            if let response = try ControlSocket.send(request, to: socket) {
+                if response.errno == EAGAIN, Date() < deadline {
+                    usleep(100_000)
+                    continue
+                }
+                return response
+            }
+            guard LayerStore.exists(at: root) else {
+                return LayerResponse(error: "\(LayerStore.Error.notInitialized(root: root))", errno: ENOENT)
+            }
+            do {
+                let store = try LayerStore.open(root: root)
+                defer { try? store.close() }
+                if request.operation == .importImage, let path = request.path {
+                    // In this process the import can report progress as it goes.
+                    do {
+                        return LayerResponse(output: try store.importImage(path, name: request.name, progress: progress) + "\n")
+                    } catch {
+                        return LayerService.failure(error)
+                    }
+                }
+                return LayerService(store: store).handle(request)
+            } catch ThinPoolError.heldByAnotherProcess(let data) {
+                guard Date() < deadline else { throw ThinPoolError.heldByAnotherProcess(data: data) }
+                usleep(100_000)
+            }
+        }
+    }
+
+    /// Runs `request` and prints its output, or throws its error for ArgumentParser to print.
+    static func run(root: String, _ request: LayerRequest,
+                    progress: ((LayerStore.ImportProgress) -> Void)? = nil) throws {
+        let response = try perform(root: root, request, progress: progress)
+        if let error = response.error { throw CommandFailure(message: error) }
+        FileHandle.standardOutput.write(Data(response.output.utf8))
+    }
+}
+
+/// An error message from the store, printed as it is.
+struct CommandFailure: Error, CustomStringConvertible {
+    var message: String
+    var description: String { message }
+}

@@ -1,0 +1,270 @@
+import Foundation
+import PersistentData
+import TestSupport
+import Testing
+@testable import ThinFS
+
+/// The layer store without FUSE: options, snapshots, busy locks, deferred deletion, the
+/// journal's crash recovery and reconciliation. thin_check and thin_dump are the oracles for
+/// what the pool holds.
+@Suite("Layer store", .enabled(if: Oracle.available, "thin-provisioning-tools are not installed"))
+struct LayerStoreTests {
+    static func options(_ extra: [String] = []) throws -> StorageOptions {
+        try StorageOptions(parsing: ["dm.basesize=64M", "dm.loopdatasize=512M", "dm.loopmetadatasize=16M"] + extra)
+    }
+
+    /// The thin device ids thin_dump lists for the store's metadata file.
+    static func dumpedDevices(_ store: LayerStore) throws -> Set<UInt32> {
+        try store.close()
+        let xml = try Oracle.dump(try store.poolRoot.config().metadata)
+        return Set(xml.split(separator: "\n").compactMap { line -> UInt32? in
+            guard line.contains("<device dev_id=\"") else { return nil }
+            let rest = line.split(separator: "\"")
+            return rest.count > 1 ? UInt32(rest[1]) : nil
+        })
+    }
+
+    @Test func storageOptionsFollowDocker() throws {
+        let o = try StorageOptions(parsing: ["dm.basesize=20G", "dm.use_deferred_deletion=true", "dm.min_free_space=5%", "dm.mkfsarg=-O ^has_journal"])
+        #expect(o.baseSize == 20 << 30 && o.deferredDeletion && !o.deferredRemoval && o.minFreeSpacePercent == 5)
+        #expect(o.mkfsArguments == ["-O ^has_journal"])
+        #expect(o.loopDataSize == 100 << 30 && o.loopMetadataSize == 2 << 30 && o.blockSize == 64 << 10)
+        // Each bad option names itself.
+        let cases: [(String, String)] = [
+            ("dm.nosuchthing=1", "dm.nosuchthing: unknown option"),   // unknown keys are an error, as in Docker
+            ("dm.fs=xfs", "xfs may come later"),                       // xfs: not yet, and said so
+            ("dm.basesize=banana", "dm.basesize: 'banana' is not a size"),
+            ("dm.blocksize=100K", "multiple of 64K"),                   // dm-thin's rule
+            ("dm.min_free_space=150%", "percentage"),
+            ("dm.use_deferred_removal=maybe", "not a boolean"),
+            ("novalue", "expected KEY=VALUE"),
+        ]
+        for (option, message) in cases {
+            #expect(throws: StorageOptions.Error.self) { try StorageOptions(parsing: [option]) }
+            do { _ = try StorageOptions(parsing: [option]) } catch { #expect("\(error)".contains(message), "\(option): \(error)") }
+        }
+    }
+
+    @Test func initCreatesTheBaseDeviceAndReopenVerifiesIt() throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path, options: Self.options(), logger: quietLogger)
+        #expect(store.base.size == 64 << 20)
+        let uuid = store.base.uuid
+        try store.close()
+        #expect(try Oracle.check(try store.poolRoot.config().metadata))
+        try LayerStore.open(root: dir.path, logger: quietLogger).close()
+        #expect(throws: LayerStore.Error.alreadyInitialized(root: dir.path)) {
+            try LayerStore.initialize(root: dir.path, options: Self.options(), logger: quietLogger)
+        }
+        // A different filesystem on the base device means a different pool: refused, said so.
+        do {
+            let pool = try PoolRoot(path: dir.path).open()
+            _ = try DeviceFormatter(logger: quietLogger).format(pool: pool, id: 1, size: 64 << 20, force: true, scratchDirectory: dir.path + "/tmp")
+            try pool.close()
+        }
+        #expect {
+            try LayerStore.open(root: dir.path, logger: quietLogger)
+        } throws: { error in
+            guard case LayerStore.Error.baseMismatch(_, let expected, _) = error else { return false }
+            return expected == uuid
+        }
+        #expect(throws: LayerStore.Error.notInitialized(root: dir.path + "/nothing")) {
+            try LayerStore.open(root: dir.path + "/nothing", logger: quietLogger)
+        }
+    }
+
+    @Test func layersAreSnapshotsAndParentsAreProtected() throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path, options: Self.options(), logger: quietLogger)
+        let a = try store.createImageLayer("a", parent: nil)
+        let b = try store.createImageLayer("b", parent: "a")
+        let c = try store.createContainerLayer("c", parent: "b", size: nil)
+        #expect(Set([a.deviceID, b.deviceID, c.deviceID]).count == 3)
+        #expect(!Set([a.deviceID, b.deviceID, c.deviceID]).contains(store.base.deviceID))
+
+        // Write into the container: the image layer under it must not change.
+        let before = try store.openLayer("b", readOnly: true, what: "test")
+        let imageRoot = try before.volume.readdirNames(before.volume.rootInode)
+        try before.close()
+        let rw = try store.openLayer("c", readOnly: false, what: "test")
+        _ = try rw.volume.mknod(parent: rw.volume.rootInode, name: "new-file", mode: 0o100644, rdev: 0, owner: .root)
+        try rw.close()
+        let after = try store.openLayer("b", readOnly: true, what: "test")
+        #expect(try after.volume.readdirNames(after.volume.rootInode) == imageRoot)
+        try after.close()
+        let again = try store.openLayer("c", readOnly: true, what: "test")
+        #expect(try again.volume.readdirNames(again.volume.rootInode).contains("new-file"))
+        try again.close()
+
+        // Image layers with a child are frozen; containers are not parents; children block rm.
+        #expect(throws: LayerStore.Error.parentFrozen("b", child: "c")) { try store.openLayer("b", readOnly: false, what: "test") }
+        #expect(throws: LayerStore.Error.notAnImageLayer("c", kind: .container)) { try store.createImageLayer("d", parent: "c") }
+        #expect(throws: LayerStore.Error.hasChildren("a", children: ["b"])) { try store.remove("a") }
+        #expect(throws: LayerStore.Error.layerExists("c", state: .active)) { try store.createImageLayer("c", parent: "a") }
+        #expect(throws: LayerStore.Error.unknownLayer("zz")) { try store.createImageLayer("d", parent: "zz") }
+        #expect(throws: LayerStore.Error.self) { try store.createImageLayer("../evil", parent: nil) }
+
+        let usage = try store.listing()
+        #expect(usage.map(\.id) == ["a", "b", "c"])
+        #expect(usage[2].exclusiveBytes > 0 && usage[2].sharedBytes > 0)   // c wrote its own blocks and shares b's
+
+        #expect(try store.remove("c") == .deleted)
+        #expect(try store.remove("b") == .deleted)
+        let devices = try Self.dumpedDevices(store)
+        #expect(devices == [store.base.deviceID, a.deviceID])
+        #expect(try Oracle.check(try store.poolRoot.config().metadata))
+    }
+
+    @Test func deferredDeletionWaitsForTheLastUser() throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path, options: Self.options(["dm.use_deferred_deletion=true"]), logger: quietLogger)
+        _ = try store.createImageLayer("img", parent: nil)
+        let c = try store.createContainerLayer("c", parent: "img", size: nil)
+        let user = try store.openLayer("c", readOnly: false, what: "test user")
+        guard case .deferred(let holder) = try store.remove("c") else { Issue.record("rm of a busy layer was not deferred"); return }
+        #expect(holder.contains("pid \(getpid())") && holder.contains("test user"))
+        #expect(try store.deferredDeletedCount() == 1)
+        #expect(throws: LayerStore.Error.deleted("c")) { try store.liveLayer("c") }
+        #expect(throws: LayerStore.Error.deleted("c")) { try store.createContainerLayer("c2", parent: "c", size: nil) }
+        #expect(try store.cleanup().isEmpty)   // still busy
+        #expect(try store.pool.deviceExists(c.deviceID))
+        try user.close()
+        #expect(try store.cleanup() == ["c"])
+        #expect(try store.deferredDeletedCount() == 0)
+        #expect(!(try Self.dumpedDevices(store)).contains(c.deviceID))
+        #expect(try Oracle.check(try store.poolRoot.config().metadata))
+    }
+
+    @Test func busyLayerWithoutDeferredDeletionIsRefused() throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path, options: Self.options(), logger: quietLogger)
+        _ = try store.createImageLayer("img", parent: nil)
+        let user = try store.openLayer("img", readOnly: true, what: "mounted at /somewhere")
+        #expect {
+            try store.remove("img")
+        } throws: { error in
+            guard case LayerStore.Error.busy("img", let holder) = error else { return false }
+            return holder.contains("mounted at /somewhere") && (error as! LayerStore.Error).errno == .resourceBusy
+        }
+        try user.close()
+        #expect(try store.remove("img") == .deleted)
+    }
+
+    @Test func minFreeSpaceRefusesCreates() throws {
+        let dir = TempDir()
+        // A 32M pool that must keep half free, and a container that writes 20M into it.
+        let options = try StorageOptions(parsing: ["dm.basesize=64M", "dm.loopdatasize=32M", "dm.loopmetadatasize=8M", "dm.min_free_space=50%"])
+        let store = try LayerStore.initialize(root: dir.path, options: options, logger: quietLogger)
+        _ = try store.createImageLayer("img", parent: nil)
+        let c = try store.createContainerLayer("c", parent: "img", size: nil)
+        let open = try store.openLayer("c", readOnly: false, what: "test")
+        let file = try open.volume.mknod(parent: open.volume.rootInode, name: "big", mode: 0o100644, rdev: 0, owner: .root)
+        let chunk = [UInt8](repeating: 0x5a, count: 1 << 20)
+        for i in 0..<20 {
+            _ = try chunk.withUnsafeBytes { try open.volume.write(file.ino, at: UInt64(i) << 20, from: $0) }
+        }
+        try open.close()
+        let status = try store.pool.status()
+        #expect(status.totalDataBlocks - status.usedDataBlocks < status.totalDataBlocks / 2)
+        #expect {
+            try store.createContainerLayer("c2", parent: "img", size: nil)
+        } throws: { error in
+            let text = "\(error)"
+            return text.contains("free data blocks") && text.contains("dm.min_free_space") && text.contains("grow the pool")
+                && (error as? LayerStore.Error)?.errno == .noSpace
+        }
+        #expect(try store.allLayers().map(\.id) == ["img", "c"])
+        #expect(Set(try store.pool.deviceIDs()) == [store.base.deviceID, c.deviceID, 2])
+        // Removing the container frees the space, and creates work again.
+        #expect(try store.remove("c") == .deleted)
+        _ = try store.createContainerLayer("c2", parent: "img", size: nil)
+    }
+
+    @Test func reconcileRepairsDriftBetweenStoreAndPool() throws {
+        let dir = TempDir()
+        var store: LayerStore? = try LayerStore.initialize(root: dir.path, options: Self.options(), logger: quietLogger)
+        let kept = try store!.createImageLayer("kept", parent: nil)
+        let lost = try store!.createImageLayer("lost", parent: nil)
+        try store!.close()
+        store = nil
+        // Drift behind the store's back: an orphan device ("device already there") and a lost one.
+        do {
+            let pool = try PoolRoot(path: dir.path).open()
+            try pool.message(.createThin(50))
+            try pool.message(.delete(lost.deviceID))
+            try pool.close()
+        }
+        let reopened = try LayerStore.open(root: dir.path, logger: quietLogger)
+        #expect(reopened.lastRecovery.orphanDevices == [50])
+        #expect(reopened.lastRecovery.missingDevices == ["lost"])
+        #expect(try reopened.allLayers().map(\.id) == ["kept"])
+        // The store works on with the repaired pool.
+        let next = try reopened.createImageLayer("next", parent: nil)
+        #expect(try Self.dumpedDevices(reopened) == [reopened.base.deviceID, kept.deviceID, next.deviceID])
+        #expect(try Oracle.check(try reopened.poolRoot.config().metadata))
+    }
+}
+
+@Suite("Layer store crash recovery", .enabled(if: Oracle.available && CLI.available, "needs thin_check and the thinfs binary"))
+struct LayerStoreCrashTests {
+    /// Kills `thinfs layer create` / `rm` with SIGKILL at each journaled step, then checks that
+    /// reopening rolls back (before the pool commit) or forward (after it), and that the store
+    /// and the pool agree, by thin_dump.
+    @Test(arguments: [
+        ("create.opened", false),     // journaled, nothing sent: rolled back
+        ("create.sent", false),       // the pool has it in memory only: gone with the process
+        ("create.recorded", false),   // the store has the row, the pool never committed: rolled back
+        ("create.closed", true),      // the pool committed with the transaction id: rolled forward
+    ])
+    func createCrashes(point: String, survives: Bool) throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path, options: LayerStoreTests.options(), logger: quietLogger)
+        _ = try store.createImageLayer("img", parent: nil)
+        try store.close()
+        let result = try CLI.run(["layer", "create-rw", "--root", dir.path, "victim", "--parent", "img"], environment: ["THINFS_CRASH_AT": point])
+        #expect(result.status != 0, "the crash hook did not fire at \(point)")
+        let reopened = try LayerStore.open(root: dir.path, logger: quietLogger)
+        #expect((try reopened.layer("victim") != nil) == survives, "\(point)")
+        // The store works on: the id is free again (or taken, if it survived).
+        if survives {
+            #expect(throws: LayerStore.Error.layerExists("victim", state: .active)) { try reopened.createContainerLayer("victim", parent: "img", size: nil) }
+        } else {
+            _ = try reopened.createContainerLayer("victim", parent: "img", size: nil)
+        }
+        let recorded = Set(try reopened.allLayers().map(\.deviceID) + [reopened.base.deviceID])
+        #expect(recorded.count == 3)
+        #expect(try LayerStoreTests.dumpedDevices(reopened) == recorded, "\(point): the pool and the store disagree")
+        #expect(try Oracle.check(try reopened.poolRoot.config().metadata))
+    }
+
+    @Test(arguments: ["delete.opened", "delete.sent", "delete.recorded", "delete.closed"])
+    func deleteCrashes(point: String) throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path, options: LayerStoreTests.options(), logger: quietLogger)
+        _ = try store.createImageLayer("img", parent: nil)
+        let victim = try store.createContainerLayer("victim", parent: "img", size: nil)
+        try store.close()
+        let result = try CLI.run(["layer", "rm", "--root", dir.path, "victim"], environment: ["THINFS_CRASH_AT": point])
+        #expect(result.status != 0, "the crash hook did not fire at \(point)")
+        let reopened = try LayerStore.open(root: dir.path, logger: quietLogger)
+        // A delete the user asked for is finished, wherever it stopped.
+        #expect(try reopened.layer("victim") == nil, "\(point)")
+        let recorded = Set(try reopened.allLayers().map(\.deviceID) + [reopened.base.deviceID])
+        let devices = try LayerStoreTests.dumpedDevices(reopened)
+        #expect(!devices.contains(victim.deviceID), "\(point)")
+        #expect(devices == recorded)
+        #expect(try Oracle.check(try reopened.poolRoot.config().metadata))
+    }
+}
+
+extension Volume {
+    /// The names in directory `ino`, without . and .., sorted.
+    func readdirNames(_ ino: UInt64) throws -> [String] {
+        var names: [String] = []
+        try readdir(ino, after: 0) { entry in
+            if entry.name != "." && entry.name != ".." { names.append(entry.name) }
+            return true
+        }
+        return names.sorted()
+    }
+}
