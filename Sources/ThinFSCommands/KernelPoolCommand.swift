@@ -38,6 +38,7 @@ struct KernelPoolCommand: ParsableCommand {
         @Flag(name: .customLong("error-if-no-space"), help: "Fail writes at once when the pool is full instead of queueing them.") var errorIfNoSpace = false
 
         func run() throws {
+            Logging.bootstrapOnce(verbose: false)
             var config = LoopThinPool.Configuration(dataFile: data, metadataFile: metadata, dataSize: dataSize.bytes,
                                                     metadataSize: metadataSize.bytes, blockSize: blockSize.bytes)
             if errorIfNoSpace { config.features.append("error_if_no_space") }
@@ -49,7 +50,10 @@ struct KernelPoolCommand: ParsableCommand {
     struct Remove: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Remove the pool device (its loop devices unbind with it).")
         @Option(help: "The pool's dm name.") var name: String
-        func run() throws { try LoopThinPool.remove(name: name) }
+        func run() throws {
+            Logging.bootstrapOnce(verbose: false)
+            try LoopThinPool.remove(name: name)
+        }
     }
 
     struct Message: ParsableCommand {

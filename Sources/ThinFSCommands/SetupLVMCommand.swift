@@ -28,6 +28,7 @@ struct SetupLVMCommand: ParsableCommand {
     @Flag(help: "Use the device even if it holds a filesystem or belongs to a volume group.") var force = false
 
     func run() throws {
+        Logging.bootstrapOnce(verbose: false)
         let setup = DirectLVMSetup(device: device, vg: vg, thinpool: thinpool, dataPercent: dataPercent, metaPercent: metaPercent,
                                    autoextendThreshold: autoextendThreshold, autoextendPercent: autoextendPercent,
                                    chunkSize: chunkSize, force: force)
@@ -60,28 +61,73 @@ public struct CommandResult: Equatable, Sendable {
 public struct HostSystem: LVMSystem {
     public init() {}
 
+    /// posix_spawn with stdin from /dev/null and both outputs read through poll(2). Not Foundation's
+    /// Process: it needs a CFSocket wakeup socket pair, which the test guest's kernel refuses, and then hangs.
     public func run(_ argv: [String]) throws -> CommandResult {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = argv
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        // Read both pipes before waiting, so a chatty tool cannot fill one and block.
-        // Drain stderr on another thread while reading stdout, so a chatty tool cannot fill one pipe and block.
-        let stderrBox = StderrBox()
-        let reader = Thread {
-            stderrBox.data = err.fileHandleForReading.readDataToEndOfFile()
-            stderrBox.done.signal()
+        let path = try Self.lookUp(argv[0])
+        var out: [Int32] = [-1, -1], err: [Int32] = [-1, -1]
+        guard pipe(&out) == 0 else { throw DirectLVMSetup.Error.invalid("pipe: \(String(cString: strerror(errno)))") }
+        guard pipe(&err) == 0 else {
+            close(out[0]); close(out[1])
+            throw DirectLVMSetup.Error.invalid("pipe: \(String(cString: strerror(errno)))")
         }
-        reader.start()
-        let stdoutData = out.fileHandleForReading.readDataToEndOfFile()
-        stderrBox.done.wait()
-        p.waitUntilExit()
-        let stderrData = stderrBox.data
-        return CommandResult(status: p.terminationStatus, stdout: String(decoding: stdoutData, as: UTF8.self),
-                             stderr: String(decoding: stderrData, as: UTF8.self))
+        // Our ends must not leak into the child (it would hold its own pipe open).
+        for fd in [out[0], err[0]] { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_adddup2(&actions, out[1], 1)
+        posix_spawn_file_actions_adddup2(&actions, err[1], 2)
+        posix_spawn_file_actions_addclose(&actions, out[1])
+        posix_spawn_file_actions_addclose(&actions, err[1])
+        let cArgs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { for a in cArgs { free(a) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, path, &actions, nil, cArgs, environ)
+        close(out[1]); close(err[1])
+        guard rc == 0 else {
+            close(out[0]); close(err[0])
+            throw DirectLVMSetup.Error.invalid("cannot run \(path): \(String(cString: strerror(rc)))")
+        }
+        // Drain both pipes together, so a chatty tool cannot fill one and block.
+        var fds = [pollfd(fd: out[0], events: Int16(POLLIN), revents: 0), pollfd(fd: err[0], events: Int16(POLLIN), revents: 0)]
+        var collected: [[UInt8]] = [[], []]
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        var open = 2
+        while open > 0 {
+            if poll(&fds, nfds_t(fds.count), -1) < 0 {
+                if errno == EINTR { continue }
+                break
+            }
+            for i in 0..<fds.count where fds[i].fd >= 0 && fds[i].revents != 0 {
+                let n = read(fds[i].fd, &buffer, buffer.count)
+                if n > 0 {
+                    collected[i] += buffer[0..<n]
+                } else if n == 0 || errno != EINTR {
+                    close(fds[i].fd)
+                    fds[i].fd = -1
+                    open -= 1
+                }
+            }
+        }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        // WIFEXITED / WEXITSTATUS / WTERMSIG, which Swift does not import (they are macros).
+        let exit: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        return CommandResult(status: exit, stdout: String(decoding: collected[0], as: UTF8.self),
+                             stderr: String(decoding: collected[1], as: UTF8.self))
+    }
+
+    /// argv[0] on PATH (plus the sbin directories, where lvm2 lives), as a shell would find it.
+    static func lookUp(_ name: String) throws -> String {
+        if name.contains("/") { return name }
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+        let dirs = path.split(separator: ":").map(String.init) + ["/usr/sbin", "/sbin"]
+        for dir in dirs where access("\(dir)/\(name)", X_OK) == 0 {
+            return "\(dir)/\(name)"
+        }
+        throw DirectLVMSetup.Error.invalid("\(name) is not installed (lvm2 and util-linux provide the tools setup-lvm runs)")
     }
 
     public func isBlockDevice(_ path: String) -> Bool {
@@ -94,11 +140,6 @@ public struct HostSystem: LVMSystem {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         try contents.write(toFile: path, atomically: true, encoding: .utf8)
     }
-}
-
-private final class StderrBox: @unchecked Sendable {
-    var data = Data()
-    let done = DispatchSemaphore(value: 0)
 }
 
 /// The direct-lvm procedure, step by step (Docker's "Configure direct-lvm mode manually"):

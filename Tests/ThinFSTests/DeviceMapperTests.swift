@@ -326,6 +326,20 @@ struct KernelThinPoolTests {
         #expect(try pool.info(1)?.deferredRemove == false)
     }
 
+    @Test func onlyAnEmptyPoolOrOursIsAdopted() throws {
+        let (dm, pool) = try makeFakePool()
+        try pool.checkAdoptable(recordedTransactionID: nil)            // fresh: transaction 0, nothing used
+        dm.overrideStatus("pool", "4 300/4096 10/16384 - rw discard_passdown queue_if_no_space - 1024")
+        let e = #expect(throws: KernelThinPool.Error.self) { try pool.checkAdoptable(recordedTransactionID: nil) }
+        #expect(e?.description.contains("transaction id 4, 10 data blocks used") == true)
+        try pool.checkAdoptable(recordedTransactionID: 4)              // ours: the store recorded 4
+        #expect(throws: KernelThinPool.Error.self) { try pool.checkAdoptable(recordedTransactionID: 3) }
+        dm.overrideStatus("pool", "4 300/4096 10/16384 - ro discard_passdown queue_if_no_space needs_check 1024")
+        #expect(throws: ThinPoolError.self) { try pool.checkAdoptable(recordedTransactionID: 4) }
+        dm.overrideStatus("pool", "Fail")
+        #expect(throws: KernelThinPool.Error.self) { try pool.checkAdoptable(recordedTransactionID: 4) }
+    }
+
     @Test func resizeReloadsThePoolTableAndRefusesShrinking() throws {
         let (dm, pool) = try makeFakePool()
         try pool.resize(dataBytes: 2 << 30)
@@ -511,6 +525,15 @@ struct SetupLVMTests {
         system.answers["lvs"] = CommandResult(stdout: "  thinpool docker twi-a-t--- <9.50g   0.00 0.15   not monitored\n")
         let e = #expect(throws: DirectLVMSetup.Error.self) { try DirectLVMSetup(device: "/dev/vdb").run(on: system) }
         #expect(e == .notMonitored("docker/thinpool", found: "not monitored"))
+    }
+
+    @Test func theHostRunnerReturnsStatusAndBothOutputs() throws {
+        let r = try HostSystem().run(["sh", "-c", "echo out; echo err >&2; head -c 200000 /dev/zero | tr '\\0' x >&2; exit 3"])
+        #expect(r.status == 3)
+        #expect(r.stdout == "out\n")
+        #expect(r.stderr.hasPrefix("err\n") && r.stderr.count == 4 + 200_000)   // more than a pipe holds
+        #expect(try HostSystem().run(["sh", "-c", "kill -9 $$"]).status == 137)
+        #expect(throws: DirectLVMSetup.Error.self) { try HostSystem().run(["thinfs-no-such-tool"]) }
     }
 
     @Test func theCommandParsesItsFlags() throws {

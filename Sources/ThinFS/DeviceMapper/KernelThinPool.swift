@@ -23,6 +23,7 @@ public final class KernelThinPool: ThinPoolBackend {
         case poolFailed(String)
         case thinDeviceFailed(String)
         case status(String, KernelStatusError)
+        case notOurs(String, transactionID: UInt64, usedDataBlocks: UInt64)
 
         public var description: String {
             switch self {
@@ -32,6 +33,8 @@ public final class KernelThinPool: ThinPoolBackend {
             case .poolFailed(let n): "thin pool '\(n)' has failed (status 'Fail'); see dmesg, repair with thin_check/thin_repair"
             case .thinDeviceFailed(let n): "thin device '\(n)' has failed (status 'Fail'): its pool has failed"
             case .status(let n, let e): "\(n): \(e)"
+            case .notOurs(let n, let t, let u):
+                "thin pool '\(n)' is not empty (transaction id \(t), \(u) data blocks used) and not ThinFS's: give ThinFS a pool of its own ('thinfs setup-lvm' on a fresh device)"
             }
         }
     }
@@ -61,6 +64,21 @@ public final class KernelThinPool: ThinPoolBackend {
         self.logger = logger
         guard try control.info(name) != nil else { throw Error.noSuchPool(name) }
         _ = try poolTable()
+    }
+
+    /// Whether a store may take this pool (`dm.thinpooldev=NAME`): an empty one (transaction id 0,
+    /// no data used), or one at the transaction id the store recorded for it (already ours).
+    /// A failed or read-only pool is refused too. Docker's driver applied the same rule.
+    public func checkAdoptable(recordedTransactionID: UInt64?) throws {
+        let s = try status()
+        if s.mode == .fail { throw Error.poolFailed(poolName) }
+        if s.mode == .ro || s.needsCheck {
+            throw ThinPoolError.readOnly("thin pool '\(poolName)' is read-only\(s.needsCheck ? " and needs_check is set" : ""); repair it with thin_check/thin_repair first")
+        }
+        if let recorded = recordedTransactionID, recorded == s.transactionID { return }
+        guard s.transactionID == 0 && s.usedDataBlocks == 0 else {
+            throw Error.notOurs(poolName, transactionID: s.transactionID, usedDataBlocks: s.usedDataBlocks)
+        }
     }
 
     // MARK: - Names and tables
