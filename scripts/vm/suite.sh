@@ -75,6 +75,7 @@ for t in "${tests[@]}"; do
   cp "$here/tests/$t/guest.sh" "$work/$t/guest.sh"
   if [[ -f $here/tests/$t/host-prepare ]]; then
     echo "=== $t: host-prepare"
+    t0=$(date +%s)
     if ! VM_WORK="$work/$t" bash "$here/tests/$t/host-prepare" > "$work/$t/host-prepare.log" 2>&1; then
       result[$t]="FAIL (host-prepare; see below)"
       sed 's/^/    /' "$work/$t/host-prepare.log" | tail -40
@@ -84,14 +85,17 @@ for t in "${tests[@]}"; do
   if [[ -f $work/$t/drives ]]; then
     while read -r d; do [[ -n $d ]] && drives+=(--drive "$d"); done < "$work/$t/drives"
   fi
+  [[ -f $here/tests/$t/host-prepare ]] && echo "    ($(($(date +%s) - t0)) s)"
   guest_tests+=("$t")
 done
 
 guest_rc=0
 if ((${#guest_tests[@]})); then
   echo "=== booting the guest for: ${guest_tests[*]}"
+  t0=$(date +%s)
   "$here/run.sh" --bin "$bin" --share "$work" --timeout "$timeout" --log "$work/console.log" \
     "${drives[@]}" "$here/guest-runner.sh" "${guest_tests[@]}" || guest_rc=$?
+  echo "    (guest: $(($(date +%s) - t0)) s, initramfs build and boot included)"
 fi
 
 for t in "${guest_tests[@]}"; do
@@ -102,10 +106,12 @@ for t in "${guest_tests[@]}"; do
   fi
   if [[ -f $here/tests/$t/host-verify ]]; then
     echo "=== $t: host-verify"
+    t0=$(date +%s)
     if ! VM_WORK="$work/$t" bash "$here/tests/$t/host-verify" 2>&1 | tee "$work/$t/host-verify.log"; then
       result[$t]="FAIL (host-verify)"
       continue
     fi
+    echo "    ($(($(date +%s) - t0)) s)"
   fi
   result[$t]=PASS
 done
