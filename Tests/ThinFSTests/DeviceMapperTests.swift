@@ -167,6 +167,18 @@ struct KernelThinPoolTests {
         #expect(e?.description.contains("not a thin pool") == true)
     }
 
+    @Test func anLVMPoolWithThinLVsIsFollowedToItsTpoolDevice() throws {
+        // lvm2's layout once the pool holds thin LVs: docker-thinpool is linear over docker-thinpool-tpool.
+        let dm = FakeDeviceMapper()
+        dm.addPool("docker-thinpool-tpool", table: ThinPoolTable(metadataDevice: "253:0", dataDevice: "253:1", dataSectors: 1_253_376, blockSectors: 1024))
+        try dm.create("docker-thinpool", table: [DeviceMapperTarget(length: 1_253_376, type: "linear", params: "253:2 0")], readOnly: false)
+        let pool = try KernelThinPool(poolName: "/dev/mapper/docker-thinpool", control: dm)
+        #expect(pool.poolName == "docker-thinpool-tpool")
+        #expect(pool.deviceName(3) == "docker-thinpool-3")
+        #expect(pool.thinTable(3, size: 4096).line == "0 8 thin /dev/mapper/docker-thinpool-tpool 3")
+        #expect(try pool.status().dataBlockSize == 512 << 10)
+    }
+
     @Test func snapshotOfAnActiveOriginSuspendsItThenResumes() throws {
         let (dm, pool) = try makeFakePool()
         try pool.message(.createThin(1))

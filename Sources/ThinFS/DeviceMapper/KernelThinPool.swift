@@ -56,13 +56,21 @@ public final class KernelThinPool: ThinPoolBackend {
     ///   - devicePrefix: the thin devices' name prefix (default: the pool name).
     public init(poolName: String, devicePrefix: String? = nil, control: DeviceMapperControl = LibDeviceMapper.shared,
                 busyRetry: BusyRetry = .removal, logger: Logger = Logger(label: "thinfs.kernel-pool")) throws {
-        let name = poolName.hasPrefix("/dev/mapper/") ? String(poolName.dropFirst("/dev/mapper/".count)) : poolName
+        var name = poolName.hasPrefix("/dev/mapper/") ? String(poolName.dropFirst("/dev/mapper/".count)) : poolName
+        guard try control.info(name) != nil else { throw Error.noSuchPool(name) }
+        // Once an LVM pool holds thin LVs, lvm2 activates the thin-pool target as `<name>-tpool`
+        // and leaves `<name>` a linear layer over it: follow it there.
+        if try control.table(name).first?.type != "thin-pool", try control.info("\(name)-tpool") != nil,
+           try control.table("\(name)-tpool").first?.type == "thin-pool" {
+            self.devicePrefix = devicePrefix ?? name
+            name += "-tpool"
+        } else {
+            self.devicePrefix = devicePrefix ?? name
+        }
         self.poolName = name
-        self.devicePrefix = devicePrefix ?? name
         self.control = control
         self.busyRetry = busyRetry
         self.logger = logger
-        guard try control.info(name) != nil else { throw Error.noSuchPool(name) }
         _ = try poolTable()
     }
 
