@@ -151,14 +151,23 @@ public struct ThinFSMountCommand: ParsableCommand {
         let mp = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
         let request = LayerRequest(.mount, layer: first, mountpoint: mp, readOnly: readOnly, mountOptions: options)
         let store: LayerStore
-        do {
-            store = try LayerStore.open(root: rootPath, logger: Logger(label: "thinfs.layers"))
-        } catch ThinPoolError.heldByAnotherProcess {
-            // Another daemon owns the pool: it serves this mount too.
-            let response = try StoreAccess.perform(root: rootPath, request)
-            if let error = response.error { throw CommandFailure(message: error) }
-            ready?.succeed()
-            return
+        let deadline = Date().addingTimeInterval(15)
+        while true {
+            do {
+                store = try LayerStore.open(root: rootPath, logger: Logger(label: "thinfs.layers"))
+                break
+            } catch ThinPoolError.heldByAnotherProcess(let data) {
+                // Another daemon owns the pool: it serves this mount too. One that is stopping
+                // answers EAGAIN (or not at all): then it is about to let go of the pool.
+                if let response = try ControlSocket.send(request, to: LayerStore.controlSocketPath(rootPath)),
+                   response.errno != EAGAIN {
+                    if let error = response.error { throw CommandFailure(message: error) }
+                    ready?.succeed()
+                    return
+                }
+                guard Date() < deadline else { throw ThinPoolError.heldByAnotherProcess(data: data) }
+                usleep(100_000)
+            }
         }
         let daemon = LayerDaemon(store: store, logger: logger)
         let sources = signals.onSignal { signal in

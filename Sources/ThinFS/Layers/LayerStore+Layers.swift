@@ -207,19 +207,31 @@ extension LayerStore {
         public let layer: Layer
         public let member: VolumeGroup.Member
         public var volume: Volume { member.volume }
-        let busy: LayerLock
+        let busy: LayerLock?
+        /// A read-only view of a volume this process has open read-write (`diff` of a mounted
+        /// container): closing it leaves the owner's volume alone.
+        let borrowed: Bool
+        weak var store: LayerStore?
 
-        init(layer: Layer, member: VolumeGroup.Member, busy: LayerLock) {
+        init(layer: Layer, member: VolumeGroup.Member, busy: LayerLock?, borrowed: Bool, store: LayerStore) {
             self.layer = layer
             self.member = member
             self.busy = busy
+            self.borrowed = borrowed
+            self.store = store
         }
 
         /// Writes the filesystem back, commits the pool, and releases the layer.
         public func close() throws {
-            defer { busy.release() }
+            guard !borrowed else { return }
+            store?.forget(self)
+            defer { busy?.release() }
             try member.close()
         }
+    }
+
+    func forget(_ open: OpenLayer) {
+        locked { if openWriters[open.layer.id] === open { openWriters[open.layer.id] = nil } }
     }
 
     /// Opens `id`'s filesystem. Image layers with children are frozen: read-write is refused.
@@ -228,6 +240,11 @@ extension LayerStore {
             let layer = try liveLayer(id)
             if !readOnly, let child = try children(of: id).first {
                 throw Error.parentFrozen(id, child: child.id)
+            }
+            // A reader of a layer this process writes shares the writer's Volume: one libext2fs
+            // handle sees every change the other has made, and it serializes the two.
+            if readOnly, let writer = openWriters[id] {
+                return OpenLayer(layer: layer, member: writer.member, busy: nil, borrowed: true, store: self)
             }
             // One writer, or any number of readers: a second Volume over a device being written
             // would read stale caches. Every open happens in the pool's one owner, under the lock.
@@ -238,7 +255,9 @@ extension LayerStore {
             do {
                 let member = try volumes.open(device: layer.deviceID, size: layer.size, readOnly: readOnly,
                                               logger: Logger(label: "thinfs.volume"))
-                return OpenLayer(layer: layer, member: member, busy: busy)
+                let open = OpenLayer(layer: layer, member: member, busy: busy, borrowed: false, store: self)
+                if !readOnly { openWriters[id] = open }
+                return open
             } catch {
                 busy.release()
                 throw error

@@ -69,6 +69,8 @@ public final class LayerStore: @unchecked Sendable {
     let db: LayerDatabase
     let lock = NSRecursiveLock()
     let logger: Logger
+    /// Layers this process has open read-write (by `openLayer`), for readers to share.
+    var openWriters: [String: OpenLayer] = [:]
     /// What the last `recover` (at open) found and repaired.
     public internal(set) var lastRecovery = RecoveryReport()
 

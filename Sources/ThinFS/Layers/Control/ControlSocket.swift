@@ -49,9 +49,14 @@ public enum ControlSocket {
             throw Error(path: path, operation: "connect", errno: Errno(rawValue: errno))
         }
         try writeLine(fd, try JSONEncoder().encode(request), path: path)
-        guard let line = try readLine(fd, path: path) else {
-            throw Error(path: path, operation: "read the response (the daemon closed the connection)", errno: .connectionReset)
+        // A daemon answers every connection it accepts. One reset or closed without an answer
+        // was still in the backlog when the daemon stopped: the request never ran, so the
+        // caller may retry it (EAGAIN), as it does a request refused while the daemon stops.
+        let line: Data?
+        do { line = try readLine(fd, path: path) } catch let e as Error where e.errno == .connectionReset {
+            line = nil
         }
+        guard let line else { return LayerResponse(error: "the daemon stopped before answering; retry", errno: EAGAIN) }
         return try JSONDecoder().decode(LayerResponse.self, from: line)
     }
 
@@ -88,8 +93,10 @@ public enum ControlSocket {
     public final class Listener: @unchecked Sendable {
         public let path: String
         private let fd: Int32
-        private let lock = Lock()
+        private let lock = NSCondition()
         private var closed = false
+        /// Accepted connections not yet answered; `close` waits for them.
+        private var active = 0
 
         /// Binds `path`, replacing a stale socket file. The caller must own the pool (its flock),
         /// so no live daemon can be listening there.
@@ -128,8 +135,15 @@ public enum ControlSocket {
                     }
                     // Children (fusermount3, mke2fs) must not inherit connections.
                     _ = fcntl(client, F_SETFD, FD_CLOEXEC)
-                    Thread.detachNewThread { [path] in
-                        defer { Glibc.close(client) }
+                    lock.withLock { active += 1 }
+                    Thread.detachNewThread { [path, lock] in
+                        defer {
+                            Glibc.close(client)
+                            lock.withLock {
+                                self.active -= 1
+                                lock.broadcast()
+                            }
+                        }
                         let response: LayerResponse
                         do {
                             guard let line = try ControlSocket.readLine(client, path: path) else { return }
@@ -145,7 +159,8 @@ public enum ControlSocket {
             thread.start()
         }
 
-        /// Stops accepting and removes the socket file.
+        /// Stops accepting, removes the socket file, and waits until every accepted connection
+        /// has had its answer.
         public func close() {
             let first = lock.withLock { () -> Bool in
                 defer { closed = true }
@@ -155,6 +170,9 @@ public enum ControlSocket {
             unlink(path)
             shutdown(fd, Int32(SHUT_RDWR))
             Glibc.close(fd)
+            lock.withLock {
+                while active > 0 { lock.wait() }
+            }
         }
     }
 }
