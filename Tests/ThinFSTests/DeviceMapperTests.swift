@@ -407,6 +407,43 @@ struct LibDeviceMapperHostTests {
     }
 }
 
+@Suite("DeviceMapper: O_DIRECT block device")
+struct DirectBlockDeviceTests {
+    static let directory = "/var/tmp"
+    /// O_DIRECT needs a filesystem that supports it (tmpfs and some overlays refuse it).
+    static var supported: Bool {
+        let path = "\(directory)/thinfs-odirect-probe-\(getpid())"
+        guard FileManager.default.createFile(atPath: path, contents: Data(count: 4096)) else { return false }
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        return (try? DirectBlockDevice(path: path)) != nil
+    }
+
+    @Test(.enabled(if: supported)) func unalignedIOGoesThroughTheBounceBuffer() throws {
+        let path = "\(Self.directory)/thinfs-odirect-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        var reference = [UInt8](repeating: 0, count: 64 << 10)
+        for i in reference.indices { reference[i] = UInt8(truncatingIfNeeded: i &* 7 &+ 3) }
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(reference)))
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let dev = try DirectBlockDevice(path: path)
+        #expect(dev.size == 64 << 10)
+        // Unaligned write across a 4 KiB boundary keeps the bytes around it.
+        let patch = [UInt8](repeating: 0xAB, count: 5000)
+        try patch.withUnsafeBytes { try dev.write($0, at: 4000) }
+        reference.replaceSubrange(4000..<9000, with: patch)
+        // Unaligned read, and an aligned one into an aligned buffer.
+        var got = [UInt8](repeating: 0, count: 10_001)
+        try got.withUnsafeMutableBytes { try dev.read(into: $0, at: 3999) }
+        #expect(got == Array(reference[3999..<14_000]))
+        let aligned = UnsafeMutableRawBufferPointer.allocate(byteCount: 8192, alignment: 4096)
+        defer { aligned.deallocate() }
+        try dev.read(into: aligned, at: 8192)
+        #expect(Array(aligned) == Array(reference[8192..<16_384]))
+        try dev.flush()
+        #expect(throws: ThinPoolError.self) { try patch.withUnsafeBytes { try dev.write($0, at: (64 << 10) - 10) } }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == Data(reference))
+    }
+}
+
 /// A scripted machine for setup-lvm: records every command, answers the probes.
 final class FakeLVMSystem: LVMSystem, @unchecked Sendable {
     var commands: [[String]] = []

@@ -8,6 +8,9 @@ disk=$(vm_disk setuplvm)
 step() { echo "--- $*"; }
 
 step "refusals"
+# setup-lvm probes with util-linux's blkid (busybox's takes no -p/-o/-s and would see nothing).
+blkid --version 2>&1 | grep -q util-linux \
+  || vm_fail "util-linux blkid is not in the initramfs: add /usr/sbin/blkid to build-initramfs.sh's binaries (or THINFS_VM_EXTRA_BINARIES=/usr/sbin/blkid)"
 mke2fs -q -F -t ext4 "$disk"
 if out=$(thinfs setup-lvm --device "$disk" 2>&1); then vm_fail "a disk with ext4 was taken"; fi
 echo "$out"; echo "$out" | grep -q 'TYPE=ext4' || vm_fail "the error does not name ext4"
@@ -51,13 +54,17 @@ lvs -o lv_name,lv_size,data_percent docker
 echo "pool grew from $size0 to $size bytes"
 
 step "pool full: writes queue, then lvextend lets them finish"
-lvchange -q --monitor n docker/thinpool      # no autoextend now: we want it full
 lvcreate -q -V 2G -T docker/thinpool -n big
+# No autoextend now: we want it full. (After lvcreate, which activates the pool monitored again.)
+lvchange -q --monitor n docker/thinpool
+lvs --noheadings -o seg_monitor docker/thinpool | grep -q 'not monitored' || vm_fail "still monitored"
 # lvm2 now runs the pool as docker-thinpool-tpool under a linear docker-thinpool; KernelThinPool follows.
 dmsetup table docker-thinpool
-size=$(lvs --noheadings --units b --nosuffix -o lv_size docker/thinpool | tr -d ' ')
-# More than the pool has left (the fill LV holds most of it), less than it has after lvextend.
-need=$(( size / 1048576 - fill + 32 ))
+# More than the pool has left (the kernel's count, through KernelThinPool), less than it has after lvextend.
+fields=$(thinfs kernel-pool status --pool docker-thinpool --fields); echo "$fields"
+data=$(echo "$fields" | awk '$1 == "data:" {print $2}'); bs=$(echo "$fields" | awk '$1 == "data_block_size:" {print $2}')
+need=$(( (${data#*/} - ${data%/*}) * bs / 1048576 + 32 ))
+echo "writing $need MiB into a pool with $(( (${data#*/} - ${data%/*}) * bs / 1048576 )) MiB free"
 dd if=/dev/urandom of=/dev/docker/big bs=1M count=$need oflag=direct status=none &
 ddpid=$!
 full=0
