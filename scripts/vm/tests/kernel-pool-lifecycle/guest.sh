@@ -54,12 +54,14 @@ kp status --pool kpool | awk '$4 != "-" {exit 1}' || vm_fail "metadata snapshot 
 step "removing an open device: EBUSY (retried, then reported)"
 exec 3</dev/mapper/kpool-2
 dmsetup info kpool-2 | grep -q 'Open count: *1' || vm_fail "open count: $(dmsetup info kpool-2)"
+kp info --pool kpool 2
 if out=$(kp deactivate --pool kpool 2 2>&1); then vm_fail "removing an open device succeeded"; fi
 echo "$out"; echo "$out" | grep -q busy || vm_fail "error does not say busy: $out"
 
 step "deferred remove, cancel, deferred remove, last close"
 vm_run kp deactivate --pool kpool 2 --deferred
-dmsetup info kpool-2 | tee /dev/stderr | grep -q 'DEFERRED REMOVE' || vm_fail "no deferred remove flag"
+info=$(dmsetup info kpool-2); echo "$info"
+echo "$info" | grep -q 'State: *ACTIVE (DEFERRED REMOVE)' || vm_fail "no deferred remove flag"
 kp info --pool kpool 2 | grep -q 'deferred_remove=true' || vm_fail "thinfs info: $(kp info --pool kpool 2)"
 vm_run kp cancel-deferred-remove --pool kpool 2
 dmsetup info kpool-2 | grep -q 'DEFERRED REMOVE' && vm_fail "deferred remove not cancelled"
