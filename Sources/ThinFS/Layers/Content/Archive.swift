@@ -252,7 +252,14 @@ public final class ArchiveReader {
             while archive_entry_xattr_next(e, &name, &value, &size) == ARCHIVE_OK {
                 guard let name else { continue }
                 let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
-                xattrs.append(.init(name: String(cString: name), value: bytes))
+                let key = String(cString: name)
+                // libarchive's own pax writer records each xattr twice (LIBARCHIVE.xattr and SCHILY.xattr),
+                // and its reader returns both: one name, one value.
+                if let i = xattrs.firstIndex(where: { $0.name == key }) {
+                    xattrs[i].value = bytes
+                } else {
+                    xattrs.append(.init(name: key, value: bytes))
+                }
             }
         }
         let mtime = archive_entry_mtime_is_set(e) != 0
