@@ -87,6 +87,39 @@ struct LayerLifecycleTests {
         try f.expectNoLeaks()
     }
 
+    /// `create-rw --size` larger than the image grows the container's ext4 (resize2fs through
+    /// the device-file FUSE view); smaller is refused. e2fsck judges the result.
+    @Test func containerFilesystemGrows() throws {
+        let f = try LayerFixture(deferredDeletion: false)
+        defer { f.tearDown() }
+        let top = try f.importImage()
+        let small = try f.run(["layer", "create-rw", "tiny", "--parent", top, "--size", "64M"])
+        #expect(small.status != 0 && small.stderr.contains("smaller than its parent"), "\(small.stderr)")
+        try f.ok(["layer", "create-rw", "big", "--parent", top, "--size", "768M"])
+        let mnt = f.mountpoint("big")
+        try f.ok(["mount", "big", mnt])
+        var st = statvfs()
+        #expect(statvfs(mnt, &st) == 0)
+        let bytes = UInt64(st.f_blocks) * UInt64(st.f_frsize)
+        #expect(bytes > 700 << 20 && bytes <= 768 << 20, "the container's filesystem is \(bytes) bytes")
+        #expect(Sys.readFile(mnt + "/etc/passwd") != nil)   // the image's files are still there
+        try f.ok(["umount", mnt])
+        try f.waitForDaemons()
+        let device = try f.layerDevice("big")
+        let image = f.dir.path + "/big.img"
+        let export = try LayerFixture.shell("\(Binaries.path("thinfs")) dev read --root \(f.root) \(device) --length 768M > \(image)")
+        #expect(export.status == 0, "\(export.stderr)")
+        let fsck = try LayerFixture.shell("/sbin/e2fsck -fn \(image)")
+        #expect(fsck.status == 0, "e2fsck: \(fsck.stdout)\(fsck.stderr)")
+        let header = try LayerFixture.shell("/sbin/dumpe2fs -h \(image)").stdout
+        func field(_ name: String) -> UInt64? {
+            header.split(separator: "\n").first { $0.hasPrefix(name + ":") }
+                .flatMap { UInt64($0.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) }
+        }
+        #expect(field("Block count").flatMap { c in field("Block size").map { c * $0 } } == 768 << 20, "\(header)")
+        try f.expectNoLeaks()
+    }
+
     @Test func eightContainersInParallel() throws {
         let f = try LayerFixture(deferredDeletion: true)
         defer { f.tearDown() }

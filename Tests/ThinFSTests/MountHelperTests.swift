@@ -1,5 +1,8 @@
 import ArgumentParser
+import Foundation
+import TestSupport
 import Testing
+import ThinFS
 import ThinFSCommands
 
 /// `mount -t fuse.thinfs DIR:ID MOUNTPOINT -o OPTS` runs `mount.fuse.thinfs`; its argv becomes
@@ -31,5 +34,17 @@ struct MountHelperTests {
     ])
     func refusesMalformedHelperArguments(argv: [String]) {
         #expect(throws: ValidationError.self) { try ThinFSMountCommand.arguments(for: argv) }
+    }
+
+    /// In a layer store's root, DIR:ID names a layer (ids like sha256:... included).
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/sbin/mke2fs")))
+    func layerStoreSourcesNameLayers() throws {
+        let dir = TempDir()
+        let options = try StorageOptions(parsing: ["dm.basesize=16M", "dm.loopdatasize=64M", "dm.loopmetadatasize=8M"])
+        try LayerStore.initialize(root: dir.path, options: options, logger: quietLogger).close()
+        #expect(try ThinFSMountCommand.arguments(for: ["mount.fuse.thinfs", dir.path + ":sha256:abc", "/m", "-o", "ro"])
+                == ["--root", dir.path, "--layer", "sha256:abc", "/m", "-o", "ro"])
+        #expect(try ThinFSMountCommand.arguments(for: ["mount.fuse.thinfs", dir.path + ":web", "/m", "-o", "ro"])
+                == ["--root", dir.path, "--layer", "web", "/m", "-o", "ro"])
     }
 }

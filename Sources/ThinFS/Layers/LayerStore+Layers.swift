@@ -35,13 +35,23 @@ extension LayerStore {
                 origin = (base.deviceID, base.size, base.uuid)
             }
             if let size, size < origin.size { throw Error.sizeTooSmall(id, size: size, minimum: origin.size) }
-            if let size, size > origin.size {
-                throw Error.unsupported("layer \(id): growing a filesystem beyond its parent's \(ByteSize.human(origin.size)) is not supported yet; omit --size or pass \(ByteSize.format(origin.size))")
+            if let size, size % 4096 != 0 {
+                throw Error.unsupported("layer \(id): size \(size) must be a multiple of 4K")
             }
             try checkFreeSpace()
             let layer = Layer(id: id, parent: parent, deviceID: try allocateDeviceID(), kind: kind, size: origin.size,
                               state: .active, uuid: origin.uuid, created: Date())
-            let created = try journaledCreate(layer, origin: origin.device)
+            var created = try journaledCreate(layer, origin: origin.device)
+            if let size, size > origin.size {
+                do {
+                    try growFilesystem(of: created, to: size)
+                    created.size = size
+                } catch {
+                    // A container whose filesystem did not grow is not what was asked for.
+                    try? journaledDelete(created)
+                    throw error
+                }
+            }
             logger.info("created layer", metadata: ["layer": "\(id)", "thin.id": "\(created.deviceID)", "parent": "\(parent ?? "<base>")"])
             return created
         }

@@ -41,12 +41,19 @@ public final class LayerDaemon: @unchecked Sendable {
             defer { self.end() }
             return service.handle(request)
         }
-        // The periodic deferred-deletion worker.
+        // The periodic deferred-deletion worker, as Docker's (every 30 s): unmounts already retry
+        // deletions; this catches one that failed then, or a layer freed by a reader going away.
         let timer = Thread { [weak self] in
+            var last = Date()
             while let self, !self.isExiting {
-                Thread.sleep(forTimeInterval: min(self.cleanupInterval, 1))
-                if Int(Date().timeIntervalSince1970) % max(1, Int(self.cleanupInterval)) == 0 {
-                    _ = try? self.store.cleanup()
+                Thread.sleep(forTimeInterval: 1)
+                guard Date().timeIntervalSince(last) >= self.cleanupInterval else { continue }
+                last = Date()
+                do {
+                    let deleted = try self.store.cleanup()
+                    if !deleted.isEmpty { self.logger.info("deferred deletions done", metadata: ["layers": "\(deleted)"]) }
+                } catch {
+                    self.logger.warning("deferred deletion failed; retrying later", metadata: ["error": "\(error)"])
                 }
             }
         }
@@ -73,8 +80,10 @@ public final class LayerDaemon: @unchecked Sendable {
 
     /// Mounts layer `id` at `mountpoint` and serves it on a new thread. Image layers are always
     /// read-only. Returns once the mount is ready.
-    public func mount(_ id: String, at mountpoint: String, readOnly requested: Bool, options: [String] = []) throws {
+    public func mount(_ id: String, at mountpoint: String, readOnly requested: Bool, options requestedOptions: [String] = []) throws {
         let layer = try store.liveLayer(id)
+        // dm.mountopt applies to every mount, as Docker added it to each layer's mount.
+        let options = store.options.mountOptions + requestedOptions
         let readOnly = requested || layer.kind == .image
         let extra = options.filter { $0 != "ro" && $0 != "rw" && $0 != "allow_other" }
         let canonical = try FUSEServer.checkMountpoint(mountpoint, allowNonEmpty: extra.contains("nonempty"))
