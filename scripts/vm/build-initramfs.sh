@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the guest's initramfs: busybox-static as /init's shell, the host's own lvm2, dmsetup,
-# dmeventd (with its thin plugin), thin-provisioning-tools, e2fsprogs, fusermount3, losetup, and
+# dmeventd (with its thin plugin), thin-provisioning-tools, e2fsprogs, fusermount3, losetup, blkid
+# (util-linux's: setup-lvm trusts it to find filesystems; busybox's misses some), and
 # ThinFS's thinfs and thinfs-mount, each with its ldd closure (the guest runs the host's Debian
 # userspace, so the host's .so files work), plus the kernel modules the tests need.
 #
@@ -84,7 +85,7 @@ binaries=(
   /usr/sbin/lvm /usr/sbin/dmsetup /usr/sbin/dmeventd
   /usr/sbin/pdata_tools
   /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/debugfs /usr/sbin/dumpe2fs /usr/sbin/tune2fs /usr/sbin/resize2fs
-  /usr/bin/fusermount3 /usr/sbin/losetup /usr/sbin/blockdev /usr/sbin/blkdiscard /usr/bin/sha256sum
+  /usr/bin/fusermount3 /usr/sbin/losetup /usr/sbin/blockdev /usr/sbin/blkdiscard /usr/sbin/blkid /usr/bin/sha256sum
   /usr/bin/cmp /usr/bin/bash
   ${THINFS_VM_EXTRA_BINARIES:-}
 )
