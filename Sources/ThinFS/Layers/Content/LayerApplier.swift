@@ -41,6 +41,8 @@ import SystemPackage
 /// - A non-directory where a parent directory should be is rejected too.
 /// A rejected entry ends the apply; entries before it stay written (the
 /// layer store applies into a fresh snapshot and deletes it on failure).
+/// A damaged or truncated archive ends it too, with the reader's `ArchiveError`
+/// (which names the archive and the entry).
 public struct LayerApplier: Sendable {
     public struct Statistics: Equatable, Sendable {
         /// Headers read, whiteouts included.
@@ -58,14 +60,12 @@ public struct LayerApplier: Sendable {
         case badEntry(entry: String, reason: String)
         /// The volume refused an operation for this entry.
         case volume(entry: String, VolumeError)
-        case archive(ArchiveError)
 
         public var description: String {
             switch self {
             case .hostileEntry(let e, let r): return "refused layer entry '\(e)': \(r)"
             case .badEntry(let e, let r): return "cannot apply layer entry '\(e)': \(r)"
             case .volume(let e, let v): return "applying layer entry '\(e)': \(v)"
-            case .archive(let a): return a.description
             }
         }
     }
