@@ -19,7 +19,8 @@ extension FUSEServer {
         /// What /proc/mounts shows as the source: `thinfs:<source>`.
         public var source: String
         /// Further mount options, passed to libfuse as they are (`noatime`, `nosuid`, ...).
-        /// `nonempty` is ours: it allows a mount point that is not empty.
+        /// `nonempty` is ours: it allows a mount point that is not empty. So is `readahead=KiB`:
+        /// it overrides `readAheadKiB`.
         public var extraOptions: [String]
         /// Upper bound on libfuse worker threads.
         public var maxThreads: Int
@@ -41,6 +42,14 @@ extension FUSEServer {
         }
 
         var allowsNonEmptyMountpoint: Bool { extraOptions.contains("nonempty") }
+
+        /// `readahead=KiB` from the extra options (the last one wins), else `readAheadKiB`.
+        var effectiveReadAheadKiB: Int? {
+            for o in extraOptions.reversed() where o.hasPrefix("readahead=") {
+                if let kib = Int(o.dropFirst("readahead=".count)), kib > 0 { return kib }
+            }
+            return readAheadKiB
+        }
     }
 
     /// Errors of mounting and serving. Each names the mount point.

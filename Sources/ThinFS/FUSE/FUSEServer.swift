@@ -59,6 +59,11 @@ public final class FUSEServer: Sendable {
     /// Set by every modifying request; the periodic committer only commits when it was set,
     /// so an idle mount writes nothing.
     private let changed = Atomic<Bool>(false)
+    /// READ requests served and their bytes, and GETATTRs, logged at unmount: the evidence of
+    /// whether the kernel's page cache answered a read or the daemon did.
+    private let readRequests = Atomic<UInt64>(0)
+    private let readBytes = Atomic<UInt64>(0)
+    private let getattrRequests = Atomic<UInt64>(0)
 
     /// The largest read and write: 256 pages, libfuse's receive buffer (FUSE_MAX_MAX_PAGES)
     /// and the kernel's default `fs.fuse.max_pages_limit`.
@@ -156,7 +161,8 @@ public final class FUSEServer: Sendable {
         if readOnly { opts.append("ro") }
         if options.allowOther { opts.append("allow_other") }
         let ours: Set = ["default_permissions", "ro", "allow_other", "nonempty"]
-        for o in options.extraOptions where !ours.contains(o) && !o.hasPrefix("max_read=") && !(readOnly && o == "rw") {
+        for o in options.extraOptions where !ours.contains(o) && !o.hasPrefix("max_read=") && !o.hasPrefix("readahead=")
+            && !(readOnly && o == "rw") {
             opts.append(o)
         }
         return opts
@@ -189,7 +195,12 @@ public final class FUSEServer: Sendable {
             s.session = nil
         }
         fuse_session_destroy(session.pointer)
-        logger.info("unmounted", metadata: ["fuse.mountpoint": "\(mountpoint)"])
+        logger.info("unmounted", metadata: [
+            "fuse.mountpoint": "\(mountpoint)",
+            "fuse.read_requests": "\(readRequests.load(ordering: .relaxed))",
+            "fuse.read_bytes": "\(readBytes.load(ordering: .relaxed))",
+            "fuse.getattr_requests": "\(getattrRequests.load(ordering: .relaxed))",
+        ])
         if rc < 0 { throw .loopFailed(mountpoint, Errno(rawValue: -rc)) }
         if let commitError { throw .commitFailed(mountpoint, "\(commitError)") }
     }
@@ -388,7 +399,7 @@ public final class FUSEServer: Sendable {
         conn.pointee.max_write = UInt32(Self.maxIO)
         conn.pointee.max_read = UInt32(Self.maxIO)
         conn.pointee.max_background = 64
-        if let kib = options.readAheadKiB {
+        if let kib = options.effectiveReadAheadKiB {
             // The kernel sets the mount's read-ahead to the smaller of the backing device's value and
             // ours when it processes this reply, so the device's value is raised first, here.
             if let device = state.withLock({ $0.device }), Self.setReadAhead(kib: kib, device: device) {
@@ -407,6 +418,13 @@ public final class FUSEServer: Sendable {
         // Write-back caching lets the kernel merge small writes into max_write requests. It is safe on a
         // read-write mount because every change comes through this kernel; a read-only mount has no writes.
         if !readOnly, capable & UInt32(FUSE_CAP_WRITEBACK_CACHE) != 0 { want |= UInt32(FUSE_CAP_WRITEBACK_CACHE) }
+        // libfuse turns on auto_inval_data by default: the kernel then refreshes a file's attributes
+        // before every read() once they are older than the attr timeout (a GETATTR round trip per
+        // second of a long read on rw mounts), to drop cached pages when another client changed the
+        // file. Nothing else changes our files: a read-only mount never changes, and with the writeback
+        // cache the kernel ignores our size and mtime for regular files anyway. The kernel still asks
+        // for the size when a read reaches past the cached EOF.
+        want &= ~UInt32(FUSE_CAP_AUTO_INVAL_DATA)
         // A symlink's target never changes (a new target is a new inode), so the page cache may keep it.
         if capable & UInt32(FUSE_CAP_CACHE_SYMLINKS) != 0 { want |= UInt32(FUSE_CAP_CACHE_SYMLINKS) }
         conn.pointee.want = want & capable
@@ -431,6 +449,7 @@ public final class FUSEServer: Sendable {
     }
 
     private func getattr(_ req: fuse_req_t, _ node: fuse_ino_t) {
+        getattrRequests.add(1, ordering: .relaxed)
         do { replyAttr(req, try volume.getattr(inode(node))) } catch { fail(req, "getattr", error) }
     }
 
@@ -552,6 +571,8 @@ public final class FUSEServer: Sendable {
             let want = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<min(size, buffer.count)])
             do {
                 let n = try volume.read(inode(node), at: UInt64(offset), into: want)
+                readRequests.add(1, ordering: .relaxed)
+                readBytes.add(UInt64(n), ordering: .relaxed)
                 fuse_reply_buf(req, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), n)
             } catch { fail(req, "read", error) }
         }

@@ -69,6 +69,9 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                 ChannelRegistry.shared.unregister(channelName)
                 throw VolumeError(Self.errno(rb), "cannot read the allocation bitmaps (\(Self.message(rb)))")
             }
+            // Unlocked file reads must learn of every block freed while their device reads ran.
+            ext2fs_set_block_alloc_stats_callback(handle, countBlockFree, nil)
+            ext2fs_set_block_alloc_stats_range_callback(handle, countBlockRangeFree, nil)
         }
     }
 
@@ -422,14 +425,167 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         }
     }
 
+    /// Reads file data. Extent-mapped files (every regular ext4 file that is not inline) take
+    /// the fast path:
+    ///
+    /// 1. under the lock: read the inode, resolve the requested range into runs of physically
+    ///    consecutive blocks by walking the extent tree once (`mapRuns`), and note the channel's
+    ///    free generation;
+    /// 2. without the lock: one `BlockDevice.read` per run. The pool is thread-safe, so the
+    ///    kernel's parallel read-ahead requests overlap their device I/O, and other requests
+    ///    (getattr, lookup, writes) do not queue behind a read's I/O;
+    /// 3. under the lock again: if any block of the filesystem was freed meanwhile (a truncate,
+    ///    punch or unlink, counted by libext2fs's block-allocation callback), a mapped block may
+    ///    have been reused by another file, so the read is redone with the device reads under
+    ///    the lock. Otherwise the data is what the file held when it was mapped.
+    ///
+    /// Overlapping writes to the same range are not ordered against the unlocked read; through
+    /// FUSE they never overlap, because the kernel reads only pages it has no dirty copy of.
     public func read(_ ino: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(VolumeError) -> Int {
-        try withFS { fs throws(VolumeError) in
+        enum Plan {
+            case done(Int)
+            case runs(ReadPlan)
+        }
+        let plan = try withFS { fs throws(VolumeError) -> Plan in
             var inode = try readInode(fs, ino)
             guard UInt32(inode.i_mode) & 0o170000 != 0o040000 else { throw VolumeError(.isDirectory, "inode \(ino) is a directory") }
             if inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0 && inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0 {
-                return try readExtents(fs, ino, &inode, offset, buffer)
+                return .runs(try planExtentRead(fs, ino, &inode, offset, buffer.count))
             }
-            return try readData(fs, ino, offset, buffer)
+            return .done(try readData(fs, ino, offset, buffer))
+        }
+        guard case .runs(let runs) = plan else {
+            if case .done(let n) = plan { return n }
+            return 0
+        }
+        if runs.length == 0 { return 0 }
+        try execute(runs, ino, offset, buffer)
+        let stillValid = try withFS { fs throws(VolumeError) in channelState(fs.pointee.io).freeGeneration == runs.generation }
+        if stillValid { return runs.length }
+        // A block was freed while the device reads ran: map and read again, all under the lock.
+        return try withFS { fs throws(VolumeError) -> Int in
+            var inode = try readInode(fs, ino)
+            let again = try planExtentRead(fs, ino, &inode, offset, buffer.count)
+            try execute(again, ino, offset, buffer)
+            return again.length
+        }
+    }
+
+    /// What `read` resolves under the lock and reads without it.
+    private struct ReadPlan {
+        /// One run of the file: `length` bytes at file offset `offset + start`, read from device
+        /// offset `device` (nil: a hole or an unwritten extent, which reads as zeros).
+        struct Run {
+            var start: Int
+            var length: Int
+            var device: UInt64?
+        }
+        var runs: [Run] = []
+        /// The bytes the read returns (the request, clamped to the file size).
+        var length = 0
+        var generation: UInt64 = 0
+        var device: BlockDevice?
+    }
+
+    /// Resolves `count` bytes at `offset` of an extent-mapped inode into device runs.
+    private func planExtentRead(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large, _ offset: UInt64,
+                                _ count: Int) throws(VolumeError) -> ReadPlan {
+        let channel = channelState(fs.pointee.io)
+        var plan = ReadPlan(generation: channel.freeGeneration, device: channel.device)
+        let size = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
+        guard offset < size, count > 0 else { return plan }
+        let end = min(offset + UInt64(count), size)
+        plan.length = Int(end - offset)
+        let bs = UInt64(fs.pointee.blocksize)
+        // The channel may hold written-back-later blocks: the device must see them first.
+        do { try channel.writeBackDirty() } catch { throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "reading inode \(ino)") }
+        let first = offset / bs, last = (end - 1) / bs
+        for m in try mapRuns(fs, ino, &inode, first: first, last: last) {
+            // The run's bytes within [offset, end).
+            let from = max(offset, m.logical * bs), to = min(end, (m.logical + m.count) * bs)
+            guard from < to else { continue }
+            let device = m.physical.map { $0 * bs + (from - m.logical * bs) }
+            if let lastRun = plan.runs.last, lastRun.start + lastRun.length == Int(from - offset),
+               (lastRun.device == nil && device == nil)
+                || (lastRun.device != nil && device != nil && lastRun.device! + UInt64(lastRun.length) == device!) {
+                plan.runs[plan.runs.count - 1].length += Int(to - from)
+            } else {
+                plan.runs.append(.init(start: Int(from - offset), length: Int(to - from), device: device))
+            }
+        }
+        return plan
+    }
+
+    /// Runs of blocks `first...last` of an extent-mapped inode: consecutive logical blocks that
+    /// are consecutive on the device (`physical` set) or that read as zeros (holes and unwritten
+    /// extents, `physical` nil). The extent tree is walked once: a goto to the first block, then
+    /// leaf by leaf, rather than a lookup per block. Bigalloc filesystems (whose clusters may be
+    /// mapped implicitly) take the per-block `ext2fs_bmap2` route.
+    private func mapRuns(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large, first: UInt64,
+                         last: UInt64) throws(VolumeError) -> [(logical: UInt64, count: UInt64, physical: UInt64?)] {
+        var runs: [(logical: UInt64, count: UInt64, physical: UInt64?)] = []
+        if fs.pointee.cluster_ratio_bits != 0 {
+            for lblk in first...last {
+                var physical: blk64_t = 0
+                var flags: Int32 = 0
+                let rc = withUnsafeMutablePointer(to: &inode) {
+                    $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_bmap2(fs, ext2_ino_t(ino), $0, nil, 0, lblk, &flags, &physical) }
+                }
+                try check(rc, "mapping block \(lblk) of inode \(ino)")
+                let data = physical != 0 && flags & BMAP_RET_UNINIT == 0
+                runs.append((lblk, 1, data ? physical : nil))
+            }
+            return runs
+        }
+        var handle: ext2_extent_handle_t?
+        let rc = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_extent_open2(fs, ext2_ino_t(ino), $0, &handle) }
+        }
+        try check(rc, "opening the extent tree of inode \(ino)")
+        defer { ext2fs_extent_free(handle) }
+        var extent = ext2fs_extent()
+        var pos = first
+        // Position on the extent holding `first`, or the nearest one before or after it.
+        var rcGoto = ext2fs_extent_goto2(handle, 0, blk64_t(first))
+        if rcGoto == EXT2_ET_EXTENT_NOT_FOUND || rcGoto == EXT2_ET_EXTENT_NO_NEXT { rcGoto = 0 }
+        try check(rcGoto, "finding block \(first) of inode \(ino)")
+        var have = ext2fs_extent_get(handle, EXT2_EXTENT_CURRENT, &extent) == 0
+        while pos <= last {
+            // Skip extents that end at or before pos (the goto may leave us on the one before a hole).
+            while have && extent.e_lblk + UInt64(extent.e_len) <= pos {
+                have = ext2fs_extent_get(handle, EXT2_EXTENT_NEXT_LEAF, &extent) == 0
+            }
+            guard have, extent.e_len > 0 else {
+                runs.append((pos, last - pos + 1, nil))   // past the last extent: a hole to the end
+                break
+            }
+            if extent.e_lblk > pos {
+                let n = min(extent.e_lblk, last + 1) - pos
+                runs.append((pos, n, nil))
+                pos += n
+                continue
+            }
+            let n = min(extent.e_lblk + UInt64(extent.e_len), last + 1) - pos
+            let unwritten = extent.e_flags & UInt32(EXT2_EXTENT_FLAGS_UNINIT) != 0
+            runs.append((pos, n, unwritten ? nil : extent.e_pblk + (pos - extent.e_lblk)))
+            pos += n
+        }
+        return runs
+    }
+
+    /// The device reads of a plan: each data run straight from the device, holes zero-filled.
+    private func execute(_ plan: ReadPlan, _ ino: UInt64, _ offset: UInt64, _ buffer: UnsafeMutableRawBufferPointer) throws(VolumeError) {
+        for run in plan.runs {
+            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[run.start..<(run.start + run.length)])
+            guard let at = run.device, let device = plan.device else {
+                slice.initializeMemory(as: UInt8.self, repeating: 0)
+                continue
+            }
+            do {
+                try device.read(into: slice, at: at)
+            } catch {
+                throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "reading inode \(ino) at \(offset + UInt64(run.start)): \(error)")
+            }
         }
     }
 
@@ -437,53 +593,6 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         var file: ext2_file_t?
         try check(ext2fs_file_open2(fs, ext2_ino_t(ino), nil, write ? EXT2_FILE_WRITE : 0, &file), "opening inode \(ino)")
         return file!
-    }
-
-    /// Reads an extent-mapped file by following its block map: each run of consecutive physical
-    /// blocks is one device read (one pool read for up to a request), instead of
-    /// ext2fs_file_read's one block at a time. Holes and unwritten extents read as zeros.
-    private func readExtents(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large, _ offset: UInt64,
-                             _ buffer: UnsafeMutableRawBufferPointer) throws(VolumeError) -> Int {
-        let size = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
-        guard offset < size, buffer.count > 0 else { return 0 }
-        let end = min(offset + UInt64(buffer.count), size)
-        let bs = UInt64(fs.pointee.blocksize)
-        // The channel may hold written-back-later blocks: the device must see them first.
-        let channel = channelState(fs.pointee.io)
-        do { try channel.writeBackDirty() } catch { throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "reading inode \(ino)") }
-        func map(_ lblk: UInt64) throws(VolumeError) -> (physical: UInt64, data: Bool) {
-            var physical: blk64_t = 0
-            var flags: Int32 = 0
-            let rc = withUnsafeMutablePointer(to: &inode) {
-                $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_bmap2(fs, ext2_ino_t(ino), $0, nil, 0, lblk, &flags, &physical) }
-            }
-            try check(rc, "mapping block \(lblk) of inode \(ino)")
-            return (physical, physical != 0 && flags & BMAP_RET_UNINIT == 0)
-        }
-        var pos = offset
-        while pos < end {
-            let first = pos / bs
-            let m = try map(first)
-            var run: UInt64 = 1
-            while (first + run) * bs < end {
-                let next = try map(first + run)
-                guard next.data == m.data, !m.data || next.physical == m.physical + run else { break }
-                run += 1
-            }
-            let runEnd = min(end, (first + run) * bs)
-            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(pos - offset)..<Int(runEnd - offset)])
-            if m.data {
-                do {
-                    try channel.device.read(into: slice, at: m.physical * bs + (pos - first * bs))
-                } catch {
-                    throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "reading inode \(ino) at \(pos): \(error)")
-                }
-            } else {
-                slice.initializeMemory(as: UInt8.self, repeating: 0)
-            }
-            pos = runEnd
-        }
-        return Int(end - offset)
     }
 
     private func readData(_ fs: ext2_filsys, _ ino: UInt64, _ offset: UInt64, _ buffer: UnsafeMutableRawBufferPointer) throws(VolumeError) -> Int {
@@ -1247,6 +1356,9 @@ private final class ChannelState {
     private var dirtyCount = 0
     private var blockSize = 0
     static let capacity = 1024
+    /// Counts libext2fs's block frees (see `countBlockFrees`). Read and written under the Volume's
+    /// lock only: unlocked file reads compare it before and after their device I/O.
+    var freeGeneration: UInt64 = 0
 
     init(device: BlockDevice) { self.device = device }
     deinit {
@@ -1380,6 +1492,16 @@ private final class ChannelState {
 
 private func channelState(_ channel: io_channel?) -> ChannelState {
     Unmanaged<ChannelState>.fromOpaque(channel!.pointee.private_data).takeUnretainedValue()
+}
+
+/// libext2fs's block-allocation callbacks (`ext2fs_block_alloc_stats2` and its range form, which
+/// every free of a data block goes through: punch, truncate, inode release). A free bumps the
+/// channel's `freeGeneration`. They run inside libext2fs calls, so under the Volume's lock.
+private let countBlockFree: @convention(c) (ext2_filsys?, blk64_t, Int32) -> Void = { fs, _, inuse in
+    if inuse < 0, let fs { channelState(fs.pointee.io).freeGeneration &+= 1 }
+}
+private let countBlockRangeFree: @convention(c) (ext2_filsys?, blk64_t, blk_t, Int32) -> Void = { fs, _, _, inuse in
+    if inuse < 0, let fs { channelState(fs.pointee.io).freeGeneration &+= 1 }
 }
 
 /// Byte range of a libext2fs block request: a negative count is a byte count (ext2_io.h).
