@@ -189,3 +189,15 @@ struct PoolLockTests {
         _ = try UserspaceThinPool.open(dataPath: data, metadataPath: meta, logger: quietLogger)
     }
 }
+
+/// `pool status` reports used metadata blocks as the kernel does, its reserve included; the VM
+/// suite compares the whole line with the kernel's on the same pools.
+@Test(arguments: [
+    (15, 1024, 117),          // seen in the VM: the kernel printed 117/1024 where the space map holds 15
+    (0, 100_000, 4096),       // the reserve is capped at 4096 blocks
+    (1000, 1024, 1024),       // less free than the reserve: the kernel reports none free
+    (1024, 1024, 1024),       // full
+] as [(UInt64, UInt64, UInt64)])
+func usedMetadataBlocksCountTheKernelsReserve(allocated: UInt64, total: UInt64, reported: UInt64) {
+    #expect(PoolStatus.reportedUsedMetadataBlocks(allocated: allocated, total: total) == reported)
+}

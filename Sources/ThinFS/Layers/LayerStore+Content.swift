@@ -55,6 +55,8 @@ extension LayerStore {
                 guard existing.state == .active else { throw Error.deleted(id) }
                 done.reused += 1
             } else {
+                // The blob's digest and its DiffID against the config, before anything is written.
+                _ = try source.verify(entry)
                 _ = try createImageLayer(id, parent: parent)
                 do {
                     _ = try applyDiff(id, from: entry.path)

@@ -111,6 +111,16 @@ public struct PoolStatus: Equatable, Sendable {
             + "\(errorIfNoSpace ? "error_if_no_space" : "queue_if_no_space") \(needsCheck ? "needs_check" : "-") \(metadataLowWatermark)"
     }
 
+    /// "Used metadata blocks" as the kernel reports them: it keeps a reserve of min(4096, total/10)
+    /// blocks out of the free count, so that a pool short of metadata can still commit
+    /// (dm-thin-metadata.c `__set_metadata_reserve`, `dm_pool_get_free_metadata_block_count`).
+    /// The space map itself (and thin_check) count only the blocks allocated.
+    public static func reportedUsedMetadataBlocks(allocated: UInt64, total: UInt64) -> UInt64 {
+        let reserve = min(4096, total / 10)
+        let free = total - min(allocated, total)
+        return total - (free < reserve ? 0 : free - reserve)
+    }
+
     /// The kernel's `calc_metadata_threshold`: 4 MiB of metadata, or a quarter of the device if smaller.
     public static func metadataLowWatermark(totalMetadataBlocks: UInt64) -> UInt64 {
         min(1024, totalMetadataBlocks / 4)

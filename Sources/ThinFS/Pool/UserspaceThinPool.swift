@@ -281,7 +281,9 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
             // The pool's own mode: opening it read-only to inspect it does not make it "ro".
             let metadataReadOnly: Bool = { if case .readOnly = md.mode { return true }; return false }()
             let mode: PoolStatus.Mode = metadataReadOnly ? .ro : (md.dataSM.nrFree == 0 ? .outOfDataSpace : .rw)
-            return PoolStatus(transactionID: md.transactionID, usedMetadataBlocks: md.usedMetadataBlocks,
+            return PoolStatus(transactionID: md.transactionID,
+                              usedMetadataBlocks: PoolStatus.reportedUsedMetadataBlocks(allocated: md.usedMetadataBlocks,
+                                                                                        total: md.nrMetadataBlocks),
                               totalMetadataBlocks: md.nrMetadataBlocks, usedDataBlocks: md.usedDataBlocks,
                               totalDataBlocks: md.nrDataBlocks, heldMetadataRoot: md.heldRoot == 0 ? nil : md.heldRoot,
                               mode: mode, discard: "no_discard_passdown", errorIfNoSpace: true, needsCheck: md.needsCheck,

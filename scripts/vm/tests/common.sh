@@ -13,14 +13,10 @@ fs_manifest() {
     done)
 }
 
-# kernel_status_view: reads the first four fields of `thinfs pool status` (transaction id,
-# used/total metadata blocks, used/total data blocks, held root) and prints them as the kernel's
-# thin-pool status line shows them. The kernel keeps a metadata reserve of min(4096, total/10)
-# blocks out of the free count it reports (dm-thin-metadata.c: __set_metadata_reserve,
-# dm_pool_get_free_metadata_block_count), so its "used" is total - max(0, free - reserve).
+# kernel_status_view: the first four fields of `thinfs pool status` (transaction id, used/total
+# metadata blocks, used/total data blocks, held root), which must equal the kernel's. Both count
+# the kernel's metadata reserve of min(4096, total/10) blocks as used (dm-thin-metadata.c:
+# __set_metadata_reserve, dm_pool_get_free_metadata_block_count; ThinFS: PoolStatus).
 kernel_status_view() {
-  awk '{ split($2, m, "/"); total = m[2]; free = total - m[1]
-         r = int(total / 10); if (r > 4096) r = 4096
-         free = (free < r) ? 0 : free - r
-         print $1, (total - free) "/" total, $3, $4 }'
+  awk '{ print $1, $2, $3, $4 }'
 }
