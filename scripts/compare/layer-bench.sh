@@ -252,13 +252,13 @@ thinfs_unmount_all() {
     done < "$W/containers"
     wait_no_daemon
 }
-thinfs_teardown() {   # unmount and remove every container made so far
+thinfs_remove_all() {   # layer rm of every container made so far (unmounted)
     local id mp
     [ -f "$W/containers" ] || return 0
-    thinfs_unmount_all
     while read -r id mp; do run "$THINFS" layer rm --root "$R" "$id"; rmdir "$mp"; done < "$W/containers"
     rm -f "$W/containers"
 }
+thinfs_teardown() { thinfs_unmount_all; thinfs_remove_all; }
 ocnt=0
 overlay_container() {   # overlay_container TAG
     local d=$W/ovl/o$ocnt t
@@ -401,7 +401,7 @@ read -r d1 m1 u1 < <(pool_used)
 o1=$(du -sB1 "$W/lower" "$W"/ovl/o*/upper "$W"/ovl/o*/work | awk '{ s += $1 } END { print s }')
 ou=$(du -sB1 "$W"/ovl/o*/upper | awk '{ s += $1 } END { print s }')
 for v in d0 m0 u0 d1 m1 u1 o0 o1 ou; do printf '%s\n' "${!v}" > "$S/space.$v"; done
-thinfs_teardown; overlay_teardown
+thinfs_remove_all; overlay_teardown
 
 # ---------------------------------------------------------------- report
 log "done; report"
@@ -476,16 +476,21 @@ def raw(v):
     p = os.path.join(S, "space." + v)
     return open(p).read().strip() if os.path.exists(p) else "0"
 d0, m0, u0, d1, m1, u1, o0, o1, ou = (raw(v) for v in "d0 m0 u0 d1 m1 u1 o0 o1 ou".split())
-print(f"\n5. disk space, 10 containers of the image, each writing 4 MiB (allocated bytes, du -B1)")
+print(f"\n5. disk space, 10 containers of the image, each writing 4 MiB")
 print("| | image only | + 10 containers | added | added per container |")
 print("|---|---:|---:|---:|---:|")
-print(f"| thinfs pool data file | {mib(d0)} | {mib(d1)} | {mib(int(d1) - int(d0))} | {mib((int(d1) - int(d0)) / 10)} |")
-print(f"| thinfs pool metadata file | {mib(m0)} | {mib(m1)} | {mib(int(m1) - int(m0))} | {mib((int(m1) - int(m0)) / 10)} |")
-print(f"| thinfs info: Data Space Used | {u0} | {u1} | | |")
+import re
+def human(v):   # thinfs info prints decimal units: 65.54 kB is 65,536 bytes
+    m = re.match(r"([0-9.]+)\s*([kMGT]?B)", v)
+    return float(m.group(1)) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[m.group(2)] if m else 0
+hu0, hu1 = human(u0), human(u1)
+print(f"| thinfs info: Data Space Used | {mib(hu0)} | {mib(hu1)} | {mib(hu1 - hu0)} | {mib((hu1 - hu0) / 10)} |")
+print(f"| thinfs pool data file (du; freed pool blocks are reused, not punched) | {mib(d0)} | {mib(d1)} | {mib(int(d1) - int(d0))} | {mib((int(d1) - int(d0)) / 10)} |")
+print(f"| thinfs pool metadata file (du) | {mib(m0)} | {mib(m1)} | {mib(int(m1) - int(m0))} | {mib((int(m1) - int(m0)) / 10)} |")
 print(f"| overlay lower + upper + work dirs | {mib(o0)} | {mib(o1)} | {mib(int(o1) - int(o0))} | {mib((int(o1) - int(o0)) / 10)} |")
 print(f"| … of which upper dirs | | {mib(ou)} | | |")
 if os.path.exists(os.path.join(S, "vanished")):
     print("\nWARNING: containers whose mount was gone before their umount: " + " ".join(open(os.path.join(S, "vanished")).read().split()))
-print("\nthinfs layer ls after the writes:")
-print(open(lsfile).read())
+print("\nthinfs layer ls after the writes (fill layers left out):")
+print("".join(l for l in open(lsfile) if not l.startswith("fill")))
 EOF
