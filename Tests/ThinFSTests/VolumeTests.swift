@@ -1,6 +1,7 @@
 import Foundation
 import PersistentData
 import SystemPackage
+import Synchronization
 import TestSupport
 import Testing
 @testable import ThinFS
@@ -198,6 +199,54 @@ struct VolumeTests {
             #expect(back[3000..<13_000].allSatisfy { $0 == 0x11 })
             #expect(back[13_000..<40_000].allSatisfy { $0 == 0 })
             #expect(back[40_000...].allSatisfy { $0 == 0x22 })
+        }
+    }
+
+    /// Reads do their device I/O outside the volume lock. While one thread reads a file whose
+    /// bytes never change, another frees blocks and reuses them for other files (write, truncate,
+    /// unlink, write again): the reader must never see anything but its file's bytes. Holes and
+    /// the tail past EOF read as zeros.
+    @Test func unlockedReadsNeverSeeReusedBlocks() throws {
+        try withImage { v, _ in
+            let stable = try v.mknod(parent: v.rootInode, name: "stable", mode: 0o100644, rdev: 0, owner: .root)
+            var pattern = [UInt8](repeating: 0, count: 4 << 20)
+            for i in pattern.indices { pattern[i] = UInt8(truncatingIfNeeded: i / 4096 &* 31 &+ 7) | 1 }
+            _ = try pattern.withUnsafeBytes { try v.write(stable.ino, at: 0, from: $0) }
+            // A hole, then more data: the runs mix device reads and zero fills.
+            _ = try pattern[0..<(1 << 20)].withUnsafeBytes { try v.write(stable.ino, at: 6 << 20, from: $0) }
+            final class Flag: Sendable { let stop = Atomic<Bool>(false) }
+            let done = Flag()
+            let churn = Thread {
+                var n = 0
+                let junk = [UInt8](repeating: 0, count: 1 << 20)
+                while !done.stop.load(ordering: .relaxed) {
+                    let name = "churn\(n % 3)"
+                    if let f = try? v.mknod(parent: v.rootInode, name: name, mode: 0o100644, rdev: 0, owner: .root) {
+                        _ = try? junk.withUnsafeBytes { try v.write(f.ino, at: 0, from: $0) }
+                        var c = AttributeChanges()
+                        c.size = 4096
+                        _ = try? v.setattr(f.ino, c)
+                    }
+                    try? v.unlink(parent: v.rootInode, name: "churn\((n + 1) % 3)")
+                    n += 1
+                }
+            }
+            churn.start()
+            defer { done.stop.store(true, ordering: .relaxed) }
+            var buffer = [UInt8](repeating: 0xFF, count: 1 << 20)
+            for round in 0..<200 {
+                let offset = UInt64(round % 7) << 20   // 0-3 MiB data, 4-5 MiB a hole, 6 MiB data
+                let got = try buffer.withUnsafeMutableBytes { try v.read(stable.ino, at: offset, into: $0) }
+                #expect(got == 1 << 20)
+                let expected: ArraySlice<UInt8> = offset < 4 << 20 ? pattern[Int(offset)..<Int(offset + (1 << 20))]
+                    : offset == 6 << 20 ? pattern[0..<(1 << 20)] : ArraySlice(repeating: 0, count: 1 << 20)
+                if !buffer.elementsEqual(expected) {
+                    Issue.record("read \(round) at \(offset) returned bytes that are not the file's")
+                    break
+                }
+            }
+            done.stop.store(true, ordering: .relaxed)
+            while !churn.isFinished { usleep(1000) }
         }
     }
 
