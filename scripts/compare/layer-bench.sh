@@ -57,7 +57,8 @@ daemons() {
     local p
     for p in /proc/[0-9]*; do
         [ -r "$p/cmdline" ] || continue
-        tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q -- "thinfs-mount .*--root $W/" && echo "${p#/proc/}"
+        # A process may exit between the test and the read: its error is not ours to print.
+        { tr '\0' ' ' < "$p/cmdline"; } 2>/dev/null | grep -q -- "thinfs-mount .*--root $W/" && echo "${p#/proc/}"
     done
 }
 mounts_under() { awk -v w="$W/" 'index($2, w) == 1 { print $2, $3 }' /proc/mounts | sort -r; }
