@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # fs-bench.sh: file-system benchmarks through the mount, side by side in one run on the same data.
 #
-#   scripts/compare/fs-bench.sh [--quick] [--dir DIR]
+#   scripts/compare/fs-bench.sh [--quick] [--dir DIR] [--setups a,b,...] [--seq-only]
 #
 # Setups:   thinfs    thinfs-mount of a formatted thin device (userspace pool, FUSE, libext2fs)
 #           fuse2fs   fuse2fs on an 8G sparse ext4 image (the stock libext2fs FUSE server)
@@ -10,17 +10,23 @@
 # All images, the pool and the overlay directories live in the same scratch directory
 # (DIR/fs-bench.XXXXXX, default DIR=/var/tmp), which is removed at the end.
 #
+# --setups runs a subset (default thinfs,fuse2fs,ext4,overlay); --seq-only runs only the
+# sequential rows (write, cached read, cold read), for quick iterations on the read path.
 # It is a report, not a test: it prints PASS/MISS per goal and exits 0 either way.
 # Needs root (mount, loop devices, drop_caches) and /dev/fuse. Installs fuse2fs if missing.
 set -euo pipefail
 
 QUICK=0
 DIR=/var/tmp
+SETUPS=(thinfs fuse2fs ext4 overlay)
+SEQ_ONLY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --dir) DIR="$2"; shift ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --setups) IFS=, read -r -a SETUPS <<< "$2"; shift ;;
+        --seq-only) SEQ_ONLY=1 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "fs-bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -85,9 +91,13 @@ pretouch() { dd if=/dev/zero of="$WORK/pretouch" bs=1M count="$1" status=none; r
 
 echo "fs-bench: preparing sources in $SHM (big file ${BIG_MB} MiB, $NFILES small files, tar of ${TAR_SRC[*]})" >&2
 dd if=/dev/urandom of="$SHM/big" bs=1M count="$BIG_MB" status=none
-tar -cf "$SHM/rootfs.tar" "${TAR_SRC[@]}" 2>/dev/null || true
-TAR_MB=$(( $(stat -c %s "$SHM/rootfs.tar") / 1048576 ))
-TAR_FILES=$(tar -tf "$SHM/rootfs.tar" | wc -l)
+if [ $SEQ_ONLY = 1 ]; then
+    TAR_MB=0; TAR_FILES=0    # the tar rows do not run
+else
+    tar -cf "$SHM/rootfs.tar" "${TAR_SRC[@]}" 2>/dev/null || true
+    TAR_MB=$(( $(stat -c %s "$SHM/rootfs.tar") / 1048576 ))
+    TAR_FILES=$(tar -tf "$SHM/rootfs.tar" | wc -l)
+fi
 
 mkimage() { truncate -s 8G "$1"; mke2fs -q -F -t ext4 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$1"; IMAGES+=("$1"); }
 
@@ -129,6 +139,15 @@ remount_cold() { "umount_$1"; drop_caches; "mount_$1"; }
 # ── Workloads ──
 declare -A T
 timed() { local key="$1"; shift; local t0 t1; t0=$(now); "$@"; t1=$(now); T[$key]=$(echo "$t1 - $t0" | bc -l); }
+# timed_cpu also records the reader's own CPU seconds (user + system) as row "<row>_cpu". On a
+# loaded machine the wall time of a page-cache read is mostly waiting for a CPU; its CPU time
+# is what the file system's read path costs.
+timed_cpu() {
+    local key="$1"; shift; local t0 t1
+    t0=$(now); /usr/bin/time -f '%U %S' -o "$WORK/cpu.txt" "$@"; t1=$(now)
+    T[$key]=$(echo "$t1 - $t0" | bc -l)
+    T[${key}_cpu]=$(awk '{print $1 + $2}' "$WORK/cpu.txt")
+}
 
 make_small() {
     python3 - "$1" "$NDIRS" "$PERDIR" <<'EOF'
@@ -168,10 +187,11 @@ run_setup() {
     pretouch "$BIG_MB"
     timed "$s,seq_write" dd if="$SHM/big" of="$MNT/big" bs=1M conv=fsync status=none
     seq_read "$MNT/big"                                   # first read: warms whatever cache there is
-    timed "$s,seq_read_cached" seq_read "$MNT/big"
+    timed_cpu "$s,seq_read_cached" dd if="$MNT/big" of=/dev/null bs=1M status=none
     remount_cold "$s"
     timed "$s,seq_read_cold" seq_read "$MNT/big"
     cmp -s "$MNT/big" "$SHM/big" || echo "fs-bench: $s: big file differs after remount!" >&2
+    if [ $SEQ_ONLY = 1 ]; then "umount_$s"; return; fi
 
     pretouch $((NFILES * 4096 / 1048576 + 1))
     timed "$s,small_create" make_small "$MNT/small"
@@ -189,31 +209,40 @@ run_setup() {
     "umount_$s"
 }
 
-SETUPS=(thinfs fuse2fs ext4 overlay)
+LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 for s in "${SETUPS[@]}"; do run_setup "$s"; done
+LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # ── Report ──
-ROWS=(seq_write seq_read_cold seq_read_cached small_create small_read_cold stat_cold stat_cached untar)
+ROWS=(seq_write seq_read_cold seq_read_cached seq_read_cached_cpu small_create small_read_cold stat_cold stat_cached untar)
+[ $SEQ_ONLY = 1 ] && ROWS=(seq_write seq_read_cold seq_read_cached seq_read_cached_cpu)
 declare -A LABEL=(
     [seq_write]="seq write ${BIG_MB} MiB (1M, fsync)"
     [seq_read_cold]="seq read cold"
     [seq_read_cached]="seq read cached"
+    [seq_read_cached_cpu]="  its reader CPU (user+sys s)"
     [small_create]="create $NFILES x 4K files"
     [small_read_cold]="read back $NFILES files cold"
     [stat_cold]="stat $NFILES-file tree cold"
     [stat_cached]="stat $NFILES-file tree cached"
     [untar]="untar ${TAR_MB} MB, $TAR_FILES entries")
-ratio() { printf '%.3f' "$(echo "${T[$2,$1]} / ${T[thinfs,$1]}" | bc -l)"; }
+has() { [ -n "${T[$1,$2]:-}" ]; }   # setup row: was it measured in this run?
+ratio() { if has "$2" "$1" && has thinfs "$1"; then printf '%.3f' "$(echo "${T[$2,$1]} / ${T[thinfs,$1]}" | bc -l)"; else echo "-"; fi; }
 
 echo
-echo "fs-bench: $( [ $QUICK = 1 ] && echo quick || echo full ) run, $(nproc) CPUs, $(awk '/MemTotal/ {print $2" kB"}' /proc/meminfo), scratch $(df -T "$WORK" | awk 'NR==2 {print $2" on "$1}')"
+echo "fs-bench: $( [ $QUICK = 1 ] && echo quick || echo full ) run$( [ $SEQ_ONLY = 1 ] && echo ", sequential rows only"), $(nproc) CPUs, $(awk '/MemTotal/ {print $2" kB"}' /proc/meminfo), scratch $(df -T "$WORK" | awk 'NR==2 {print $2" on "$1}')"
+echo "Load average (1, 5, 15 min): $LOAD_BEFORE before, $LOAD_AFTER after."
 echo "Seconds per workload (MB/s for sequential rows in brackets). Ratios are other_time / thinfs_time: > 1 means thinfs is faster."
 printf '%-34s %16s %16s %16s %16s | %8s %8s %8s\n' workload thinfs fuse2fs ext4 overlay "vs f2fs" "vs ovl" "vs ext4"
 for r in "${ROWS[@]}"; do
     line=$(printf '%-34s' "${LABEL[$r]}")
-    for s in "${SETUPS[@]}"; do
-        cell=$(printf '%.2f' "${T[$s,$r]}")
-        case "$r" in seq_*) cell="$cell ($(echo "$BIG_MB * 1.048576 / ${T[$s,$r]}" | bc -l | xargs printf '%.0f'))" ;; esac
+    for s in thinfs fuse2fs ext4 overlay; do
+        if has "$s" "$r"; then
+            cell=$(printf '%.2f' "${T[$s,$r]}")
+            case "$r" in *_cpu) ;; seq_*) cell="$cell ($(echo "$BIG_MB * 1.048576 / ${T[$s,$r]}" | bc -l | xargs printf '%.0f'))" ;; esac
+        else
+            cell="-"
+        fi
         line="$line $(printf '%16s' "$cell")"
     done
     line="$line | $(printf '%8s %8s %8s' "$(ratio "$r" fuse2fs)x" "$(ratio "$r" overlay)x" "$(ratio "$r" ext4)x")"
@@ -224,11 +253,14 @@ echo
 echo "Goals:"
 goal() { # name row other minimum
     local v; v=$(ratio "$2" "$3")
+    if [ "$v" = - ]; then return; fi
     if [ "$(echo "$v >= $4" | bc -l)" = 1 ]; then echo "  PASS  $1: ${v}x (goal >= $4x)"; else echo "  MISS  $1: ${v}x (goal >= $4x)"; fi
 }
 for r in "${ROWS[@]}"; do
     # "Beat" fuse2fs: strictly faster.
+    case "$r" in *_cpu) continue ;; esac
     v=$(ratio "$r" fuse2fs)
+    [ "$v" = - ] && continue
     if [ "$(echo "${T[fuse2fs,$r]} > ${T[thinfs,$r]}" | bc -l)" = 1 ]; then echo "  PASS  beat fuse2fs, ${LABEL[$r]}: ${v}x"; else echo "  MISS  beat fuse2fs, ${LABEL[$r]}: ${v}x"; fi
 done
 goal "cached seq read vs overlayfs" seq_read_cached overlay 0.9
