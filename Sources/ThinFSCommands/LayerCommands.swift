@@ -218,9 +218,14 @@ struct UmountCommand: ParsableCommand {
         if let failure = FUSEServer.unmountFromOutside(mp) {
             throw CommandFailure(message: "unmounting \(mp): \(failure)")
         }
-        // The source is ROOT:LAYER. The layer's busy lock goes when the daemon has closed it.
-        guard let colon = source.lastIndex(of: ":") else { return }
-        let root = String(source[..<colon]), layer = String(source[source.index(after: colon)...])
+        // The source is thinfs:ROOT:LAYER (the FUSE fsname), and ROOT is absolute. The layer's busy
+        // lock goes when the daemon has closed it; until then a `layer rm` would find it busy.
+        guard source.hasPrefix("thinfs:/") else { return }
+        let spec = source.dropFirst("thinfs:".count)
+        guard let colon = spec.indices.first(where: { spec[$0] == ":" && LayerStore.exists(at: String(spec[..<$0])) }) else {
+            return  // a thin device mount (thinfs-mount --device): no layer lock to wait for
+        }
+        let root = String(spec[..<colon]), layer = String(spec[spec.index(after: colon)...])
         let lockPath = root + "/locks/\(layer).lock"
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {

@@ -50,6 +50,8 @@ struct LayerLifecycleTests {
 
         try f.ok(["umount", mnt2])
         try f.ok(["umount", mnt])
+        // umount returns once the daemon has let go of the layer: it is no longer busy.
+        #expect(try f.layerState("c1") == "active")
         try f.ok(["layer", "rm", "c1"])
         try f.ok(["layer", "rm", "c2"])
         try f.waitForDaemons()
@@ -226,6 +228,12 @@ final class LayerFixture: @unchecked Sendable {
             throw Failure("layer \(id) is not listed: \(json)")
         }
         return UInt32(dev)
+    }
+
+    func layerState(_ id: String) throws -> String? {
+        let json = try run(["layer", "ls", "--json"]).stdout
+        let rows = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [[String: Any]] ?? []
+        return rows.first(where: { $0["id"] as? String == id })?["state"] as? String
     }
 
     /// The thin devices thin_dump lists (the pool must be committed: no daemon running).

@@ -109,7 +109,7 @@ extension LayerStore {
         try db.execute("INSERT INTO layers(\(Self.columns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?)", [
             .text(layer.id), layer.parent.map { .text($0) } ?? .null, .integer(Int64(layer.deviceID)),
             .text(layer.kind.rawValue), .integer(Int64(layer.size)), .text(layer.state.rawValue), .text(layer.uuid),
-            .text(ISO8601DateFormatter().string(from: layer.created)),
+            .integer(Self.storedTime(layer.created)),
         ])
     }
 

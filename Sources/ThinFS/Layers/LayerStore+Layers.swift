@@ -88,9 +88,10 @@ extension LayerStore {
             guard let layer = try layer(id) else { throw Error.unknownLayer(id) }
             let children = try children(of: id).filter { $0.state == .active }
             guard children.isEmpty else { throw Error.hasChildren(id, children: children.map(\.id)) }
-            if layer.state == .deleted { return .deferred(holder: try busyHolder(id)?.description ?? "pending cleanup") }
             guard let exclusive = try tryLockExclusive(id) else {
                 let holder = try busyHolder(id)?.description ?? "in use"
+                // Removed before, still busy: nothing more to do until it is free.
+                if layer.state == .deleted { return .deferred(holder: holder) }
                 guard options.deferredDeletion else {
                     throw Error.busy(id, holder: "\(holder); unmount it first, or enable dm.use_deferred_deletion")
                 }

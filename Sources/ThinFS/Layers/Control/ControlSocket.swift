@@ -106,15 +106,18 @@ public enum ControlSocket {
             fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
             guard fd >= 0 else { throw Error(path: path, operation: "socket", errno: Errno(rawValue: errno)) }
             var addr = try ControlSocket.address(path)
+            // The socket file is born 0600: a chmod after bind would leave a moment in which
+            // anyone could connect. (umask is per process; nothing else here creates files now.)
+            let oldMask = umask(0o177)
             let rc = withUnsafePointer(to: &addr) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
             }
+            umask(oldMask)
             guard rc == 0 else {
                 let e = Errno(rawValue: errno)
                 Glibc.close(fd)
                 throw Error(path: path, operation: "bind", errno: e)
             }
-            chmod(path, 0o600)
             guard listen(fd, 64) == 0 else {
                 let e = Errno(rawValue: errno)
                 Glibc.close(fd)
