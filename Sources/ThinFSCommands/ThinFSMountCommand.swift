@@ -18,7 +18,7 @@ import Glibc
 public struct ThinFSMountCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "thinfs-mount",
-        abstract: "Serve the ext4 on a thin device through FUSE.",
+        abstract: "Serve the ext4 on a thin device, or a layer of a layer store, through FUSE.",
         discussion: """
             Detaches once the mount is ready (or stays in the foreground with -f) and exits \
             non-zero with the reason if the mount fails. umount, fusermount3 -u, SIGTERM and \

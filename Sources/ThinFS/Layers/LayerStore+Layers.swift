@@ -161,7 +161,7 @@ extension LayerStore {
         public var pid: Int32
         public var what: String
         public var readOnly: Bool
-        public var description: String { "held by pid \(pid) (\(what))" }
+        public var description: String { pid > 0 ? "held by pid \(pid) (\(what))" : "held by \(what)" }
     }
 
     func lockPath(_ id: String) -> String { locksDirectory + "/\(id).lock" }
@@ -208,7 +208,8 @@ extension LayerStore {
             return h
         }
         // Read-write holders first: they are what blocks a snapshot.
-        return holders.first { !$0.readOnly } ?? holders.first ?? Holder(pid: 0, what: "an unknown process", readOnly: true)
+        // No live record: a holder that has just unlinked its record and is about to close.
+        return holders.first { !$0.readOnly } ?? holders.first ?? Holder(pid: 0, what: "a process that did not say who it is", readOnly: true)
     }
 
     // MARK: Volumes
