@@ -154,7 +154,7 @@ struct ImageCommand: ParsableCommand {
         func run() throws {
             _ = options.poolRoot
             let terminal = isatty(STDERR_FILENO) == 1
-            let progress: (LayerStore.ImportProgress) -> Void = { p in
+            let progress: @Sendable (LayerStore.ImportProgress) -> Void = { p in
                 let line = "layers \(p.layersDone)/\(p.layers) (\(p.reused) reused), \(ByteSize.human(p.bytesDone)), \(ByteSize.human(UInt64(p.rate)))/s"
                 if terminal {
                     let width = 30, filled = p.layers == 0 ? width : width * p.layersDone / p.layers
@@ -220,13 +220,10 @@ struct UmountCommand: ParsableCommand {
         }
         // The source is thinfs:ROOT:LAYER (the FUSE fsname), and ROOT is absolute. The layer's busy
         // lock goes when the daemon has closed it; until then a `layer rm` would find it busy.
-        guard source.hasPrefix("thinfs:/") else { return }
-        let spec = source.dropFirst("thinfs:".count)
-        guard let colon = spec.indices.first(where: { spec[$0] == ":" && LayerStore.exists(at: String(spec[..<$0])) }) else {
+        guard source.hasPrefix("thinfs:/"), let (root, layer) = LayerStore.splitSource(source.dropFirst("thinfs:".count)) else {
             return  // a thin device mount (thinfs-mount --device): no layer lock to wait for
         }
-        let root = String(spec[..<colon]), layer = String(spec[spec.index(after: colon)...])
-        let lockPath = root + "/locks/\(layer).lock"
+        let lockPath = LayerStore.lockPath(root: root, layer: layer)
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             let fd = open(lockPath, O_RDWR | O_CLOEXEC)

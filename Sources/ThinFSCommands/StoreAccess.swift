@@ -13,7 +13,7 @@ import Glibc
 /// for a moment without answering: then both are retried for a few seconds.
 enum StoreAccess {
     static func perform(root: String, _ request: LayerRequest,
-                        progress: ((LayerStore.ImportProgress) -> Void)? = nil) throws -> LayerResponse {
+                        progress: (@Sendable (LayerStore.ImportProgress) -> Void)? = nil) throws -> LayerResponse {
         let root = URL(fileURLWithPath: root).standardizedFileURL.path
         let socket = LayerStore.controlSocketPath(root)
         let deadline = Date().addingTimeInterval(15)
@@ -31,15 +31,8 @@ enum StoreAccess {
             do {
                 let store = try LayerStore.open(root: root)
                 defer { try? store.close() }
-                if request.operation == .importImage, let path = request.path {
-                    // In this process the import can report progress as it goes.
-                    do {
-                        return LayerResponse(output: try store.importImage(path, name: request.name, progress: progress) + "\n")
-                    } catch {
-                        return LayerService.failure(error)
-                    }
-                }
-                return LayerService(store: store).handle(request)
+                // In this process an import can report its progress as it goes.
+                return LayerService(store: store, progress: progress).handle(request)
             } catch ThinPoolError.heldByAnotherProcess(let data) {
                 guard Date() < deadline else { throw ThinPoolError.heldByAnotherProcess(data: data) }
                 usleep(100_000)
@@ -49,7 +42,7 @@ enum StoreAccess {
 
     /// Runs `request` and prints its output, or throws its error for ArgumentParser to print.
     static func run(root: String, _ request: LayerRequest,
-                    progress: ((LayerStore.ImportProgress) -> Void)? = nil) throws {
+                    progress: (@Sendable (LayerStore.ImportProgress) -> Void)? = nil) throws {
         let response = try perform(root: root, request, progress: progress)
         if let error = response.error { throw CommandFailure(message: error) }
         FileHandle.standardOutput.write(Data(response.output.utf8))

@@ -233,23 +233,25 @@ public struct ThinFSMountCommand: ParsableCommand {
             throw ValidationError("usage: \(helperName) DIR:ID MOUNTPOINT [-o OPTIONS]")
         }
         let spec = positional[0]
-        // A layer store's DIR:ID names a layer, whose id may hold colons (sha256:...): the first
-        // colon after a store's root splits it. Otherwise DIR:ID is a pool and a device id, split
-        // at the last colon (a root's path may hold colons).
-        let storeColon = spec.indices.first { spec[$0] == ":" && $0 != spec.startIndex && LayerStore.exists(at: String(spec[..<$0])) }
-        guard let colon = storeColon ?? spec.lastIndex(of: ":"), colon != spec.startIndex, spec.index(after: colon) != spec.endIndex,
-              storeColon != nil || DeviceIDArgument(argument: String(spec[spec.index(after: colon)...])) != nil else {
+        // A layer store's DIR:ID names a layer (LayerStore.splitSource). Otherwise DIR:ID is a
+        // pool and a device id, split at the last colon (a root's path may hold colons).
+        if let (dir, layer) = LayerStore.splitSource(spec) {
+            return ["--root", dir, "--layer", layer, positional[1]] + Self.mountOptions(options, verbose: verbose)
+        }
+        guard let colon = spec.lastIndex(of: ":"), colon != spec.startIndex,
+              DeviceIDArgument(argument: String(spec[spec.index(after: colon)...])) != nil else {
             throw ValidationError("\(helperName): the source must be DIR:ID (a ThinFS root and a thin device id), not '\(spec)'")
         }
-        // Options that mean something to mount(8) or fstab but not to a FUSE mount.
+        return ["--root", String(spec[..<colon]), "--device", String(spec[spec.index(after: colon)...]), positional[1]]
+            + Self.mountOptions(options, verbose: verbose)
+    }
+
+    /// mount(8)'s options as thinfs-mount takes them: `-o` without those that mean something to
+    /// mount(8) or fstab but not to a FUSE mount, then `-v`.
+    private static func mountOptions(_ options: [String], verbose: Bool) -> [String] {
         let mountOnly: Set = ["defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group", "nofail", "_netdev"]
         let kept = options.filter { !mountOnly.contains($0) && !$0.hasPrefix("x-") && !$0.hasPrefix("comment=") }
-        let dir = String(spec[..<colon]), id = String(spec[spec.index(after: colon)...])
-        let kind = storeColon != nil ? "--layer" : "--device"
-        var result = ["--root", dir, kind, id, positional[1]]
-        if !kept.isEmpty { result += ["-o", kept.joined(separator: ",")] }
-        if verbose { result.append("-v") }
-        return result
+        return (kept.isEmpty ? [] : ["-o", kept.joined(separator: ",")]) + (verbose ? ["-v"] : [])
     }
 }
 

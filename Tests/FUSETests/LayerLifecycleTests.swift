@@ -187,18 +187,7 @@ final class LayerFixture: @unchecked Sendable {
         guard r.status == 0 else { throw Failure("thinfs \(args.joined(separator: " ")) failed (\(r.status)): \(r.stderr)") }
     }
 
-    static func shell(_ command: String) throws -> Oracle.Result {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        p.arguments = ["-c", command]
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return Oracle.Result(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
-    }
+    static func shell(_ command: String) throws -> Oracle.Result { try Oracle.run("/bin/sh", ["-c", command]) }
 
     /// Builds the two-layer test image (scripts/make-test-image.sh) and imports its OCI layout.
     func importImage() throws -> String {
@@ -221,20 +210,20 @@ final class LayerFixture: @unchecked Sendable {
         return p
     }
 
-    func layerDevice(_ id: String) throws -> UInt32 {
+    /// Layer `id`'s row of `thinfs layer ls --json`.
+    func listing(_ id: String) throws -> [String: Any] {
         let json = try run(["layer", "ls", "--json"]).stdout
         let rows = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [[String: Any]] ?? []
-        guard let row = rows.first(where: { $0["id"] as? String == id }), let dev = row["deviceID"] as? Int else {
-            throw Failure("layer \(id) is not listed: \(json)")
-        }
+        guard let row = rows.first(where: { $0["id"] as? String == id }) else { throw Failure("layer \(id) is not listed: \(json)") }
+        return row
+    }
+
+    func layerDevice(_ id: String) throws -> UInt32 {
+        guard let dev = try listing(id)["deviceID"] as? Int else { throw Failure("layer \(id) has no device id in layer ls") }
         return UInt32(dev)
     }
 
-    func layerState(_ id: String) throws -> String? {
-        let json = try run(["layer", "ls", "--json"]).stdout
-        let rows = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [[String: Any]] ?? []
-        return rows.first(where: { $0["id"] as? String == id })?["state"] as? String
-    }
+    func layerState(_ id: String) throws -> String? { try listing(id)["state"] as? String }
 
     /// The thin devices thin_dump lists (the pool must be committed: no daemon running).
     func devices() throws -> Set<UInt32> {

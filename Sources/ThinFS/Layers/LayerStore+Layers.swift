@@ -164,7 +164,7 @@ extension LayerStore {
         public var description: String { pid > 0 ? "held by pid \(pid) (\(what))" : "held by \(what)" }
     }
 
-    func lockPath(_ id: String) -> String { locksDirectory + "/\(id).lock" }
+    func lockPath(_ id: String) -> String { Self.lockPath(root: root, layer: id) }
 
     private func openLockFile(_ id: String) throws -> FileDescriptor {
         try FileDescriptor.open(FilePath(lockPath(id)), .readWrite, options: [.create, .closeOnExec],

@@ -48,28 +48,12 @@ extension LayerStore {
         }
         let file = mountpoint + "/" + DeviceFileVolume.fileName
         // e2fsck exits 0 (clean) or 1 (fixed): both leave a filesystem resize2fs accepts.
-        let check = try Self.runTool("/sbin/e2fsck", ["-fy", file])
+        let check = try E2fsprogs.run("/sbin/e2fsck", ["-fy", file])
         guard check.status == 0 || check.status == 1 else {
             throw ResizeFailure(layer: layer.id, step: "e2fsck -fy", output: check.output)
         }
-        let resize = try Self.runTool("/sbin/resize2fs", [file])
+        let resize = try E2fsprogs.run("/sbin/resize2fs", [file])
         guard resize.status == 0 else { throw ResizeFailure(layer: layer.id, step: "resize2fs", output: resize.output) }
         logger.info("grew a layer's filesystem", metadata: ["layer": "\(layer.id)", "size": "\(size)"])
-    }
-
-    static func runTool(_ path: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = arguments
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = pipe
-        p.standardInput = FileHandle.nullDevice
-        do { try p.run() } catch {
-            throw ResizeFailure(layer: "-", step: "starting \(path) (install e2fsprogs)", output: "\(error)")
-        }
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
     }
 }

@@ -80,6 +80,19 @@ public final class LayerStore: @unchecked Sendable {
     public var scratchDirectory: String { root + "/tmp" }
     public static func controlSocketPath(_ root: String) -> String { root + "/control.sock" }
 
+    /// `ROOT:LAYER`, as mount sources name a layer (`mount -t fuse.thinfs`, the FUSE fsname):
+    /// split at the first colon after which a layer store's root ends, since layer ids hold
+    /// colons (`sha256:...`) and a root's path may too. Nil if no prefix is a layer store.
+    public static func splitSource<S: StringProtocol>(_ spec: S) -> (root: String, layer: String)? {
+        guard let colon = spec.indices.first(where: {
+            spec[$0] == ":" && $0 != spec.startIndex && exists(at: String(spec[..<$0]))
+        }), spec.index(after: colon) != spec.endIndex else { return nil }
+        return (String(spec[..<colon]), String(spec[spec.index(after: colon)...]))
+    }
+
+    /// A layer's busy lock (see `holdBusy`); `thinfs umount` waits on it from outside the store.
+    public static func lockPath(root: String, layer: String) -> String { root + "/locks/\(layer).lock" }
+
     /// Is `root` a layer store (made by `thinfs init`)?
     public static func exists(at root: String) -> Bool {
         guard FileManager.default.fileExists(atPath: databasePath(root)),

@@ -71,21 +71,15 @@ public struct DeviceFormatter {
     }
 
     private func runMkfs(filesystem: Filesystem, arguments: [String], image: String) throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/sbin/mke2fs")
-        p.arguments = ["-t", filesystem.rawValue, "-F", "-q"] + arguments + [image]
-        let err = Pipe()
-        p.standardError = err
-        p.standardOutput = FileHandle.nullDevice
+        // -q: mke2fs prints only errors, so the captured output is the reason for a failure.
+        let result: (status: Int32, output: String)
         do {
-            try p.run()
+            result = try E2fsprogs.run("/sbin/mke2fs", ["-t", filesystem.rawValue, "-F", "-q"] + arguments + [image])
         } catch {
-            throw ThinPoolError.invalidConfiguration("cannot run /sbin/mke2fs (install e2fsprogs): \(error)")
+            throw ThinPoolError.invalidConfiguration("\(error)")
         }
-        let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else {
-            throw ThinPoolError.invalidConfiguration("mke2fs \(arguments.joined(separator: " ")) failed: \(message.trimmingCharacters(in: .whitespacesAndNewlines))")
+        guard result.status == 0 else {
+            throw ThinPoolError.invalidConfiguration("mke2fs \(arguments.joined(separator: " ")) failed: \(result.output)")
         }
     }
 

@@ -101,9 +101,6 @@ public final class VolumeGroup: @unchecked Sendable {
         }
         if let failure { throw failure }
     }
-
-    /// The device ids of the open members.
-    public var openCount: Int { lock.withLock { members.count } }
 }
 
 /// A thin device as a group member sees it: `flush` does not commit (the group does).

@@ -138,6 +138,4 @@ public final class LayerDaemon: @unchecked Sendable {
         _ = try? store.cleanup()
         try? store.close()
     }
-
-    public var mountCount: Int { lock.withLock { mounts.count } }
 }

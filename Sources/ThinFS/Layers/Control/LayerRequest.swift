@@ -6,7 +6,7 @@ import Foundation
 public struct LayerRequest: Codable, Equatable, Sendable {
     public enum Operation: String, Codable, Sendable {
         case create, createRW = "create-rw", remove = "rm", list = "ls", info, cleanup
-        case applyDiff = "apply-diff", diff, mount, importImage = "image-import", ping
+        case applyDiff = "apply-diff", diff, mount, importImage = "image-import"
     }
 
     public var operation: Operation

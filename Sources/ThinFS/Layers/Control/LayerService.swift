@@ -8,10 +8,15 @@ public struct LayerService: Sendable {
     /// Set in the daemon: mounts are served there. Without one, `mount` is refused (the CLI
     /// starts a daemon instead).
     let daemon: LayerDaemon?
+    /// Where an image import reports its progress (the CLI's own process; a daemon has nobody
+    /// to show it to).
+    let progress: (@Sendable (LayerStore.ImportProgress) -> Void)?
 
-    public init(store: LayerStore, daemon: LayerDaemon? = nil) {
+    public init(store: LayerStore, daemon: LayerDaemon? = nil,
+                progress: (@Sendable (LayerStore.ImportProgress) -> Void)? = nil) {
         self.store = store
         self.daemon = daemon
+        self.progress = progress
     }
 
     public func handle(_ request: LayerRequest) -> LayerResponse {
@@ -23,7 +28,7 @@ public struct LayerService: Sendable {
     }
 
     /// An error as a response: its message, and the errno its subsystem maps it to.
-    public static func failure(_ error: Swift.Error) -> LayerResponse {
+    static func failure(_ error: Swift.Error) -> LayerResponse {
         switch error {
         case let error as LayerStore.Error:
             return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
@@ -43,8 +48,6 @@ public struct LayerService: Sendable {
 
     private func perform(_ r: LayerRequest) throws -> String {
         switch r.operation {
-        case .ping:
-            return "pong\n"
         case .create:
             let layer = try store.createImageLayer(try need(r.layer, "layer id"), parent: r.parent)
             return "\(layer.id)\n"
@@ -78,7 +81,7 @@ public struct LayerService: Sendable {
             try store.diff(try need(r.layer, "layer id"), to: try need(r.path, "output path"))
             return ""
         case .importImage:
-            return try store.importImage(try need(r.path, "image path"), name: r.name)
+            return try store.importImage(try need(r.path, "image path"), name: r.name, progress: progress) + "\n"
         case .mount:
             guard let daemon else {
                 throw LayerStore.Error.unsupported("mount requests are served by a thinfs-mount daemon")
