@@ -24,8 +24,17 @@
 # failure). The script's output is the console's (stdout), between the THINFS-VM-START and
 # THINFS-VM-EXIT marker lines.
 #
-# The guest runs on TCG (-accel tcg,thread=multi -cpu max): this host's /dev/kvm is PVM, on which a
-# stock kernel hangs. THINFS_VM_ACCEL=kvm overrides it on hosts where KVM works.
+# Acceleration: THINFS_VM_ACCEL=auto (the default) uses KVM (-accel kvm -cpu host) only if a probe
+# shows that it works, else TCG (-accel tcg,thread=multi -cpu max). /dev/kvm alone proves nothing:
+# this host's is PVM (the host is itself a PVM guest), where qemu aborts on `-cpu host` ("failed to
+# set MSR 0x10a") and a stock kernel hangs with other CPU models. The probe boots the cached kernel
+# under KVM with a 2 MB busybox initramfs whose /init prints a marker and powers off, and waits at
+# most THINFS_VM_PROBE_TIMEOUT seconds (default 10; a working KVM needs about 1 s, TCG about 6 s).
+# Its verdict is cached per host boot, kernel and qemu in ${THINFS_VM_CACHE:-/var/cache/thinfs-vm}/
+# <version>/accel-probe (delete it to probe again). Cost here: about 0.2 s when qemu aborts, at most
+# the timeout when the guest hangs, once per host boot. THINFS_VM_ACCEL=tcg or kvm skips the probe.
+# THINFS_VM_KVM_CPU changes the KVM CPU model (default host; `host,-arch-capabilities` gets past
+# that abort here, and then the guest hangs).
 #
 # Cleanup: qemu is killed by its PID (never by name) on exit, error, timeout, SIGINT and SIGTERM;
 # loop devices and mounts only exist inside the guest and die with it; the scratch disk and the
@@ -56,6 +65,10 @@ while (($#)); do
 done
 (($#)) || { sed -n '2,30p' "$0" >&2; exit 2; }
 script=$1; shift
+case ${THINFS_VM_ACCEL:-auto} in
+  tcg|kvm|auto) ;;
+  *) echo "run.sh: THINFS_VM_ACCEL must be tcg, kvm or auto, not '$THINFS_VM_ACCEL'" >&2; exit 2 ;;
+esac
 [[ -f $script ]] || { echo "run.sh: no script $script" >&2; exit 2; }
 qemu=$(command -v qemu-system-x86_64) || { echo "run.sh: qemu-system-x86_64 is not installed (scripts/setup.sh installs qemu-system-x86)" >&2; exit 125; }
 
@@ -63,15 +76,22 @@ entry=$("$here/fetch-kernel.sh")
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/thinfs-vm.XXXXXX")
 qpid="" tpid=""
+# Stops the qemu we started (by its PID only) and reaps it.
+stop_qemu() {
+  if [[ -n $qpid ]]; then
+    if kill -0 "$qpid" 2>/dev/null; then
+      kill -TERM "$qpid" 2>/dev/null || true
+      for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$qpid" 2>/dev/null || break; sleep 0.2; done
+      kill -KILL "$qpid" 2>/dev/null || true
+    fi
+    wait "$qpid" 2>/dev/null || true
+    qpid=""
+  fi
+}
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  if [[ -n $qpid ]] && kill -0 "$qpid" 2>/dev/null; then
-    kill -TERM "$qpid" 2>/dev/null || true
-    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$qpid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$qpid" 2>/dev/null || true
-    wait "$qpid" 2>/dev/null || true
-  fi
+  stop_qemu
   if [[ -n $tpid ]]; then kill "$tpid" 2>/dev/null || true; wait "$tpid" 2>/dev/null || true; fi
   rm -rf "$tmp"
   return $rc
@@ -112,14 +132,73 @@ for d in "${drives[@]}"; do
           -device "virtio-blk-pci,drive=d-$name,serial=$name")
 done
 
-accel=(-accel tcg,thread=multi -cpu max)
-[[ ${THINFS_VM_ACCEL:-} == kvm ]] && accel=(-accel kvm -cpu host)
+tcg_accel=(-accel tcg,thread=multi -cpu max)
+kvm_accel=(-accel kvm -cpu "${THINFS_VM_KVM_CPU:-host}")
+
+# probe_kvm: sets probe_verdict to "kvm" if a KVM guest of the cached kernel reaches userspace
+# within the timeout, else "tcg"; the verdict (and why, and what it cost) is cached per host boot.
+# It runs in this shell, not in a $(...) subshell, so that the EXIT/INT/TERM traps see its qemu.
+probe_verdict=""
+probe_kvm() {
+  local cachefile="$entry/accel-probe"
+  local boot key; boot=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo unknown)
+  key="boot=$boot kernel=$(cat "$entry/version") qemu=$("$qemu" --version | head -1 | awk '{print $4}') cpu=${kvm_accel[3]}"
+  if [[ -f $cachefile ]] && [[ $(head -1 "$cachefile") == "$key" ]]; then
+    probe_verdict=$(sed -n 2p "$cachefile" | awk '{print $1}')
+    echo "run.sh: KVM probe (cached for this host boot): $(sed -n 2p "$cachefile")" >&2
+    return 0
+  fi
+  local verdict=tcg reason ms
+  local t0; t0=$(date +%s%N)
+  if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
+    reason="no usable /dev/kvm"
+  else
+    local pdir="$tmp/accel-probe"
+    mkdir -p "$pdir/stage/bin"
+    cp /bin/busybox "$pdir/stage/bin/busybox"
+    printf '#!/bin/busybox sh\n/bin/busybox echo THINFS-ACCEL-PROBE-OK\n/bin/busybox poweroff -f\n' > "$pdir/stage/init"
+    chmod 755 "$pdir/stage/init"
+    (cd "$pdir/stage" && find . | LC_ALL=C sort | /bin/busybox cpio -o -H newc 2>/dev/null) > "$pdir/probe.cpio"
+    : > "$pdir/console"
+    "${pdeath[@]}" "$qemu" -nodefaults -no-user-config -machine pc "${kvm_accel[@]}" -smp "$cpus" -m 256 \
+      -display none -serial "file:$pdir/console" -no-reboot \
+      -kernel "$entry/vmlinux" -initrd "$pdir/probe.cpio" \
+      -append "console=ttyS0 mitigations=off panic=-1 loglevel=4 rdinit=/init quiet" \
+      < /dev/null > "$pdir/qemu.out" 2>&1 &
+    qpid=$!
+    local deadline=$(( $(date +%s%N) + ${THINFS_VM_PROBE_TIMEOUT:-10} * 1000000000 ))
+    reason="no marker within ${THINFS_VM_PROBE_TIMEOUT:-10} s (the guest hangs)"
+    while (( $(date +%s%N) < deadline )); do
+      if grep -q THINFS-ACCEL-PROBE-OK "$pdir/console"; then verdict=kvm reason="the guest booted"; break; fi
+      if ! kill -0 "$qpid" 2>/dev/null; then
+        grep -q THINFS-ACCEL-PROBE-OK "$pdir/console" && { verdict=kvm reason="the guest booted"; break; }
+        reason="qemu exited: $(grep -v '^$' "$pdir/qemu.out" | head -1)"
+        break
+      fi
+      sleep 0.05
+    done
+    stop_qemu
+    rm -rf "$pdir"
+  fi
+  ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  printf '%s\n%s %s ms: %s\n' "$key" "$verdict" "$ms" "$reason" > "$cachefile.tmp.$$" && mv "$cachefile.tmp.$$" "$cachefile"
+  echo "run.sh: KVM probe: $verdict after $ms ms ($reason); cached in $cachefile" >&2
+  probe_verdict=$verdict
+}
+
+pdeath=(); setpriv --help 2>/dev/null | grep -q -- --pdeathsig && pdeath=(setpriv --pdeathsig KILL --)
+case ${THINFS_VM_ACCEL:-auto} in
+  tcg) accel=("${tcg_accel[@]}") ;;
+  kvm) accel=("${kvm_accel[@]}") ;;
+  *) probe_kvm; if [[ $probe_verdict == kvm ]]; then accel=("${kvm_accel[@]}"); else accel=("${tcg_accel[@]}"); fi ;;
+esac
+echo "run.sh: accelerator: ${accel[*]}" >&2
 
 console="$tmp/console.log"
 : > "$console"
 start=$(date +%s%N)
-# setpriv --pdeathsig: should this script itself be SIGKILLed (no trap runs), the kernel kills qemu too.
-pdeath=(); setpriv --help 2>/dev/null | grep -q -- --pdeathsig && pdeath=(setpriv --pdeathsig KILL --)
+# setpriv --pdeathsig (set above): should this script itself be SIGKILLed (no trap runs), the
+# kernel kills qemu too.
 "${pdeath[@]}" "$qemu" -nodefaults -no-user-config -machine pc "${accel[@]}" -smp "$cpus" -m "$mem" \
   -display none -serial "file:$console" -no-reboot \
   -kernel "$entry/vmlinux" -initrd "$initramfs" \
