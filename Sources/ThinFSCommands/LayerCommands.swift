@@ -175,11 +175,13 @@ struct ImageCommand: ParsableCommand {
 struct MountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mount",
-        abstract: "Mount a layer through FUSE. Image layers are always read-only.")
+        abstract: "Mount a layer through FUSE (or, with --kernel, the kernel's ext4). Image layers are always read-only.")
     @OptionGroup var options: RootOptions
     @Argument(help: "The layer id.") var id: String
     @Argument(help: "An empty directory.") var mountpoint: String
     @Flag(help: "Mount read-only.") var ro = false
+    @Flag(help: "Kernel-mount mode: mount the ext4 on the layer's /dev/mapper node with the kernel instead of FUSE (kernel pools only).")
+    var kernel = false
     @Option(name: .customShort("o"), help: "Further mount options, comma-separated (allow_other, nonempty, ...).")
     var mountOptions: [String] = []
 
@@ -188,6 +190,9 @@ struct MountCommand: ParsableCommand {
         let root = URL(fileURLWithPath: options.root).standardizedFileURL.path
         let mp = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
         let opts = mountOptions.flatMap { $0.split(separator: ",").map(String.init) }
+        if kernel {
+            return try StoreAccess.run(root: root, LayerRequest(.kernelMount, layer: id, mountpoint: mp, readOnly: ro, mountOptions: opts))
+        }
         let request = LayerRequest(.mount, layer: id, mountpoint: mp, readOnly: ro, mountOptions: opts)
         if let response = try ControlSocket.send(request, to: LayerStore.controlSocketPath(root)), response.errno != EAGAIN {
             if let error = response.error { throw CommandFailure(message: error) }
@@ -206,14 +211,17 @@ struct MountCommand: ParsableCommand {
 struct UmountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "umount",
-        abstract: "Unmount a layer. Never fails because the device is busy: the layer is closed once the kernel lets go.")
+        abstract: "Unmount a layer. A FUSE mount never fails because it is busy: the layer is closed once the kernel lets go.")
+    @OptionGroup var options: RootOptions
     @Argument(help: "The mount point.") var mountpoint: String
     @Option(help: "Seconds to wait for the daemon to close the layer.") var timeout: Double = 30
 
     func run() throws {
         let mp = URL(fileURLWithPath: mountpoint).resolvingSymlinksInPath().path
         guard let source = FUSEServer.mountSource(at: mp) else {
-            throw CommandFailure(message: "\(mp) is not a FUSE mount")
+            // Not FUSE: a kernel mount (`thinfs mount --kernel`) of a layer of --root, or nothing of ours.
+            _ = options.poolRoot
+            return try StoreAccess.run(root: options.root, LayerRequest(.kernelUnmount, mountpoint: mp))
         }
         if let failure = FUSEServer.unmountFromOutside(mp) {
             throw CommandFailure(message: "unmounting \(mp): \(failure)")

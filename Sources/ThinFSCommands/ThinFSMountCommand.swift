@@ -112,7 +112,7 @@ public struct ThinFSMountCommand: ParsableCommand {
         guard try pool.deviceExists(id) else { throw MountError.noDevice(id, root: root) }
         guard let record = try poolRoot.filesystems()[id] else { throw MountError.notFormatted(id, root: root) }
         let blockDevice = try pool.openDevice(id, size: record.size)
-        defer { (blockDevice as? ThinDevice)?.close() }
+        defer { blockDevice.close() }
 
         // ── The volume: the one line that puts the ext4 layer (libext2fs) under the FUSE server. ──
         let volume = try Volume(device: blockDevice, readOnly: readOnly, logger: Logger(label: "thinfs.volume"))

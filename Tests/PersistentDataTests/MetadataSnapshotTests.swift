@@ -86,4 +86,53 @@ struct MetadataSnapshotTests {
         try Oracle.check(pool.path)
         #expect(try reopened.check().isClean)
     }
+
+    /// `HeldMetadataSnapshot` reads only the held copy's trees (what the kernel pool reads from a
+    /// live pool's metadata device): its devices and mappings must be thin_dump -m's, even after
+    /// the live state has moved on.
+    @Test func heldSnapshotReaderMatchesThinDumpM() throws {
+        let pool = try ScratchPool.standard(mappings: 3000)
+        let md = pool.md
+        #expect(try HeldMetadataSnapshot.read(storage: FileMetadataStorage(path: pool.path)) == nil, "no snapshot held yet")
+        try md.reserveMetadataSnap()
+        try md.commit()
+        // The live state moves on: more mappings, a device deleted, another created.
+        try pool.map(1, stride(from: 1, to: 3000, by: 3))
+        try md.delete(2)
+        try md.createThin(3)
+        try pool.map(3, 0..<50)
+        try md.commit()
+
+        let snap = try #require(try HeldMetadataSnapshot.read(storage: FileMetadataStorage(path: pool.path)))
+        var ours: [String] = []
+        for (id, details) in try snap.devices().sorted(by: { $0.key < $1.key }) {
+            ours.append("device \(id) mapped \(details.mappedBlocks)")
+            try snap.mappings(id) { v, bt in
+                ours.append("\(id) \(v) \(bt.block) \(bt.time)")
+                return true
+            }
+        }
+        // thin_dump -m's XML, expanded to one line per mapping.
+        var theirs: [String] = []
+        var device = ""
+        for line in try Oracle.dump(pool.path, metadataSnap: true).split(separator: "\n") {
+            func attribute(_ name: String) -> UInt64 {
+                guard let r = line.range(of: "\(name)=\"") else { return 0 }
+                return UInt64(line[r.upperBound...].prefix { $0 != "\"" }) ?? 0
+            }
+            if line.contains("<device ") {
+                device = String(attribute("dev_id"))
+                theirs.append("device \(device) mapped \(attribute("mapped_blocks"))")
+            } else if line.contains("<single_mapping") {
+                theirs.append("\(device) \(attribute("origin_block")) \(attribute("data_block")) \(attribute("time"))")
+            } else if line.contains("<range_mapping") {
+                for k in 0..<attribute("length") {
+                    theirs.append("\(device) \(attribute("origin_begin") + k) \(attribute("data_begin") + k) \(attribute("time"))")
+                }
+            }
+        }
+        #expect(theirs.count > 3000, "the snapshot holds devices 1 and 2 with their mappings")
+        #expect(ours == theirs)
+        #expect(!ours.contains { $0.hasPrefix("device 3") }, "device 3 was made after the snapshot")
+    }
 }

@@ -211,16 +211,23 @@ struct KernelThinPoolTests {
     }
 
     @Test func messageErrorsBecomePoolErrors() throws {
-        let (_, pool) = try makeFakePool()
+        let (dm, pool) = try makeFakePool()
         try pool.message(.createThin(1))
         // delete of an unknown id: the kernel's ENODATA
         expectPoolError(ThinPoolError.message(.unknownDevice(9))) { try pool.message(.delete(9)) }
         expectPoolError(ThinPoolError.message(.unknownOrigin(9))) { try pool.message(.createSnap(3, origin: 9)) }
         expectPoolError(ThinPoolError.message(.deviceIDInUse(1))) { try pool.message(.createThin(1)) }
-        // delete of an active device: EBUSY, with its open count
+        // delete of an active device that someone holds open (a kernel mount): EBUSY, with its open count
         try pool.activate(1, size: 4096)
-        let busy = #expect(throws: ThinPoolError.self) { try pool.message(.delete(1)) }
-        #expect(busy?.errno == .resourceBusy)
+        dm.setOpenCount("thinfs-1", 1)
+        expectPoolError(ThinPoolError.deviceBusy(1, openCount: 1)) { try pool.message(.delete(1)) }
+        #expect(try pool.deviceExists(1))
+        // Active but unused: deactivated first (the kernel refuses to delete an active device), then deleted.
+        dm.setOpenCount("thinfs-1", 0)
+        try pool.message(.delete(1))
+        #expect(try pool.info(1) == nil)
+        #expect(!dm.calls.filter { $0.hasPrefix("remove thinfs-1") }.isEmpty)
+        try pool.message(.createThin(1))
         expectPoolError(ThinPoolError.message(.transactionIDMismatch(current: 0, given: 5))) {
             try pool.message(.setTransactionID(current: 5, new: 6))
         }

@@ -48,6 +48,13 @@ public final class LibDeviceMapper: DeviceMapperControl {
     public let udev: UdevMode
     private let lock = Mutex(())
 
+    /// libdevmapper's version (`dm_get_library_version`), as `dmsetup version` prints it.
+    public static var libraryVersion: String {
+        var buf = [CChar](repeating: 0, count: 64)
+        guard dm_get_library_version(&buf, buf.count) != 0 else { return "unknown" }
+        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     private init() {
         DeviceMapperLog.install()
         var mode = UdevMode.detected

@@ -1,4 +1,5 @@
 import CThinFSShims
+import Synchronization
 import SystemPackage
 #if canImport(Glibc)
 import Glibc
@@ -18,23 +19,35 @@ public final class DirectBlockDevice: BlockDevice, @unchecked Sendable {
 
     public let path: String
     public let size: UInt64
-    private let fd: Int32
+    /// The descriptor, or -1 once closed (later I/O then fails with EBADF).
+    private let descriptor: Atomic<Int32>
+    private var fd: Int32 { descriptor.load(ordering: .relaxed) }
+    /// Runs once, after the descriptor is closed (the kernel pool deactivates the device there).
+    private let onClose: (@Sendable () -> Void)?
 
-    public init(path: String, readOnly: Bool = false) throws {
+    public init(path: String, readOnly: Bool = false, onClose: (@Sendable () -> Void)? = nil) throws {
         self.path = path
         let fd = thinfs_open_direct(path, readOnly ? O_RDONLY : O_RDWR)
         guard fd >= 0 else { throw ThinPoolError.io(operation: "open(O_DIRECT)", path: path, errno: Errno(rawValue: errno)) }
         let size = thinfs_device_size(fd)
         guard size >= 0 else {
             let e = errno
-            close(fd)
+            Glibc.close(fd)
             throw ThinPoolError.io(operation: "BLKGETSIZE64", path: path, errno: Errno(rawValue: e))
         }
-        self.fd = fd
+        self.descriptor = Atomic(fd)
         self.size = UInt64(size)
+        self.onClose = onClose
     }
 
-    deinit { close(fd) }
+    deinit { close() }
+
+    public func close() {
+        let fd = descriptor.exchange(-1, ordering: .acquiringAndReleasing)
+        guard fd >= 0 else { return }
+        Glibc.close(fd)
+        onClose?()
+    }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try check(offset, buffer.count)

@@ -12,9 +12,16 @@ import Glibc
 /// Thin device `id` is activated as `/dev/mapper/<prefix>-<id>` with the table
 /// `0 <sectors> thin /dev/mapper/<pool> <id>`, and opened with O_DIRECT.
 ///
+/// ## Activation
+/// A thin device is active while something uses it: `openDevice` activates it, and closing
+/// the last device it returned deactivates it again, with dm's deferred remove when
+/// `deferredRemoval` is set (Docker's `dm.use_deferred_removal`: if another process still holds
+/// the node, the kernel removes it when that process lets go, instead of the removal failing).
+/// `delete` deactivates an unused device first; the kernel refuses to delete an active one.
+///
 /// ## Concurrency
 /// `lock` serializes this pool's multi-step sequences (suspend, message,
-/// resume; activate-or-reload). Lock order: this pool's lock, then the
+/// resume; activate-or-reload) and guards `opens`. Lock order: this pool's lock, then the
 /// control's (libdevmapper's) lock; the control never calls back.
 public final class KernelThinPool: ThinPoolBackend {
     public enum Error: Swift.Error, Sendable, CustomStringConvertible {
@@ -46,8 +53,16 @@ public final class KernelThinPool: ThinPoolBackend {
     public let control: DeviceMapperControl
     /// How removal and cancelling a deferred remove retry EBUSY.
     public let busyRetry: BusyRetry
+    /// Deactivate released devices with dm's deferred remove.
+    public let deferredRemoval: Bool
+    /// Remove the pool itself at `close` when none of its thin devices is active (a loop pool
+    /// that `LoopThinPool.create` activated for a layer store; its loop devices go with it).
+    public let removeWhenIdle: Bool
+    /// Send no messages that change the pool; activate and open thin devices read-only.
+    public let readOnly: Bool
     let logger: Logger
-    private let lock = Mutex(())
+    /// Open `DirectBlockDevice`s per thin device, from `openDevice`.
+    private let lock = Mutex<[ThinDeviceID: Int]>([:])
 
     /// Attaches to an existing, active pool; it is checked to be a `thin-pool` target.
     ///
@@ -55,7 +70,8 @@ public final class KernelThinPool: ThinPoolBackend {
     ///   - poolName: the dm name, as in `dm.thinpooldev=/dev/mapper/NAME` (a `/dev/mapper/` prefix is dropped).
     ///   - devicePrefix: the thin devices' name prefix (default: the pool name).
     public init(poolName: String, devicePrefix: String? = nil, control: DeviceMapperControl = LibDeviceMapper.shared,
-                busyRetry: BusyRetry = .removal, logger: Logger = Logger(label: "thinfs.kernel-pool")) throws {
+                busyRetry: BusyRetry = .removal, deferredRemoval: Bool = false, removeWhenIdle: Bool = false,
+                readOnly: Bool = false, logger: Logger = Logger(label: "thinfs.kernel-pool")) throws {
         var name = poolName.hasPrefix("/dev/mapper/") ? String(poolName.dropFirst("/dev/mapper/".count)) : poolName
         guard try control.info(name) != nil else { throw Error.noSuchPool(name) }
         // Once an LVM pool holds thin LVs, lvm2 activates the thin-pool target as `<name>-tpool`
@@ -70,6 +86,9 @@ public final class KernelThinPool: ThinPoolBackend {
         self.poolName = name
         self.control = control
         self.busyRetry = busyRetry
+        self.deferredRemoval = deferredRemoval
+        self.removeWhenIdle = removeWhenIdle
+        self.readOnly = readOnly
         self.logger = logger
         _ = try poolTable()
     }
@@ -117,7 +136,17 @@ public final class KernelThinPool: ThinPoolBackend {
     /// after the snapshot's copy-on-write sharing is set up (containerd#4374:
     /// snapshots of a busy origin came out corrupt without it).
     public func message(_ message: PoolMessage) throws {
-        try lock.withLock { _ in
+        if readOnly {
+            switch message {
+            case .reserveMetadataSnap, .releaseMetadataSnap: break
+            default: throw ThinPoolError.readOnly("thin pool '\(poolName)' is open read-only: '\(message)' refused")
+            }
+        }
+        try lock.withLock { opens in
+            if case .delete(let id) = message, try control.info(deviceName(id)) != nil {
+                if let n = opens[id], n > 0 { throw ThinPoolError.deviceBusy(id, openCount: n) }
+                try deactivateLocked(id, deferred: false)
+            }
             if case .createSnap(_, let origin) = message, let info = try control.info(deviceName(origin)), !info.suspended {
                 try control.suspend(deviceName(origin), noFlush: false)
                 defer {
@@ -200,9 +229,35 @@ public final class KernelThinPool: ThinPoolBackend {
     }
 
     /// Activates the thin device (or grows its table to `size`) and opens its node with O_DIRECT.
+    /// Closing the last one deactivates the device (see "Activation").
     public func openDevice(_ id: ThinDeviceID, size: UInt64) throws -> BlockDevice {
-        try activate(id, size: size)
-        return try DirectBlockDevice(path: devicePath(id))
+        try lock.withLock { opens in
+            try activateLocked(id, size: size)
+            let device: DirectBlockDevice
+            do {
+                device = try DirectBlockDevice(path: devicePath(id), readOnly: readOnly) { [weak self] in self?.released(id) }
+            } catch {
+                if opens[id, default: 0] == 0 { try? deactivateLocked(id, deferred: false) }
+                throw error
+            }
+            opens[id, default: 0] += 1
+            return device
+        }
+    }
+
+    /// The last opener of `id` closed it: deactivate it. A failure leaves it active (a later
+    /// `delete` or `thinfs cleanup` tries again), as Docker left a device it could not remove.
+    private func released(_ id: ThinDeviceID) {
+        lock.withLock { opens in
+            opens[id, default: 1] -= 1
+            guard opens[id] == 0 else { return }
+            opens[id] = nil
+            do {
+                try deactivateLocked(id, deferred: deferredRemoval)
+            } catch {
+                logger.warning("could not deactivate a released thin device", metadata: ["thin.id": "\(id)", "error": "\(error)"])
+            }
+        }
     }
 
     /// Whether the pool has thin device `id`. The kernel has no query for one id: an active
@@ -223,27 +278,63 @@ public final class KernelThinPool: ThinPoolBackend {
         }
     }
 
-    /// Every thin device id in the pool, read from a metadata snapshot
-    /// (`reserve_metadata_snap`, then the held root's device-details tree read
-    /// with O_DIRECT from the metadata device, then `release_metadata_snap`):
-    /// the kernel keeps a held snapshot's blocks intact, so the read is
-    /// consistent while the pool runs. This is what `thin_ls -m` does.
-    public func deviceIDs() throws -> [ThinDeviceID] {
+    /// Every thin device id in the pool (from the device-details tree of a metadata snapshot).
+    public func deviceIDs() throws -> [ThinDeviceID] { try deviceDetails().keys.sorted() }
+
+    public func deviceDetails() throws -> [ThinDeviceID: DeviceDetails] {
+        try withMetadataSnapshot { try $0.devices() }
+    }
+
+    public func mappedDataBlocks() throws -> [ThinDeviceID: [UInt64]] {
+        try withMetadataSnapshot { snap in
+            var result: [ThinDeviceID: [UInt64]] = [:]
+            for id in try snap.devices().keys {
+                var blocks: [UInt64] = []
+                try snap.mappings(id) { _, bt in
+                    blocks.append(bt.block)
+                    return true
+                }
+                result[id] = blocks
+            }
+            return result
+        }
+    }
+
+    /// Reads a metadata snapshot (`reserve_metadata_snap`, then the held root's trees read
+    /// with O_DIRECT from the metadata device, then `release_metadata_snap`): the kernel keeps
+    /// a held snapshot's blocks intact, so the read is consistent while the pool runs. This is
+    /// what `thin_ls -m` does.
+    private func withMetadataSnapshot<T>(_ body: (HeldMetadataSnapshot) throws -> T) throws -> T {
         try lock.withLock { _ in
             let table = try poolTable()
             try send(.reserveMetadataSnap)
             defer { try? send(.releaseMetadataSnap) }
             let storage = try DirectMetadataStorage(path: try Self.nodePath(forDevice: table.metadataDevice))
-            let md = try ThinMetadata.open(storage: storage)
-            var ids: [ThinDeviceID] = []
-            try md.dumpXML(metadataSnapshot: true) { line in
-                // Only the device lines matter: `  <device dev_id="N" ...>`.
-                guard line.hasPrefix("  <device dev_id=\""), let end = line.dropFirst(18).firstIndex(of: "\""),
-                      let id = ThinDeviceID(line[line.index(line.startIndex, offsetBy: 18)..<end]) else { return }
-                ids.append(id)
+            guard let snap = try HeldMetadataSnapshot.read(storage: storage) else {
+                throw ThinPoolError.message(.noMetadataSnapshot)
             }
-            return ids.sorted()
+            return try body(snap)
         }
+    }
+
+    /// Openers of the device beyond this process's `openDevice`s: a kernel mount (named with
+    /// its mount point), or a process holding the node.
+    public func externalUse(_ id: ThinDeviceID) throws -> String? {
+        try lock.withLock { opens in
+            guard let info = try control.info(deviceName(id)) else { return nil }
+            let outside = Int(info.openCount) - opens[id, default: 0]
+            if info.deferredRemove { return "\(devicePath(id)) is pending deferred removal (open \(info.openCount) times)" }
+            guard outside > 0 else { return nil }
+            if let mountPoint = Self.mountPoint(major: info.major, minor: info.minor) {
+                return "\(devicePath(id)) is mounted at \(mountPoint)"
+            }
+            return "\(devicePath(id)) is open \(outside) time\(outside == 1 ? "" : "s") outside ThinFS"
+        }
+    }
+
+    /// Where block device `major:minor` is mounted (/proc/self/mountinfo).
+    static func mountPoint(major: UInt32, minor: UInt32) -> String? {
+        MountTable.current().last { $0.device.major == major && $0.device.minor == minor }?.mountPoint
     }
 
     /// dm-thin commits on every flush to a thin device (and once a second when
@@ -252,11 +343,29 @@ public final class KernelThinPool: ThinPoolBackend {
         for device in try control.list() where device.name.hasPrefix("\(devicePrefix)-") && device.name != poolName {
             let fd = open("/dev/mapper/\(device.name)", O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else { continue }
-            defer { close(fd) }
+            defer { Glibc.close(fd) }
             while fsync(fd) != 0 {
                 if errno == EINTR { continue }
                 throw ThinPoolError.io(operation: "fsync", path: "/dev/mapper/\(device.name)", errno: Errno(rawValue: errno))
             }
+        }
+    }
+
+    /// Commits. A pool activated for this store only (`removeWhenIdle`) is removed when none of
+    /// its thin devices is active any more; one still in use (a kernel mount, a deferred remove
+    /// pending) stays until a later close finds it idle.
+    public func close() throws {
+        try commit()
+        guard removeWhenIdle else { return }
+        try lock.withLock { opens in
+            let active = try control.list().filter { $0.name.hasPrefix("\(devicePrefix)-") && $0.name != poolName }
+            guard active.isEmpty, opens.isEmpty else {
+                logger.info("leaving the loop pool active: thin devices are in use",
+                            metadata: ["dm.pool": "\(poolName)", "dm.devices": "\(active.map(\.name))"])
+                return
+            }
+            try control.removeRetryingBusy(poolName, retry: busyRetry)
+            logger.debug("removed the idle loop pool", metadata: ["dm.pool": "\(poolName)"])
         }
     }
 
@@ -295,7 +404,7 @@ public final class KernelThinPool: ThinPoolBackend {
             if live != [table.target] { try control.reload(name, table: [table.target]) }
             return
         }
-        try control.create(name, table: [table.target], readOnly: false)
+        try control.create(name, table: [table.target], readOnly: readOnly)
         logger.debug("activated thin device", metadata: ["thin.id": "\(id)", "dm.name": "\(name)"])
     }
 
@@ -303,15 +412,18 @@ public final class KernelThinPool: ThinPoolBackend {
     /// `removeRetryingBusy`), then thrown. Deferred: the kernel removes it when
     /// its last opener closes (at once if none). Absent devices are fine.
     public func deactivate(_ id: ThinDeviceID, deferred: Bool = false) throws {
-        try lock.withLock { _ in
-            let name = deviceName(id)
-            guard try control.info(name) != nil else { return }
-            do {
-                try control.removeRetryingBusy(name, deferred: deferred, retry: deferred ? .never : busyRetry)
-            } catch let error as DeviceMapperError where error.errno == .resourceBusy {
-                let open = (try? control.info(name))??.openCount ?? 0
-                throw ThinPoolError.deviceBusy(id, openCount: Int(open))
-            }
+        try lock.withLock { _ in try deactivateLocked(id, deferred: deferred) }
+    }
+
+    private func deactivateLocked(_ id: ThinDeviceID, deferred: Bool) throws {
+        let name = deviceName(id)
+        guard let info = try control.info(name), !(deferred && info.deferredRemove) else { return }
+        do {
+            try control.removeRetryingBusy(name, deferred: deferred, retry: deferred ? .never : busyRetry)
+        } catch {
+            guard error.errno == .resourceBusy else { throw error }
+            let open = (try? control.info(name))??.openCount ?? 0
+            throw ThinPoolError.deviceBusy(id, openCount: Int(open))
         }
     }
 

@@ -46,8 +46,9 @@ public enum LoopThinPool {
     /// starts with a zeroed superblock, which makes the kernel format it),
     /// binds them to autoclear loop devices, and activates pool `name`.
     /// Existing files are reused as they are: the kernel opens the pool in them.
-    public static func create(name: String, _ config: Configuration, control: DeviceMapperControl = LibDeviceMapper.shared,
-                              logger: Logger = Logger(label: "thinfs.loop-pool")) throws -> KernelThinPool {
+    public static func create(name: String, _ config: Configuration, devicePrefix: String? = nil,
+                              control: DeviceMapperControl = LibDeviceMapper.shared, deferredRemoval: Bool = false,
+                              removeWhenIdle: Bool = false, logger: Logger = Logger(label: "thinfs.loop-pool")) throws -> KernelThinPool {
         guard config.blockSize >= 64 << 10, config.blockSize <= 1 << 30, config.blockSize % (64 << 10) == 0 else {
             throw ThinPoolError.invalidConfiguration("block size \(config.blockSize): dm-thin takes 64K to 1G in multiples of 64K")
         }
@@ -61,7 +62,13 @@ public enum LoopThinPool {
         // On failure the deferred closes end the autoclear bindings: nothing is left behind.
         try control.create(name, table: [table.target], readOnly: false)
         logger.info("loop thin pool active", metadata: ["dm.pool": "\(name)", "dm.table": "\(table.line)"])
-        return try KernelThinPool(poolName: name, control: control, logger: logger)
+        do {
+            return try KernelThinPool(poolName: name, devicePrefix: devicePrefix, control: control,
+                                      deferredRemoval: deferredRemoval, removeWhenIdle: removeWhenIdle, logger: logger)
+        } catch {
+            try? control.removeRetryingBusy(name)
+            throw error
+        }
     }
 
     /// Grows the data file, tells its loop device, and grows the pool's table.

@@ -16,27 +16,17 @@ extension LayerStore {
     /// each data block, as thin_ls does for its EXCLUSIVE and SHARED columns.
     public func usage() throws -> [ThinDeviceID: Usage] {
         try locked {
-            let blockSize = pool.blockSize
-            return try pool.withMetadata { md -> [ThinDeviceID: Usage] in
-                var users: [UInt64: UInt32] = [:]
-                var blocks: [ThinDeviceID: [UInt64]] = [:]
-                for id in md.deviceIDs {
-                    var list: [UInt64] = []
-                    try md.mappings(id) { _, bt in
-                        list.append(bt.block)
-                        return true
-                    }
-                    for b in list { users[b, default: 0] += 1 }
-                    blocks[id] = list
-                }
-                var result: [ThinDeviceID: Usage] = [:]
-                for (id, list) in blocks {
-                    let exclusive = UInt64(list.count { users[$0] == 1 })
-                    result[id] = Usage(mapped: UInt64(list.count) * blockSize, exclusive: exclusive * blockSize,
-                                       shared: (UInt64(list.count) - exclusive) * blockSize)
-                }
-                return result
+            let blockSize = try pool.status().dataBlockSize
+            let blocks = try pool.mappedDataBlocks()
+            var users: [UInt64: UInt32] = [:]
+            for list in blocks.values { for b in list { users[b, default: 0] += 1 } }
+            var result: [ThinDeviceID: Usage] = [:]
+            for (id, list) in blocks {
+                let exclusive = UInt64(list.count { users[$0] == 1 })
+                result[id] = Usage(mapped: UInt64(list.count) * blockSize, exclusive: exclusive * blockSize,
+                                   shared: (UInt64(list.count) - exclusive) * blockSize)
             }
+            return result
         }
     }
 
@@ -85,7 +75,21 @@ extension LayerStore {
     public func info() throws -> String {
         try locked {
             let s = try pool.status()
-            let config = try poolRoot.config()
+            let kernel = pool as? KernelThinPool
+            var files: [(String, String)] = []
+            if let kernel {
+                let table = try kernel.poolTable()
+                files = [("Data device", table.dataDevice), ("Metadata device", table.metadataDevice)]
+            }
+            if options.poolBackend != .kernel {
+                let config = try poolRoot.config()
+                files = [("Data file", config.data), ("Metadata file", config.metadata)] + files
+            }
+            let engine = switch options.poolBackend {
+            case .userspace: "userspace dm-thin (no libdevmapper)"
+            case .loop: "kernel dm-thin on loop devices, libdevmapper \(LibDeviceMapper.libraryVersion)"
+            case .kernel: "kernel dm-thin, libdevmapper \(LibDeviceMapper.libraryVersion)"
+            }
             let dataTotal = s.totalDataBlocks * s.dataBlockSize, dataUsed = s.usedDataBlocks * s.dataBlockSize
             let metaTotal = s.totalMetadataBlocks * 4096, metaUsed = s.usedMetadataBlocks * 4096
             let minFree = dataTotal * options.minFreeSpacePercent / 100
@@ -94,9 +98,8 @@ extension LayerStore {
                 ("Pool Blocksize", ByteSize.human(s.dataBlockSize)),
                 ("Base Device Size", ByteSize.human(base.size)),
                 ("Backing Filesystem", base.filesystem == "ext4" ? "extfs" : base.filesystem),
-                ("Udev Sync Supported", "false (userspace pool)"),
-                ("Data file", config.data),
-                ("Metadata file", config.metadata),
+                ("Udev Sync Supported", kernel != nil ? String(LibDeviceMapper.shared.udev == .sync) : "false (userspace pool)"),
+            ] + files + [
                 ("Data Space Used", ByteSize.human(dataUsed)),
                 ("Data Space Total", ByteSize.human(dataTotal)),
                 ("Data Space Available", ByteSize.human(dataTotal - dataUsed)),
@@ -110,20 +113,10 @@ extension LayerStore {
                 ("Layers", String(try allLayers().count)),
                 ("Pool Transaction Id", String(s.transactionID)),
                 ("Pool Mode", s.mode.rawValue + (s.needsCheck ? ", needs_check" : "")),
-                ("Library Version", "userspace dm-thin (no libdevmapper); libext2fs \(Volume.libraryVersion), libfuse \(FUSEServer.libraryVersion), SQLite \(LayerDatabase.libraryVersion)"),
+                ("Backend", options.poolBackend.rawValue + (readOnly ? " (read-only)" : "")),
+                ("Library Version", "\(engine); libext2fs \(Volume.libraryVersion), libfuse \(FUSEServer.libraryVersion), SQLite \(LayerDatabase.libraryVersion)"),
             ]
             return "Storage Driver: thinfs\n" + fields.map { " \($0.0): \($0.1)\n" }.joined()
         }
-    }
-
-    /// Docker named its pool `docker-MAJ:MIN-INO-pool` after the root's device and inode.
-    public var poolName: String {
-        var st = stat()
-        guard stat(root, &st) == 0 else { return "thinfs-pool" }
-        // glibc's gnu_dev_major/minor encoding of dev_t.
-        let dev = UInt64(st.st_dev)
-        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt64(0xfff))
-        let minor = (dev & 0xff) | ((dev >> 12) & ~UInt64(0xff))
-        return "thinfs-\(major):\(minor)-\(st.st_ino)-pool"
     }
 }

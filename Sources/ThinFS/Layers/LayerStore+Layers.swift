@@ -19,6 +19,7 @@ extension LayerStore {
     }
 
     private func create(_ id: String, parent: String?, kind: Kind, size: UInt64?) throws -> Layer {
+        try requireWritable("creating layer \(id)")
         try Self.validate(id: id)
         return try locked {
             if let existing = try layer(id) { throw Error.layerExists(id, state: existing.state) }
@@ -84,11 +85,12 @@ extension LayerStore {
 
     /// `thinfs layer rm`.
     public func remove(_ id: String) throws -> Removal {
-        try locked {
+        try requireWritable("removing layer \(id)")
+        return try locked {
             guard let layer = try layer(id) else { throw Error.unknownLayer(id) }
             let children = try children(of: id).filter { $0.state == .active }
             guard children.isEmpty else { throw Error.hasChildren(id, children: children.map(\.id)) }
-            guard let exclusive = try tryLockExclusive(id) else {
+            guard let exclusive = try claim(layer) else {
                 let holder = try busyHolder(id)?.description ?? "in use"
                 // Removed before, still busy: nothing more to do until it is free.
                 if layer.state == .deleted { return .deferred(holder: holder) }
@@ -113,7 +115,7 @@ extension LayerStore {
         try locked {
             var deleted: [String] = []
             for layer in try allLayers() where layer.state == .deleted {
-                guard let exclusive = try tryLockExclusive(layer.id) else { continue }
+                guard let exclusive = try claim(layer) else { continue }
                 defer { exclusive.release() }
                 try journaledDelete(layer)
                 deleted.append(layer.id)
@@ -194,11 +196,24 @@ extension LayerStore {
         return LayerLock(fd: fd, holderPath: nil)
     }
 
-    /// Who holds `id` busy, or nil if nobody. Holder files of dead processes are ignored.
+    /// `layer`'s busy lock, exclusively, if nobody uses it: no holder of the lock, and on a
+    /// kernel pool no opener of its device outside ThinFS (a kernel mount). Nil if busy.
+    func claim(_ layer: Layer) throws -> LayerLock? {
+        guard let exclusive = try tryLockExclusive(layer.id) else { return nil }
+        if try pool.externalUse(layer.deviceID) != nil {
+            exclusive.release()
+            return nil
+        }
+        return exclusive
+    }
+
+    /// Who holds `id` busy, or nil if nobody. Holder files of dead processes are ignored. On a
+    /// kernel pool, a device opened outside ThinFS (a kernel mount) is busy too.
     public func busyHolder(_ id: String) throws -> Holder? {
         if let probe = try tryLockExclusive(id) {
             probe.release()
-            return nil
+            guard let layer = try layer(id), let use = try pool.externalUse(layer.deviceID) else { return nil }
+            return Holder(pid: 0, what: use, readOnly: false)
         }
         let prefix = "\(id).holder."
         let names = (try? FileManager.default.contentsOfDirectory(atPath: locksDirectory)) ?? []
@@ -248,7 +263,8 @@ extension LayerStore {
 
     /// Opens `id`'s filesystem. Image layers with children are frozen: read-write is refused.
     public func openLayer(_ id: String, readOnly: Bool, what: String) throws -> OpenLayer {
-        try locked {
+        if !readOnly { try requireWritable("opening layer \(id) read-write") }
+        return try locked {
             let layer = try liveLayer(id)
             if !readOnly, let child = try children(of: id).first {
                 throw Error.parentFrozen(id, child: child.id)

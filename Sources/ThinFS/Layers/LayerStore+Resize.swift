@@ -28,7 +28,7 @@ extension LayerStore {
     func growFilesystem(of layer: Layer, to size: UInt64) throws {
         try db.execute("UPDATE layers SET size = ? WHERE id = ?", [.integer(Int64(size)), .text(layer.id)])
         let device = try pool.openDevice(layer.deviceID, size: size)
-        defer { (device as? ThinDevice)?.close() }
+        defer { device.close() }
         let mountpoint = scratchDirectory + "/resize-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
         defer { rmdir(mountpoint) }

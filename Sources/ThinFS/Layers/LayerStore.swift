@@ -13,14 +13,17 @@ import SystemPackage
 ///
 /// A root directory holds:
 ///
-///     ROOT/pool.json, ROOT/pool/{data,metadata}   the userspace pool (PoolRoot)
+///     ROOT/pool.json, ROOT/pool/{data,metadata}   the pool's files (PoolRoot), unless dm.thinpooldev
+///     ROOT/store.lock                             the writer's flock over a kernel pool
 ///     ROOT/layers.db                              SQLite: settings, layers, journal
 ///     ROOT/locks/<layer>.lock                     busy locks (flock, held while served)
 ///     ROOT/control.sock                           the pool owner's socket (LayerControl)
 ///     ROOT/tmp/                                   mkfs scratch images, spooled tars
 ///
+/// The pool is the userspace engine's, or a kernel dm-thin pool (`LayerStore+Pool.swift`).
+///
 /// **One writer per pool.** The pool's metadata lives in the memory of the one process that
-/// has it open for writing (a flock on the data file). A `thinfs-mount` daemon serving layers
+/// has it open for writing (a flock on the data file; ROOT/store.lock for a kernel pool). A `thinfs-mount` daemon serving layers
 /// is that process while it runs; other commands then send it their request through
 /// `ROOT/control.sock` (`LayerControl`) instead of opening the pool themselves.
 ///
@@ -61,8 +64,12 @@ public final class LayerStore: @unchecked Sendable {
 
     public let root: String
     public let poolRoot: PoolRoot
-    public let pool: UserspaceThinPool
+    public let pool: any ThinPoolBackend
     public let options: StorageOptions
+    /// A store over a pool ThinFS did not make (`initializeReadOnly`): nothing in it changes.
+    public let readOnly: Bool
+    /// ROOT/store.lock, held while the store is open over a kernel pool.
+    let storeLock: FileDescriptor?
     public let base: Base
     /// Every volume this process has open on the pool; commits flush them all first.
     public let volumes: VolumeGroup
@@ -101,11 +108,13 @@ public final class LayerStore: @unchecked Sendable {
         return (try? setting(db, "options")) != nil
     }
 
-    private init(root: String, poolRoot: PoolRoot, pool: UserspaceThinPool, db: LayerDatabase,
-                 options: StorageOptions, base: Base, logger: Logger) {
+    private init(root: String, poolRoot: PoolRoot, pool: any ThinPoolBackend, storeLock: FileDescriptor?, db: LayerDatabase,
+                 options: StorageOptions, base: Base, readOnly: Bool, logger: Logger) {
         self.root = root
         self.poolRoot = poolRoot
         self.pool = pool
+        self.storeLock = storeLock
+        self.readOnly = readOnly
         self.db = db
         self.options = options
         self.base = base
@@ -131,6 +140,8 @@ public final class LayerStore: @unchecked Sendable {
         case unsupported(String)
         case sizeTooSmall(String, size: UInt64, minimum: UInt64)
         case noFreeDeviceID
+        case readOnlyStore(root: String, operation: String)
+        case kernelMount(String, reason: String)
 
         public var description: String {
             switch self {
@@ -161,6 +172,9 @@ public final class LayerStore: @unchecked Sendable {
             case .sizeTooSmall(let id, let size, let minimum):
                 "layer \(id): size \(ByteSize.human(size)) is smaller than its parent's filesystem (\(ByteSize.human(minimum))); layers can only grow"
             case .noFreeDeviceID: "no free thin device id below 2^24"
+            case .readOnlyStore(let root, let operation):
+                "the store at \(root) is read-only (an imported pool ThinFS did not make): \(operation) is refused"
+            case .kernelMount(let id, let reason): "layer \(id): kernel mount: \(reason)"
             }
         }
 
@@ -170,7 +184,7 @@ public final class LayerStore: @unchecked Sendable {
             case .layerExists, .alreadyInitialized: .fileExists
             case .busy, .hasChildren: .resourceBusy
             case .lowSpace: .noSpace
-            case .parentFrozen: .readOnlyFileSystem
+            case .parentFrozen, .readOnlyStore: .readOnlyFileSystem
             default: .invalidArgument
             }
         }
@@ -178,27 +192,39 @@ public final class LayerStore: @unchecked Sendable {
 
     // MARK: Creating and opening
 
-    /// `thinfs init`: creates the pool (or adopts the root's existing one), then the base device.
+    /// `thinfs init`: creates the pool (or adopts the root's existing one, or the kernel pool
+    /// dm.thinpooldev names, if empty), then the base device.
     public static func initialize(root: String, options: StorageOptions,
                                   logger: Logger = Logger(label: "thinfs.layers")) throws -> LayerStore {
         let root = URL(fileURLWithPath: root).standardizedFileURL.path
         guard !exists(at: root) else { throw Error.alreadyInitialized(root: root) }
-        if let device = options.thinPoolDevice {
-            throw Error.unsupported("dm.thinpooldev=\(device): a kernel thin pool needs the libdevmapper backend, which this store cannot use yet; leave dm.thinpooldev unset to use the userspace pool in \(root)")
-        }
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         let poolRoot = PoolRoot(path: root)
-        let pool: UserspaceThinPool
-        if poolRoot.hasPool {
-            pool = try poolRoot.open(logger: logger)
-            let status = try pool.status()
-            guard status.transactionID == 0, status.usedDataBlocks == 0, try pool.deviceIDs().isEmpty else {
-                throw Error.unsupported("the pool in \(root) is in use (transaction id \(status.transactionID), \(status.usedDataBlocks) data blocks used): a layer store only adopts an empty pool; if an earlier 'thinfs init' was interrupted, remove \(root) and run it again")
+        if options.poolBackend != .kernel {
+            if poolRoot.hasPool {
+                let pool = try poolRoot.open(logger: logger)
+                defer { try? pool.close() }
+                let status = try pool.status()
+                guard status.transactionID == 0, status.usedDataBlocks == 0, try pool.deviceIDs().isEmpty else {
+                    throw Error.unsupported("the pool in \(root) is in use (transaction id \(status.transactionID), \(status.usedDataBlocks) data blocks used): a layer store only adopts an empty pool; if an earlier 'thinfs init' was interrupted, remove \(root) and run it again")
+                }
+            } else {
+                // The loop backend's files are made here too: the kernel opens this metadata as its own.
+                try poolRoot.create(data: nil, metadata: nil, dataSize: options.loopDataSize,
+                                    metadataSize: options.loopMetadataSize, blockSize: options.blockSize,
+                                    options: .init(), logger: logger).close()
             }
-        } else {
-            pool = try poolRoot.create(data: nil, metadata: nil, dataSize: options.loopDataSize,
-                                       metadataSize: options.loopMetadataSize, blockSize: options.blockSize,
-                                       options: .init(), logger: logger)
+        }
+        let (pool, storeLock) = try openPool(root: root, options: options, readOnly: false, logger: logger)
+        var handedOver = false
+        defer { if !handedOver { try? pool.close(); try? storeLock?.close() } }
+        if let kernel = pool as? KernelThinPool {
+            // An interrupted init of this root left the pool at transaction id 0 with at most the
+            // base device; anything more is someone else's pool.
+            try kernel.checkAdoptable(recordedTransactionID: nil)
+            if try !kernel.deviceIDs().isEmpty {
+                throw Error.unsupported("thin pool '\(kernel.poolName)' already has thin devices (\(try kernel.deviceIDs().map(String.init).joined(separator: ", "))): a layer store only adopts an empty pool")
+            }
         }
         // The settings row "options" is written last: a root without it is an interrupted init.
         do {
@@ -223,7 +249,50 @@ public final class LayerStore: @unchecked Sendable {
                 try setSetting(db, "options", encoded)
             }
         }
-        return try LayerStore(opened: root, pool: pool, logger: logger)
+        handedOver = true
+        return try LayerStore(opened: root, pool: pool, storeLock: storeLock, readOnly: false, logger: logger)
+    }
+
+    /// A read-only store over a pool ThinFS did not make (`thinfs import-docker`): `base` and
+    /// `layers` describe the devices already in it. Nothing in the pool is ever written: create,
+    /// rm and apply-diff are refused, mounts are read-only, and opening skips recovery.
+    public static func initializeReadOnly(root: String, pool location: PoolLocation, base: Base, layers: [Layer],
+                                          logger: Logger = Logger(label: "thinfs.layers")) throws -> LayerStore {
+        let root = URL(fileURLWithPath: root).standardizedFileURL.path
+        guard !exists(at: root) else { throw Error.alreadyInitialized(root: root) }
+        for layer in layers { try validate(id: layer.id) }
+        var options = StorageOptions()
+        options.baseSize = base.size
+        options.filesystem = base.filesystem
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        switch location {
+        case .files(let data, let metadata):
+            options.backend = .userspace
+            try PoolRoot(path: root).adopt(data: data, metadata: metadata, options: .init(), logger: logger).close()
+        case .kernel(let name):
+            options.thinPoolDevice = name
+            options.backend = .kernel
+        }
+        let db = try LayerDatabase(path: databasePath(root))
+        defer { db.close() }
+        try createSchema(db)
+        let encoded = String(decoding: try JSONEncoder().encode(options), as: UTF8.self)
+        try db.transaction {
+            for layer in layers {
+                try db.execute("INSERT INTO layers(\(columns)) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                               [.text(layer.id), layer.parent.map { .text($0) } ?? .null, .integer(Int64(layer.deviceID)),
+                                .text(layer.kind.rawValue), .integer(Int64(layer.size)), .text(layer.state.rawValue),
+                                .text(layer.uuid), .integer(storedTime(layer.created))])
+            }
+            try setSetting(db, "base.device", String(base.deviceID))
+            try setSetting(db, "base.uuid", base.uuid)
+            try setSetting(db, "base.size", String(base.size))
+            try setSetting(db, "base.fs", base.filesystem)
+            try setSetting(db, "next.device", String((layers.map(\.deviceID).max() ?? base.deviceID) + 1))
+            try setSetting(db, "readonly", "true")
+            try setSetting(db, "options", encoded)
+        }
+        return try open(root: root, logger: logger)
     }
 
     /// Opens an initialized store, taking the pool for writing. Recovers an interrupted change
@@ -231,13 +300,31 @@ public final class LayerStore: @unchecked Sendable {
     public static func open(root: String, logger: Logger = Logger(label: "thinfs.layers")) throws -> LayerStore {
         let root = URL(fileURLWithPath: root).standardizedFileURL.path
         guard exists(at: root) else { throw Error.notInitialized(root: root) }
-        let pool = try PoolRoot(path: root).open(logger: logger)
-        return try LayerStore(opened: root, pool: pool, logger: logger)
+        let db = try LayerDatabase(path: databasePath(root))
+        let options: StorageOptions, readOnly: Bool
+        do {
+            defer { db.close() }
+            guard let encoded = try setting(db, "options"),
+                  let decoded = try? JSONDecoder().decode(StorageOptions.self, from: Data(encoded.utf8)) else {
+                throw Error.notInitialized(root: root)
+            }
+            options = decoded
+            readOnly = try setting(db, "readonly") == "true"
+        }
+        let (pool, storeLock) = try openPool(root: root, options: options, readOnly: readOnly, logger: logger)
+        do {
+            return try LayerStore(opened: root, pool: pool, storeLock: storeLock, readOnly: readOnly, logger: logger)
+        } catch {
+            try? pool.close()
+            try? storeLock?.close()
+            throw error
+        }
     }
 
-    private convenience init(opened root: String, pool: UserspaceThinPool, logger: Logger) throws {
+    private convenience init(opened root: String, pool: any ThinPoolBackend, storeLock: FileDescriptor?, readOnly: Bool,
+                             logger: Logger) throws {
         let db = try LayerDatabase(path: Self.databasePath(root))
-        try Self.createSchema(db)
+        if !readOnly { try Self.createSchema(db) }
         guard let encoded = try Self.setting(db, "options"),
               let options = try? JSONDecoder().decode(StorageOptions.self, from: Data(encoded.utf8)),
               let baseID = try Self.setting(db, "base.device").flatMap(UInt32.init),
@@ -246,10 +333,12 @@ public final class LayerStore: @unchecked Sendable {
             throw Error.notInitialized(root: root)
         }
         let base = Base(deviceID: baseID, uuid: uuid, size: size, filesystem: try Self.setting(db, "base.fs") ?? "ext4")
-        self.init(root: root, poolRoot: PoolRoot(path: root), pool: pool, db: db, options: options, base: base, logger: logger)
+        self.init(root: root, poolRoot: PoolRoot(path: root), pool: pool, storeLock: storeLock, db: db, options: options,
+                  base: base, readOnly: readOnly, logger: logger)
         try FileManager.default.createDirectory(atPath: locksDirectory, withIntermediateDirectories: true)
         try FileManager.default.createDirectory(atPath: scratchDirectory, withIntermediateDirectories: true)
-        try recover()
+        // A read-only pool is someone else's: nothing to roll back, and nothing of it to delete.
+        if !readOnly { try recover() }
         try verifyBase()
     }
 
@@ -260,7 +349,7 @@ public final class LayerStore: @unchecked Sendable {
             throw Error.baseMismatch(root: root, expected: base.uuid, found: "missing (no thin device \(base.deviceID))")
         }
         let device = try pool.openDevice(base.deviceID, size: base.size)
-        defer { (device as? ThinDevice)?.close() }
+        defer { device.close() }
         let found = try Volume.filesystemUUID(device: device)
         guard found == base.uuid else { throw Error.baseMismatch(root: root, expected: base.uuid, found: found) }
     }
@@ -269,9 +358,17 @@ public final class LayerStore: @unchecked Sendable {
     /// closed by their owners first; the store is unusable afterwards.
     public func close() throws {
         try locked {
-            defer { db.close() }
+            defer {
+                db.close()
+                try? storeLock?.close()
+            }
             try pool.close()
         }
+    }
+
+    /// Refuses `operation` on a read-only store.
+    func requireWritable(_ operation: String) throws {
+        if readOnly { throw Error.readOnlyStore(root: root, operation: operation) }
     }
 
     func locked<T>(_ body: () throws -> T) rethrows -> T {

@@ -3,7 +3,19 @@ import Foundation
 /// The `--storage-opt` keys, with Docker's devicemapper names and defaults
 /// (moby daemon/graphdriver/devmapper/deviceset.go, `NewDeviceSet`), so a devicemapper
 /// user's daemon.json options carry over. Unknown keys are an error, as in Docker.
+///
+/// Which engine drives the pool (`poolBackend`):
+///
+///     dm.thinpooldev=NAME      an existing kernel thin pool (direct-lvm: 'thinfs setup-lvm')
+///     thinfs.backend=loop      ROOT/pool/{data,metadata} on loop devices, the kernel's dm-thin (loop-lvm)
+///     (neither)                ROOT/pool/{data,metadata}, the userspace engine (ThinFS's default)
+///
+/// The loop and userspace backends use the same files in the same (dm-thin) format.
 public struct StorageOptions: Codable, Equatable, Sendable {
+    public enum Backend: String, Codable, Sendable, CaseIterable {
+        case userspace, loop, kernel
+    }
+
     public var baseSize: UInt64 = 10 << 30           // dm.basesize
     public var loopDataSize: UInt64 = 100 << 30      // dm.loopdatasize
     public var loopMetadataSize: UInt64 = 2 << 30    // dm.loopmetadatasize
@@ -15,6 +27,11 @@ public struct StorageOptions: Codable, Equatable, Sendable {
     public var deferredRemoval = false               // dm.use_deferred_removal
     public var deferredDeletion = false              // dm.use_deferred_deletion
     public var minFreeSpacePercent: UInt64 = 10      // dm.min_free_space
+    /// thinfs.backend; nil in stores made before the option existed (the userspace engine).
+    public var backend: Backend?
+
+    /// The engine that drives the pool (see the table above).
+    public var poolBackend: Backend { thinPoolDevice != nil ? .kernel : backend ?? .userspace }
 
     public init() {}
 
@@ -28,12 +45,19 @@ public struct StorageOptions: Codable, Equatable, Sendable {
     public static let keys = [
         "dm.basesize", "dm.loopdatasize", "dm.loopmetadatasize", "dm.blocksize", "dm.thinpooldev", "dm.fs",
         "dm.mkfsarg", "dm.mountopt", "dm.use_deferred_removal", "dm.use_deferred_deletion", "dm.min_free_space",
+        "thinfs.backend",
     ]
 
     /// Applies `KEY=VAL` options in order over the defaults.
     public init(parsing options: [String]) throws(Error) {
         self.init()
         for option in options { try apply(option) }
+        if let device = thinPoolDevice, let backend, backend != .kernel {
+            throw Error(option: "thinfs.backend", reason: "'\(backend.rawValue)' contradicts dm.thinpooldev=\(device), which names a kernel pool")
+        }
+        if backend == .kernel, thinPoolDevice == nil {
+            throw Error(option: "thinfs.backend", reason: "'kernel' needs dm.thinpooldev=NAME, the kernel thin pool to use")
+        }
     }
 
     public mutating func apply(_ option: String) throws(Error) {
@@ -69,7 +93,17 @@ public struct StorageOptions: Codable, Equatable, Sendable {
                 throw Error(option: key, reason: "\(value) must be a multiple of 64K between 64K and 1G")
             }
             blockSize = v
-        case "dm.thinpooldev": thinPoolDevice = value
+        case "dm.thinpooldev":
+            let name = value.hasPrefix("/dev/mapper/") ? String(value.dropFirst("/dev/mapper/".count)) : value
+            guard !name.isEmpty, !name.contains("/") else {
+                throw Error(option: key, reason: "'\(value)' is not a device-mapper name (NAME or /dev/mapper/NAME)")
+            }
+            thinPoolDevice = name
+        case "thinfs.backend":
+            guard let b = Backend(rawValue: value.lowercased()) else {
+                throw Error(option: key, reason: "'\(value)' is not one of \(Backend.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            backend = b
         case "dm.fs":
             switch value {
             case "ext4": filesystem = value

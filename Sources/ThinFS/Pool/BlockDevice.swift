@@ -15,9 +15,14 @@ public protocol BlockDevice: AnyObject, Sendable {
     func discard(offset: UInt64, length: UInt64) throws
     /// Makes completed writes durable.
     func flush() throws
+    /// Lets the device go now rather than when the last reference does; later I/O fails.
+    /// Idempotent. A kernel thin device is deactivated once its last opener closes it.
+    func close()
 }
 
 extension BlockDevice {
+    public func close() {}
+
     /// Copies the first `length` bytes to `target`, 1 MiB at a time (exporting a device as an image).
     public func copy(to target: BlockDevice, length: UInt64) throws {
         let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)

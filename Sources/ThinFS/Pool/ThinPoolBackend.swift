@@ -2,21 +2,32 @@ import PersistentData
 import SystemPackage
 
 /// What the layer store needs from a thin pool. Two implementations:
-/// `UserspaceThinPool` (sparse files, this process) and, later, the kernel
-/// pool driven through libdevmapper.
+/// `UserspaceThinPool` (sparse files, this process) and `KernelThinPool` (the kernel's dm-thin,
+/// driven through libdevmapper).
 public protocol ThinPoolBackend: AnyObject, Sendable {
     /// Sends a dm-thin pool message (`create_thin 1`, `create_snap 2 1`, ...).
     func message(_ message: PoolMessage) throws
     func status() throws -> PoolStatus
     func deviceStatus(_ id: ThinDeviceID) throws -> ThinDeviceStatus
     /// Opens a thin device; `size` is its virtual size in bytes (dm keeps it in the table, not in metadata).
+    /// Close the device when done: the kernel pool deactivates a device its last opener closed.
     func openDevice(_ id: ThinDeviceID, size: UInt64) throws -> BlockDevice
     func deviceExists(_ id: ThinDeviceID) throws -> Bool
     func deviceIDs() throws -> [ThinDeviceID]
+    /// Every thin device's details (mapped blocks, transaction id, times), as thin_ls reads them.
+    func deviceDetails() throws -> [ThinDeviceID: DeviceDetails]
+    /// Every thin device's mapped data blocks, for thin_ls's EXCLUSIVE and SHARED accounting.
+    func mappedDataBlocks() throws -> [ThinDeviceID: [UInt64]]
+    /// Who uses thin device `id` other than this process's open devices (a kernel mount, a
+    /// process holding its /dev/mapper node), or nil if nobody; always nil in userspace, where
+    /// only this process can reach a device.
+    func externalUse(_ id: ThinDeviceID) throws -> String?
     /// Makes everything written so far durable (a dm-thin commit).
     func commit() throws
     /// Grows the data device.
     func resize(dataBytes: UInt64) throws
+    /// Commits and lets the pool go (the userspace pool's writer lock; an idle loop pool's devices).
+    func close() throws
 }
 
 /// A pool message in the kernel's grammar (Documentation/admin-guide/device-mapper/thin-provisioning.rst,

@@ -249,6 +249,30 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
     public func deviceExists(_ id: ThinDeviceID) throws -> Bool { metaLock.withLock { md.exists(id) } }
     public func deviceIDs() throws -> [ThinDeviceID] { metaLock.withLock { md.deviceIDs } }
 
+    public func deviceDetails() throws -> [ThinDeviceID: DeviceDetails] {
+        metaLock.withLock {
+            Dictionary(uniqueKeysWithValues: md.deviceIDs.compactMap { id in md.details(id).map { (id, $0) } })
+        }
+    }
+
+    public func mappedDataBlocks() throws -> [ThinDeviceID: [UInt64]] {
+        try withMetadata { md in
+            var result: [ThinDeviceID: [UInt64]] = [:]
+            for id in md.deviceIDs {
+                var blocks: [UInt64] = []
+                try md.mappings(id) { _, bt in
+                    blocks.append(bt.block)
+                    return true
+                }
+                result[id] = blocks
+            }
+            return result
+        }
+    }
+
+    /// Only this process reaches the pool's devices (the data file's flock).
+    public func externalUse(_ id: ThinDeviceID) throws -> String? { nil }
+
     public func details(_ id: ThinDeviceID) throws -> DeviceDetails {
         try metaLock.withLock {
             guard let d = md.details(id) else { throw ThinPoolError.message(.unknownDevice(id)) }

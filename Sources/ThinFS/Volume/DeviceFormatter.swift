@@ -35,12 +35,13 @@ public struct DeviceFormatter {
 
     /// Formats device `id` of `pool` with a filesystem of `size` bytes.
     /// A device that already maps blocks is refused unless `force`, in which case it is discarded first.
-    public func format(pool: UserspaceThinPool, id: ThinDeviceID, size: UInt64, filesystem: Filesystem = .ext4,
+    public func format(pool: any ThinPoolBackend, id: ThinDeviceID, size: UInt64, filesystem: Filesystem = .ext4,
                        extraArguments: [String] = [], force: Bool = false, scratchDirectory: String) throws -> Result {
         guard size >= 1 << 20, size % 4096 == 0 else {
             throw ThinPoolError.invalidConfiguration("filesystem size \(size) must be at least 1M and a multiple of 4K")
         }
-        let mapped = try pool.details(id).mappedBlocks
+        guard let details = try pool.deviceDetails()[id] else { throw ThinPoolError.message(.unknownDevice(id)) }
+        let mapped = details.mappedBlocks
         if mapped > 0 && !force {
             throw ThinPoolError.invalidConfiguration("thin device \(id) already holds data (\(mapped) mapped blocks); use --force to format it anyway")
         }
@@ -62,9 +63,9 @@ public struct DeviceFormatter {
         try runMkfs(filesystem: filesystem, arguments: Self.dockerOptions + arguments, image: scratch)
 
         let device = try pool.openDevice(id, size: size)
-        defer { (device as? ThinDevice)?.close() }
+        defer { device.close() }
         if mapped > 0 { try device.discard(offset: 0, length: size) }
-        let written = try copyWrittenExtents(from: scratch, to: device, blockSize: pool.blockSize, size: size)
+        let written = try copyWrittenExtents(from: scratch, to: device, blockSize: try pool.status().dataBlockSize, size: size)
         try device.flush()
         logger.info("formatted thin device", metadata: ["thin.id": "\(id)", "fs.uuid": "\(uuid)", "fs.bytes_written": "\(written)"])
         return Result(uuid: uuid, size: size, bytesWritten: written)

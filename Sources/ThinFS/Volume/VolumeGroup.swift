@@ -69,7 +69,7 @@ public final class VolumeGroup: @unchecked Sendable {
             lock.withLock { members.append((key, volume)) }
             return Member(volume: volume, deviceID: id, key: key, device: device, group: self)
         } catch {
-            (device as? ThinDevice)?.close()
+            device.close()
             throw error
         }
     }
@@ -91,7 +91,7 @@ public final class VolumeGroup: @unchecked Sendable {
     }
 
     fileprivate func leave(_ member: Member) throws {
-        defer { (member.device as? ThinDevice)?.close() }
+        defer { member.device.close() }
         // Closing writes libext2fs's last state; the commit makes it durable with everyone else's.
         var failure: Error?
         do { try member.volume.close() } catch { failure = error }

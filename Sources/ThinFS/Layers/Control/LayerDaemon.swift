@@ -84,7 +84,7 @@ public final class LayerDaemon: @unchecked Sendable {
         let layer = try store.liveLayer(id)
         // dm.mountopt applies to every mount, as Docker added it to each layer's mount.
         let options = store.options.mountOptions + requestedOptions
-        let readOnly = requested || layer.kind == .image
+        let readOnly = requested || layer.kind == .image || store.readOnly
         let extra = options.filter { $0 != "ro" && $0 != "rw" && $0 != "allow_other" }
         let canonical = try FUSEServer.checkMountpoint(mountpoint, allowNonEmpty: extra.contains("nonempty"))
         let open = try store.openLayer(id, readOnly: readOnly, what: "mounted at \(canonical)")

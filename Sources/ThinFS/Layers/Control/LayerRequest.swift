@@ -7,6 +7,7 @@ public struct LayerRequest: Codable, Equatable, Sendable {
     public enum Operation: String, Codable, Sendable {
         case create, createRW = "create-rw", remove = "rm", list = "ls", info, cleanup
         case applyDiff = "apply-diff", diff, mount, importImage = "image-import"
+        case kernelMount = "kernel-mount", kernelUnmount = "kernel-umount"
     }
 
     public var operation: Operation

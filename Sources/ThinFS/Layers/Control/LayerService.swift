@@ -89,6 +89,12 @@ public struct LayerService: Sendable {
             try daemon.mount(try need(r.layer, "layer id"), at: try need(r.mountpoint, "mount point"),
                              readOnly: r.readOnly ?? false, options: r.mountOptions ?? [])
             return ""
+        case .kernelMount:
+            let node = try store.mountInKernel(try need(r.layer, "layer id"), at: try need(r.mountpoint, "mount point"),
+                                               readOnly: r.readOnly ?? false, options: r.mountOptions ?? [])
+            return "\(node)\n"
+        case .kernelUnmount:
+            return try store.unmountFromKernel(try need(r.mountpoint, "mount point")) + "\n"
         }
     }
 }
