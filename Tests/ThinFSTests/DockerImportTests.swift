@@ -280,6 +280,8 @@ struct DockerImportTests {
         let ls = try CLI.run(["layer", "ls", "--root", f.store, "--json"])
         #expect(ls.status == 0, "\(ls.stderr)")
         #expect(ls.stdout.contains("sha256:\(f.chain.b)") && ls.stdout.contains(f.container), "\(ls.stdout)")
+        let info = try CLI.run(["info", "--root", f.store])
+        #expect(info.status == 0, "\(info.stderr)")
         let rm = try CLI.run(["layer", "rm", "--root", f.store, f.container])
         #expect(rm.status != 0 && rm.stderr.contains(f.container) && rm.stderr.contains("read-only"), "\(rm.stderr)")
         // A second import into the same root is refused; so is a root inside Docker's directory.
@@ -291,6 +293,7 @@ struct DockerImportTests {
     }
 
     /// Each bad input is refused with an error naming the file at fault, and nothing is created.
+    /// (15 cases.)
     @Test(arguments: [
         // (what to break, the file the error must name, text it must contain)
         ("not json", "metadata/B", "not JSON"),
@@ -307,6 +310,7 @@ struct DockerImportTests {
         ("base uninitialized", "metadata/base", "never initialized"),
         ("no metadata directory", "metadata", "does not exist"),
         ("no pool files", "devicemapper/data", "loop-lvm"),
+        ("Docker before 1.7", "devicemapper/json", "before 1.7"),
     ])
     func badInputIsNamed(_ breakage: String, _ file: String, _ text: String) throws {
         let f = try Fixture()
@@ -330,6 +334,9 @@ struct DockerImportTests {
         case "base uninitialized": try put("base", #"{"device_id":1,"size":67108864,"transaction_id":1,"initialized":false}"#)
         case "no metadata directory": try FileManager.default.removeItem(atPath: md)
         case "no pool files": try FileManager.default.removeItem(atPath: f.dm + "/devicemapper/data")
+        case "Docker before 1.7":
+            try FileManager.default.removeItem(atPath: md)
+            try Data(#"{"Devices":{}}"#.utf8).write(to: URL(fileURLWithPath: f.dm + "/devicemapper/json"))
         default: Issue.record("unknown case \(breakage)")
         }
         let named = f.dm + "/" + file.replacingOccurrences(of: "/B", with: "/" + h["B"]!).replacingOccurrences(of: "/A", with: "/" + h["A"]!)
@@ -343,6 +350,27 @@ struct DockerImportTests {
         }
         #expect(!LayerStore.exists(at: f.store), "\(breakage): a store was created")
         #expect(try f.digests() == before, "\(breakage): Docker's files changed")
+    }
+
+    /// Loop files still attached to a loop device: the kernel's pool may be ahead of the metadata
+    /// file, so the import is refused, naming the file and the loop device (sysfs faked here).
+    @Test func anAttachedPoolIsRefused() throws {
+        let f = try Fixture()
+        let sys = f.dir.path + "/sys-block"
+        for (name, backing) in [("loop0", "/somewhere/else"), ("loop7", f.dm + "/devicemapper/metadata"), ("sda", "")] {
+            try FileManager.default.createDirectory(atPath: "\(sys)/\(name)/loop", withIntermediateDirectories: true)
+            if !backing.isEmpty { try Data((backing + "\n").utf8).write(to: URL(fileURLWithPath: "\(sys)/\(name)/loop/backing_file")) }
+        }
+        let set = try DockerDeviceSet(root: f.dm)
+        #expect(throws: DockerImport.Error.poolActive(file: f.dm + "/devicemapper/metadata", loopDevice: "/dev/loop7")) {
+            _ = try DockerImport.openPool(set, thinPool: nil, sysBlock: sys, logger: quietLogger)
+        }
+        // Detached (no backing file left), the same files open.
+        try FileManager.default.removeItem(atPath: "\(sys)/loop7/loop/backing_file")
+        let (pool, source) = try DockerImport.openPool(set, thinPool: nil, sysBlock: sys, logger: quietLogger)
+        #expect(source == .loopFiles(data: f.dm + "/devicemapper/data", metadata: f.dm + "/devicemapper/metadata"))
+        #expect(try pool.deviceExists(5) && !(try pool.deviceExists(8)))
+        try pool.close()
     }
 
     @Test func deviceFilesDecodeAsGoDoes() throws {

@@ -106,7 +106,7 @@ public struct DockerDeviceSet: Sendable {
         var isDirectory: ObjCBool = false
         guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
             if FileManager.default.fileExists(atPath: root + "/devicemapper/json") {
-                throw Error.notADeviceSet(root, reason: "it has only devicemapper/json, the metadata of Docker before 1.7; start that Docker once so that it migrates it to metadata/")
+                throw Error.notADeviceSet(root, reason: "it has only \(root)/devicemapper/json, the metadata of Docker before 1.7; start that Docker once so that it migrates it to metadata/")
             }
             throw Error.notADeviceSet(root, reason: "\(directory) does not exist")
         }

@@ -89,6 +89,12 @@ public enum DockerImport {
     /// Opens the pool read-only: the loop-lvm files, or the kernel pool `thinPool`.
     public static func openPool(_ set: DockerDeviceSet, thinPool: String?,
                                 logger: Logger = Logger(label: "thinfs.import-docker")) throws -> (ThinPoolBackend, PoolSource) {
+        try openPool(set, thinPool: thinPool, sysBlock: "/sys/block", logger: logger)
+    }
+
+    /// `sysBlock`: where loop devices are listed (tests give a fake one).
+    static func openPool(_ set: DockerDeviceSet, thinPool: String?, sysBlock: String,
+                         logger: Logger) throws -> (ThinPoolBackend, PoolSource) {
         if let thinPool {
             // Read-only: no pool message, thin devices activated read-only.
             let pool = try KernelThinPool(poolName: thinPool, readOnly: true, logger: logger)
@@ -99,14 +105,14 @@ public enum DockerImport {
             throw Error.missingPoolFile(file)
         }
         for file in [data, metadata] {
-            if let loop = loopDevice(backing: file) { throw Error.poolActive(file: file, loopDevice: loop) }
+            if let loop = loopDevice(backing: file, sysBlock: sysBlock) { throw Error.poolActive(file: file, loopDevice: loop) }
         }
         let pool = try UserspaceThinPool.open(dataPath: data, metadataPath: metadata, readOnly: true, logger: logger)
         return (pool, .loopFiles(data: data, metadata: metadata))
     }
 
     /// The loop device whose backing file is `file`, from sysfs (`/sys/block/loopN/loop/backing_file`).
-    static func loopDevice(backing file: String, sysBlock: String = "/sys/block") -> String? {
+    static func loopDevice(backing file: String, sysBlock: String) -> String? {
         let target = URL(fileURLWithPath: file).resolvingSymlinksInPath().path
         let names = (try? FileManager.default.contentsOfDirectory(atPath: sysBlock)) ?? []
         for name in names.sorted() where name.hasPrefix("loop") {
