@@ -363,14 +363,32 @@ struct DockerImportTests {
         }
         let set = try DockerDeviceSet(root: f.dm)
         #expect(throws: DockerImport.Error.poolActive(file: f.dm + "/devicemapper/metadata", loopDevice: "/dev/loop7")) {
-            _ = try DockerImport.openPool(set, thinPool: nil, sysBlock: sys, logger: quietLogger)
+            _ = try DockerImport.openPool(set, thinPool: nil, sysBlock: sys, control: FakeDeviceMapper(), logger: quietLogger)
         }
         // Detached (no backing file left), the same files open.
         try FileManager.default.removeItem(atPath: "\(sys)/loop7/loop/backing_file")
-        let (pool, source) = try DockerImport.openPool(set, thinPool: nil, sysBlock: sys, logger: quietLogger)
+        let (pool, source) = try DockerImport.openPool(set, thinPool: nil, sysBlock: sys, control: FakeDeviceMapper(), logger: quietLogger)
         #expect(source == .loopFiles(data: f.dm + "/devicemapper/data", metadata: f.dm + "/devicemapper/metadata"))
         #expect(try pool.deviceExists(5) && !(try pool.deviceExists(8)))
         try pool.close()
+    }
+
+    /// direct-lvm (--thinpool): a Docker device still active on the pool (Docker, or a container of
+    /// it, is running) is refused, naming the dm device and its metadata file. device-mapper is faked.
+    @Test func aRunningDockerIsRefusedOnAKernelPool() throws {
+        let f = try Fixture()
+        let set = try DockerDeviceSet(root: f.dm)
+        let dm = FakeDeviceMapper()
+        dm.addPool("docker-thinpool", table: ThinPoolTable(metadataDevice: "253:0", dataDevice: "253:1", dataSectors: 524_288, blockSectors: 128))
+        for id in 1...5 { _ = try dm.message("docker-thinpool", sector: 0, "create_thin \(id)") }
+        let (pool, source) = try DockerImport.openPool(set, thinPool: "docker-thinpool", sysBlock: "/nonexistent", control: dm, logger: quietLogger)
+        #expect(source == .kernel(poolName: "docker-thinpool") && (pool as? KernelThinPool)?.readOnly == true)
+        let container = "docker-8:1-4242-" + f.hash["C"]!
+        try dm.create(container, table: [DeviceMapperTarget(start: 0, length: 131_072, type: "thin", params: "/dev/mapper/docker-thinpool 5")], readOnly: false)
+        #expect(throws: DockerImport.Error.dockerDeviceActive(container, file: f.dm + "/metadata/" + f.hash["C"]!)) {
+            _ = try DockerImport.openPool(set, thinPool: "docker-thinpool", sysBlock: "/nonexistent", control: dm, logger: quietLogger)
+        }
+        #expect(!dm.calls.contains { $0.hasPrefix("message") && !$0.contains("create_thin") }, "a message was sent: \(dm.calls)")
     }
 
     @Test func deviceFilesDecodeAsGoDoes() throws {

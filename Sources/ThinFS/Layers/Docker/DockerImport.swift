@@ -61,6 +61,7 @@ public enum DockerImport {
         case badFilesystem(hash: String, deviceID: UInt32, file: String, reason: String)
         case baseUUIDMismatch(expected: String, found: String, file: String)
         case badLayerID(hash: String, file: String, reason: String)
+        case dockerDeviceActive(String, file: String)
 
         public var description: String {
             switch self {
@@ -80,6 +81,8 @@ public enum DockerImport {
             case .baseUUIDMismatch(let expected, let found, let file):
                 "the base device's ext4 UUID is \(found), but \(file) records \(expected): the metadata belongs to another pool"
             case .badLayerID(let hash, let file, let why): "\(hash) (\(file)) cannot name a layer: \(why)"
+            case .dockerDeviceActive(let name, let file):
+                "Docker's device \(name) (\(file)) is active: Docker or one of its containers still uses the pool; stop Docker and remove its devices (dmsetup remove \(name)) first"
             }
         }
     }
@@ -89,15 +92,24 @@ public enum DockerImport {
     /// Opens the pool read-only: the loop-lvm files, or the kernel pool `thinPool`.
     public static func openPool(_ set: DockerDeviceSet, thinPool: String?,
                                 logger: Logger = Logger(label: "thinfs.import-docker")) throws -> (ThinPoolBackend, PoolSource) {
-        try openPool(set, thinPool: thinPool, sysBlock: "/sys/block", logger: logger)
+        try openPool(set, thinPool: thinPool, sysBlock: "/sys/block", control: LibDeviceMapper.shared, logger: logger)
     }
 
-    /// `sysBlock`: where loop devices are listed (tests give a fake one).
-    static func openPool(_ set: DockerDeviceSet, thinPool: String?, sysBlock: String,
+    /// `sysBlock`: where loop devices are listed; `control`: device-mapper (tests give fakes).
+    static func openPool(_ set: DockerDeviceSet, thinPool: String?, sysBlock: String, control: DeviceMapperControl,
                          logger: Logger) throws -> (ThinPoolBackend, PoolSource) {
         if let thinPool {
             // Read-only: no pool message, thin devices activated read-only.
-            let pool = try KernelThinPool(poolName: thinPool, readOnly: true, logger: logger)
+            let pool = try KernelThinPool(poolName: thinPool, control: control, readOnly: true, logger: logger)
+            // Docker's own activations (docker-MAJ:MIN-INO-<hash>): Docker or one of its containers
+            // still uses the pool, and what we read could change under us.
+            let active = try control.list().map(\.name)
+            for device in set.devices {
+                let suffix = "-" + (device.isBase ? DockerDeviceSet.baseFileName : device.hash)
+                if let name = active.first(where: { $0.hasPrefix("docker-") && $0.hasSuffix(suffix) }) {
+                    throw Error.dockerDeviceActive(name, file: device.file)
+                }
+            }
             return (pool, .kernel(poolName: pool.poolName))
         }
         let data = set.loopDataFile, metadata = set.loopMetadataFile
