@@ -301,7 +301,7 @@ struct DockerImportTests {
         ("device_id beyond 24 bits", "metadata/B", "24-bit"),
         ("device not in the pool", "metadata/B", "not in the pool"),
         ("size zero", "metadata/B", "is zero"),
-        ("size below the base", "metadata/B", "smaller than the base"),
+        ("a layer's size below its filesystem", "metadata/B", "smaller than the ext4"),
         ("size below the filesystem", "metadata/base", "smaller than the ext4"),
         ("two files, one device", "metadata/A", "more than one metadata file"),
         ("base UUID mismatch", "metadata/deviceset-metadata", "another pool"),
@@ -323,7 +323,7 @@ struct DockerImportTests {
         case "device_id beyond 24 bits": try put(h["B"]!, #"{"device_id":16777216,"size":67108864}"#)
         case "device not in the pool": try put(h["B"]!, #"{"device_id":99,"size":67108864,"transaction_id":3}"#)
         case "size zero": try put(h["B"]!, #"{"device_id":3,"size":0,"transaction_id":3}"#)
-        case "size below the base": try put(h["B"]!, #"{"device_id":3,"size":1048576,"transaction_id":3}"#)
+        case "a layer's size below its filesystem": try put(h["B"]!, #"{"device_id":3,"size":1048576,"transaction_id":3}"#)
         case "size below the filesystem":
             try put("base", #"{"device_id":1,"size":1048576,"transaction_id":1,"initialized":true}"#)
         case "two files, one device": try put(h["A"]!, #"{"device_id":3,"size":67108864,"transaction_id":2}"#)

@@ -196,11 +196,9 @@ public enum DockerImport {
                 skip("created in transaction \(device.transactionID), after the pool's last commit (\(poolTransactionID)): never completed")
                 continue
             }
-            try checkSectors(device)
-            if device.size < base.size {
-                throw Error.badSize(hash: device.hash, file: device.file, size: device.size,
-                                    reason: "is smaller than the base device's \(base.size); Docker never makes a device smaller than its base")
-            }
+            // A device smaller than the base is no error: raising dm.basesize grows the base's
+            // size (checkGrowBaseDeviceFS) and leaves older layers at theirs. What must hold is that
+            // each ext4 fits its own device (`inspect`).
             let check = try inspect(device, pool: pool, poolTransactionID: poolTransactionID)
             let entry = layerDB?.entries[device.hash]
             let id = entry?.id ?? device.hash
