@@ -35,9 +35,11 @@ struct ImportDockerCommand: ParsableCommand {
 
     static func describe(_ report: DockerImport.Report, dockerDM: String, root: String) -> String {
         let plan = report.plan
-        var out = report.store == nil
-            ? "would import \(plan.layers.count) layers from \(dockerDM) (dry run; nothing created)\n"
-            : "imported \(plan.layers.count) layers from \(dockerDM) into \(report.store!.root), read-only\n"
+        var out = if let store = report.store {
+            "imported \(plan.layers.count) layers from \(dockerDM) into \(store.root), read-only\n"
+        } else {
+            "would import \(plan.layers.count) layers from \(dockerDM) (dry run; nothing created)\n"
+        }
         out += "pool: \(plan.source), transaction id \(plan.poolTransactionID)\n"
         out += "base: thin device \(plan.base.deviceID), \(ByteSize.human(plan.base.size)) \(plan.base.filesystem), UUID \(plan.base.uuid)\n"
         out += "names: \(plan.layerDB.map { "Docker's layer database \($0)" } ?? "device hashes")\n"

@@ -293,7 +293,7 @@ struct DockerImportTests {
     }
 
     /// Each bad input is refused with an error naming the file at fault, and nothing is created.
-    /// (15 cases.)
+    /// (16 cases.)
     @Test(arguments: [
         // (what to break, the file the error must name, text it must contain)
         ("not json", "metadata/B", "not JSON"),
@@ -308,6 +308,7 @@ struct DockerImportTests {
         ("xfs", "metadata/deviceset-metadata", "ext4 only"),
         ("no base", "metadata/base", "does not exist"),
         ("base uninitialized", "metadata/base", "never initialized"),
+        ("base never committed", "metadata/base", "never completed"),
         ("no metadata directory", "metadata", "does not exist"),
         ("no pool files", "devicemapper/data", "loop-lvm"),
         ("Docker before 1.7", "devicemapper/json", "before 1.7"),
@@ -332,6 +333,7 @@ struct DockerImportTests {
         case "xfs": try put("deviceset-metadata", #"{"next_device_id":7,"BaseDeviceUUID":"\#(f.baseUUID)","BaseDeviceFilesystem":"xfs"}"#)
         case "no base": try FileManager.default.removeItem(atPath: md + "base")
         case "base uninitialized": try put("base", #"{"device_id":1,"size":67108864,"transaction_id":1,"initialized":false}"#)
+        case "base never committed": try put("base", #"{"device_id":1,"size":67108864,"transaction_id":9,"initialized":true}"#)
         case "no metadata directory": try FileManager.default.removeItem(atPath: md)
         case "no pool files": try FileManager.default.removeItem(atPath: f.dm + "/devicemapper/data")
         case "Docker before 1.7":

@@ -165,6 +165,9 @@ public enum DockerImport {
             }
             rolledBack = hash
         }
+        if baseDevice.transactionID > poolTransactionID {
+            throw Error.baseUnusable(file: baseDevice.file, reason: "was created in transaction \(baseDevice.transactionID), after the pool's last commit (\(poolTransactionID)): its creation never completed")
+        }
 
         // The base: in the pool, an ext4 that fits, and the UUID Docker recorded.
         let baseCheck = try inspect(baseDevice, pool: pool, poolTransactionID: poolTransactionID)
@@ -180,6 +183,7 @@ public enum DockerImport {
         var skipped: [Skipped] = []
         var layers: [LayerStore.Layer] = []
         var hashOf: [String: String] = [:]   // layer id -> device hash, for reports
+        let live = Set(set.devices.filter { !$0.deleted }.map(\.hash))
         for device in set.devices where !device.isBase {
             func skip(_ why: String) {
                 skipped.append(Skipped(hash: device.hash, deviceID: device.deviceID, file: device.file, reason: why))
@@ -207,7 +211,7 @@ public enum DockerImport {
                 throw Error.badLayerID(hash: device.hash, file: device.file, reason: "'\(id)': \(why)")
             }
             // Without the database, a container is known by its init layer: moby names it <mount-id>-init.
-            let hasInit = set.devices.contains { $0.hash == device.hash + "-init" && !$0.deleted }
+            let hasInit = live.contains(device.hash + "-init")
             let parent = entry.map(\.parent) ?? (hasInit ? device.hash + "-init" : nil)
             let kind = entry?.kind ?? (hasInit ? .container : .image)
             hashOf[id] = device.hash
