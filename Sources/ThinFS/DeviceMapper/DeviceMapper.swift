@@ -185,6 +185,10 @@ public final class LibDeviceMapper: DeviceMapperControl {
             let ok = dm_task_run(task.raw)
             // The cookie's semaphore exists once set, whatever the run did; waiting releases it.
             if useCookie { _ = dm_udev_wait(cookie) }
+            // Without udev, libdevmapper only queues its node changes (mknod, unlink) and would
+            // make them at process exit: make them now, so /dev/mapper/NAME exists (or is gone)
+            // when the call returns. dm_udev_wait does the same in the udev case.
+            if nodes && udev == .disabled { dm_task_update_nodes() }
             try task.checkRun(ok, op, name, detail)
             return try result(task)
         }
