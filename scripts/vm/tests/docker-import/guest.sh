@@ -12,8 +12,11 @@
 #   3. everything removed (dmsetup remove, losetup -d), as Docker's shutdown leaves it
 #   4. thinfs import-docker, layer ls, FUSE mounts of the container and the image layer (the kernel's
 #      files, byte for byte), diff, refused rm
-#   5. Docker's files byte-identical (sha256 and mtime/ctime of every file), thin_check clean, and the
-#      kernel activates the pool again (at Docker's transaction id) and reads the container's files
+#   5. Docker's files byte-identical (sha256 and mtime/ctime of every file), thin_check clean
+#   6. the kernel activates the pool again (at Docker's transaction id): import-docker --thinpool
+#      through it (direct-lvm's path), the container through FUSE again, the pool's transaction id
+#      unchanged, no thin device left active, and a Docker device still active refused; the
+#      kernel's ext4 reads the container's files
 set -euo pipefail
 . /share/.vm/lib.sh
 
@@ -186,6 +189,26 @@ thin_check $D/devicemapper/metadata
 ld=$(losetup -f --show $D/devicemapper/data); lm=$(losetup -f --show $D/devicemapper/metadata)
 dmsetup create $POOL --table "0 $(blockdev --getsz $ld) thin-pool $lm $ld 128 32768 1 skip_block_zeroing"
 [ "$(dmsetup status $POOL | awk '{print $4}')" = $TX ] || vm_fail "pool transaction id is not $TX: $(dmsetup status $POOL)"
+
+step "direct-lvm: the same devices through the live kernel pool (--thinpool)"
+R2=$DISK/thinfs-kernel
+thinfs import-docker --root $R2 --thinpool $POOL $D | tee $DISK/import2.out
+grep -q "imported 3 layers" $DISK/import2.out || vm_fail "expected 3 layers through the kernel pool"
+grep -q "the kernel thin pool $POOL" $DISK/import2.out || vm_fail "the kernel pool is not named"
+thinfs mount --root $R2 $CID $MNT/c
+(cd $MNT/c && find . -type f | grep -v '^./lost+found/' | sort | xargs sha256sum) > $DISK/fuse2.sha
+thinfs umount $MNT/c
+diff $DISK/container.sha $DISK/fuse2.sha || vm_fail "the container's files differ through the kernel pool"
+[ "$(dmsetup status $POOL | awk '{print $4}')" = $TX ] || vm_fail "the import changed the kernel pool: $(dmsetup status $POOL)"
+# Thin devices are active only while opened: none may be left once the mount's daemon has gone.
+for i in $(seq 50); do [ "$(dmsetup ls | awk '{print $1}' | grep -vcx "$POOL")" = 0 ] && break; sleep 0.2; done
+[ "$(dmsetup ls | awk '{print $1}' | grep -vcx "$POOL")" = 0 ] || vm_fail "thin devices left active: $(dmsetup ls)"
+# Docker's own activation of a device (Docker still running) is refused.
+activate $C 4
+out=$(thinfs import-docker --root $DISK/thinfs-refused --thinpool $POOL $D 2>&1) && vm_fail "import with Docker's device active succeeded: $out"
+echo "$out"; echo "$out" | grep -q "$PREFIX-$C" || vm_fail "the refusal does not name Docker's active device"
+deactivate $C
+
 activate $C 4
 mount -t ext4 -o ro,noload /dev/mapper/$PREFIX-$C $MNT/k
 (cd $MNT/k && sha256sum -c $DISK/container.sha >/dev/null) || vm_fail "the kernel reads different files"
