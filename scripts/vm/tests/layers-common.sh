@@ -11,7 +11,11 @@ step() { echo "--- $* (t=$(cut -d' ' -f1 /proc/uptime)s)"; }
 layer_field() {
   local json
   json=$(thinfs layer ls --root "$1" --json) || vm_fail "thinfs layer ls --json failed"
-  printf '%s\n' "$json" | awk -v id="$2" -v f="$3" '
+  json_field "$json" "$2" "$3"
+}
+# json_field JSON ID FIELD: the same, from `thinfs layer ls --json` output already read.
+json_field() {
+  printf '%s\n' "$1" | awk -v id="$2" -v f="$3" '
     { l = $0; o = gsub(/[[{]/, "&", l); c = gsub(/[]}]/, "&", l) }
     depth == 2 && l ~ /^[ \t]*"/ {
       k = l; sub(/^[ \t]*"/, "", k); key = k; sub(/".*/, "", key)

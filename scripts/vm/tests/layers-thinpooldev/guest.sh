@@ -67,11 +67,11 @@ expect_fail 'empty|already|in use|thin devices' thinfs init --root $W/second --s
 step "1. image import, create-rw, FUSE mount, write, chroot, umount, diff, rm"
 top=$(thinfs image import --root $R /share/layers-thinpooldev/image/oci --name busybox | tail -1)
 echo "top layer: $top"
-[ "$(layer_field $R "$top" kind)" = image ] || vm_fail "imported top layer $top is not listed as an image layer"
-images=$(layer_ids $R); echo "layers: $images"
-[ "$(echo "$images" | wc -w)" = 2 ] || vm_fail "the two-layer image gave layers [$images]"
-img_devs=$base
-for l in $images; do img_devs="$img_devs $(layer_field $R "$l" deviceID)"; done
+json=$(thinfs layer ls --root $R --json)
+[ "$(json_field "$json" "$top" kind)" = image ] || vm_fail "imported top layer $top is not listed as an image layer"
+images=$(json_field "$json" '*' id | tr '\n' ' '); echo "layers: $images"
+[ "$(echo $images | wc -w)" = 2 ] || vm_fail "the two-layer image gave layers [$images]"
+img_devs="$base $(json_field "$json" '*' deviceID | tr '\n' ' ')"
 img_devs=$(echo $img_devs | tr ' ' '\n' | sort -n | tr '\n' ' ' | sed 's/ $//')
 [ "$(pool_devs $POOL)" = "$img_devs" ] || vm_fail "pool devices [$(pool_devs $POOL)], the store says [$img_devs]"
 
@@ -290,8 +290,10 @@ create_crash() {
   # Before the send the pool has no new device; from the send on it has one.
   want=$(echo $before | wc -w); [ $point = create.opened ] || want=$((want + 1))
   [ "$(echo $mid | wc -w)" = $want ] || vm_fail "$point: $(echo $mid | wc -w) devices after the crash, want $want"
-  vm_run thinfs layer ls --root $R
-  [ -z "$(layer_field $R crash id)" ] || vm_fail "$point: the half-made layer is listed after recovery"
+  # This listing's open is the recovery.
+  json=$(thinfs layer ls --root $R --json) || vm_fail "$point: thinfs layer ls --root $R (the recovering open) failed"
+  echo "layers after recovery: $(json_field "$json" '*' id | tr '\n' ' ')"
+  [ -z "$(json_field "$json" crash id)" ] || vm_fail "$point: the half-made layer is listed after recovery"
   [ "$(pool_devs $POOL)" = "$before" ] || vm_fail "$point: pool devices after recovery [$(pool_devs $POOL)], want [$before]"
   [ -z "$(active_thins)" ] || vm_fail "$point: thin devices left active: $(active_thins)"
 }
@@ -310,8 +312,9 @@ delete_crash() {
   else
     has_word "$mid" "$dc" && vm_fail "$point: the device survived the sent delete"
   fi
-  vm_run thinfs layer ls --root $R
-  [ -z "$(layer_field $R crash id)" ] || vm_fail "$point: the layer whose removal was asked for is still listed"
+  json=$(thinfs layer ls --root $R --json) || vm_fail "$point: thinfs layer ls --root $R (the recovering open) failed"
+  echo "layers after recovery: $(json_field "$json" '*' id | tr '\n' ' ')"
+  [ -z "$(json_field "$json" crash id)" ] || vm_fail "$point: the layer whose removal was asked for is still listed"
   has_word "$(pool_devs $POOL)" "$dc" && vm_fail "$point: device $dc still in the pool after recovery"
   [ "$(pool_devs $POOL)" = "$final" ] || vm_fail "$point: pool devices after recovery [$(pool_devs $POOL)], want [$final]"
   [ -z "$(active_thins)" ] || vm_fail "$point: thin devices left active: $(active_thins)"
