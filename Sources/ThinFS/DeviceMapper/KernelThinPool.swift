@@ -261,21 +261,12 @@ public final class KernelThinPool: ThinPoolBackend {
     }
 
     /// Whether the pool has thin device `id`. The kernel has no query for one id: an active
-    /// device exists; otherwise a probe activation succeeds exactly when it does (thin_ctr
-    /// fails with ENODATA for an unknown id).
+    /// device exists; otherwise the metadata snapshot's device-details tree says. (A probe
+    /// activation is no answer: a thin target for an unknown id fails with ENODATA in the kernel,
+    /// but libdevmapper's create-and-load reports that as EIO.)
     public func deviceExists(_ id: ThinDeviceID) throws -> Bool {
-        try lock.withLock { _ in
-            if try control.info(deviceName(id)) != nil { return true }
-            do {
-                try activateLocked(id, size: 4096)
-            } catch let e as DeviceMapperError where e.errno == .noData {
-                // libdevmapper removes a device whose table failed to load; be sure.
-                if let i = try control.info(deviceName(id)), !i.liveTable { try? control.remove(deviceName(id), deferred: false) }
-                return false
-            }
-            try control.removeRetryingBusy(deviceName(id), retry: busyRetry)
-            return true
-        }
+        if try lock.withLock({ _ in try control.info(deviceName(id)) }) != nil { return true }
+        return try deviceDetails()[id] != nil
     }
 
     /// Every thin device id in the pool (from the device-details tree of a metadata snapshot).
@@ -323,12 +314,12 @@ public final class KernelThinPool: ThinPoolBackend {
         try lock.withLock { opens in
             guard let info = try control.info(deviceName(id)) else { return nil }
             let outside = Int(info.openCount) - opens[id, default: 0]
-            if info.deferredRemove { return "\(devicePath(id)) is pending deferred removal (open \(info.openCount) times)" }
+            if info.deferredRemove { return "\(devicePath(id)), pending deferred removal (open \(info.openCount) times)" }
             guard outside > 0 else { return nil }
             if let mountPoint = Self.mountPoint(major: info.major, minor: info.minor) {
-                return "\(devicePath(id)) is mounted at \(mountPoint)"
+                return "\(devicePath(id)), mounted at \(mountPoint)"
             }
-            return "\(devicePath(id)) is open \(outside) time\(outside == 1 ? "" : "s") outside ThinFS"
+            return "\(devicePath(id)), open \(outside) time\(outside == 1 ? "" : "s") outside ThinFS"
         }
     }
 

@@ -165,7 +165,7 @@ public final class LayerStore: @unchecked Sendable {
             case .deleted(let id):
                 "layer \(id) has been removed (deferred deletion pending): it cannot be mounted or snapshotted"
             case .lowSpace(let what, let free, let needed, let unit):
-                "the thin pool has \(free) free \(what) \(unit), less than the \(needed) required by dm.min_free_space: grow the pool ('thinfs pool resize'), remove layers, or lower dm.min_free_space"
+                "the thin pool has \(free) free \(what) \(unit), less than the \(needed) required by dm.min_free_space: grow the pool ('thinfs pool resize'; lvextend for an LVM thin pool), remove layers, or lower dm.min_free_space"
             case .baseMismatch(let root, let expected, let found):
                 "the pool at \(root) is not this store's pool: the base device's filesystem UUID is \(found), the store recorded \(expected)"
             case .unsupported(let what): what
