@@ -73,11 +73,14 @@ sleep 1
 dmsetup info kpool-2 >/dev/null 2>&1 && vm_fail "still there after the last close"
 [ -e /dev/mapper/kpool-2 ] && vm_fail "node left behind"
 
-step "delete: refused while active, then done"
-if out=$(kp message --pool kpool delete 1 2>&1); then vm_fail "deleted an active device"; fi
-echo "$out"
-vm_run kp deactivate --pool kpool 1
+step "delete: refused while the device is open, else deactivated first, then deleted"
+exec 3</dev/mapper/kpool-1
+if out=$(kp message --pool kpool delete 1 2>&1); then vm_fail "deleted a device held open"; fi
+echo "$out"; echo "$out" | grep -q busy || vm_fail "error does not say busy: $out"
+dmsetup info kpool-1 >/dev/null || vm_fail "the refused delete deactivated kpool-1"
+exec 3<&-
 vm_run kp message --pool kpool delete 1
+dmsetup info kpool-1 >/dev/null 2>&1 && vm_fail "kpool-1 still active after its delete"
 [ "$(kp list --pool kpool | tr '\n' ' ')" = "2 " ] || vm_fail "list after delete: $(kp list --pool kpool)"
 kp dev-status --pool kpool 2    # activates 2 for the query only
 dmsetup info kpool-2 >/dev/null 2>&1 && vm_fail "dev-status left kpool-2 active"
