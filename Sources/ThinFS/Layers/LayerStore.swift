@@ -219,11 +219,11 @@ public final class LayerStore: @unchecked Sendable {
         var handedOver = false
         defer { if !handedOver { try? pool.close(); try? storeLock?.close() } }
         if let kernel = pool as? KernelThinPool {
-            // An interrupted init of this root left the pool at transaction id 0 with at most the
-            // base device; anything more is someone else's pool.
+            // Only an empty pool: transaction id 0, no data used, no thin devices.
             try kernel.checkAdoptable(recordedTransactionID: nil)
-            if try !kernel.deviceIDs().isEmpty {
-                throw Error.unsupported("thin pool '\(kernel.poolName)' already has thin devices (\(try kernel.deviceIDs().map(String.init).joined(separator: ", "))): a layer store only adopts an empty pool")
+            let devices = try kernel.deviceIDs()
+            if !devices.isEmpty {
+                throw Error.unsupported("thin pool '\(kernel.poolName)' already has thin devices (\(devices.map(String.init).joined(separator: ", "))): a layer store only adopts an empty pool; if they are left from an interrupted 'thinfs init', delete them ('thinfs kernel-pool message --pool \(kernel.poolName) \"delete ID\"') and run it again")
             }
         }
         // The settings row "options" is written last: a root without it is an interrupted init.
