@@ -1,4 +1,5 @@
 import Foundation
+import SystemPackage
 import PersistentData
 import TestSupport
 import Testing
@@ -39,6 +40,46 @@ struct PoolLimitTests {
         // Shrinking is refused, with nothing changed.
         #expect(throws: ThinPoolError.self) { try pool.resize(dataBytes: 16 << 16) }
         #expect(try pool.status().totalDataBlocks == 32)
+    }
+
+    /// A file write that runs the pool out of data space fails with ENOSPC, and after the pool
+    /// grows the filesystem is still clean: the blocks the failed write had reserved past the
+    /// file's new end are released (e2fsck rejects initialized blocks past i_size; the guest's
+    /// layers-pool-full test found them on an LVM pool).
+    @Test(.enabled(if: Oracle.available)) func fileWriteOnAFullPoolLeavesACleanFilesystem() throws {
+        let dir = TempDir()
+        let pool = try makePool(dir, dataBlocks: 192)   // 12 MiB: the format takes about 5
+        try pool.message(.createThin(1))
+        let size: UInt64 = 64 << 20
+        _ = try DeviceFormatter(logger: quietLogger).format(pool: pool, id: 1, size: size, scratchDirectory: dir.path + "/tmp")
+        try pool.commit()
+        let volume = try Volume(device: pool.openDevice(1, size: size), readOnly: false, logger: quietLogger)
+        let file = try volume.mknod(parent: volume.rootInode, name: "fill", mode: 0o100644, rdev: 0, owner: .root)
+        var chunk = [UInt8](repeating: 0, count: 1 << 20)
+        var written: UInt64 = 0
+        var failure: VolumeError?
+        while written < size {
+            for i in chunk.indices { chunk[i] = UInt8(truncatingIfNeeded: i &* 31 &+ Int(written >> 20)) }
+            do {
+                written += UInt64(try chunk.withUnsafeBytes { try volume.write(file.ino, at: written, from: $0) })
+            } catch let e as VolumeError {
+                failure = e
+                break
+            }
+        }
+        let error = try #require(failure, "the pool never ran out of space")
+        #expect(error.errno == .noSpace, "\(error)")
+        let full = try pool.status()
+        #expect(full.totalDataBlocks - full.usedDataBlocks < 16, "less than the 1 MiB write was left: \(full.line)")
+        try pool.resize(dataBytes: 2048 << 16)
+        try volume.close()
+        try pool.commit()
+        let image = dir.path + "/fs.img"
+        let target = try FileBlockDevice.create(path: FilePath(image), size: size)
+        try pool.openDevice(1, size: size).copy(to: target, length: size)
+        let r = try Oracle.run("/sbin/e2fsck", ["-fn", image])
+        #expect(r.status == 0, "e2fsck -fn after the failed write:\n\(r.stdout)\(r.stderr)")
+        try Oracle.check(dir.path + "/metadata")
     }
 
     @Test(.enabled(if: Oracle.available)) func growthAcrossBitmapBoundaryKeepsCountsRight() throws {

@@ -449,8 +449,9 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         let plan = try withFS { fs throws(VolumeError) -> Plan in
             var inode = try readInode(fs, ino)
             guard UInt32(inode.i_mode) & 0o170000 != 0o040000 else { throw VolumeError(.isDirectory, "inode \(ino) is a directory") }
-            if inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0 && inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0 {
-                return .runs(try planExtentRead(fs, ino, &inode, offset, buffer.count))
+            if inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0 && inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0,
+               let plan = try planExtentRead(fs, ino, &inode, offset, buffer.count) {
+                return .runs(plan)
             }
             return .done(try readData(fs, ino, offset, buffer))
         }
@@ -465,7 +466,9 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         // A block was freed while the device reads ran: map and read again, all under the lock.
         return try withFS { fs throws(VolumeError) -> Int in
             var inode = try readInode(fs, ino)
-            let again = try planExtentRead(fs, ino, &inode, offset, buffer.count)
+            guard let again = try planExtentRead(fs, ino, &inode, offset, buffer.count) else {
+                return try readData(fs, ino, offset, buffer)
+            }
             try execute(again, ino, offset, buffer)
             return again.length
         }
@@ -487,9 +490,11 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         var device: BlockDevice?
     }
 
-    /// Resolves `count` bytes at `offset` of an extent-mapped inode into device runs.
+    /// Resolves `count` bytes at `offset` of an extent-mapped inode into device runs. Nil when
+    /// the channel's dirty blocks cannot be written back first (the device is full): the read
+    /// must then go through the channel, which lays them over what the device has.
     private func planExtentRead(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large, _ offset: UInt64,
-                                _ count: Int) throws(VolumeError) -> ReadPlan {
+                                _ count: Int) throws(VolumeError) -> ReadPlan? {
         let channel = channelState(fs.pointee.io)
         var plan = ReadPlan(generation: channel.freeGeneration, device: channel.device)
         let size = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
@@ -498,7 +503,10 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         plan.length = Int(end - offset)
         let bs = UInt64(fs.pointee.blocksize)
         // The channel may hold written-back-later blocks: the device must see them first.
-        do { try channel.writeBackDirty() } catch { throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "reading inode \(ino)") }
+        guard channel.writeBackDirtyUnlessFailing() else {
+            logger.debug("reading through the channel: its dirty blocks could not be written back", metadata: ["ino": "\(ino)"])
+            return nil
+        }
         let first = offset / bs, last = (end - 1) / bs
         for m in try mapRuns(fs, ino, &inode, first: first, last: last) {
             // The run's bytes within [offset, end).
@@ -995,36 +1003,67 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             // elsewhere, which ext2fs_file_write guarantees for blocks it allocates itself.
             let bs = UInt64(fs.pointee.blocksize)
             let firstWhole = (offset + bs - 1) / bs, endWhole = (offset + UInt64(buffer.count)) / bs
-            if endWhole > firstWhole {
-                let rc = withUnsafeMutablePointer(to: &inode) {
-                    $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
-                        ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
-                                         ~0, firstWhole, endWhole - firstWhole)
-                    }
-                }
-                try check(rc, "allocating blocks \(firstWhole)..<\(endWhole) of inode \(ino)")
-                try writeInode(fs, ino, &inode)
-            }
-            let file = try openFile(fs, ino, write: true)
-            var closed = false
-            defer { if !closed { ext2fs_file_close(file) } }
-            try check(ext2fs_file_llseek(file, offset, EXT2_SEEK_SET, nil), "seeking inode \(ino) to \(offset)")
+            var file: ext2_file_t?
             var done = 0
-            while done < buffer.count {
-                var wrote: UInt32 = 0
-                let want = UInt32(min(buffer.count - done, 1 << 30))
-                try check(ext2fs_file_write(file, buffer.baseAddress! + done, want, &wrote), "writing inode \(ino) at \(offset + UInt64(done))")
-                if wrote == 0 { throw VolumeError(.noSpace, "writing inode \(ino): no progress") }
-                done += Int(wrote)
+            do throws(VolumeError) {
+                if endWhole > firstWhole {
+                    let rc = withUnsafeMutablePointer(to: &inode) {
+                        $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                            ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
+                                             ~0, firstWhole, endWhole - firstWhole)
+                        }
+                    }
+                    // What fallocate got done is in `inode` (its extents, i_blocks): store it even if it
+                    // failed part-way (zeroing new blocks on a full pool), so the failure path below
+                    // releases a consistent allocation.
+                    try writeInode(fs, ino, &inode)
+                    try check(rc, "allocating blocks \(firstWhole)..<\(endWhole) of inode \(ino)")
+                }
+                let opened = try openFile(fs, ino, write: true)
+                file = opened
+                try check(ext2fs_file_llseek(opened, offset, EXT2_SEEK_SET, nil), "seeking inode \(ino) to \(offset)")
+                while done < buffer.count {
+                    var wrote: UInt32 = 0
+                    let want = UInt32(min(buffer.count - done, 1 << 30))
+                    try check(ext2fs_file_write(opened, buffer.baseAddress! + done, want, &wrote), "writing inode \(ino) at \(offset + UInt64(done))")
+                    if wrote == 0 { throw VolumeError(.noSpace, "writing inode \(ino): no progress") }
+                    done += Int(wrote)
+                }
+                file = nil
+                try check(ext2fs_file_close(opened), "closing inode \(ino)")
+            } catch {
+                if let file { ext2fs_file_close(file) }
+                releaseBeyondEOF(fs, ino, through: (offset + UInt64(buffer.count) - 1) / bs)
+                throw error
             }
-            closed = true
-            try check(ext2fs_file_close(file), "closing inode \(ino)")
             inode = try readInode(fs, ino)
             let t = Self.now()
             setTimes(&inode, mtime: t, ctime: t)
             // Writing clears set-user-ID (and set-group-ID with group execute), as the kernel does for unprivileged writers.
             try writeInode(fs, ino, &inode)
             return done
+        }
+    }
+
+    /// A write that failed part-way (the device full: a thin pool out of data space) leaves the
+    /// file's size at what was written, but the blocks reserved for the rest still mapped and
+    /// initialized past the end of the file, which e2fsck rejects ("end of extent exceeds allowed
+    /// value"; the kernel would have left them unwritten). Unmaps them, up to block `last`, the
+    /// last one the write covered. Preallocated blocks there (fallocate KEEP_SIZE) go too: a
+    /// failed write may lose a preallocation, never data. Best effort: the write's own error is
+    /// what the caller reports.
+    private func releaseBeyondEOF(_ fs: ext2_filsys, _ ino: UInt64, through last: UInt64) {
+        guard var inode = try? readInode(fs, ino) else { return }
+        let bs = UInt64(fs.pointee.blocksize)
+        let size = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
+        let end = (size + bs - 1) / bs
+        guard end <= last else { return }
+        let rc = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, end, last) }
+        }
+        if rc != 0 {
+            logger.warning("could not release the blocks a failed write reserved past the end of the file",
+                           metadata: ["ino": "\(ino)", "blocks": "\(end)...\(last)", "error": "\(rc)"])
         }
     }
 
@@ -1332,8 +1371,8 @@ final class ChannelRegistry: @unchecked Sendable {
 /// writes a file one block at a time, rewriting its inode-table block after
 /// each; unix_io keeps a write-back cache for both, and so does this manager:
 ///
-/// - single-block reads are cached; larger reads go to the device, after any
-///   dirty cached block they overlap has been written back;
+/// - single-block reads are cached; larger reads go to the device, and the
+///   dirty cached blocks they overlap are laid over what it returned;
 /// - single-block writes stay in the cache, dirty, and are written back sorted
 ///   and coalesced into large pwrites when half the cache is dirty, and at
 ///   every flush, before the device's own flush (a pool commit);
@@ -1343,6 +1382,11 @@ final class ChannelRegistry: @unchecked Sendable {
 /// So the device holds everything written once a flush returns, which is all a
 /// commit needs. Callbacks run under the Volume's lock; the cache's own lock
 /// only makes that independent of the caller.
+///
+/// When the device takes no writes (a thin pool out of data space), dirty blocks
+/// stay in memory, as the kernel keeps dirty pages: reads still work, the cache
+/// grows past its size up to `overflowLimit` blocks, and a later write-back
+/// (once the pool has grown) writes them all.
 private final class ChannelState {
     let device: BlockDevice
     private struct Entry {
@@ -1377,14 +1421,46 @@ private final class ChannelState {
         }
     }
 
+    /// Dirty blocks held past `capacity` while write-back fails: 64 MiB of 4K blocks.
+    static let overflowLimit = 16 * capacity
+    /// After a failed write-back, when to try again: at this dirty count, or a second later
+    /// (the pool may have grown); flushes always try. Every insert retrying a write-back the
+    /// device refuses would cost a pwrite per dirty run.
+    private var retryWriteBack: (dirtyCount: Int, time: ContinuousClock.Instant)?
+
+    /// A write-back now, unless one failed recently (see `retryWriteBack`) and `force` is
+    /// false. False if the dirty blocks are still dirty.
+    private func writeBackUnlessFailing(force: Bool = false) -> Bool {
+        guard dirtyCount > 0 else { return true }
+        if !force, let retry = retryWriteBack, dirtyCount < retry.dirtyCount, ContinuousClock.now < retry.time { return false }
+        do {
+            try writeBack()
+            retryWriteBack = nil
+            return true
+        } catch {
+            retryWriteBack = (dirtyCount + Self.capacity / 2, ContinuousClock.now + .seconds(1))
+            return false
+        }
+    }
+
     func read(_ block: UInt64, _ count: Int32, _ data: UnsafeMutableRawPointer, _ r: (offset: UInt64, length: Int)) throws {
         try lock.withLock {
             if count == 1, r.length == blockSize, let hit = blocks[block] {
                 data.copyMemory(from: hit.data, byteCount: r.length)
                 return
             }
-            if dirtyCount > 0, overlapsDirty(r) { try writeBack() }
             try device.read(into: UnsafeMutableRawBufferPointer(start: data, count: r.length), at: r.offset)
+            // Dirty cached blocks are newer than the device: lay them over what was read. (Not a
+            // write-back first: on a full thin pool it fails, and reads must keep working.)
+            if dirtyCount > 0 {
+                let bs = UInt64(blockSize)
+                for b in overlapping(r) {
+                    guard let cached = blocks[b], cached.dirty else { continue }
+                    let start = max(r.offset, b * bs), end = min(r.offset + UInt64(r.length), (b + 1) * bs)
+                    data.advanced(by: Int(start - r.offset)).copyMemory(from: cached.data.advanced(by: Int(start - b * bs)),
+                                                                        byteCount: Int(end - start))
+                }
+            }
             if count == 1, r.length == blockSize { try insert(block, data, dirty: false) }
         }
     }
@@ -1424,9 +1500,15 @@ private final class ChannelState {
     /// Writes back every dirty block without flushing the device.
     func writeBackDirty() throws { try lock.withLock { try writeBack() } }
 
+    /// `writeBackDirty` unless one failed recently; false if dirty blocks remain.
+    func writeBackDirtyUnlessFailing() -> Bool { lock.withLock { writeBackUnlessFailing() } }
+
     /// Writes back every dirty block, then flushes the device (a pool commit on a thin device).
     func flush() throws {
-        try lock.withLock { try writeBack() }
+        try lock.withLock {
+            try writeBack()
+            retryWriteBack = nil
+        }
         try device.flush()
     }
 
@@ -1440,10 +1522,6 @@ private final class ChannelState {
         return last - first < UInt64(blocks.count) ? Array(first...last) : blocks.keys.filter { $0 >= first && $0 <= last }
     }
 
-    private func overlapsDirty(_ r: (offset: UInt64, length: Int)) -> Bool {
-        overlapping(r).contains { blocks[$0]?.dirty == true }
-    }
-
     private func insert(_ block: UInt64, _ data: UnsafeRawPointer, dirty: Bool) throws {
         if var e = blocks[block] {
             e.data.copyMemory(from: data, byteCount: blockSize)
@@ -1451,26 +1529,41 @@ private final class ChannelState {
             e.dirty = e.dirty || dirty
             blocks[block] = e
         } else {
-            if order.count >= Self.capacity {
-                // Round-robin replacement; a dirty victim is written back first, with all the others.
-                if blocks[order[next]]?.dirty == true { try writeBack() }
+            var grow = order.count < Self.capacity
+            // Round-robin replacement; a dirty victim is written back first, with all the others.
+            if !grow, blocks[order[next]]?.dirty == true, !writeBackUnlessFailing() {
+                // The device takes no writes: a block read need not be cached, and a block
+                // written is held beyond the cache's size rather than lost (see above).
+                guard dirty else { return }
+                guard order.count < Self.overflowLimit || writeBackUnlessFailing(force: true) else {
+                    throw ThinPoolError.io(operation: "holding \(order.count) unwritten blocks in memory", path: "the volume's block cache",
+                                           errno: .noSpace)
+                }
+                grow = blocks[order[next]]?.dirty == true
+            }
+            if grow {
+                order.append(block)
+            } else {
                 if let old = blocks.removeValue(forKey: order[next]) { old.data.deallocate() }
                 order[next] = block
-                next = (next + 1) % Self.capacity
-            } else {
-                order.append(block)
+                next = (next + 1) % order.count
             }
             let copy = UnsafeMutableRawPointer.allocate(byteCount: blockSize, alignment: 64)
             copy.copyMemory(from: data, byteCount: blockSize)
             blocks[block] = Entry(data: copy, dirty: dirty)
             if dirty { dirtyCount += 1 }
         }
-        if dirtyCount >= Self.capacity / 2 { try writeBack() }
+        // Write back early, but the block is safely cached either way: a failure here (the device
+        // full) leaves the dirty blocks for the next write-back, and fails only a later insert
+        // that must evict one of them.
+        if dirtyCount >= Self.capacity / 2 { _ = writeBackUnlessFailing() }
     }
 
-    /// Writes the dirty blocks in block order, one pwrite per contiguous run (up to 1 MiB).
+    /// Writes the dirty blocks in block order, one pwrite per contiguous run (up to 1 MiB). A
+    /// run that fails stays dirty and the others are still tried; the first error is thrown.
     private func writeBack() throws {
         guard dirtyCount > 0 else { return }
+        var failure: Error?
         let dirty = blocks.filter { $0.value.dirty }.keys.sorted()
         let maxRun = max(1, (1 << 20) / blockSize)
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: maxRun * blockSize, alignment: 4096)
@@ -1482,11 +1575,16 @@ private final class ChannelState {
                 buffer.advanced(by: n * blockSize).copyMemory(from: blocks[dirty[i + n]]!.data, byteCount: blockSize)
                 n += 1
             }
-            try device.write(UnsafeRawBufferPointer(start: buffer, count: n * blockSize), at: dirty[i] * UInt64(blockSize))
-            for b in dirty[i..<(i + n)] { blocks[b]!.dirty = false }
-            dirtyCount -= n
+            do {
+                try device.write(UnsafeRawBufferPointer(start: buffer, count: n * blockSize), at: dirty[i] * UInt64(blockSize))
+                for b in dirty[i..<(i + n)] { blocks[b]!.dirty = false }
+                dirtyCount -= n
+            } catch {
+                failure = failure ?? error
+            }
             i += n
         }
+        if let failure { throw failure }
     }
 }
 
