@@ -221,6 +221,13 @@ struct UmountCommand: ParsableCommand {
         guard let source = FUSEServer.mountSource(at: mp) else {
             // Not FUSE: a kernel mount (`thinfs mount --kernel`) of a layer of --root, or nothing of ours.
             _ = options.poolRoot
+            var here = stat(), parent = stat()
+            guard stat(mp, &here) == 0, stat(mp + "/..", &parent) == 0 else {
+                throw CommandFailure(message: "\(mp): \(String(cString: strerror(errno)))")
+            }
+            guard here.st_dev != parent.st_dev || here.st_ino == parent.st_ino else {
+                throw CommandFailure(message: "\(mp) is not a mount point")
+            }
             return try StoreAccess.run(root: options.root, LayerRequest(.kernelUnmount, mountpoint: mp))
         }
         if let failure = FUSEServer.unmountFromOutside(mp) {

@@ -128,6 +128,16 @@ struct CLITests {
         }
     }
 
+    /// `thinfs umount` of something that is not a mount names it and touches no store.
+    @Test(.enabled(if: CLI.available)) func umountOfANonMountSaysSo() throws {
+        let dir = TempDir()
+        let plain = try CLI.run(["umount", "--root", dir.path + "/store", dir.path])
+        #expect(plain.status != 0 && plain.stderr.contains("\(dir.path) is not a mount point"), "\(plain.stderr)")
+        let missing = try CLI.run(["umount", dir.path + "/nothing"])
+        #expect(missing.status != 0 && missing.stderr.contains("\(dir.path)/nothing: No such file or directory"), "\(missing.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/store"))
+    }
+
     /// SIGKILL a writer part way through a stream: after reopening, the device
     /// holds exactly its last committed bytes (the atomic-commit policy), and
     /// the metadata passes thin_check.
