@@ -245,8 +245,9 @@ public final class KernelThinPool: ThinPoolBackend {
         }
     }
 
-    /// The last opener of `id` closed it: deactivate it. A failure leaves it active (a later
-    /// `delete` or `thinfs cleanup` tries again), as Docker left a device it could not remove.
+    /// The last opener of `id` closed it: deactivate it. A failure (someone else holds the node,
+    /// without deferred removal) leaves it active, as Docker left a device it could not remove:
+    /// the layer then shows as busy, and the next open or `delete` takes the device as it is.
     private func released(_ id: ThinDeviceID) {
         lock.withLock { opens in
             opens[id, default: 1] -= 1
