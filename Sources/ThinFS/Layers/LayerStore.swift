@@ -227,9 +227,10 @@ public final class LayerStore: @unchecked Sendable {
             }
         }
         // The settings row "options" is written last: a root without it is an interrupted init.
+        let db = try LayerDatabase(path: databasePath(root))
+        defer { if !handedOver { db.close() } }
+        let base: Base
         do {
-            let db = try LayerDatabase(path: databasePath(root))
-            defer { db.close() }
             try createSchema(db)
             // The base device: a thin device with a fresh ext4, with Docker's mkfs options.
             let baseID: ThinDeviceID = 1
@@ -248,9 +249,12 @@ public final class LayerStore: @unchecked Sendable {
                 try setSetting(db, "next.device", String(baseID + 1))
                 try setSetting(db, "options", encoded)
             }
+            base = Base(deviceID: baseID, uuid: formatted.uuid, size: options.baseSize, filesystem: options.filesystem)
         }
+        let store = try LayerStore(opened: root, db: db, options: options, base: base, readOnly: false, pool: pool,
+                                   storeLock: storeLock, logger: logger)
         handedOver = true
-        return try LayerStore(opened: root, pool: pool, storeLock: storeLock, readOnly: false, logger: logger)
+        return store
     }
 
     /// A read-only store over a pool ThinFS did not make (`thinfs import-docker`): `base` and
@@ -299,40 +303,36 @@ public final class LayerStore: @unchecked Sendable {
     /// and reconciles the database with the pool.
     public static func open(root: String, logger: Logger = Logger(label: "thinfs.layers")) throws -> LayerStore {
         let root = URL(fileURLWithPath: root).standardizedFileURL.path
-        guard exists(at: root) else { throw Error.notInitialized(root: root) }
+        guard FileManager.default.fileExists(atPath: databasePath(root)) else { throw Error.notInitialized(root: root) }
+        // The settings are read once: they choose the pool, and the store keeps them.
         let db = try LayerDatabase(path: databasePath(root))
-        let options: StorageOptions, readOnly: Bool
+        var pool: (any ThinPoolBackend)?, storeLock: FileDescriptor?
         do {
-            defer { db.close() }
             guard let encoded = try setting(db, "options"),
-                  let decoded = try? JSONDecoder().decode(StorageOptions.self, from: Data(encoded.utf8)) else {
+                  let options = try? JSONDecoder().decode(StorageOptions.self, from: Data(encoded.utf8)),
+                  let baseID = try setting(db, "base.device").flatMap(UInt32.init),
+                  let uuid = try setting(db, "base.uuid"),
+                  let size = try setting(db, "base.size").flatMap(UInt64.init) else {
                 throw Error.notInitialized(root: root)
             }
-            options = decoded
-            readOnly = try setting(db, "readonly") == "true"
-        }
-        let (pool, storeLock) = try openPool(root: root, options: options, readOnly: readOnly, logger: logger)
-        do {
-            return try LayerStore(opened: root, pool: pool, storeLock: storeLock, readOnly: readOnly, logger: logger)
+            let base = Base(deviceID: baseID, uuid: uuid, size: size, filesystem: try setting(db, "base.fs") ?? "ext4")
+            let readOnly = try setting(db, "readonly") == "true"
+            if !readOnly { try createSchema(db) }
+            (pool, storeLock) = try openPool(root: root, options: options, readOnly: readOnly, logger: logger)
+            return try LayerStore(opened: root, db: db, options: options, base: base, readOnly: readOnly, pool: pool!,
+                                  storeLock: storeLock, logger: logger)
         } catch {
-            try? pool.close()
+            try? pool?.close()
             try? storeLock?.close()
+            db.close()
             throw error
         }
     }
 
-    private convenience init(opened root: String, pool: any ThinPoolBackend, storeLock: FileDescriptor?, readOnly: Bool,
-                             logger: Logger) throws {
-        let db = try LayerDatabase(path: Self.databasePath(root))
-        if !readOnly { try Self.createSchema(db) }
-        guard let encoded = try Self.setting(db, "options"),
-              let options = try? JSONDecoder().decode(StorageOptions.self, from: Data(encoded.utf8)),
-              let baseID = try Self.setting(db, "base.device").flatMap(UInt32.init),
-              let uuid = try Self.setting(db, "base.uuid"),
-              let size = try Self.setting(db, "base.size").flatMap(UInt64.init) else {
-            throw Error.notInitialized(root: root)
-        }
-        let base = Base(deviceID: baseID, uuid: uuid, size: size, filesystem: try Self.setting(db, "base.fs") ?? "ext4")
+    /// The store over an open database and pool: recovers an interrupted change, reconciles
+    /// the database with the pool, and checks the base device.
+    private convenience init(opened root: String, db: LayerDatabase, options: StorageOptions, base: Base, readOnly: Bool,
+                             pool: any ThinPoolBackend, storeLock: FileDescriptor?, logger: Logger) throws {
         self.init(root: root, poolRoot: PoolRoot(path: root), pool: pool, storeLock: storeLock, db: db, options: options,
                   base: base, readOnly: readOnly, logger: logger)
         try FileManager.default.createDirectory(atPath: locksDirectory, withIntermediateDirectories: true)

@@ -1529,19 +1529,18 @@ private final class ChannelState {
             e.dirty = e.dirty || dirty
             blocks[block] = e
         } else {
-            var grow = order.count < Self.capacity
             // Round-robin replacement; a dirty victim is written back first, with all the others.
-            if !grow, blocks[order[next]]?.dirty == true, !writeBackUnlessFailing() {
+            if order.count >= Self.capacity, blocks[order[next]]?.dirty == true, !writeBackUnlessFailing() {
                 // The device takes no writes: a block read need not be cached, and a block
                 // written is held beyond the cache's size rather than lost (see above).
                 guard dirty else { return }
-                guard order.count < Self.overflowLimit || writeBackUnlessFailing(force: true) else {
+                if order.count >= Self.overflowLimit, !writeBackUnlessFailing(force: true) {
                     throw ThinPoolError.io(operation: "holding \(order.count) unwritten blocks in memory", path: "the volume's block cache",
                                            errno: .noSpace)
                 }
-                grow = blocks[order[next]]?.dirty == true
             }
-            if grow {
+            // Grow while there is room, or while the victim is still dirty (write-back failing).
+            if order.count < Self.capacity || blocks[order[next]]?.dirty == true {
                 order.append(block)
             } else {
                 if let old = blocks.removeValue(forKey: order[next]) { old.data.deallocate() }

@@ -2,6 +2,17 @@ import Foundation
 import Logging
 import SystemPackage
 
+/// What went through a layer tar: by an apply (headers read, file bytes written to the
+/// volume) or a diff (headers and file bytes written to the tar).
+public struct LayerTarStatistics: Equatable, Sendable {
+    /// Tar headers, whiteouts included.
+    public var entries = 0
+    /// Regular-file data bytes.
+    public var bytes: UInt64 = 0
+    public var whiteouts = 0
+    public init() {}
+}
+
 /// Applies an OCI layer tar (plain, gzip or zstd) to a `FileSystemVolume`
 /// holding a snapshot of the layer's parent, through the Volume API: no mount.
 ///
@@ -44,14 +55,7 @@ import SystemPackage
 /// A damaged or truncated archive ends it too, with the reader's `ArchiveError`
 /// (which names the archive and the entry).
 public struct LayerApplier: Sendable {
-    public struct Statistics: Equatable, Sendable {
-        /// Headers read, whiteouts included.
-        public var entries = 0
-        /// Regular-file data bytes written.
-        public var bytes: UInt64 = 0
-        public var whiteouts = 0
-        public init() {}
-    }
+    public typealias Statistics = LayerTarStatistics
 
     public enum Error: Swift.Error, CustomStringConvertible, Sendable {
         /// A name or link the policy refuses (see the type's documentation).

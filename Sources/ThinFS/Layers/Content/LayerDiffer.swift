@@ -36,14 +36,7 @@ import SystemPackage
 /// Entries are in depth-first order, sorted by name, directories before their
 /// contents, so the output is deterministic.
 public struct LayerDiffer: Sendable {
-    public struct Statistics: Equatable, Sendable {
-        /// Headers written, whiteouts included.
-        public var entries = 0
-        /// Regular-file data bytes written.
-        public var bytes: UInt64 = 0
-        public var whiteouts = 0
-        public init() {}
-    }
+    public typealias Statistics = LayerTarStatistics
 
     public enum Error: Swift.Error, CustomStringConvertible, Sendable {
         /// A volume call failed on `path` ("child" or "parent" says which tree).
