@@ -146,12 +146,18 @@ public struct HostSystem: LVMSystem {
 ///
 ///     pvcreate DEV
 ///     vgcreate VG DEV
-///     lvcreate --wipesignatures y -n THINPOOL VG -l 95%VG
-///     lvcreate --wipesignatures y -n THINPOOLmeta VG -l 1%VG
+///     lvcreate --yes --wipesignatures y -n THINPOOL VG -l 95%VG
+///     lvcreate --yes --wipesignatures y -n THINPOOLmeta VG -l 1%VG
 ///     lvconvert -y --zero n -c 512K --thinpool VG/THINPOOL --poolmetadata VG/THINPOOLmeta
 ///     /etc/lvm/profile/VG-THINPOOL.profile: activation { thin_pool_autoextend_threshold=80 thin_pool_autoextend_percent=20 }
 ///     lvchange --metadataprofile VG-THINPOOL VG/THINPOOL
 ///     lvs -o+seg_monitor            (must say "monitored")
+///
+/// `--yes` answers lvcreate's "signature detected ... Wipe it?" prompt, which Docker's guide
+/// leaves to the person typing: a disk that held an earlier pool (vgremove'd, then set up again)
+/// still carries its thin devices' ext4 superblocks where the new LVs start, and without a
+/// terminal lvcreate answers no and aborts. The device itself was checked for signatures first
+/// (or `--force` was given), so what lies inside the new LVs is a removed VG's leftovers.
 public struct DirectLVMSetup: Sendable {
     public enum Error: Swift.Error, Equatable, CustomStringConvertible {
         case invalid(String)
@@ -259,8 +265,8 @@ public struct DirectLVMSetup: Sendable {
         [
             force ? ["pvcreate", "-ff", "-y", device] : ["pvcreate", device],
             ["vgcreate", vg, device],
-            ["lvcreate", "--wipesignatures", "y", "-n", thinpool, vg, "-l", "\(dataPercent)%VG"],
-            ["lvcreate", "--wipesignatures", "y", "-n", metadataLV, vg, "-l", "\(metaPercent)%VG"],
+            ["lvcreate", "--yes", "--wipesignatures", "y", "-n", thinpool, vg, "-l", "\(dataPercent)%VG"],
+            ["lvcreate", "--yes", "--wipesignatures", "y", "-n", metadataLV, vg, "-l", "\(metaPercent)%VG"],
             ["lvconvert", "-y", "--zero", "n", "-c", chunkSize, "--thinpool", "\(vg)/\(thinpool)", "--poolmetadata", "\(vg)/\(metadataLV)"],
         ]
     }

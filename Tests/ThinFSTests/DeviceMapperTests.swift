@@ -492,8 +492,8 @@ struct SetupLVMTests {
             ["blkid", "-p", "-o", "value", "-s", "TYPE", "/dev/vdb"],
             ["pvcreate", "/dev/vdb"],
             ["vgcreate", "docker", "/dev/vdb"],
-            ["lvcreate", "--wipesignatures", "y", "-n", "thinpool", "docker", "-l", "95%VG"],
-            ["lvcreate", "--wipesignatures", "y", "-n", "thinpoolmeta", "docker", "-l", "1%VG"],
+            ["lvcreate", "--yes", "--wipesignatures", "y", "-n", "thinpool", "docker", "-l", "95%VG"],
+            ["lvcreate", "--yes", "--wipesignatures", "y", "-n", "thinpoolmeta", "docker", "-l", "1%VG"],
             ["lvconvert", "-y", "--zero", "n", "-c", "512K", "--thinpool", "docker/thinpool", "--poolmetadata", "docker/thinpoolmeta"],
             ["(write)", "/etc/lvm/profile/docker-thinpool.profile"],
             ["lvchange", "--metadataprofile", "docker-thinpool", "docker/thinpool"],
@@ -514,8 +514,8 @@ struct SetupLVMTests {
         let setup = DirectLVMSetup(device: "/dev/vdb", vg: "my-vg", thinpool: "pool", dataPercent: 60, metaPercent: 2,
                                    autoextendThreshold: 70, autoextendPercent: 50, chunkSize: "64K")
         #expect(try setup.run(on: system) == "dm.thinpooldev=/dev/mapper/my--vg-pool")   // LVM doubles '-' in dm names
-        #expect(system.commands.contains(["lvcreate", "--wipesignatures", "y", "-n", "pool", "my-vg", "-l", "60%VG"]))
-        #expect(system.commands.contains(["lvcreate", "--wipesignatures", "y", "-n", "poolmeta", "my-vg", "-l", "2%VG"]))
+        #expect(system.commands.contains(["lvcreate", "--yes", "--wipesignatures", "y", "-n", "pool", "my-vg", "-l", "60%VG"]))
+        #expect(system.commands.contains(["lvcreate", "--yes", "--wipesignatures", "y", "-n", "poolmeta", "my-vg", "-l", "2%VG"]))
         #expect(system.commands.contains(["lvconvert", "-y", "--zero", "n", "-c", "64K", "--thinpool", "my-vg/pool", "--poolmetadata", "my-vg/poolmeta"]))
         #expect(system.files["/etc/lvm/profile/my-vg-pool.profile"]?.contains("thin_pool_autoextend_threshold=70") == true)
         #expect(system.files["/etc/lvm/profile/my-vg-pool.profile"]?.contains("thin_pool_autoextend_percent=50") == true)

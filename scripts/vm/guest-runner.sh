@@ -10,6 +10,8 @@ for t in "$@"; do
   rc=${PIPESTATUS[0]}
   echo "$rc" > "/share/$t/.guest-status"
   vm_dm_cleanup
+  # What the test left for the next ones: memory and the tmpfs /tmp share the guest's RAM.
+  echo "[$t] left: $(awk '/^MemAvailable/ {printf "%d MiB available", $2 / 1024}' /proc/meminfo), /tmp $(du -sm /tmp | cut -f1) MiB"
   echo "THINFS-TEST-END $t $rc $(( $(cut -d. -f1 /proc/uptime) - begin ))s"
   [ "$rc" = 0 ] || failed=1
 done

@@ -123,5 +123,15 @@ for t in "${tests[@]}"; do
   [[ $r == PASS ]] || failed=1
   printf '%-28s %s\n' "$t" "$r"
 done
+# The console scrolls a failed test's lines far up, and CI keeps only the end of the output: repeat
+# the end of each failed test's log last.
+for t in "${tests[@]}"; do
+  [[ ${result[$t]:-} == PASS ]] && continue
+  for log in "$work/$t/guest.log" "$work/$t/host-verify.log"; do
+    [[ -s $log ]] || continue
+    echo "=== $t failed: the last 50 lines of $(basename "$log")"
+    tail -n 50 "$log" | sed 's/^/    /'
+  done
+done
 ((guest_rc == 124 || guest_rc == 125)) && { echo "suite.sh: the guest did not finish (exit $guest_rc)"; exit 125; }
 exit $failed
