@@ -45,7 +45,9 @@ struct PoolLimitTests {
     /// A file write that runs the pool out of data space fails with ENOSPC, and after the pool
     /// grows the filesystem is still clean: the blocks the failed write had reserved past the
     /// file's new end are released (e2fsck rejects initialized blocks past i_size; the guest's
-    /// layers-pool-full test found them on an LVM pool).
+    /// layers-pool-full test found them on an LVM pool), and the failed write leaves the size
+    /// where it was. The block cache holds what the full pool refuses, gives the memory back
+    /// once a flush has written it, and every write that succeeded is on the device.
     @Test(.enabled(if: Oracle.available)) func fileWriteOnAFullPoolLeavesACleanFilesystem() throws {
         let dir = TempDir()
         let pool = try makePool(dir, dataBlocks: 192)   // 12 MiB: the format takes about 5
@@ -71,7 +73,18 @@ struct PoolLimitTests {
         #expect(error.errno == .noSpace, "\(error)")
         let full = try pool.status()
         #expect(full.totalDataBlocks - full.usedDataBlocks < 16, "less than the 1 MiB write was left: \(full.line)")
+
+        // The writes went through the block cache (libext2fs writes file data a block at a
+        // time), whose write-backs failed: it held the unwritten blocks past its size, as the
+        // kernel holds dirty pages, until its limit made the write fail. A flush still fails.
+        let held = try volume.cachedBlockCounts
+        #expect(held.dirty > 1024 && held.total > 1024, "the cache should hold the unwritten blocks past its 1024: \(held)")
+        #expect(throws: VolumeError.self) { try volume.fsync(nil) }
         try pool.resize(dataBytes: 2048 << 16)
+        // Once the pool has grown, a flush writes everything held and the cache shrinks back.
+        try volume.fsync(nil)
+        let after = try volume.cachedBlockCounts
+        #expect(after.dirty == 0 && after.total <= 1024, "after the flush: \(after)")
         try volume.close()
         try pool.commit()
         let image = dir.path + "/fs.img"
@@ -80,6 +93,20 @@ struct PoolLimitTests {
         let r = try Oracle.run("/sbin/e2fsck", ["-fn", image])
         #expect(r.status == 0, "e2fsck -fn after the failed write:\n\(r.stdout)\(r.stderr)")
         try Oracle.check(dir.path + "/metadata")
+        // Every byte of every write that succeeded reached the device, the held ones too (read
+        // back through a new Volume).
+        let reopened = try Volume(device: pool.openDevice(1, size: size), readOnly: true, logger: quietLogger)
+        defer { try? reopened.close() }
+        let fill = try reopened.lookup(parent: reopened.rootInode, name: "fill")
+        #expect(fill.size == written)
+        var missing: [UInt64] = []
+        var back = [UInt8](repeating: 0, count: 1 << 20)
+        for m in 0..<(written >> 20) {
+            for i in chunk.indices { chunk[i] = UInt8(truncatingIfNeeded: i &* 31 &+ Int(m)) }
+            _ = try back.withUnsafeMutableBytes { try reopened.read(fill.ino, at: m << 20, into: $0) }
+            if back != chunk { missing.append(m) }
+        }
+        #expect(missing.isEmpty, "MiB of the file not on the device: \(missing.prefix(10))")
     }
 
     @Test(.enabled(if: Oracle.available)) func growthAcrossBitmapBoundaryKeepsCountsRight() throws {

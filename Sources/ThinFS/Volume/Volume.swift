@@ -143,6 +143,12 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return try body(fs)
     }
 
+    /// The block cache's blocks, clean and dirty (for tests: it grows while a full pool refuses
+    /// write-backs and shrinks once they succeed).
+    var cachedBlockCounts: (total: Int, dirty: Int) {
+        get throws(VolumeError) { try withFS { fs throws(VolumeError) in channelState(fs.pointee.io).counts } }
+    }
+
     private func requireWritable(_ op: String) throws(VolumeError) {
         if isReadOnly { throw VolumeError(.readOnlyFileSystem, "\(op): the volume is read-only") }
     }
@@ -1003,6 +1009,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             // elsewhere, which ext2fs_file_write guarantees for blocks it allocates itself.
             let bs = UInt64(fs.pointee.blocksize)
             let firstWhole = (offset + bs - 1) / bs, endWhole = (offset + UInt64(buffer.count)) / bs
+            let sizeBefore = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
             var file: ext2_file_t?
             var done = 0
             do throws(VolumeError) {
@@ -1033,6 +1040,10 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                 try check(ext2fs_file_close(opened), "closing inode \(ino)")
             } catch {
                 if let file { ext2fs_file_close(file) }
+                // A failed write writes nothing: ext2fs_file_write has already set the size to
+                // what it copied, but the block it was flushing when it failed may never have
+                // reached the device, and the caller is told nothing was written.
+                restoreSize(fs, ino, to: sizeBefore)
                 releaseBeyondEOF(fs, ino, through: (offset + UInt64(buffer.count) - 1) / bs)
                 throw error
             }
@@ -1045,10 +1056,24 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         }
     }
 
+    /// Shrinks a file a failed write extended back to its size before the write: the size goes
+    /// back, the tail of its last block is zeroed, and the blocks past it are released
+    /// (`ext2fs_file_set_size2`, a truncate). Best effort, like `releaseBeyondEOF`.
+    private func restoreSize(_ fs: ext2_filsys, _ ino: UInt64, to size: UInt64) {
+        guard let inode = try? readInode(fs, ino), UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32 > size,
+              let file = try? openFile(fs, ino, write: true) else { return }
+        let rc = ext2fs_file_set_size2(file, ext2_off64_t(size))
+        let closed = ext2fs_file_close(file)
+        if rc != 0 || closed != 0 {
+            logger.warning("could not shrink a file back after a failed write",
+                           metadata: ["ino": "\(ino)", "size": "\(size)", "error": "\(rc != 0 ? rc : closed)"])
+        }
+    }
+
     /// A write that failed part-way (the device full: a thin pool out of data space) leaves the
-    /// file's size at what was written, but the blocks reserved for the rest still mapped and
-    /// initialized past the end of the file, which e2fsck rejects ("end of extent exceeds allowed
-    /// value"; the kernel would have left them unwritten). Unmaps them, up to block `last`, the
+    /// blocks reserved for it still mapped and initialized past the end of the file, which
+    /// e2fsck rejects ("end of extent exceeds allowed value"; the kernel would have left them
+    /// unwritten). Unmaps them, up to block `last`, the
     /// last one the write covered. Preallocated blocks there (fallocate KEEP_SIZE) go too: a
     /// failed write may lose a preallocation, never data. Best effort: the write's own error is
     /// what the caller reports.
@@ -1386,7 +1411,7 @@ final class ChannelRegistry: @unchecked Sendable {
 /// When the device takes no writes (a thin pool out of data space), dirty blocks
 /// stay in memory, as the kernel keeps dirty pages: reads still work, the cache
 /// grows past its size up to `overflowLimit` blocks, and a later write-back
-/// (once the pool has grown) writes them all.
+/// (once the pool has grown) writes them all and shrinks it back.
 private final class ChannelState {
     let device: BlockDevice
     private struct Entry {
@@ -1490,12 +1515,14 @@ private final class ChannelState {
                 if let e = blocks.removeValue(forKey: b) {
                     if e.dirty { dirtyCount -= 1 }
                     e.data.deallocate()
-                    if let i = order.firstIndex(of: b) { order.remove(at: i); if next > order.count { next = 0 } }
+                    if let i = order.firstIndex(of: b) { order.remove(at: i); if next >= order.count { next = 0 } }
                 }
             }
             try device.discard(offset: r.offset, length: UInt64(r.length))
         }
     }
+
+    var counts: (total: Int, dirty: Int) { lock.withLock { (order.count, dirtyCount) } }
 
     /// Writes back every dirty block without flushing the device.
     func writeBackDirty() throws { try lock.withLock { try writeBack() } }
@@ -1584,6 +1611,16 @@ private final class ChannelState {
             i += n
         }
         if let failure { throw failure }
+        shrinkToCapacity()
+    }
+
+    /// After an overflow (write-back failing, the cache grown past `capacity`) has been written
+    /// back, every block is clean: give the memory back by dropping the blocks past `capacity`.
+    private func shrinkToCapacity() {
+        guard dirtyCount == 0, order.count > Self.capacity else { return }
+        for b in order[Self.capacity...] { blocks.removeValue(forKey: b)?.data.deallocate() }
+        order.removeSubrange(Self.capacity...)
+        if next >= order.count { next = 0 }
     }
 }
 
