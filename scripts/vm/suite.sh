@@ -5,7 +5,8 @@
 #     --bin DIR      where thinfs and thinfs-mount are (default: `swift build`'s debug bin path,
 #                    building them if needed)
 #     --keep DIR     keep the work directory (pool files, manifests, console log) in DIR
-#     --timeout SECS the guest's time limit (default 900)
+#     --timeout SECS the guest's time limit (default 1800: the suite takes about 450 s on a quiet
+#                    2-core host under TCG, and more than twice that under load)
 #     TEST...        run only these tests (directory names under tests/)
 #
 # A test is a directory tests/NAME/ with up to three scripts, run in this order:
@@ -20,7 +21,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 
-bin="" keep="" timeout=900
+bin="" keep="" timeout=1800
 while (($#)); do
   case $1 in
     --bin) bin=$2; shift 2 ;;
