@@ -1040,9 +1040,9 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                 try check(ext2fs_file_close(opened), "closing inode \(ino)")
             } catch {
                 if let file { ext2fs_file_close(file) }
-                // A failed write writes nothing: ext2fs_file_write has already set the size to
-                // what it copied, but the block it was flushing when it failed may never have
-                // reached the device, and the caller is told nothing was written.
+                // A failed write does not extend the file: ext2fs_file_write has already set the
+                // size to what it copied, but the block it was flushing when it failed may never
+                // have reached the device, and the caller is told nothing was written.
                 restoreSize(fs, ino, to: sizeBefore)
                 releaseBeyondEOF(fs, ino, through: (offset + UInt64(buffer.count) - 1) / bs)
                 throw error
@@ -1073,10 +1073,9 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// A write that failed part-way (the device full: a thin pool out of data space) leaves the
     /// blocks reserved for it still mapped and initialized past the end of the file, which
     /// e2fsck rejects ("end of extent exceeds allowed value"; the kernel would have left them
-    /// unwritten). Unmaps them, up to block `last`, the
-    /// last one the write covered. Preallocated blocks there (fallocate KEEP_SIZE) go too: a
-    /// failed write may lose a preallocation, never data. Best effort: the write's own error is
-    /// what the caller reports.
+    /// unwritten). Unmaps them, up to block `last`, the last one the write covered. Preallocated
+    /// blocks there (fallocate KEEP_SIZE) go too: a failed write may lose a preallocation, never
+    /// data. Best effort: the write's own error is what the caller reports.
     private func releaseBeyondEOF(_ fs: ext2_filsys, _ ino: UInt64, through last: UInt64) {
         guard var inode = try? readInode(fs, ino) else { return }
         let bs = UInt64(fs.pointee.blocksize)
