@@ -57,11 +57,12 @@ struct PoolLimitTests {
         try pool.commit()
         let volume = try Volume(device: pool.openDevice(1, size: size), readOnly: false, logger: quietLogger)
         let file = try volume.mknod(parent: volume.rootInode, name: "fill", mode: 0o100644, rdev: 0, owner: .root)
-        var chunk = [UInt8](repeating: 0, count: 1 << 20)
+        // MiB m of the file: a pattern that differs from one MiB to the next.
+        func mebibyte(_ m: UInt64) -> [UInt8] { (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(m)) } }
         var written: UInt64 = 0
         var failure: VolumeError?
         while written < size {
-            for i in chunk.indices { chunk[i] = UInt8(truncatingIfNeeded: i &* 31 &+ Int(written >> 20)) }
+            let chunk = mebibyte(written >> 20)
             do {
                 written += UInt64(try chunk.withUnsafeBytes { try volume.write(file.ino, at: written, from: $0) })
             } catch let e as VolumeError {
@@ -102,9 +103,8 @@ struct PoolLimitTests {
         var missing: [UInt64] = []
         var back = [UInt8](repeating: 0, count: 1 << 20)
         for m in 0..<(written >> 20) {
-            for i in chunk.indices { chunk[i] = UInt8(truncatingIfNeeded: i &* 31 &+ Int(m)) }
             _ = try back.withUnsafeMutableBytes { try reopened.read(fill.ino, at: m << 20, into: $0) }
-            if back != chunk { missing.append(m) }
+            if back != mebibyte(m) { missing.append(m) }
         }
         #expect(missing.isEmpty, "MiB of the file not on the device: \(missing.prefix(10))")
     }

@@ -155,6 +155,9 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
 
     // MARK: Inodes
 
+    /// An inode's size in bytes (i_size with its high 32 bits).
+    private func fileSize(_ inode: ext2_inode_large) -> UInt64 { UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32 }
+
     private func readInode(_ fs: ext2_filsys, _ ino: UInt64) throws(VolumeError) -> ext2_inode_large {
         guard ino >= 1, ino <= UInt64(fs.pointee.super.pointee.s_inodes_count) else {
             throw VolumeError(.invalidArgument, "inode \(ino) is out of range")
@@ -234,7 +237,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return FileAttributes(
             ino: ino, mode: mode, nlink: UInt32(inode.i_links_count),
             uid: Self.uid(inode), gid: Self.gid(inode),
-            rdev: rdev, size: UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32, blocks: UInt64(blocks),
+            rdev: rdev, size: fileSize(inode), blocks: UInt64(blocks),
             atime: Self.decodeTime(inode.i_atime, inode.i_atime_extra, hasExtra: extra),
             mtime: Self.decodeTime(inode.i_mtime, inode.i_mtime_extra, hasExtra: extra),
             ctime: Self.decodeTime(inode.i_ctime, inode.i_ctime_extra, hasExtra: extra),
@@ -503,7 +506,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                                 _ count: Int) throws(VolumeError) -> ReadPlan? {
         let channel = channelState(fs.pointee.io)
         var plan = ReadPlan(generation: channel.freeGeneration, device: channel.device)
-        let size = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
+        let size = fileSize(inode)
         guard offset < size, count > 0 else { return plan }
         let end = min(offset + UInt64(count), size)
         plan.length = Int(end - offset)
@@ -1009,7 +1012,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             // elsewhere, which ext2fs_file_write guarantees for blocks it allocates itself.
             let bs = UInt64(fs.pointee.blocksize)
             let firstWhole = (offset + bs - 1) / bs, endWhole = (offset + UInt64(buffer.count)) / bs
-            let sizeBefore = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
+            let sizeBefore = fileSize(inode)
             var file: ext2_file_t?
             var done = 0
             do throws(VolumeError) {
@@ -1060,7 +1063,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// back, the tail of its last block is zeroed, and the blocks past it are released
     /// (`ext2fs_file_set_size2`, a truncate). Best effort, like `releaseBeyondEOF`.
     private func restoreSize(_ fs: ext2_filsys, _ ino: UInt64, to size: UInt64) {
-        guard let inode = try? readInode(fs, ino), UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32 > size,
+        guard let inode = try? readInode(fs, ino), fileSize(inode) > size,
               let file = try? openFile(fs, ino, write: true) else { return }
         let rc = ext2fs_file_set_size2(file, ext2_off64_t(size))
         let closed = ext2fs_file_close(file)
@@ -1079,7 +1082,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     private func releaseBeyondEOF(_ fs: ext2_filsys, _ ino: UInt64, through last: UInt64) {
         guard var inode = try? readInode(fs, ino) else { return }
         let bs = UInt64(fs.pointee.blocksize)
-        let size = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
+        let size = fileSize(inode)
         let end = (size + bs - 1) / bs
         guard end <= last else { return }
         let rc = withUnsafeMutablePointer(to: &inode) {
@@ -1098,7 +1101,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             var inode = try readInode(fs, ino)
             guard UInt32(inode.i_mode) & 0o170000 == 0o100000 else { throw VolumeError(.operationNotSupportedByDevice, "fallocate of inode \(ino), not a regular file") }
             let bs = UInt64(fs.pointee.blocksize)
-            let size = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
+            let size = fileSize(inode)
             if mode.contains(.punchHole) {
                 guard mode.contains(.keepSize) else { throw VolumeError(.notSupported, "PUNCH_HOLE needs KEEP_SIZE") }
                 // Zero partial blocks at the edges; release the whole blocks between.
@@ -1156,7 +1159,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     public func seek(_ ino: UInt64, from offset: UInt64, to whence: SeekTarget) throws(VolumeError) -> UInt64 {
         try withFS { fs throws(VolumeError) in
             var inode = try readInode(fs, ino)
-            let size = UInt64(inode.i_size) | UInt64(inode.i_size_high) << 32
+            let size = fileSize(inode)
             guard offset < size else { throw VolumeError(.init(rawValue: ENXIO), "seek past the end of inode \(ino)") }
             let bs = UInt64(fs.pointee.blocksize)
             var block = offset / bs
@@ -1477,12 +1480,8 @@ private final class ChannelState {
             // Dirty cached blocks are newer than the device: lay them over what was read. (Not a
             // write-back first: on a full thin pool it fails, and reads must keep working.)
             if dirtyCount > 0 {
-                let bs = UInt64(blockSize)
-                for b in overlapping(r) {
-                    guard let cached = blocks[b], cached.dirty else { continue }
-                    let start = max(r.offset, b * bs), end = min(r.offset + UInt64(r.length), (b + 1) * bs)
-                    data.advanced(by: Int(start - r.offset)).copyMemory(from: cached.data.advanced(by: Int(start - b * bs)),
-                                                                        byteCount: Int(end - start))
+                for s in shared(r) where s.entry.dirty {
+                    data.advanced(by: s.inRange).copyMemory(from: s.entry.data.advanced(by: s.inBlock), byteCount: s.count)
                 }
             }
             if count == 1, r.length == blockSize { try insert(block, data, dirty: false) }
@@ -1498,11 +1497,8 @@ private final class ChannelState {
             try device.write(UnsafeRawBufferPointer(start: data, count: r.length), at: r.offset)
             guard blockSize > 0, !blocks.isEmpty, r.length > 0 else { return }
             // Keep overlapping cached copies current (a dirty one stays dirty: its other bytes are newer than the device).
-            let bs = UInt64(blockSize)
-            for b in overlapping(r) {
-                guard let cached = blocks[b] else { continue }
-                let start = max(r.offset, b * bs), end = min(r.offset + UInt64(r.length), (b + 1) * bs)
-                cached.data.advanced(by: Int(start - b * bs)).copyMemory(from: data.advanced(by: Int(start - r.offset)), byteCount: Int(end - start))
+            for s in shared(r) {
+                s.entry.data.advanced(by: s.inBlock).copyMemory(from: data.advanced(by: s.inRange), byteCount: s.count)
             }
         }
     }
@@ -1546,6 +1542,17 @@ private final class ChannelState {
         let first = r.offset / bs, last = (r.offset + UInt64(r.length) - 1) / bs
         // A long range overlaps few cached blocks: then walk the cache instead of the range.
         return last - first < UInt64(blocks.count) ? Array(first...last) : blocks.keys.filter { $0 >= first && $0 <= last }
+    }
+
+    /// The cached blocks overlapping `r`, each with the bytes it shares with `r`: `count` bytes at
+    /// `inBlock` in the block and at `inRange` in the range.
+    private func shared(_ r: (offset: UInt64, length: Int)) -> [(entry: Entry, inBlock: Int, inRange: Int, count: Int)] {
+        let bs = UInt64(blockSize)
+        return overlapping(r).compactMap { b in
+            guard let entry = blocks[b] else { return nil }
+            let start = max(r.offset, b * bs), end = min(r.offset + UInt64(r.length), (b + 1) * bs)
+            return (entry, Int(start - b * bs), Int(start - r.offset), Int(end - start))
+        }
     }
 
     private func insert(_ block: UInt64, _ data: UnsafeRawPointer, dirty: Bool) throws {
