@@ -2,10 +2,34 @@
 # Sets up a fresh machine, builds, and runs every test suite.
 #   THINFS_MODEL_OPS=N   operations per randomized model run (default 3000; try 50000 on demand)
 #   THINFS_SEED=N        replay a randomized run
+#
+# CI keeps only the end of the output, so a failed step ends the run with its name and, for the
+# Swift tests, the lines of every failed test and expectation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup.sh
-swift build --build-tests
-swift test --skip-build
-bash scripts/vm/suite.sh   # the kernel suite in a qemu guest (scripts/vm/README.md); skips loudly without qemu
+step() { echo "=== test.sh: $1"; }
+fail() { echo "=== test.sh: FAILED at step '$1'${2:+: $2}" >&2; exit 1; }
+
+step "setup";  scripts/setup.sh || fail setup "scripts/setup.sh could not install the packages"
+step "build";  swift build --build-tests || fail build "swift build --build-tests failed (the compiler's errors are above)"
+
+step "swift test"
+log=$(mktemp /tmp/thinfs-swift-test.XXXXXX.log)
+set +e
+swift test --skip-build 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+if ((rc != 0)); then
+  echo "=== test.sh: swift test failed (exit $rc); the failed tests and expectations:"
+  # Swift Testing marks a failed test or expectation with ✘; XCTest says 'error:' or 'failed'.
+  grep -E '✘|error:|Fatal error|signal [0-9]+|Test Case .* failed' "$log" | tail -n 60 | sed 's/^/    /'
+  fail "swift test" "exit $rc (full log: $log)"
+fi
+rm -f "$log"
+
+step "kernel VM suite"
+# The kernel suite in a qemu guest (scripts/vm/README.md); skips loudly without qemu. It prints its
+# own table and the end of each failed test's log last.
+bash scripts/vm/suite.sh || fail "kernel VM suite" "exit $? (the table above names the failed tests)"
+step "all steps passed"
