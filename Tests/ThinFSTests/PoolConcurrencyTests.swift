@@ -36,7 +36,7 @@ struct PoolConcurrencyTests {
                 }
             }
         }
-        #expect(errors.all.isEmpty, "\(errors.all)")
+        try #require(errors.all.isEmpty, "\(errors.all)")
         try pool.commit()
 
         var origin = [UInt8](repeating: 0, count: blocks * blockSize)
@@ -91,7 +91,7 @@ struct PoolConcurrencyTests {
                 }
             }
         }
-        #expect(errors.all.isEmpty, "\(errors.all)")
+        try #require(errors.all.isEmpty, "\(errors.all)")
         #expect(failures.value == 0)
     }
 }
