@@ -171,9 +171,8 @@ final class LayerFixture: @unchecked Sendable {
             && FileManager.default.fileExists(atPath: packageRoot.appendingPathComponent("scripts/make-test-image.sh").path)
     }
 
-    init(deferredDeletion: Bool) throws {
-        try ok(["init", "--storage-opt", "dm.basesize=256M", "--storage-opt", "dm.loopdatasize=2G",
-                "--storage-opt", "dm.loopmetadatasize=32M", "--storage-opt", "dm.use_deferred_deletion=\(deferredDeletion)"])
+    init(deferredDeletion: Bool, options: [String] = ["dm.basesize=256M", "dm.loopdatasize=2G", "dm.loopmetadatasize=32M"]) throws {
+        try ok(["init"] + (options + ["dm.use_deferred_deletion=\(deferredDeletion)"]).flatMap { ["--storage-opt", $0] })
     }
 
     func run(_ args: [String]) throws -> Oracle.Result {

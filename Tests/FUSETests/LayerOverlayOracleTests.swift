@@ -92,7 +92,7 @@ struct LayerOverlayOracleTests {
 
 enum OverlayOracle {
     static var available: Bool {
-        guard getuid() == 0, FileManager.default.isExecutableFile(atPath: "/bin/busybox"),
+        guard Host.isRoot, FileManager.default.isExecutableFile(atPath: "/bin/busybox"),
               FileManager.default.isExecutableFile(atPath: "/usr/bin/zstd"),
               FileManager.default.isExecutableFile(atPath: "/sbin/mke2fs"),
               let fs = try? String(contentsOfFile: "/proc/filesystems", encoding: .utf8) else { return false }

@@ -2,21 +2,12 @@ import Foundation
 import Logging
 import Synchronization
 import SystemPackage
+import TestSupport
 import Testing
 @testable import ThinFS
 #if canImport(Glibc)
 import Glibc
 #endif
-
-enum Host {
-    /// Real FUSE mounts need the device and root (mount(2), and the tests unmount with umount2).
-    static var canMountFUSE: Bool { FileManager.default.fileExists(atPath: "/dev/fuse") && getuid() == 0 }
-
-    static func isMounted(_ path: String) -> Bool {
-        guard let text = try? String(contentsOfFile: "/proc/mounts", encoding: .utf8) else { return false }
-        return text.split(separator: "\n").contains { $0.split(separator: " ").dropFirst().first.map(String.init) == path }
-    }
-}
 
 /// libc calls that the Glibc module hides behind _GNU_SOURCE or leaves out (sys/xattr.h),
 /// found with dlsym.

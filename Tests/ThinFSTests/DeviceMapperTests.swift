@@ -3,6 +3,7 @@ import Logging
 import PersistentData
 import Synchronization
 import SystemPackage
+import TestSupport
 import Testing
 @testable import ThinFS
 @testable import ThinFSCommands
@@ -395,7 +396,7 @@ struct LibDeviceMapperHostTests {
 
     /// Without device-mapper the first ioctl fails: the error comes through the checker with the
     /// operation, and libdevmapper's own complaint arrives through the C trampoline into swift-log.
-    @Test(.enabled(if: !hostHasDeviceMapper && getuid() == 0)) func withoutDeviceMapperTheErrorIsThrownAndTheLogRouted() throws {
+    @Test(.enabled(if: !hostHasDeviceMapper && Host.isRoot, "needs root on a host without device-mapper")) func withoutDeviceMapperTheErrorIsThrownAndTheLogRouted() throws {
         // libdevmapper makes /dev/mapper/control when it is missing; leave /dev as it was.
         let hadMapperDir = FileManager.default.fileExists(atPath: "/dev/mapper")
         defer {

@@ -266,8 +266,8 @@ struct DockerImportTests {
         #expect(try f.digests() == before)
     }
 
-    @Test func theCLIImportsListsAndRefuses() throws {
-        guard CLI.available else { return }
+    @Test(.enabled(if: CLI.available, "needs the built thinfs binary"))
+    func theCLIImportsListsAndRefuses() throws {
         let f = try Fixture(layerDB: true)
         let before = try f.digests()
         let dry = try CLI.run(["import-docker", "--root", f.store, f.dm, "--dry-run"])

@@ -534,7 +534,7 @@ struct LayerContentTests {
     // MARK: Images (the test image needs root: device nodes and security.capability)
 
     static var canMakeImage: Bool {
-        getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/bin/busybox")
+        Host.isRoot && FileManager.default.isExecutableFile(atPath: "/bin/busybox")
             && FileManager.default.isExecutableFile(atPath: "/usr/bin/zstd")
     }
 

@@ -25,15 +25,18 @@ struct PoolConcurrencyTests {
         let threads = 8
         let slotsPerBlock = blockSize / 4096
         // Slot s of every block belongs to thread s % threads, so every thread touches every block.
+        let errors = ThreadErrors()
         DispatchQueue.concurrentPerform(iterations: threads) { t in
             var slot = [UInt8](repeating: UInt8(t + 1), count: 4096)
             for b in 0..<blocks {
                 for s in stride(from: t, to: slotsPerBlock, by: threads) {
                     slot[0] = UInt8(b)
-                    slot.withUnsafeBytes { try! pool.write(1, $0, at: UInt64(b * blockSize + s * 4096)) }
+                    let offset = UInt64(b * blockSize + s * 4096)
+                    errors.run("thread \(t) writing at \(offset)") { try slot.withUnsafeBytes { try pool.write(1, $0, at: offset) } }
                 }
             }
         }
+        try #require(errors.all.isEmpty, "\(errors.all)")
         try pool.commit()
 
         var origin = [UInt8](repeating: 0, count: blocks * blockSize)
@@ -67,25 +70,28 @@ struct PoolConcurrencyTests {
         try old.withUnsafeBytes { try pool.write(1, $0, at: 0) }
         try pool.message(.createSnap(2, origin: 1))
         let failures = Counter()
+        let errors = ThreadErrors()
         DispatchQueue.concurrentPerform(iterations: 4) { role in
             var rng = SeededRandom(seed: UInt64(role))
             var buffer = [UInt8](repeating: 0, count: 4096)
             for i in 0..<400 {
                 let slot = Int.random(in: 0..<(size / 4096), using: &rng)
+                let offset = UInt64(slot * 4096)
                 switch role {
                 case 0, 1:
                     let new = [UInt8](repeating: 0xBB, count: 4096)
-                    new.withUnsafeBytes { try! pool.write(1, $0, at: UInt64(slot * 4096)) }
+                    errors.run("writer \(role) at \(offset)") { try new.withUnsafeBytes { try pool.write(1, $0, at: offset) } }
                 case 2:
-                    buffer.withUnsafeMutableBytes { try! pool.read(1, into: $0, at: UInt64(slot * 4096)) }
+                    errors.run("reading the origin at \(offset)") { try buffer.withUnsafeMutableBytes { try pool.read(1, into: $0, at: offset) } }
                     if !(buffer.allSatisfy { $0 == 0xAA } || buffer.allSatisfy { $0 == 0xBB }) { failures.add() }
-                    buffer.withUnsafeMutableBytes { try! pool.read(2, into: $0, at: UInt64(slot * 4096)) }
+                    errors.run("reading the snapshot at \(offset)") { try buffer.withUnsafeMutableBytes { try pool.read(2, into: $0, at: offset) } }
                     if !buffer.allSatisfy({ $0 == 0xAA }) { failures.add() }
                 default:
-                    if i % 20 == 0 { try! pool.commit() }
+                    if i % 20 == 0 { errors.run("commit \(i / 20)") { try pool.commit() } }
                 }
             }
         }
+        try #require(errors.all.isEmpty, "\(errors.all)")
         #expect(failures.value == 0)
     }
 }
@@ -95,4 +101,21 @@ final class Counter: @unchecked Sendable {
     private var n = 0
     func add() { lock.withLock { n += 1 } }
     var value: Int { lock.withLock { n } }
+}
+
+/// Errors thrown on `concurrentPerform`'s threads, kept for the test to check: a `try!` there
+/// would kill the whole test process instead of failing one test.
+final class ThreadErrors: @unchecked Sendable {
+    private let lock = Lock()
+    private var errors: [String] = []
+
+    /// Runs `body`, recording what it throws with `what` it was doing.
+    func run(_ what: @autoclosure () -> String, _ body: () throws -> Void) {
+        do { try body() } catch {
+            let line = "\(what()): \(error)"
+            lock.withLock { errors.append(line) }
+        }
+    }
+
+    var all: [String] { lock.withLock { errors } }
 }

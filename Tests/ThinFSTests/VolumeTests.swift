@@ -272,7 +272,8 @@ struct VolumeTests {
     /// The whole path on a thin device: format, write through libext2fs, commit, and the pool and the filesystem both check clean.
     @Test(.enabled(if: Oracle.available)) func volumeOnAThinDevice() throws {
         let dir = TempDir()
-        let pool = try UserspaceThinPool.create(dataPath: dir.path + "/data", metadataPath: dir.path + "/metadata", dataSize: 1 << 30,
+        // A pool smaller than the filesystem, so that statfs's cap by the pool binds.
+        let pool = try UserspaceThinPool.create(dataPath: dir.path + "/data", metadataPath: dir.path + "/metadata", dataSize: 128 << 20,
                                                 metadataSize: 16 << 20, blockSize: 64 << 10, logger: quietLogger)
         try pool.message(.createThin(1))
         let size: UInt64 = 256 << 20
@@ -285,7 +286,11 @@ struct VolumeTests {
                 _ = try [UInt8](repeating: UInt8(i), count: 5000 + i).withUnsafeBytes { try v.write(f.ino, at: 0, from: $0) }
             }
             let st = try v.statfs()
-            #expect(st.freeBlocks * st.blockSize <= (1 << 30), "statfs is capped by the pool's free space")
+            let status = try pool.status()
+            let poolFree = (status.totalDataBlocks - status.usedDataBlocks) * status.dataBlockSize
+            #expect(st.blocks * st.blockSize == size && poolFree < 128 << 20)
+            #expect(st.availableBlocks == poolFree / st.blockSize && st.freeBlocks == poolFree / st.blockSize,
+                    "statfs is capped by the pool's free space: \(st.availableBlocks) blocks available, the pool has \(poolFree) bytes")
             try v.close()
         }
         // Snapshot, change the origin, and read the snapshot's untouched file back.

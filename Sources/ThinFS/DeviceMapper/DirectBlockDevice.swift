@@ -24,8 +24,15 @@ public final class DirectBlockDevice: BlockDevice, @unchecked Sendable {
     private var fd: Int32 { descriptor.load(ordering: .relaxed) }
     /// Runs once, after the descriptor is closed (the kernel pool deactivates the device there).
     private let onClose: (@Sendable () -> Void)?
+    /// The free data space of the pool the node's thin target maps into (the kernel pool's status);
+    /// nil for a node that is not a thin device.
+    private let poolFreeSpace: (@Sendable () throws -> UInt64?)?
 
-    public init(path: String, readOnly: Bool = false, onClose: (@Sendable () -> Void)? = nil) throws {
+    /// - Parameters:
+    ///   - freeSpace: what `freeSpace()` answers: the thin pool's free data space, read when asked.
+    ///   - onClose: runs once, after the descriptor is closed.
+    public init(path: String, readOnly: Bool = false, freeSpace: (@Sendable () throws -> UInt64?)? = nil,
+                onClose: (@Sendable () -> Void)? = nil) throws {
         self.path = path
         let fd = thinfs_open_direct(path, readOnly ? O_RDONLY : O_RDWR)
         guard fd >= 0 else { throw ThinPoolError.io(operation: "open(O_DIRECT)", path: path, errno: Errno(rawValue: errno)) }
@@ -38,6 +45,7 @@ public final class DirectBlockDevice: BlockDevice, @unchecked Sendable {
         self.descriptor = Atomic(fd)
         self.size = UInt64(size)
         self.onClose = onClose
+        self.poolFreeSpace = freeSpace
     }
 
     deinit { close() }
@@ -90,6 +98,8 @@ public final class DirectBlockDevice: BlockDevice, @unchecked Sendable {
             throw ThinPoolError.io(operation: "fsync", path: path, errno: Errno(rawValue: errno))
         }
     }
+
+    public func freeSpace() throws -> UInt64? { try poolFreeSpace?() }
 
     // MARK: -
 

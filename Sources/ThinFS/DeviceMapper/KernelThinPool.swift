@@ -235,7 +235,10 @@ public final class KernelThinPool: ThinPoolBackend {
             try activateLocked(id, size: size)
             let device: DirectBlockDevice
             do {
-                device = try DirectBlockDevice(path: devicePath(id), readOnly: readOnly) { [weak self] in self?.released(id) }
+                // The thin target maps into this pool: its free data blocks are what the device can still get.
+                device = try DirectBlockDevice(path: devicePath(id), readOnly: readOnly,
+                                               freeSpace: { [weak self] in try self?.status().freeDataBytes },
+                                               onClose: { [weak self] in self?.released(id) })
             } catch {
                 if opens[id, default: 0] == 0 { try? deactivateLocked(id, deferred: false) }
                 throw error

@@ -18,6 +18,13 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// Lets the device go now rather than when the last reference does; later I/O fails.
     /// Idempotent. A kernel thin device is deactivated once its last opener closes it.
     func close()
+    /// The bytes that writes to blocks not yet backed can still get from the storage beneath:
+    /// a thin device's pool's free data space, which every thin device of the pool shares. nil
+    /// when the device's whole size is its own (a file as a scratch image), so that the
+    /// filesystem's free count is the whole answer. A filesystem's statfs caps its free space
+    /// by this, so every wrapper must forward it (no default: a wrapper that forgets does not
+    /// compile, rather than showing a container the ext4's free space instead of the pool's).
+    func freeSpace() throws -> UInt64?
 }
 
 extension BlockDevice {
@@ -83,6 +90,10 @@ public final class FileBlockDevice: BlockDevice {
     }
 
     public func flush() throws { try fd.dataSync(path: name) }
+
+    /// A file backs all of its size (a sparse one could run out of host disk, as a preallocated
+    /// block device cannot, but that is the host's free space, not a pool's).
+    public func freeSpace() throws -> UInt64? { nil }
 }
 
 extension FileDescriptor {

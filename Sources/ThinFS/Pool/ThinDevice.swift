@@ -55,4 +55,6 @@ public final class ThinDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func flush() throws { try pool.commit() }
+
+    public func freeSpace() throws -> UInt64? { try pool.status().freeDataBytes }
 }

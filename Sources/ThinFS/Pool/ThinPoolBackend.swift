@@ -132,6 +132,14 @@ public struct PoolStatus: Equatable, Sendable {
         return total - (free < reserve ? 0 : free - reserve)
     }
 
+    /// Data space that writes to unprovisioned blocks can still get, in bytes: free data blocks
+    /// times the block size (0 for a failed pool, whose status has no counts). Not less
+    /// `dm.min_free_space`: that reserve only refuses new thin devices (Docker's
+    /// `checkThinPool`), while a device that exists may write into all of it.
+    public var freeDataBytes: UInt64 {
+        (totalDataBlocks - min(usedDataBlocks, totalDataBlocks)) * dataBlockSize
+    }
+
     /// The kernel's `calc_metadata_threshold`: 4 MiB of metadata, or a quarter of the device if smaller.
     public static func metadataLowWatermark(totalMetadataBlocks: UInt64) -> UInt64 {
         min(1024, totalMetadataBlocks / 4)

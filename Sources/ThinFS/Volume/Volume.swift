@@ -640,14 +640,22 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                                         files: UInt64(sb.s_inodes_count), freeFiles: UInt64(sb.s_free_inodes_count),
                                         nameMax: 255)
         }
-        return limitedByPool(stats)
+        return try limitedByPool(stats)
     }
 
-    /// A container must not believe it has more space than the pool can give:
-    /// free and available blocks are capped by the pool's free data space.
-    private func limitedByPool(_ s: FileSystemStatistics) -> FileSystemStatistics {
-        guard let thin = device as? ThinDevice, let status = try? thin.pool.status() else { return s }
-        let poolFree = (status.totalDataBlocks - status.usedDataBlocks) * status.dataBlockSize / s.blockSize
+    /// A container must not believe it has more space than the pool can give: free and
+    /// available blocks are capped by the pool's free data space, which the device reports
+    /// through every wrapper (a `VolumeGroup` member, a kernel pool's /dev/mapper node).
+    /// The cap errs low: an ext4 block freed but still mapped in the pool takes no pool space
+    /// when reused. A pool status that cannot be read fails statfs (EIO), rather than showing
+    /// the ext4's free space as if the pool had it.
+    private func limitedByPool(_ s: FileSystemStatistics) throws(VolumeError) -> FileSystemStatistics {
+        let bytes: UInt64?
+        do { bytes = try device.freeSpace() } catch {
+            throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "reading the pool's free data space for statfs: \(error)")
+        }
+        guard let bytes else { return s }
+        let poolFree = bytes / s.blockSize
         var r = s
         r.freeBlocks = min(s.freeBlocks, poolFree)
         r.availableBlocks = min(s.availableBlocks, poolFree)
