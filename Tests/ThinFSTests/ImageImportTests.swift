@@ -244,6 +244,47 @@ struct ImageImportTests {
         #expect(found == made.files.mapValues { .some($0) })
     }
 
+    /// The content API the writers share: while `body` runs the layer is `applying`, and nothing
+    /// can mount, snapshot or re-create it; a `body` that throws removes it; one that returns leaves
+    /// it active with what it wrote. `apply-diff` of a tar that fails part way removes its layer too.
+    @Test func contentWritersMarkTheLayerCompleteOnlyWhenItIs() throws {
+        let dir = TempDir()
+        let options = try StorageOptions(parsing: ["dm.basesize=64M", "dm.loopdatasize=512M", "dm.loopmetadatasize=16M"])
+        let store = try LayerStore.initialize(root: dir.path + "/store", options: options, logger: quietLogger)
+        defer { try? store.close() }
+
+        struct Refused: Error {}
+        #expect(throws: Refused.self) {
+            try store.createImageLayer("failed", parent: nil, what: "test") { volume in
+                _ = try volume.mkdir(parent: volume.rootInode, name: "half", mode: 0o755, owner: .root)
+                throw Refused()
+            }
+        }
+        #expect(try store.layer("failed") == nil, "a writer that threw left its layer")
+
+        try store.createImageLayer("good", parent: nil, what: "test") { volume in
+            #expect(try store.layer("good")?.state == .applying)
+            #expect(throws: LayerStore.Error.incomplete("good")) { try store.openLayer("good", readOnly: true, what: "reader") }
+            #expect(throws: LayerStore.Error.incomplete("good")) { try store.createImageLayer("child", parent: "good") }
+            #expect(throws: LayerStore.Error.layerExists("good", state: .applying)) { try store.createImageLayer("good", parent: nil) }
+            _ = try volume.mkdir(parent: volume.rootInode, name: "done", mode: 0o755, owner: .root)
+        }
+        #expect(try store.layer("good")?.state == .active)
+        let open = try store.openLayer("good", readOnly: true, what: "test")
+        #expect(throws: Never.self) { try open.volume.lookup(parent: open.volume.rootInode, name: "done") }
+        try open.close()
+
+        // A tar whose second entry is refused ('..'): the layer it was applied to goes.
+        let tar = dir.path + "/bad.tar"
+        try PyTar.make(tar, """
+        reg("ok", b"fine")
+        reg("../escape", b"no")
+        """)
+        _ = try store.createImageLayer("target", parent: "good")
+        #expect(throws: LayerApplier.Error.self) { try store.applyDiff("target", from: tar) }
+        #expect(try store.layer("target") == nil, "the half-applied layer is still there")
+    }
+
     /// A scratch directory an import holds (a lock on it) is kept at store open; one nobody holds
     /// (left by a killed import) is removed.
     @Test func storeOpenRemovesUnpackDirectoriesNobodyHolds() throws {
