@@ -23,10 +23,10 @@ enum TestImage {
     /// `files`: regular files of seeded random bytes. `oci`: also write an OCI layout. `gzip`: compress
     /// docker.tar. `junk`: bytes of zeros in a file docker.tar holds but no manifest names.
     static func make(_ dir: String, files: [(name: String, size: Int, seed: Int)], oci: Bool = false,
-                     gzip: Bool = false, junk: Int = 0) throws -> Made {
+                     gzip: Bool = false, junk: Int = 0, link: Bool = false) throws -> Made {
         let spec: [String: Any] = [
             "files": files.map { ["name": $0.name, "size": $0.size, "seed": $0.seed] },
-            "oci": oci, "gzip": gzip, "junk": junk,
+            "oci": oci, "gzip": gzip, "junk": junk, "link": link,
         ]
         let script = #"""
         import hashlib, io, json, os, random, sys, tarfile
@@ -81,8 +81,13 @@ enum TestImage {
             t.add(layer, arcname=diff + "/layer.tar")
             if spec["junk"]:
                 i = tarfile.TarInfo("junk/zeros"); i.size = spec["junk"]; t.addfile(i, io.BufferedReader(Zeros()))
+            name = diff + "/layer.tar"
+            if spec["link"]:
+                # Older docker versions link a layer.tar shared between images.
+                i = tarfile.TarInfo("alias/layer.tar"); i.type = tarfile.SYMTYPE; i.linkname = "../" + name; t.addfile(i)
+                name = "alias/layer.tar"
             add("manifest.json", json.dumps([{"Config": cfg + ".json", "RepoTags": ["test:latest"],
-                                              "Layers": [diff + "/layer.tar"]}]).encode())
+                                              "Layers": [name]}]).encode())
         print(json.dumps({"diff": "sha256:" + diff, "config": cfg, "files": shas}))
         """#
         let encoded = String(decoding: try JSONSerialization.data(withJSONObject: spec), as: UTF8.self)
@@ -342,6 +347,38 @@ struct ImageImportTests {
         #expect(held < layerSize + (1 << 20), "the scratch directory holds \(held) bytes")
         #expect(peak.withLock { $0 } < layerSize + (1 << 20), "the scratch directory peaked at \(peak.withLock { $0 }) bytes")
         #expect(Self.bytesUnder(scratch) == 0, "the source left files in its scratch directory")
+    }
+
+    /// The two reads need the archive twice: one that comes through a pipe is copied (as it comes)
+    /// first. A layer.tar named through a symlink is unpacked once, where the link points.
+    @Test func dockerArchiveThroughAPipeAndThroughALink() throws {
+        let dir = TempDir()
+        let made = try TestImage.make(dir.path + "/image", files: [(name: "etc/hello", size: 4096, seed: 1)], gzip: true, link: true)
+        let fifo = dir.path + "/pipe"
+        try #require(mkfifo(fifo, 0o600) == 0)
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: made.docker))
+        Thread.detachNewThread {
+            // Blocks until the source opens the pipe for reading.
+            if let h = FileHandle(forWritingAtPath: fifo) {
+                try? h.write(contentsOf: bytes)
+                try? h.close()
+            }
+        }
+        let scratch = dir.path + "/scratch"
+        let source = try ImageSource(path: fifo, temporaryDirectory: scratch, logger: quietLogger)
+        let layer = try #require(source.layers.first)
+        #expect(source.layers.count == 1 && layer.diffID == made.diffID)
+        #expect(layer.path.hasSuffix("/" + made.diffID.dropFirst(7) + "/layer.tar"), "\(layer.path)")
+        #expect(try source.verify(layer) > 0)
+        // What is left: the layer and the config; the pipe's copy is gone.
+        var files: [String] = []
+        let e = FileManager.default.enumerator(atPath: scratch)
+        while let relative = e?.nextObject() as? String {
+            var st = stat()
+            if lstat(scratch + "/" + relative, &st) == 0, st.st_mode & S_IFMT == S_IFREG { files.append(relative) }
+        }
+        #expect(files.count == 2 && files.contains { $0.hasSuffix("/layer.tar") } && files.contains { $0.hasSuffix(".json") },
+                "\(files.sorted())")
     }
 
     /// Apparent size of every regular file under `path`.
