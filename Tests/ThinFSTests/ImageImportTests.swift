@@ -381,6 +381,27 @@ struct ImageImportTests {
                 "\(files.sorted())")
     }
 
+    /// The named files' sizes (from the tar headers) are checked against the scratch directory's
+    /// free space before anything is written: a 4 MiB layer does not fit a 1 MiB tmpfs.
+    @Test(.enabled(if: getuid() == 0, "mounting a tmpfs needs root"))
+    func dockerArchiveThatDoesNotFitIsRefusedBeforeWriting() throws {
+        let dir = TempDir()
+        let made = try TestImage.make(dir.path + "/image", files: [(name: "big", size: 4 << 20, seed: 2)])
+        let small = dir.path + "/small"
+        try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
+        let mounted = try Oracle.run("/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", small])
+        try #require(mounted.status == 0, "\(mounted.stderr)")
+        defer { _ = try? Oracle.run("/bin/umount", [small]) }
+        do {
+            _ = try ImageSource(path: made.docker, temporaryDirectory: small, logger: quietLogger)
+            Issue.record("a 4 MiB layer was unpacked into a 1 MiB tmpfs")
+        } catch let error as ImageSource.Error {
+            guard case .noRoom(let archive, _, let needed, _) = error else { Issue.record("\(error)"); return }
+            #expect(archive == made.docker && needed > 4 << 20, "\(error)")
+        }
+        #expect(Self.bytesUnder(small) == 0)
+    }
+
     /// Apparent size of every regular file under `path`.
     static func bytesUnder(_ path: String) -> UInt64 {
         guard let e = FileManager.default.enumerator(atPath: path) else { return 0 }
