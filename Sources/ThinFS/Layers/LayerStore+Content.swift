@@ -6,18 +6,90 @@ import Glibc
 #endif
 
 /// Layer content: apply-diff, diff and image import, through the Volume API with no mount.
+///
+/// Every writer of a layer's content goes through `writeContent` (an existing layer) or
+/// `createImageLayer(_:parent:what:content:)` (a new one), so a layer is never complete-looking
+/// with partial content:
+///
+///     step                               layers.state    a crash here leaves
+///     ─────────────────────────────────  ──────────────  ─────────────────────────────────────
+///     1 create (journaled) or open       applying        applying: removed at the next open
+///     2 body writes through the Volume   applying        applying: removed at the next open
+///     3 volume written back, pool commit applying        applying: removed at the next open
+///     4 mark complete                    active          a complete layer
+///
+/// Step 3 is `OpenLayer.close`: libext2fs's state is flushed and the pool commits (data synced
+/// before the mappings that point at it), so the content is durable before step 4 says so. A
+/// `body` that throws removes the layer at once: its content is partial too.
 extension LayerStore {
-    /// `thinfs layer apply-diff`: unpacks a layer tar (plain, gzip or zstd) into layer `id`.
-    public func applyDiff(_ id: String, from path: String) throws -> String {
-        let open = try openLayer(id, readOnly: false, what: "apply-diff")
-        let stats: LayerApplier.Statistics
+    /// Writes the content of existing layer `id` with `body` as one unit (see above). The
+    /// containerd and Docker front doors' appliers use this too.
+    public func writeContent<T>(_ id: String, what: String, _ body: (Volume) throws -> T) throws -> T {
+        let open = try openLayer(id, readOnly: false, what: what)
         do {
-            stats = try LayerApplier(volume: open.volume, logger: logger).apply(path: path)
+            try setState(id, .applying)
         } catch {
             try? open.close()
             throw error
         }
-        try open.close()
+        return try fill(open, body)
+    }
+
+    /// `createImageLayer`, with the new layer's content written by `body` as one unit (see
+    /// above): the layer is `applying` from the moment its row exists.
+    public func createImageLayer<T>(_ id: String, parent: String?, what: String,
+                                    content body: (Volume) throws -> T) throws -> T {
+        // Created and opened (busy) under the store's lock: no other writer ever sees it applying and unheld.
+        let open = try locked {
+            _ = try create(id, parent: parent, kind: .image, size: nil, state: .applying)
+            do {
+                return try openLayer(id, readOnly: false, what: what, incomplete: true)
+            } catch {
+                discardIncomplete(id, after: error)
+                throw error
+            }
+        }
+        return try fill(open, body)
+    }
+
+    private func fill<T>(_ open: OpenLayer, _ body: (Volume) throws -> T) throws -> T {
+        let id = open.layer.id
+        do {
+            let result = try body(open.volume)
+            try open.close()
+            try setState(id, .active)
+            logger.info("layer content complete", metadata: ["layer": "\(id)"])
+            return result
+        } catch {
+            try? open.close()
+            discardIncomplete(id, after: error)
+            throw error
+        }
+    }
+
+    func setState(_ id: String, _ state: State) throws {
+        try db.execute("UPDATE layers SET state = ? WHERE id = ?", [.text(state.rawValue), .text(id)])
+    }
+
+    /// Removes layer `id`, whose content a writer failed to finish. If that fails too, the layer
+    /// stays `applying`: unusable, and removed by `layer rm` or the next open.
+    private func discardIncomplete(_ id: String, after failure: Swift.Error) {
+        do {
+            _ = try remove(id)
+            logger.warning("removed a layer whose content could not be written",
+                           metadata: ["layer": "\(id)", "error": "\(failure)"])
+        } catch {
+            logger.error("could not remove a layer whose content could not be written; it stays incomplete",
+                         metadata: ["layer": "\(id)", "error": "\(failure)", "remove.error": "\(error)"])
+        }
+    }
+
+    /// `thinfs layer apply-diff`: unpacks a layer tar (plain, gzip or zstd) into layer `id`. On
+    /// failure the layer is removed (its content is partial), as it is if the process is killed.
+    public func applyDiff(_ id: String, from path: String) throws -> String {
+        let stats = try writeContent(id, what: "apply-diff") { volume in
+            try LayerApplier(volume: volume, logger: logger).apply(path: path)
+        }
         return "\(id): \(stats.entries) entries, \(stats.bytes) bytes of file data, \(stats.whiteouts) whiteouts\n"
     }
 
@@ -42,7 +114,9 @@ extension LayerStore {
 
     /// `thinfs image import`: one image layer per tar, in order, each named by its chain id, so
     /// a second import of the same image (or one sharing a base) reuses the layers it has.
-    /// Returns the top layer's id. A layer whose tar fails to apply is removed again.
+    /// Returns the top layer's id. A layer whose tar fails to apply is removed again; one an
+    /// interrupted import left is removed when the store next opens, so only complete layers are
+    /// reused.
     public func importImage(_ path: String, name: String?,
                             progress: ((ImportProgress) -> Void)? = nil) throws -> String {
         let source = try ImageSource(path: path, temporaryDirectory: scratchDirectory)
@@ -51,18 +125,23 @@ extension LayerStore {
         let started = Date()
         for entry in source.layers {
             let id = entry.chainID
-            if let existing = try layer(id) {
+            let existing = try layer(id)
+            if existing?.state == .applying {
+                // Another import writes it now (it holds the layer busy), or a writer failed and
+                // could not remove it: then it goes now, to be written again.
+                try locked {
+                    if try busyHolder(id) != nil { throw Error.incomplete(id) }
+                    _ = try remove(id)
+                }
+            }
+            if let existing, existing.state != .applying {
                 guard existing.state == .active else { throw Error.deleted(id) }
                 done.reused += 1
             } else {
                 // The blob's digest and its DiffID against the config, before anything is written.
                 _ = try source.verify(entry)
-                _ = try createImageLayer(id, parent: parent)
-                do {
-                    _ = try applyDiff(id, from: entry.path)
-                } catch {
-                    _ = try? remove(id)
-                    throw error
+                try createImageLayer(id, parent: parent, what: "image import") { volume in
+                    _ = try LayerApplier(volume: volume, logger: logger).apply(path: entry.path)
                 }
             }
             done.layersDone += 1

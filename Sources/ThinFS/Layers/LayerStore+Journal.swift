@@ -18,6 +18,11 @@ import PersistentData
 /// - otherwise: roll back a create (delete the device if an earlier commit made it durable, drop
 ///   the row), and finish a delete (the user asked for it, and the data may be half gone).
 ///
+/// Then every layer still `applying` is deleted, journaled like any delete: its writer (image
+/// import, apply-diff) was killed before the content was committed and the layer marked active,
+/// so what the device holds is partial. Only the pool's one writer opens the store, so no live
+/// writer can own such a layer at that point.
+///
 /// Crash points for tests (`THINFS_CRASH_AT`): `<op>.opened`, `<op>.sent`, `<op>.recorded`,
 /// `<op>.closed`, with op `create` or `delete`.
 extension LayerStore {
@@ -172,6 +177,13 @@ extension LayerStore {
                     report.rolledForward.append(entry.layer)
                 }
                 try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(entry.txid))])
+            }
+            for layer in try allLayers().reversed() where layer.state == .applying {
+                // A layer being written has no children (it cannot be a parent until it is active),
+                // but a child recorded anyway keeps its own data, as in `reconcile`.
+                try db.execute("UPDATE layers SET parent = NULL WHERE parent = ?", [.text(layer.id)])
+                try journaledDelete(layer)
+                report.rolledBack.append(layer.id)
             }
             try reconcile(&report)
             if !report.isEmpty {

@@ -18,7 +18,9 @@ extension LayerStore {
         try create(id, parent: parent, kind: .container, size: size)
     }
 
-    private func create(_ id: String, parent: String?, kind: Kind, size: UInt64?) throws -> Layer {
+    /// `state` is `.applying` for a layer whose content is written next (`createImageLayer(_:parent:what:content:)`):
+    /// its row is incomplete from the moment it exists.
+    func create(_ id: String, parent: String?, kind: Kind, size: UInt64?, state: State = .active) throws -> Layer {
         try requireWritable("creating layer \(id)")
         try Self.validate(id: id)
         return try locked {
@@ -41,7 +43,7 @@ extension LayerStore {
             }
             try checkFreeSpace()
             let layer = Layer(id: id, parent: parent, deviceID: try allocateDeviceID(), kind: kind, size: origin.size,
-                              state: .active, uuid: origin.uuid, created: Date())
+                              state: state, uuid: origin.uuid, created: Date())
             var created = try journaledCreate(layer, origin: origin.device)
             if let size, size > origin.size {
                 do {
@@ -88,7 +90,7 @@ extension LayerStore {
         try requireWritable("removing layer \(id)")
         return try locked {
             guard let layer = try layer(id) else { throw Error.unknownLayer(id) }
-            let children = try children(of: id).filter { $0.state == .active }
+            let children = try children(of: id).filter { $0.state != .deleted }
             guard children.isEmpty else { throw Error.hasChildren(id, children: children.map(\.id)) }
             guard let exclusive = try claim(layer) else {
                 let holder = try busyHolder(id)?.description ?? "in use"
@@ -262,10 +264,20 @@ extension LayerStore {
     }
 
     /// Opens `id`'s filesystem. Image layers with children are frozen: read-write is refused.
+    /// `incomplete` lets a content writer open the `applying` layer it made (`LayerStore+Content.swift`).
     public func openLayer(_ id: String, readOnly: Bool, what: String) throws -> OpenLayer {
+        try openLayer(id, readOnly: readOnly, what: what, incomplete: false)
+    }
+
+    func openLayer(_ id: String, readOnly: Bool, what: String, incomplete: Bool) throws -> OpenLayer {
         if !readOnly { try requireWritable("opening layer \(id) read-write") }
         return try locked {
-            let layer = try liveLayer(id)
+            let layer: Layer
+            if incomplete, let found = try self.layer(id), found.state == .applying {
+                layer = found
+            } else {
+                layer = try liveLayer(id)
+            }
             if !readOnly, let child = try children(of: id).first {
                 throw Error.parentFrozen(id, child: child.id)
             }

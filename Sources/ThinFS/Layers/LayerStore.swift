@@ -18,7 +18,8 @@ import SystemPackage
 ///     ROOT/layers.db                              SQLite: settings, layers, journal
 ///     ROOT/locks/<layer>.lock                     busy locks (flock, held while served)
 ///     ROOT/control.sock                           the pool owner's socket (LayerControl)
-///     ROOT/tmp/                                   mkfs scratch images, spooled tars
+///     ROOT/tmp/                                   mkfs scratch images, spooled tars, unpacked
+///                                                 docker archives (thinfs-image-*, flock'd by their importer)
 ///
 /// The pool is the userspace engine's, or a kernel dm-thin pool (`LayerStore+Pool.swift`).
 ///
@@ -30,7 +31,14 @@ import SystemPackage
 /// **Journal.** Every change to the pool runs as moby's open-transaction protocol
 /// (`LayerStore+Journal.swift`): the intent goes to the database first, then the pool message,
 /// then the record, then `set_transaction_id` and a pool commit. `open` rolls an interrupted
-/// change back or forward, then reconciles the database with the pool.
+/// change back or forward, removes the layers whose content a writer never finished, then
+/// reconciles the database with the pool.
+///
+/// **Content.** A layer whose content is being written (image import, apply-diff, and the
+/// front doors' appliers, all through `writeContent` / `createImageLayer(_:parent:what:content:)`)
+/// is `applying` in the database until its volume is written back and the pool committed: a
+/// writer killed in between leaves it `applying`, nothing can mount or snapshot it, and the next
+/// open removes it, as moby's layer store drops layers it never marked complete.
 ///
 /// **Concurrency.** Operations of one store serialize on `lock`. Lock order: the store's
 /// lock, then a `VolumeGroup`'s, then a volume's; the pool's locks are innermost.
@@ -40,6 +48,9 @@ public final class LayerStore: @unchecked Sendable {
         case active
         /// Removed while busy, with deferred deletion: the device goes when its last user does.
         case deleted
+        /// Its content is being written (`writeContent`); incomplete until it is `active` again.
+        /// Left by a killed writer, it is removed when the store next opens.
+        case applying
     }
 
     public struct Layer: Codable, Equatable, Sendable {
@@ -135,6 +146,7 @@ public final class LayerStore: @unchecked Sendable {
         case notAnImageLayer(String, kind: Kind)
         case busy(String, holder: String)
         case deleted(String)
+        case incomplete(String)
         case lowSpace(what: String, free: UInt64, needed: UInt64, unit: String)
         case baseMismatch(root: String, expected: String, found: String)
         case unsupported(String)
@@ -151,9 +163,11 @@ public final class LayerStore: @unchecked Sendable {
                 "\(root) is already a ThinFS layer store (layers.db exists)"
             case .unknownLayer(let id): "layer \(id) does not exist"
             case .layerExists(let id, let state):
-                state == .deleted
-                    ? "layer \(id) already exists, removed but not yet deleted (busy); run 'thinfs cleanup' once it is free"
-                    : "layer \(id) already exists"
+                switch state {
+                case .deleted: "layer \(id) already exists, removed but not yet deleted (busy); run 'thinfs cleanup' once it is free"
+                case .applying: "layer \(id) already exists, with its content being written (or left incomplete by a writer that failed: remove it with 'thinfs layer rm \(id)')"
+                case .active: "layer \(id) already exists"
+                }
             case .invalidLayerID(let id, let why): "invalid layer id '\(id)': \(why)"
             case .hasChildren(let id, let children):
                 "layer \(id) has children and cannot be removed: \(children.joined(separator: ", ")) (remove them first)"
@@ -164,6 +178,8 @@ public final class LayerStore: @unchecked Sendable {
             case .busy(let id, let holder): "layer \(id) is busy: \(holder)"
             case .deleted(let id):
                 "layer \(id) has been removed (deferred deletion pending): it cannot be mounted or snapshotted"
+            case .incomplete(let id):
+                "layer \(id) is incomplete: its content is being written (an image import or apply-diff), or its writer failed (remove it with 'thinfs layer rm \(id)'; one left by a killed writer is removed when the store next opens); it cannot be mounted, snapshotted or reused"
             case .lowSpace(let what, let free, let needed, let unit):
                 "the thin pool has \(free) free \(what) \(unit), less than the \(needed) required by dm.min_free_space: grow the pool ('thinfs pool resize'; lvextend for an LVM thin pool), remove layers, or lower dm.min_free_space"
             case .baseMismatch(let root, let expected, let found):
@@ -182,7 +198,7 @@ public final class LayerStore: @unchecked Sendable {
             switch self {
             case .unknownLayer, .notInitialized: .noSuchFileOrDirectory
             case .layerExists, .alreadyInitialized: .fileExists
-            case .busy, .hasChildren: .resourceBusy
+            case .busy, .hasChildren, .incomplete: .resourceBusy
             case .lowSpace: .noSpace
             case .parentFrozen, .readOnlyStore: .readOnlyFileSystem
             default: .invalidArgument
@@ -339,6 +355,8 @@ public final class LayerStore: @unchecked Sendable {
         try FileManager.default.createDirectory(atPath: scratchDirectory, withIntermediateDirectories: true)
         // A read-only pool is someone else's: nothing to roll back, and nothing of it to delete.
         if !readOnly { try recover() }
+        // Unpack directories of imports killed before they could remove them (a live one is locked).
+        ScratchDirectory.removeStale(in: scratchDirectory, logger: logger)
         try verifyBase()
     }
 
@@ -430,11 +448,15 @@ public final class LayerStore: @unchecked Sendable {
         try db.query("SELECT \(Self.columns) FROM layers WHERE id = ?", [.text(id)]).first.map(decode)
     }
 
-    /// The live layer `id`: a deferred-deleted one is gone as far as users are concerned.
+    /// The live layer `id`: a deferred-deleted one is gone as far as users are concerned, and
+    /// one whose content is being written (`applying`) is not there yet.
     public func liveLayer(_ id: String) throws -> Layer {
         guard let layer = try layer(id) else { throw Error.unknownLayer(id) }
-        guard layer.state == .active else { throw Error.deleted(id) }
-        return layer
+        switch layer.state {
+        case .active: return layer
+        case .deleted: throw Error.deleted(id)
+        case .applying: throw Error.incomplete(id)
+        }
     }
 
     /// The ids of the layers whose parent is `id`, deferred-deleted ones included.

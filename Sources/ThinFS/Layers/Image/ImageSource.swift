@@ -1,5 +1,8 @@
 import Foundation
 import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A container image on disk, opened for import: an OCI image layout
 /// directory (`oci-layout`, `index.json` → manifest → config) or a
@@ -12,10 +15,15 @@ import Logging
 /// store are the chain ids (OCI image spec, config.md "Layer ChainID"), so
 /// importing the same layers twice shares them.
 ///
-/// A docker archive is read once with `ArchiveReader` and its files are
-/// spilled to a private temporary directory, removed when the source is
-/// deinitialized: `manifest.json` comes last in `docker save` output, so the
-/// layers cannot be streamed in order without it.
+/// A docker archive is read twice with `ArchiveReader`: `manifest.json` comes
+/// last in `docker save` output, so the first read finds it (and where every
+/// file is), and the second extracts only the config and the layer tars the
+/// chosen image names to a private scratch directory (`ScratchDirectory`),
+/// removed when the source is deinitialized (`ImageSource+DockerArchive.swift`).
+///
+/// Every file of an image is refused unless it is a regular file inside the
+/// image: a FIFO would block its reader forever, a device would be read as a
+/// blob, and a symlink out of the layout would read whatever it names.
 public final class ImageSource {
     public enum Format: String, Sendable {
         case ociLayout = "oci-layout"
@@ -46,6 +54,12 @@ public final class ImageSource {
         case blobDigestMismatch(file: String, expected: String, actual: String)
         case diffIDMismatch(layer: Int, file: String, expected: String, actual: String)
         case unsafeArchivePath(archive: String, entry: String)
+        /// A file of the image is a FIFO, a device, a directory..., or resolves outside the image.
+        case notARegularFile(path: String, found: String)
+        /// The files the manifest names need more room than the scratch directory has.
+        case noRoom(archive: String, directory: String, needed: UInt64, available: UInt64)
+        /// The second read of the archive did not find what the first one did.
+        case archiveChanged(archive: String, reason: String)
 
         public var description: String {
             switch self {
@@ -59,6 +73,10 @@ public final class ImageSource {
             case .blobDigestMismatch(let f, let e, let a): return "\(f): digest is \(a), the manifest says \(e)"
             case .diffIDMismatch(let i, let f, let e, let a): return "layer \(i) (\(f)): uncompressed digest is \(a), the config's diff id is \(e)"
             case .unsafeArchivePath(let a, let e): return "\(a): entry '\(e)' would land outside the extraction directory"
+            case .notARegularFile(let p, let f): return "\(p) is \(f), not a regular file inside the image: refused"
+            case .noRoom(let a, let d, let n, let f):
+                return "\(a): the config and layers its manifest names need \(ByteSize.human(n)) in \(d), which has \(ByteSize.human(f)) free"
+            case .archiveChanged(let a, let r): return "\(a) changed while it was read: \(r)"
             }
         }
     }
@@ -81,13 +99,13 @@ public final class ImageSource {
     public let layers: [Layer]
     /// The config blob's digest (OCI) or sha256 of the config file (docker), the image id.
     public let configDigest: String
-    /// Where a docker archive was spilled; removed in deinit.
-    private let scratch: String?
+    /// Where a docker archive's named files were unpacked; removed when the source goes.
+    private let scratch: ScratchDirectory?
     let logger: Logger
 
     /// Opens the image at `path`. `reference` picks a manifest by its `org.opencontainers.image.ref.name`
     /// annotation (OCI) or a RepoTags entry (docker); nil takes the first. `temporaryDirectory` is where
-    /// a docker archive is spilled.
+    /// a docker archive's config and layers are unpacked (a store's ROOT/tmp).
     public init(path: String, reference: String? = nil, temporaryDirectory: String = NSTemporaryDirectory(),
                 logger: Logger = Logger(label: "thinfs.image")) throws {
         self.path = path
@@ -114,25 +132,15 @@ public final class ImageSource {
             configDigest = read.1
         } else {
             format = .dockerArchive
-            let dir = temporaryDirectory + "/thinfs-image-" + UUID().uuidString
-            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-            do {
-                try Self.spill(archive: path, into: dir)
-                let read = try Self.readDockerManifest(root: dir, label: path, reference: reference)
-                layers = read.0
-                configDigest = read.1
-            } catch {
-                try? FileManager.default.removeItem(atPath: dir)
-                throw error
-            }
+            // Removed again by its deinit if the archive is refused.
+            let dir = try ScratchDirectory(in: temporaryDirectory)
+            let read = try Self.unpackDockerArchive(path, into: dir.path, reference: reference)
+            layers = read.0
+            configDigest = read.1
             scratch = dir
         }
         logger.info("image opened", metadata: ["image.path": "\(path)", "image.format": "\(format.rawValue)",
                                                "image.layers": "\(layers.count)", "image.config": "\(configDigest)"])
-    }
-
-    deinit {
-        if let scratch { try? FileManager.default.removeItem(atPath: scratch) }
     }
 
     /// The chain id of the top layer: the id of the image's top layer in the store.
@@ -198,6 +206,10 @@ public final class ImageSource {
 
     static func decode<T: Decodable>(_ type: T.Type, file: String) throws -> T {
         guard let data = FileManager.default.contents(atPath: file) else { throw Error.missingFile(path: file) }
+        return try decode(type, data: data, file: file)
+    }
+
+    static func decode<T: Decodable>(_ type: T.Type, data: Data, file: String) throws -> T {
         do {
             return try JSONDecoder().decode(type, from: data)
         } catch {
@@ -207,9 +219,40 @@ public final class ImageSource {
 
     static func blobPath(_ root: String, _ digest: String, referencedFrom file: String) throws -> String {
         guard ImageDigest.isValid(digest) else { throw Error.badDigest(file: file, digest: digest) }
-        let p = root + "/blobs/sha256/" + digest.dropFirst(7)
-        guard FileManager.default.fileExists(atPath: p) else { throw Error.missingFile(path: p) }
-        return p
+        return try regularFile(root + "/blobs/sha256/" + digest.dropFirst(7), inside: root)
+    }
+
+    /// `path`, if it is a regular file inside `root` once symlinks are resolved. Checked before
+    /// anything opens it: opening a FIFO blocks until a writer comes, a device reads as endless or
+    /// empty bytes, and a symlink out of the image reads whatever it names.
+    static func regularFile(_ path: String, inside root: String) throws -> String {
+        var st = stat()
+        guard lstat(path, &st) == 0, let real = realPath(path), let realRoot = realPath(root) else {
+            throw Error.missingFile(path: path)
+        }
+        guard realRoot == "/" || real.hasPrefix(realRoot + "/") else {
+            throw Error.notARegularFile(path: path, found: "outside the image (it resolves to \(real))")
+        }
+        guard stat(real, &st) == 0 else { throw Error.missingFile(path: path) }
+        guard st.st_mode & S_IFMT == S_IFREG else { throw Error.notARegularFile(path: path, found: fileKind(st.st_mode)) }
+        return path
+    }
+
+    static func realPath(_ path: String) -> String? {
+        guard let p = realpath(path, nil) else { return nil }
+        defer { free(p) }
+        return String(cString: p)
+    }
+
+    static func fileKind(_ mode: mode_t) -> String {
+        switch mode & S_IFMT {
+        case S_IFIFO: "a FIFO"
+        case S_IFCHR: "a character device"
+        case S_IFBLK: "a block device"
+        case S_IFSOCK: "a socket"
+        case S_IFDIR: "a directory"
+        default: "of file type \(String(mode & S_IFMT, radix: 8))"
+        }
     }
 
     static func diffIDs(_ config: Config, file: String) throws -> [String] {
@@ -223,13 +266,13 @@ public final class ImageSource {
     static let indexTypes: Set<String> = ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"]
 
     static func readOCILayout(_ root: String, reference: String?) throws -> ([Layer], String) {
-        let layoutFile = root + "/oci-layout"
+        let layoutFile = try regularFile(root + "/oci-layout", inside: root)
         struct Layout: Decodable { var imageLayoutVersion: String }
         let layout = try decode(Layout.self, file: layoutFile)
         guard layout.imageLayoutVersion.hasPrefix("1.") else {
             throw Error.badJSON(file: layoutFile, reason: "imageLayoutVersion \(layout.imageLayoutVersion) is not 1.x")
         }
-        var indexFile = root + "/index.json"
+        var indexFile = try regularFile(root + "/index.json", inside: root)
         var index = try decode(Index.self, file: indexFile)
         var candidates = index.manifests
         if let reference {
@@ -264,57 +307,18 @@ public final class ImageSource {
 
     // MARK: docker save
 
-    /// Extracts the regular files of a docker save archive under `dir`. Names with ".." are refused;
-    /// symlinks and hard links between layer files (older docker versions share layer.tar files that way)
-    /// become copies of files already extracted.
-    static func spill(archive: String, into dir: String) throws {
-        let reader = try ArchiveReader(path: archive)
-        var links: [(String, String)] = []
-        while let entry = try reader.next() {
-            let parts = entry.path.split(separator: "/").filter { $0 != "." && !$0.isEmpty }
-            guard !parts.contains("..") else { throw Error.unsafeArchivePath(archive: archive, entry: entry.path) }
-            let relative = parts.joined(separator: "/")
-            let target = dir + "/" + relative
-            switch entry.kind {
-            case .directory:
-                try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true)
-            case .regular:
-                try FileManager.default.createDirectory(atPath: (target as NSString).deletingLastPathComponent,
-                                                        withIntermediateDirectories: true)
-                guard FileManager.default.createFile(atPath: target, contents: nil),
-                      let handle = FileHandle(forWritingAtPath: target) else { throw Error.missingFile(path: target) }
-                defer { try? handle.close() }
-                try reader.readData { chunk in try handle.write(contentsOf: Data(chunk)) }
-            case .symlink, .hardlink:
-                // Resolved lexically inside the archive: a symlink relative to its directory, a hard link from the top.
-                let link = entry.kind == .symlink ? entry.symlinkTarget ?? "" : entry.hardlinkTarget ?? ""
-                var resolved = entry.kind == .symlink && !link.hasPrefix("/") ? Array(parts.dropLast()) : []
-                for c in link.split(separator: "/") where c != "." && !c.isEmpty {
-                    if c == ".." {
-                        guard !resolved.isEmpty else { throw Error.unsafeArchivePath(archive: archive, entry: entry.path) }
-                        resolved.removeLast()
-                    } else {
-                        resolved.append(c)
-                    }
-                }
-                links.append((relative, resolved.joined(separator: "/")))
-            default:
-                continue
-            }
-        }
-        for (name, source) in links {
-            let to = dir + "/" + name, from = dir + "/" + source
-            guard FileManager.default.fileExists(atPath: from) else { throw Error.missingFile(path: "\(archive): \(source) (linked from \(name))") }
-            try FileManager.default.createDirectory(atPath: (to as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-            try? FileManager.default.removeItem(atPath: to)
-            try FileManager.default.linkItem(atPath: from, toPath: to)
+    /// An unpacked `docker save` directory: its files are read where they are.
+    static func readDockerManifest(root: String, label: String, reference: String?) throws -> ([Layer], String) {
+        let manifestFile = try regularFile(root + "/manifest.json", inside: root)
+        let chosen = try chooseDockerImage(decode([DockerManifestEntry].self, file: manifestFile), reference: reference, label: label)
+        return try dockerLayers(chosen, label: label) { name in
+            guard !name.split(separator: "/").contains("..") else { throw Error.unsafeArchivePath(archive: label, entry: name) }
+            return try regularFile(root + "/" + name, inside: root)
         }
     }
 
-    static func readDockerManifest(root: String, label: String, reference: String?) throws -> ([Layer], String) {
-        let manifestFile = root + "/manifest.json"
-        guard FileManager.default.fileExists(atPath: manifestFile) else { throw Error.notAnImage(path: label) }
-        let entries = try decode([DockerManifestEntry].self, file: manifestFile)
+    /// The manifest entry tagged `reference`, or the first.
+    static func chooseDockerImage(_ entries: [DockerManifestEntry], reference: String?, label: String) throws -> DockerManifestEntry {
         let chosen: DockerManifestEntry?
         if let reference {
             chosen = entries.first { $0.RepoTags?.contains(reference) ?? false }
@@ -324,13 +328,13 @@ public final class ImageSource {
         guard let chosen else {
             throw Error.noManifest(file: "\(label): manifest.json", reason: reference.map { "no image is tagged '\($0)'" } ?? "lists no images")
         }
-        func inside(_ name: String) throws -> String {
-            guard !name.split(separator: "/").contains("..") else { throw Error.unsafeArchivePath(archive: label, entry: name) }
-            let p = root + "/" + name
-            guard FileManager.default.fileExists(atPath: p) else { throw Error.missingFile(path: "\(label): \(name)") }
-            return p
-        }
-        let configFile = try inside(chosen.Config)
+        return chosen
+    }
+
+    /// The layers of `chosen`, whose files `file` finds on disk by the names the manifest gives.
+    static func dockerLayers(_ chosen: DockerManifestEntry, label: String,
+                             file: (String) throws -> String) throws -> ([Layer], String) {
+        let configFile = try file(chosen.Config)
         let ids = try diffIDs(decode(Config.self, file: configFile), file: "\(label): \(chosen.Config)")
         guard ids.count == chosen.Layers.count else {
             throw Error.layerCountMismatch(config: "\(label): \(chosen.Config)", diffIDs: ids.count, layers: chosen.Layers.count)
@@ -338,14 +342,14 @@ public final class ImageSource {
         let chain = ImageDigest.chainIDs(ids)
         var layers: [Layer] = []
         for (i, name) in chosen.Layers.enumerated() {
-            let file = try inside(name)
+            let path = try file(name)
             // Docker 25 and later store layers as OCI blobs: their name is their digest.
             var blob: String?
             if name.hasPrefix("blobs/sha256/") {
                 let d = "sha256:" + name.dropFirst("blobs/sha256/".count)
                 if ImageDigest.isValid(d) { blob = d }
             }
-            layers.append(Layer(index: i, path: file, mediaType: "application/vnd.docker.image.rootfs.diff.tar", blobDigest: blob,
+            layers.append(Layer(index: i, path: path, mediaType: "application/vnd.docker.image.rootfs.diff.tar", blobDigest: blob,
                                 diffID: ids[i], chainID: chain[i]))
         }
         return (layers, try ImageDigest.sha256(file: configFile))
