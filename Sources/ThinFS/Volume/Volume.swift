@@ -404,6 +404,11 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// outlives changes, and an entry neither added nor removed during a listing is returned exactly once
     /// (POSIX readdir), where an index among live entries shifted with every unlink.
     ///
+    /// An htree-indexed directory (only kernel ext4 makes them) is listed the same way, but there a
+    /// create can split a leaf block (libext2fs's dx_link) and move entries within the directory, so a
+    /// listing that runs while entries are added may return some twice; kernel ext4 uses hash cookies
+    /// for such directories instead.
+    ///
     /// A call reads the directory from the cookie's block on, one block per turn of the lock: the callback
     /// (FUSE buffer packing) runs without the lock, and a whole listing reads each block once.
     public func readdir(_ ino: UInt64, after cookie: UInt64,
