@@ -200,6 +200,20 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return (low, (min(t.nanoseconds, 999_999_999) << 2) | epoch)
     }
 
+    /// The last second kernel ext4 can store with the epoch bits (fs/ext4/ext4.h
+    /// EXT4_EXTRA_TIMESTAMP_MAX): 2^34 seconds from -2^31.
+    static let extraTimeMax = (Int64(1) << 34) - 1 + Int64(Int32.min)
+
+    /// A time as ext4 keeps it. When a time is set, kernel ext4 clamps the seconds to what the inode can
+    /// store, [-2^31, EXT4_EXTRA_TIMESTAMP_MAX] with the extra words (else 32 signed bits), and drops the
+    /// nanoseconds at either bound (fs/inode.c timestamp_truncate, with ext4's s_time_min/s_time_max).
+    /// Encoding an out-of-range time instead would wrap it: 2^34 would read back as 0.
+    static func clampTime(_ t: Timestamp, hasExtra: Bool) -> Timestamp {
+        let low = Int64(Int32.min), high = hasExtra ? extraTimeMax : Int64(Int32.max)
+        let seconds = min(max(t.seconds, low), high)
+        return Timestamp(seconds: seconds, nanoseconds: seconds == low || seconds == high ? 0 : t.nanoseconds)
+    }
+
     static func now() -> Timestamp {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
@@ -210,12 +224,15 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
 
     private func hasExtra(_ inode: ext2_inode_large) -> Bool { inode.i_extra_isize >= 24 }
 
+    /// Every time written to an inode passes here, clamped to what that inode can store.
     private func setTimes(_ inode: inout ext2_inode_large, atime: Timestamp? = nil, mtime: Timestamp? = nil,
                           ctime: Timestamp? = nil, crtime: Timestamp? = nil) {
-        if let t = atime { (inode.i_atime, inode.i_atime_extra) = Self.encodeTime(t) }
-        if let t = mtime { (inode.i_mtime, inode.i_mtime_extra) = Self.encodeTime(t) }
-        if let t = ctime { (inode.i_ctime, inode.i_ctime_extra) = Self.encodeTime(t) }
-        if let t = crtime { (inode.i_crtime, inode.i_crtime_extra) = Self.encodeTime(t) }
+        let extra = hasExtra(inode)
+        func encode(_ t: Timestamp) -> (UInt32, UInt32) { Self.encodeTime(Self.clampTime(t, hasExtra: extra)) }
+        if let t = atime { (inode.i_atime, inode.i_atime_extra) = encode(t) }
+        if let t = mtime { (inode.i_mtime, inode.i_mtime_extra) = encode(t) }
+        if let t = ctime { (inode.i_ctime, inode.i_ctime_extra) = encode(t) }
+        if let t = crtime { (inode.i_crtime, inode.i_crtime_extra) = encode(t) }
     }
 
     private func attributes(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large) -> FileAttributes {
@@ -379,39 +396,138 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         }
     }
 
+    /// Directory cookies are positions, as kernel ext4 gives them for a directory without an htree
+    /// index: the entry at byte `offset` of logical block `b` is at `b * blocksize + offset`, and its
+    /// cookie is that position + 1, "resume past here" (0, the start, is before "." at position 0).
+    /// libext2fs never moves a live entry of such a directory: unlink merges the entry's space into the
+    /// entry before it, link splits free space, a full directory grows by a block at its end. So a cookie
+    /// outlives changes, and an entry neither added nor removed during a listing is returned exactly once
+    /// (POSIX readdir), where an index among live entries shifted with every unlink.
+    ///
+    /// An htree-indexed directory (only kernel ext4 makes them) is listed the same way, but there a
+    /// create can split a leaf block (libext2fs's dx_link) and move entries within the directory, so a
+    /// listing that runs while entries are added may return some twice; kernel ext4 uses hash cookies
+    /// for such directories instead.
+    ///
+    /// A call reads the directory from the cookie's block on, one block per turn of the lock: the callback
+    /// (FUSE buffer packing) runs without the lock, and a whole listing reads each block once.
     public func readdir(_ ino: UInt64, after cookie: UInt64,
                         _ body: (DirectoryEntry) throws(VolumeError) -> Bool) throws(VolumeError) {
-        // Collect under the lock, then call back without it: the callback may be slow (FUSE buffer packing).
-        let entries: [DirectoryEntry] = try withFS { fs throws(VolumeError) in
-            _ = try requireDirectory(fs, ino)
-            final class Context {
-                var entries: [DirectoryEntry] = []
-                var index: UInt64 = 0
-                let after: UInt64
-                init(after: UInt64) { self.after = after }
-            }
-            let context = Context(after: cookie)
-            let rc = withExtendedLifetime(context) {
-                ext2fs_dir_iterate2(fs, ext2_ino_t(ino), 0, nil, { _, _, dirent, _, _, _, priv in
-                    let context = Unmanaged<Context>.fromOpaque(priv!).takeUnretainedValue()
-                    guard let dirent else { return 0 }
-                    context.index += 1
-                    // A cookie is the entry's position: stable while the directory is unchanged.
-                    guard context.index > context.after else { return 0 }
-                    let length = Int(dirent.pointee.name_len & 0xff)
-                    let name = withUnsafeBytes(of: &dirent.pointee.name) { raw in
-                        String(decoding: raw.prefix(length), as: UTF8.self)
-                    }
-                    let type = Volume.mode(fromFileType: ext2fs_dirent_file_type(dirent))
-                    context.entries.append(DirectoryEntry(name: name, ino: UInt64(dirent.pointee.inode), type: type,
-                                                          cookie: context.index))
-                    return 0
-                }, Unmanaged.passUnretained(context).toOpaque())
-            }
-            try check(rc, "reading directory \(ino)")
-            return context.entries
+        var position = cookie
+        while true {
+            let (entries, next) = try withFS { fs throws(VolumeError) in try directoryEntries(fs, ino, from: position) }
+            for e in entries where !(try body(e)) { return }
+            guard let next else { return }
+            position = next
         }
-        for e in entries where !(try body(e)) { return }
+    }
+
+    /// The entries at `position` and after it in the first directory block from there that holds any,
+    /// and the position just past that block (nil at the end of the directory).
+    private func directoryEntries(_ fs: ext2_filsys, _ ino: UInt64,
+                                  from position: UInt64) throws(VolumeError) -> ([DirectoryEntry], UInt64?) {
+        var inode = try requireDirectory(fs, ino)
+        if inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) != 0 {
+            return (try inlineDirectoryEntries(fs, ino, from: position), nil)
+        }
+        let blockSize = UInt64(fs.pointee.blocksize)
+        let blocks = (fileSize(inode) + blockSize - 1) / blockSize
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Int(blockSize), alignment: 8)
+        defer { buffer.deallocate() }
+        var logical = position / blockSize
+        while logical < blocks {
+            var physical: blk64_t = 0
+            let rc = withUnsafeMutablePointer(to: &inode) {
+                $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                    ext2fs_bmap2(fs, ext2_ino_t(ino), $0, nil, 0, logical, nil, &physical)
+                }
+            }
+            try check(rc, "mapping block \(logical) of directory \(ino)")
+            // A hole (kernel ext4 leaves them in directories) holds no entries.
+            if physical != 0 {
+                // read_dir_block4 verifies the block's checksum, as ext2fs_dir_iterate2 does.
+                try check(ext2fs_read_dir_block4(fs, physical, buffer, 0, ext2_ino_t(ino)),
+                          "reading block \(logical) of directory \(ino)")
+                let entries = try directoryBlockEntries(fs, ino, UnsafeMutableRawBufferPointer(start: buffer, count: Int(blockSize)),
+                                                        at: logical * blockSize, from: position)
+                if !entries.isEmpty { return (entries, (logical + 1) * blockSize) }
+            }
+            logical += 1
+        }
+        return ([], nil)
+    }
+
+    /// The live entries of one directory block, which starts at directory position `base`, from `position`
+    /// on. Each record is checked as ext2fs_process_dir_block checks it.
+    private func directoryBlockEntries(_ fs: ext2_filsys, _ ino: UInt64, _ block: UnsafeMutableRawBufferPointer,
+                                       at base: UInt64, from position: UInt64) throws(VolumeError) -> [DirectoryEntry] {
+        var entries: [DirectoryEntry] = []
+        var offset = 0
+        while offset + 8 < block.count {
+            // Records start 4-byte aligned (checked below) in an 8-byte aligned buffer.
+            let dirent = (block.baseAddress! + offset).assumingMemoryBound(to: ext2_dir_entry.self)
+            var length: UInt32 = 0
+            try check(ext2fs_get_rec_len(fs, dirent, &length), "reading directory \(ino)")
+            guard length >= 8, length % 4 == 0, offset + Int(length) <= block.count,
+                  Self.direntNameOffset + Int(ext2fs_dirent_name_len(dirent)) <= Int(length) else {
+                throw VolumeError(Self.errno(errcode_t(EXT2_ET_DIR_CORRUPTED)),
+                                  "directory \(ino) has a bad entry at position \(base + UInt64(offset))")
+            }
+            if let e = Self.entry(dirent, at: base + UInt64(offset), from: position) { entries.append(e) }
+            offset += Int(length)
+        }
+        return entries
+    }
+
+    private static let direntNameOffset = MemoryLayout<ext2_dir_entry>.offset(of: \ext2_dir_entry.name)!
+
+    /// The entry a directory record at position `at` names, if it is live and not before `position`.
+    /// libext2fs or the caller has checked that the name lies within the record.
+    private static func entry(_ dirent: UnsafePointer<ext2_dir_entry>, at: UInt64, from position: UInt64) -> DirectoryEntry? {
+        guard dirent.pointee.inode != 0, at >= position else { return nil }
+        let name = String(decoding: UnsafeRawBufferPointer(start: UnsafeRawPointer(dirent) + direntNameOffset,
+                                                           count: Int(ext2fs_dirent_name_len(dirent))), as: UTF8.self)
+        return DirectoryEntry(name: name, ino: UInt64(dirent.pointee.inode),
+                              type: mode(fromFileType: ext2fs_dirent_file_type(dirent)), cookie: at + 1)
+    }
+
+    /// A directory of a few entries kept in the inode (the inline_data feature): i_block holds the parent
+    /// and then entries, the system.data xattr more. libext2fs walks both areas (empty records included,
+    /// so that each area shows itself by its buffer); positions follow kernel ext4's for such a directory
+    /// (fs/ext4/inline.c, ext4_read_inline_dir), where the entries land when it grows into a block:
+    /// "." at 0, ".." at 12, i_block's entries from 24, the xattr's from 24 + 56.
+    private func inlineDirectoryEntries(_ fs: ext2_filsys, _ ino: UInt64,
+                                        from position: UInt64) throws(VolumeError) -> [DirectoryEntry] {
+        final class Context {
+            var entries: [DirectoryEntry] = []
+            /// The buffers libext2fs passes for i_block's area, then the xattr's.
+            var areas: [UnsafeMutablePointer<CChar>] = []
+            let from: UInt64
+            init(from: UInt64) { self.from = from }
+        }
+        let context = Context(from: position)
+        let rc = withExtendedLifetime(context) {
+            ext2fs_dir_iterate2(fs, ext2_ino_t(ino), DIRENT_FLAG_INCLUDE_EMPTY, nil, { _, _, dirent, offset, _, buf, priv in
+                let context = Unmanaged<Context>.fromOpaque(priv!).takeUnretainedValue()
+                guard let dirent, let buf else { return 0 }
+                let base: UInt64
+                // The name's bytes only: the record may end its buffer well before a whole ext2_dir_entry.
+                let nameLength = Int(ext2fs_dirent_name_len(dirent))
+                let name = UnsafeRawBufferPointer(start: UnsafeRawPointer(dirent) + Volume.direntNameOffset, count: nameLength)
+                if dirent.pointee.inode != 0 && !context.areas.contains(buf) && (1...2).contains(nameLength)
+                    && name.allSatisfy({ $0 == UInt8(ascii: ".") }) {
+                    // libext2fs makes up "." and ".." (the parent is i_block's first word).
+                    base = nameLength == 1 ? 0 : 12
+                } else {
+                    if !context.areas.contains(buf) { context.areas.append(buf) }
+                    base = context.areas.count == 1 ? 24 : 24 + 56
+                }
+                if let e = Volume.entry(dirent, at: base + UInt64(offset), from: context.from) { context.entries.append(e) }
+                return 0
+            }, Unmanaged.passUnretained(context).toOpaque())
+        }
+        try check(rc, "reading directory \(ino)")
+        return context.entries
     }
 
     public func readlink(_ ino: UInt64) throws(VolumeError) -> String {
