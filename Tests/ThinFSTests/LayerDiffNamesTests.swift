@@ -212,6 +212,26 @@ struct LayerDiffNamesTests {
         for s in [parent, child, fresh, empty] { try s.closeAndCheck() }
     }
 
+    /// libarchive converts names through the calling thread's LC_CTYPE and, from UTF-8, normalizes them to NFC.
+    /// The reader keeps the bytes the archive holds whatever locale the thread (or the process) has set.
+    @Test func readerKeepsNamesAsStoredUnderAUTF8Locale() throws {
+        let dir = TempDir()
+        let tar = dir.path + "/nfd.tar"
+        try PyTar.make(tar, "reg('\(Self.nfd)', b'x'); sym('l', '\(Self.nfd)'); hard('h', '\(Self.nfd)')")
+        let utf8 = try #require(newlocale(Int32(LC_CTYPE_MASK), "C.UTF-8", nil))
+        defer { freelocale(utf8) }
+        let saved = uselocale(utf8)
+        defer { uselocale(saved) }
+        let reader = try ArchiveReader(path: tar)
+        var read: [[UInt8]] = []
+        while let e = try reader.next() {
+            read.append(Array(e.path.utf8))
+            read.append(Array((e.symlinkTarget ?? e.hardlinkTarget ?? "").utf8))
+        }
+        let b = ByteTree.bytes
+        #expect(read == [b(Self.nfd), [], b("l"), b(Self.nfd), b("h"), b(Self.nfd)])
+    }
+
     /// A unix socket cannot be in a tar (pax has no type for it): left out, as moby's archive code leaves it
     /// out, and where the parent has something under that name, that is whited out.
     @Test func socketsAreLeftOutOfTheDiff() throws {
