@@ -13,6 +13,10 @@ import Foundation
 /// libarchive return code goes through `ArchiveHandle.check`, which throws an
 /// `ArchiveError` naming the operation, the archive, the entry and
 /// `archive_error_string`.
+///
+/// Names are bytes end to end: the writer hands libarchive each name's UTF-8
+/// bytes as they are and the reader returns the bytes the archive holds, with
+/// no Unicode normalization either way (see `ArchiveLocale`).
 
 /// A libarchive failure, with what was being done to which archive and entry.
 public struct ArchiveError: Error, CustomStringConvertible, Sendable {
@@ -113,6 +117,43 @@ private enum ArchiveFileType {
     static let socket: UInt32 = 0o140000
 }
 
+/// The LC_CTYPE each libarchive call runs under, set for the calling thread only (`uselocale`, as rpm does
+/// around libarchive), so the process locale is never touched.
+///
+/// libarchive keeps each name in up to three forms (the locale's multibyte form, UTF-8, wide) and converts
+/// between them through the calling thread's LC_CTYPE. Swift programs never call `setlocale`, so that is the
+/// C locale, which holds no byte over 0x7f. There:
+/// - a name set only in UTF-8 (`archive_entry_set_pathname_utf8`) has no multibyte form, and libarchive
+///   3.6's pax writer passes the null it gets for one to `strlen`: `thinfs layer diff` died with SIGSEGV on
+///   `café.txt` (libarchive issue #2233; PR #2856 turns the crash into an error in later releases). A symlink
+///   target set that way came out empty, with no error;
+/// - a multibyte name over 0x7f cannot be converted to the pax header's UTF-8, so the writer falls back
+///   to `hdrcharset=BINARY` on every such entry, a keyword GNU tar warns about.
+/// Hence:
+/// - The writer sets the multibyte form itself (`archive_entry_copy_pathname` and friends, no conversion)
+///   and runs under a UTF-8 LC_CTYPE, so the pax writer's UTF-8 "conversion" is a validated copy: a valid
+///   UTF-8 name goes into a plain `path` record, byte for byte. (The `_utf8` setters are no better under a
+///   UTF-8 locale: converting *from* UTF-8, libarchive normalizes to NFC, which would turn a decomposed
+///   `cafe\u{301}` into `caf\u{e9}`, a different name on ext4.) Bytes that are not UTF-8 would take
+///   libarchive's `hdrcharset=BINARY` fallback with the bytes unchanged, as GNU tar keeps them.
+/// - The reader runs under the C locale whatever the process has set: there, libarchive cannot convert a
+///   non-ASCII UTF-8 name to the locale and keeps the archive's bytes as the multibyte form, which `next()`
+///   returns. Under a UTF-8 locale it would normalize them to NFC.
+enum ArchiveLocale {
+    /// nil where the C library has no C.UTF-8 (glibc has it built in since 2.35); the writer then keeps the
+    /// bytes but marks non-ASCII entries `hdrcharset=BINARY`.
+    nonisolated(unsafe) static let utf8: locale_t? = newlocale(Int32(LC_CTYPE_MASK), "C.UTF-8", nil)
+    nonisolated(unsafe) static let c: locale_t? = newlocale(Int32(LC_CTYPE_MASK), "C", nil)
+
+    /// Runs `body` with `locale` as this thread's locale, then restores the thread's previous one.
+    static func with<T, E: Error>(_ locale: locale_t?, _ body: () throws(E) -> T) throws(E) -> T {
+        guard let locale else { return try body() }
+        let saved = uselocale(locale)
+        defer { uselocale(saved) }
+        return try body()
+    }
+}
+
 /// The return-code checker shared by the reader and the writer.
 final class ArchiveHandle {
     let pointer: OpaquePointer
@@ -189,6 +230,10 @@ public final class ArchiveReader {
 
     /// The next entry's header, or nil at the end of the archive. Data not read is skipped.
     public func next() throws(ArchiveError) -> ArchiveEntry? {
+        try ArchiveLocale.with(ArchiveLocale.c) { () throws(ArchiveError) in try nextHeader() }
+    }
+
+    private func nextHeader() throws(ArchiveError) -> ArchiveEntry? {
         var e: OpaquePointer?
         let rc = try handle.check(archive_read_next_header(handle.pointer, &e), "reading the header after entry",
                                   entry: current ?? "(start)")
@@ -224,8 +269,24 @@ public final class ArchiveReader {
 
     private static func string(_ p: UnsafePointer<CChar>?) -> String? { p.map { String(cString: $0) } }
 
+    /// An xattr name as libarchive's pax writer puts it in a header key (`url_encode` in
+    /// archive_write_set_format_pax.c): every byte outside '!'...'~', and '%' and '=', as %XX.
+    static func percentEncoded(_ name: String) -> String {
+        let digits = Array("0123456789ABCDEF".unicodeScalars)
+        var out = String.UnicodeScalarView()
+        for byte in name.utf8 {
+            if byte < 33 || byte > 126 || byte == UInt8(ascii: "%") || byte == UInt8(ascii: "=") {
+                out.append(contentsOf: ["%", digits[Int(byte >> 4)], digits[Int(byte & 0xf)]])
+            } else {
+                out.append(Unicode.Scalar(byte))
+            }
+        }
+        return String(out)
+    }
+
     private static func entry(_ e: OpaquePointer) -> ArchiveEntry {
-        // UTF-8 when the archive says so (pax), else the stored bytes, decoded leniently.
+        // The archive's bytes (see ArchiveLocale: in the C locale the UTF-8 form exists only for ASCII names
+        // and the multibyte form holds the bytes as stored), decoded leniently.
         let path = string(archive_entry_pathname_utf8(e)) ?? string(archive_entry_pathname(e)) ?? ""
         let hardlink = string(archive_entry_hardlink_utf8(e)) ?? string(archive_entry_hardlink(e))
         let symlink = string(archive_entry_symlink_utf8(e)) ?? string(archive_entry_symlink(e))
@@ -254,12 +315,22 @@ public final class ArchiveReader {
                 let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
                 let key = String(cString: name)
                 // libarchive's own pax writer records each xattr twice (LIBARCHIVE.xattr and SCHILY.xattr),
-                // and its reader returns both: one name, one value.
-                if let i = xattrs.firstIndex(where: { $0.name == key }) {
+                // and its reader returns both: one name, one value. (Compared as bytes: see ByteName.)
+                if let i = xattrs.firstIndex(where: { $0.name.utf8.elementsEqual(key.utf8) }) {
                     xattrs[i].value = bytes
                 } else {
                     xattrs.append(.init(name: key, value: bytes))
                 }
+            }
+        }
+        // The two records carry the name differently when it has a byte outside '!'...'~', '%' or '=': the
+        // writer percent-encodes it in both keys, and the reader decodes only the LIBARCHIVE one. The SCHILY
+        // twin then reads as a second xattr named "user.caf%C3%A9" beside "user.café", with the same value.
+        let read = xattrs
+        xattrs.removeAll { x in
+            read.contains { other in
+                other.value == x.value && !other.name.utf8.elementsEqual(x.name.utf8)
+                    && Self.percentEncoded(other.name).utf8.elementsEqual(x.name.utf8)
             }
         }
         let mtime = archive_entry_mtime_is_set(e) != 0
@@ -294,12 +365,17 @@ public final class ArchiveWriter {
 
     /// Writes a header; for a regular file, `entry.size` bytes of `writeData` must follow.
     public func writeHeader(_ entry: ArchiveEntry) throws(ArchiveError) {
+        try ArchiveLocale.with(ArchiveLocale.utf8) { () throws(ArchiveError) in try header(entry) }
+    }
+
+    private func header(_ entry: ArchiveEntry) throws(ArchiveError) {
         guard let e = archive_entry_new() else {
             throw ArchiveError(operation: "archive_entry_new", archive: handle.name, entry: entry.path, message: "out of memory")
         }
         defer { archive_entry_free(e) }
         current = entry.path
-        archive_entry_set_pathname_utf8(e, entry.path)
+        // The multibyte form, copied as it is: see ArchiveLocale for why not the _utf8 setters.
+        archive_entry_copy_pathname(e, entry.path)
         let type: UInt32
         switch entry.kind {
         case .regular, .hardlink: type = ArchiveFileType.regular
@@ -316,12 +392,12 @@ public final class ArchiveWriter {
         archive_entry_set_gid(e, la_int64_t(entry.gid))
         archive_entry_set_mtime(e, time_t(entry.mtime.seconds), Int(entry.mtime.nanoseconds))
         if entry.kind == .hardlink {
-            archive_entry_set_hardlink_utf8(e, entry.hardlinkTarget ?? "")
+            archive_entry_copy_hardlink(e, entry.hardlinkTarget ?? "")
             archive_entry_set_size(e, 0)
         } else {
             archive_entry_set_size(e, entry.kind == .regular ? la_int64_t(entry.size) : 0)
         }
-        if entry.kind == .symlink { archive_entry_set_symlink_utf8(e, entry.symlinkTarget ?? "") }
+        if entry.kind == .symlink { archive_entry_copy_symlink(e, entry.symlinkTarget ?? "") }
         if entry.kind == .characterDevice || entry.kind == .blockDevice {
             archive_entry_set_rdevmajor(e, dev_t(entry.deviceMajor))
             archive_entry_set_rdevminor(e, dev_t(entry.deviceMinor))

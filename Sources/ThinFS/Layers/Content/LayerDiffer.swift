@@ -33,8 +33,23 @@ import SystemPackage
 ///   the others as tar hard links to it, so link identity survives the apply.
 /// - The root's `lost+found` belongs to the filesystem, not to a layer: it is
 ///   neither written nor whited out.
-/// Entries are in depth-first order, sorted by name, directories before their
-/// contents, so the output is deterministic.
+/// - Unix sockets are left out, with a warning naming each: no tar type holds
+///   one (libarchive refuses them, Go's archive/tar too), and one left behind
+///   by a daemon killed mid-run must not fail the diff. moby's ExportChanges
+///   leaves them out the same way (moby/go-archive changes.go: addTarFile's
+///   error is logged and the walk goes on). Where the parent has something
+///   else under a socket's name, that is whited out: the child no longer has it.
+/// Entries are in depth-first order, sorted by name bytes, directories before
+/// their contents, so the output is deterministic.
+///
+/// ## Names are bytes
+/// Paths are compared, hashed and sorted by their UTF-8 bytes (`ByteName`), never
+/// with String equality, under which "café" composed (NFC) and decomposed (NFD)
+/// are one name while ext4 and tar hold two. The Volume API's names are
+/// Strings, which cannot hold bytes that are not UTF-8 (ext4 allows any byte but
+/// '/' and NUL; the Volume decodes them as U+FFFD): such a name or symlink target
+/// ends the diff with `Error.notUTF8` naming it, rather than being written as
+/// another name.
 public struct LayerDiffer: Sendable {
     public typealias Statistics = LayerTarStatistics
 
@@ -43,11 +58,17 @@ public struct LayerDiffer: Sendable {
         case volume(tree: String, path: String, VolumeError)
         /// A file changed size while it was being read.
         case changedDuringDiff(path: String)
+        /// A name (or a symlink's target) on the volume is not UTF-8, which the Volume API cannot carry;
+        /// `path` shows U+FFFD for the bytes it could not decode.
+        case notUTF8(tree: String, path: String, what: String)
 
         public var description: String {
             switch self {
             case .volume(let t, let p, let e): return "diff: reading '\(p)' in the \(t): \(e)"
             case .changedDuringDiff(let p): return "diff: '\(p)' changed while it was being read"
+            case .notUTF8(let t, let p, let w):
+                return "diff: '\(p)' in the \(t): its \(w) is not valid UTF-8 (shown with U+FFFD), which the volume API cannot "
+                    + "read back; rename it to UTF-8 to diff this layer"
             }
         }
     }
@@ -78,9 +99,9 @@ public struct LayerDiffer: Sendable {
         let root = try read(child, "child", "", { () throws(VolumeError) in try child.getattr(child.rootInode) })
         if let parent {
             let old = try read(parent, "parent", "", { () throws(VolumeError) in try parent.getattr(parent.rootInode) })
-            if try !sameDirectory(root, old, "") { plan.changed.insert("") }
+            if try !sameDirectory(root, old, "") { plan.changed.insert(ByteName("")) }
         } else {
-            plan.changed.insert("")
+            plan.changed.insert(ByteName(""))
         }
         try compare(&plan, path: "", child: child.rootInode, parent: parent?.rootInode, addAll: parent == nil)
         plan.closeOverLinks()
@@ -95,20 +116,22 @@ public struct LayerDiffer: Sendable {
 
     struct Plan {
         /// Paths to write ("" is the root).
-        var changed: Set<String> = []
-        var whiteouts: [String: [String]] = [:]
-        var opaque: Set<String> = []
+        var changed: Set<ByteName> = []
+        /// Directory → names to white out in it.
+        var whiteouts: [ByteName: [ByteName]] = [:]
+        var opaque: Set<ByteName> = []
         /// Child inode → its paths, for multiply-linked non-directories.
         var links: [UInt64: [String]] = [:]
         var changedLinked: Set<UInt64> = []
         /// `changed`, the directories holding whiteouts or opaque markers, and all their ancestors.
-        var needed: Set<String> = []
+        var needed: Set<ByteName> = []
 
         mutating func closeOverLinks() {
-            for ino in changedLinked { changed.formUnion(links[ino] ?? []) }
+            for ino in changedLinked { changed.formUnion((links[ino] ?? []).map(ByteName.init)) }
             for path in changed.union(whiteouts.keys).union(opaque) {
-                var p = path
-                while needed.insert(p).inserted && !p.isEmpty {
+                var p = path.string
+                // "/" is ASCII, so splitting the String there splits the bytes there.
+                while needed.insert(ByteName(p)).inserted && !p.isEmpty {
                     p = p.lastIndex(of: "/").map { String(p[..<$0]) } ?? ""
                 }
             }
@@ -120,33 +143,64 @@ public struct LayerDiffer: Sendable {
         do { return try body() } catch { throw .volume(tree: tree, path: path.isEmpty ? "/" : path, error) }
     }
 
-    static func children(_ volume: FileSystemVolume, _ ino: UInt64) throws(VolumeError) -> [String: DirectoryEntry] {
-        var list: [String: DirectoryEntry] = [:]
-        try volume.readdir(ino, after: 0) { e in
-            if e.name != "." && e.name != ".." { list[e.name] = e }
-            return true
+    /// The entries of directory `ino` at `path` by name bytes, "." and ".." left out.
+    static func children(_ volume: FileSystemVolume, _ ino: UInt64, path: String, tree: String) throws(Error) -> [ByteName: DirectoryEntry] {
+        var list: [ByteName: DirectoryEntry] = [:]
+        do {
+            try volume.readdir(ino, after: 0) { e in
+                if e.name != "." && e.name != ".." { list[ByteName(e.name)] = e }
+                return true
+            }
+        } catch {
+            throw .volume(tree: tree, path: path.isEmpty ? "/" : path, error)
+        }
+        // The Volume decodes names leniently, so a U+FFFD may stand for bytes that are not UTF-8. A lookup by
+        // the decoded name tells: it reaches the same inode only if that is the name on disk.
+        for (name, e) in list where name.string.unicodeScalars.contains("\u{FFFD}") {
+            let full = path.isEmpty ? name.string : path + "/" + name.string
+            let found: FileAttributes?
+            do {
+                found = try volume.lookup(parent: ino, name: name.string)
+            } catch where error.errno == .noSuchFileOrDirectory {
+                found = nil
+            } catch {
+                throw .volume(tree: tree, path: full, error)
+            }
+            guard found?.ino == e.ino else { throw .notUTF8(tree: tree, path: full, what: "name") }
         }
         return list
     }
 
+    static func isSocket(_ a: FileAttributes) -> Bool { a.mode & 0o170000 == 0o140000 }
+
     private func compare(_ plan: inout Plan, path: String, child c: UInt64, parent p: UInt64?, addAll: Bool) throws(Error) {
         let childVolume = child
-        let kids = try read(child, "child", path) { () throws(VolumeError) in try Self.children(childVolume, c) }
-        var olds: [String: DirectoryEntry] = [:]
+        let kids = try Self.children(child, c, path: path, tree: "child")
+        var olds: [ByteName: DirectoryEntry] = [:]
         if let p, let parent, !addAll {
-            olds = try read(parent, "parent", path) { () throws(VolumeError) in try Self.children(parent, p) }
-            for name in olds.keys.sorted() where kids[name] == nil && !(path.isEmpty && name == "lost+found") {
-                plan.whiteouts[path, default: []].append(name)
+            olds = try Self.children(parent, p, path: path, tree: "parent")
+            for name in olds.keys.sorted() where kids[name] == nil && !(path.isEmpty && name.string == "lost+found") {
+                plan.whiteouts[ByteName(path), default: []].append(name)
             }
         }
         for name in kids.keys.sorted() {
-            if path.isEmpty && name == "lost+found" { continue }
-            let childPath = path.isEmpty ? name : path + "/" + name
+            if path.isEmpty && name.string == "lost+found" { continue }
+            let childPath = path.isEmpty ? name.string : path + "/" + name.string
             let ino = kids[name]!.ino
             let a = try read(child, "child", childPath) { () throws(VolumeError) in try childVolume.getattr(ino) }
+            if Self.isSocket(a) {
+                logger.warning("left a unix socket out of the layer diff: a tar cannot hold one", metadata: ["layer.path": "\(childPath)"])
+                // Whatever the parent has under this name is gone from the child: white it out.
+                if let old = olds[name], let parent {
+                    let oldIno = old.ino
+                    let b = try read(parent, "parent", childPath) { () throws(VolumeError) in try parent.getattr(oldIno) }
+                    if !Self.isSocket(b) { plan.whiteouts[ByteName(path), default: []].append(name) }
+                }
+                continue
+            }
             if !a.isDirectory && a.nlink > 1 { plan.links[a.ino, default: []].append(childPath) }
             guard let old = olds[name], let parent else {
-                plan.changed.insert(childPath)
+                plan.changed.insert(ByteName(childPath))
                 if !a.isDirectory && a.nlink > 1 { plan.changedLinked.insert(a.ino) }
                 if a.isDirectory { try compare(&plan, path: childPath, child: a.ino, parent: nil, addAll: true) }
                 continue
@@ -156,28 +210,28 @@ public struct LayerDiffer: Sendable {
             if a.isDirectory && b.isDirectory {
                 if a.ino != b.ino || a.generation != b.generation {
                     // Removed and made again: everything below is new, and nothing below in the parent survives.
-                    plan.changed.insert(childPath)
-                    plan.opaque.insert(childPath)
+                    plan.changed.insert(ByteName(childPath))
+                    plan.opaque.insert(ByteName(childPath))
                     try compare(&plan, path: childPath, child: a.ino, parent: nil, addAll: true)
                 } else {
-                    if try !sameDirectory(a, b, childPath) { plan.changed.insert(childPath) }
+                    if try !sameDirectory(a, b, childPath) { plan.changed.insert(ByteName(childPath)) }
                     try compare(&plan, path: childPath, child: a.ino, parent: b.ino, addAll: false)
                 }
             } else if a.mode & 0o170000 != b.mode & 0o170000 {
-                plan.changed.insert(childPath)
+                plan.changed.insert(ByteName(childPath))
                 if !a.isDirectory && a.nlink > 1 { plan.changedLinked.insert(a.ino) }
                 if a.isDirectory { try compare(&plan, path: childPath, child: a.ino, parent: nil, addAll: true) }
             } else if try !sameFile(a, b, childPath) {
-                plan.changed.insert(childPath)
+                plan.changed.insert(ByteName(childPath))
                 if a.nlink > 1 { plan.changedLinked.insert(a.ino) }
             }
         }
     }
 
-    private func xattrs(_ volume: FileSystemVolume, _ tree: String, _ ino: UInt64, _ path: String) throws(Error) -> [String: [UInt8]] {
+    private func xattrs(_ volume: FileSystemVolume, _ tree: String, _ ino: UInt64, _ path: String) throws(Error) -> [ByteName: [UInt8]] {
         try read(volume, tree, path) { () throws(VolumeError) in
-            var map: [String: [UInt8]] = [:]
-            for name in try volume.listxattr(ino) { map[name] = try volume.getxattr(ino, name: name) }
+            var map: [ByteName: [UInt8]] = [:]
+            for name in try volume.listxattr(ino) { map[ByteName(name)] = try volume.getxattr(ino, name: name) }
             return map
         }
     }
@@ -195,8 +249,8 @@ public struct LayerDiffer: Sendable {
         guard try xattrs(child, "child", a.ino, path) == xattrs(parent, "parent", b.ino, path) else { return false }
         let childVolume = child
         if a.isSymlink {
-            return try read(child, "child", path) { () throws(VolumeError) in try childVolume.readlink(a.ino) }
-                == read(parent, "parent", path) { () throws(VolumeError) in try parent.readlink(b.ino) }
+            return try read(child, "child", path) { () throws(VolumeError) in try childVolume.readlink(a.ino) }.utf8
+                .elementsEqual(read(parent, "parent", path) { () throws(VolumeError) in try parent.readlink(b.ino) }.utf8)
         }
         guard a.isRegular, a.size > 0 else { return true }
         return try sameContent(a.ino, b.ino, size: a.size, path: path)
@@ -253,14 +307,16 @@ public struct LayerDiffer: Sendable {
             try writeEntry(path: path, a)
             guard a.isDirectory else { return }
             let prefix = path.isEmpty ? "" : path + "/"
-            if plan.opaque.contains(path) { try marker(prefix + LayerApplier.opaqueMarker, a) }
-            for name in plan.whiteouts[path] ?? [] { try marker(prefix + LayerApplier.whiteoutPrefix + name, a) }
+            if plan.opaque.contains(ByteName(path)) { try marker(prefix + LayerApplier.opaqueMarker, a) }
+            for name in (plan.whiteouts[ByteName(path)] ?? []).sorted() {
+                try marker(prefix + LayerApplier.whiteoutPrefix + name.string, a)
+            }
             let volume = self.volume
-            let kids = try attempt(path) { () throws(VolumeError) in try LayerDiffer.children(volume, a.ino) }
-            for name in kids.keys.sorted() where plan.needed.contains(prefix + name) {
+            let kids = try LayerDiffer.children(volume, a.ino, path: path, tree: "child")
+            for name in kids.keys.sorted() where plan.needed.contains(ByteName(prefix + name.string)) {
                 let ino = kids[name]!.ino
-                let c = try attempt(prefix + name) { () throws(VolumeError) in try volume.getattr(ino) }
-                try emit(path: prefix + name, attributes: c)
+                let c = try attempt(prefix + name.string) { () throws(VolumeError) in try volume.getattr(ino) }
+                try emit(path: prefix + name.string, attributes: c)
             }
         }
 
@@ -296,7 +352,13 @@ public struct LayerDiffer: Sendable {
                 return list
             }
             var target: String?
-            if kind == .symlink { target = try attempt(path) { () throws(VolumeError) in try volume.readlink(a.ino) } }
+            if kind == .symlink {
+                let link = try attempt(path) { () throws(VolumeError) in try volume.readlink(a.ino) }
+                // The Volume decodes a target leniently: bytes that are not UTF-8 come back as U+FFFD, whose
+                // three bytes do not add up to the size the inode records.
+                guard UInt64(link.utf8.count) == a.size else { throw Error.notUTF8(tree: "child", path: path, what: "symlink target") }
+                target = link
+            }
             let entry = ArchiveEntry(path: name, kind: kind, permissions: a.mode & 0o7777, uid: a.uid, gid: a.gid, mtime: a.mtime,
                                      size: kind == .regular ? a.size : 0, symlinkTarget: target,
                                      deviceMajor: Volume.major(a.rdev), deviceMinor: Volume.minor(a.rdev), xattrs: xattrs)
@@ -318,5 +380,24 @@ public struct LayerDiffer: Sendable {
             }
             stats.bytes += offset
         }
+    }
+}
+
+/// A name or path compared, hashed and sorted by its UTF-8 bytes, as ext4 and tar compare names. Swift's
+/// String equality is canonical equivalence: "caf\u{E9}" and "cafe\u{301}" are equal Strings, so a
+/// String-keyed map would let one hide the other, and a rename from one spelling to the other would look
+/// like no change.
+struct ByteName: Hashable, Comparable, Sendable {
+    let string: String
+
+    init(_ string: String) { self.string = string }
+
+    static func == (a: ByteName, b: ByteName) -> Bool { a.string.utf8.elementsEqual(b.string.utf8) }
+
+    static func < (a: ByteName, b: ByteName) -> Bool { a.string.utf8.lexicographicallyPrecedes(b.string.utf8) }
+
+    func hash(into hasher: inout Hasher) {
+        var s = string
+        s.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
     }
 }
