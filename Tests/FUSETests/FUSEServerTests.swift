@@ -153,6 +153,20 @@ struct FUSEServerTests {
         }
     }
 
+    /// O_TMPFILE is an accepted difference (README): the kernel sends FUSE_TMPFILE (opcode 51),
+    /// libfuse 3.14 has no operation for it and answers ENOSYS, and the kernel turns that into
+    /// EOPNOTSUPP, the errno programs (glibc's tmpfile, systemd, nix) take as "fall back to a
+    /// named file". This pins that errno; the server is never asked.
+    @Test func tmpfileIsNotSupported() throws {
+        try TestMount.with { m in
+            let fd = open(m.path, LibC.tmpfile | O_RDWR, 0o600)
+            let e = errno
+            if fd >= 0 { close(fd) }
+            #expect(fd == -1 && e == EOPNOTSUPP, "errno \(e)")
+            #expect(m.volume.record.calls["mknod", default: 0] == 0, "nothing was created")
+        }
+    }
+
     @Test func oneMebibyteReadsAndWrites() throws {
         let v = MemoryVolume()
         // Seeded beside the kernel, so the first read has to come from the server.
