@@ -182,7 +182,7 @@ struct MountCommand: ParsableCommand {
     @Flag(help: "Mount read-only.") var ro = false
     @Flag(help: "Kernel-mount mode: mount the ext4 on the layer's /dev/mapper node with the kernel instead of FUSE (kernel pools only).")
     var kernel = false
-    @Option(name: .customShort("o"), help: "Further mount options, comma-separated (allow_other, nonempty, ...).")
+    @Option(name: .customShort("o"), help: "Further mount options, comma-separated (nonempty, nosuid, nodev, noatime, ...). Every user may enter; suid,dev under a root-only directory.")
     var mountOptions: [String] = []
 
     func run() throws {
@@ -196,6 +196,7 @@ struct MountCommand: ParsableCommand {
         let request = LayerRequest(.mount, layer: id, mountpoint: mp, readOnly: ro, mountOptions: opts)
         if let response = try ControlSocket.send(request, to: LayerStore.controlSocketPath(root)), response.errno != EAGAIN {
             if let error = response.error { throw CommandFailure(message: error) }
+            MountDaemon.warn(LayerService.mountWarnings(response))
             return
         }
         // No daemon: start one for this root; it serves this mount and any later ones.

@@ -89,6 +89,12 @@ enum MountDaemon {
         ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []).compactMap { Int32($0) }
     }
 
+    /// Shows a mount's warnings (`MountAccess`) to whoever mounted. The daemon calls this before
+    /// it reports ready, while its stderr is still the caller's.
+    static func warn(_ warnings: [String]) {
+        for w in warnings { FileHandle.standardError.write(Data("warning: \(w)\n".utf8)) }
+    }
+
     private static func report(_ message: String, code: Int32 = 1) -> ExitCode {
         FileHandle.standardError.write(Data("Error: \(message)\n".utf8))
         return ExitCode(code)

@@ -43,7 +43,7 @@ public struct ThinFSMountCommand: ParsableCommand {
     var mountpoint: String
 
     @Option(name: .customShort("o"), help: ArgumentHelp(
-        "Mount options, comma-separated, repeatable: ro, allow_other, nonempty, or any FUSE or kernel mount option.",
+        "Mount options, comma-separated, repeatable: ro, nonempty, nosuid, nodev, or any FUSE or kernel mount option. Every user may enter (allow_other); suid,dev under a root-only directory.",
         valueName: "options"))
     var mountOptions: [String] = []
 
@@ -119,7 +119,7 @@ public struct ThinFSMountCommand: ParsableCommand {
 
         do {
             let server = FUSEServer(volume: volume, mountpoint: canonical,
-                                    options: .init(readOnly: readOnly, allowOther: options.contains("allow_other"),
+                                    options: .init(readOnly: readOnly, setuidAndDevices: true,
                                                    source: "\(poolRoot.path):\(id)", extraOptions: extra),
                                     logger: logger)
             let sources = signals.onSignal { signal in
@@ -127,7 +127,7 @@ public struct ThinFSMountCommand: ParsableCommand {
                 server.stop()
             }
             try withExtendedLifetime(sources) {
-                try server.mount()
+                MountDaemon.warn(try server.mount().warnings)
                 ready?.succeed()
                 try server.run()  // returns after the unmount and the final fsync
             }
@@ -162,6 +162,7 @@ public struct ThinFSMountCommand: ParsableCommand {
                 if let response = try ControlSocket.send(request, to: LayerStore.controlSocketPath(rootPath)),
                    response.errno != EAGAIN {
                     if let error = response.error { throw CommandFailure(message: error) }
+                    MountDaemon.warn(LayerService.mountWarnings(response))
                     ready?.succeed()
                     return
                 }
@@ -176,7 +177,7 @@ public struct ThinFSMountCommand: ParsableCommand {
         }
         try withExtendedLifetime(sources) {
             do {
-                try daemon.mount(first, at: mp, readOnly: readOnly, options: options)
+                MountDaemon.warn(try daemon.mount(first, at: mp, readOnly: readOnly, options: options))
                 try daemon.listen()
             } catch {
                 daemon.stopAll()

@@ -105,6 +105,122 @@ struct DifferentialTests {
         try Oracle.check(dir.path + "/metadata")
     }
 
+    /// fallocate(2)'s FALLOC_FL_ZERO_RANGE, and PUNCH_HOLE|KEEP_SIZE, against kernel ext4: ranges
+    /// inside the file, across and past its end, with unaligned edges, with and without KEEP_SIZE,
+    /// over bytes the daemon already holds (fsynced first) and bytes still dirty in the kernel's
+    /// writeback cache. Every result, size and content must match; then the volume itself, opened
+    /// again after the unmount, must hold what kernel ext4 shows, and e2fsck must find it clean.
+    @Test func zeroRangeMatchesKernelExt4() throws {
+        let dir = TempDir()
+        let size: UInt64 = 256 << 20
+        let kernel = try KernelExt4(dir: dir.path, size: size)
+        defer { kernel.close() }
+        let thin = try ThinFSMount(dir: dir.path, size: size)
+        var closed = false
+        defer { if !closed { try? thin.close() } }
+
+        let kernelLog = Self.zeroRangeSteps(root: kernel.mountpoint)
+        let thinLog = Self.zeroRangeSteps(root: thin.mountpoint)
+        #expect(kernelLog.count == thinLog.count)
+        for (k, t) in zip(kernelLog, thinLog) where k != t {
+            Issue.record("kernel ext4 says \(k), thinfs says \(t)")
+        }
+        #expect(kernelLog.count == Self.zeroRangeCases.count * 2 * 6, "every step ran")
+
+        // The kernel may have answered reads from its page cache: what the volume holds must match.
+        try thin.close()
+        closed = true
+        try thin.pool.commit()
+        let volume = try Volume(device: thin.pool.openDevice(1, size: size), readOnly: true, logger: quietLogger)
+        defer { try? volume.close() }
+        for name in Self.zeroRangeFileNames {
+            let kernelBytes = FileManager.default.contents(atPath: kernel.mountpoint + "/" + name).map { [UInt8]($0) }
+            let attributes = try volume.lookup(parent: volume.rootInode, name: name)
+            var stored = [UInt8](repeating: 0xEE, count: Int(attributes.size))
+            let n = try stored.withUnsafeMutableBytes { try volume.read(attributes.ino, at: 0, into: $0) }
+            #expect(n == stored.count && stored == kernelBytes, "\(name): the volume holds \(n) bytes, crc \(CRC32C.checksum(stored)); kernel ext4 \(kernelBytes?.count ?? -1) bytes, crc \(kernelBytes.map { CRC32C.checksum($0) } ?? 0)")
+        }
+        try volume.close()
+        let image = dir.path + "/thin.img"
+        let out = try FileBlockDevice.create(path: FilePath(image), size: size)
+        try thin.pool.openDevice(1, size: size).copy(to: out, length: size)
+        let fsck = try Oracle.run("/sbin/e2fsck", ["-fn", image])
+        #expect(fsck.status == 0, "\(fsck.stdout)")
+    }
+
+    static let zeroRange: Int32 = 0x10  // FALLOC_FL_ZERO_RANGE
+
+    /// Each case: a file of `size` bytes of a pattern (nil: sparse, 8 KiB of data at 0 and at
+    /// 1 MiB, 1 MiB + 8 KiB long), then fallocate(mode, offset, length). Blocks are 4 KiB.
+    static let zeroRangeCases: [(name: String, size: Int?, mode: Int32, offset: Int64, length: Int64)] = [
+        ("aligned-inside", 20_000, zeroRange, 4096, 8192),                       // whole blocks only
+        ("unaligned-inside", 20_000, zeroRange, 100, 10_000),                    // partial blocks at both edges
+        ("one-block", 20_000, zeroRange, 5000, 100),                             // inside one block
+        ("to-eof", 20_000, zeroRange, 12_345, 7655),                             // ends at the end of the file
+        ("across-eof", 20_000, zeroRange, 15_000, 10_000),                       // extends the file
+        ("across-eof-keep", 20_000, zeroRange | LibC.keepSize, 15_000, 10_000),  // preallocates past the end
+        ("past-eof", 20_000, zeroRange, 30_000, 5000),                           // a gap, then the range
+        ("past-eof-keep", 20_000, zeroRange | LibC.keepSize, 30_000, 5000),      // nothing visible changes
+        ("whole-file", 20_000, zeroRange, 0, 20_000),
+        ("many-blocks", (1 << 20) + 7, zeroRange, 4097, 900_000),
+        ("many-blocks-keep", (1 << 20) + 7, zeroRange | LibC.keepSize, 4097, 2 << 20),
+        ("over-holes", nil, zeroRange, 4000, (1 << 20) - 3900),                  // data, hole, data
+        ("edges-in-holes", nil, zeroRange, 10_000, 20_000),                      // partial blocks in holes
+        ("punch-edges-in-holes", nil, LibC.punchHole | LibC.keepSize, 10_000, 20_000),
+        ("punch-unaligned", 20_000, LibC.punchHole | LibC.keepSize, 100, 10_000),
+        ("punch-across-eof", 20_000, LibC.punchHole | LibC.keepSize, 15_000, 10_000),
+        ("zero-and-punch", 20_000, zeroRange | LibC.punchHole | LibC.keepSize, 0, 4096),  // refused
+        ("zero-length", 20_000, zeroRange, 0, 0),                                // EINVAL
+    ]
+
+    static var zeroRangeFileNames: [String] {
+        zeroRangeCases.flatMap { c in ["synced", "cached"].map { "\(c.name)-\($0)" } }
+    }
+
+    /// Six lines per case and variant: fallocate's result, the size and content after it, a write
+    /// into the middle of the range, and the size and content after that.
+    static func zeroRangeSteps(root: String) -> [String] {
+        var log: [String] = []
+        func pattern(_ count: Int, seed: Int) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ seed) | 1 } }
+        func describe(_ fd: Int32) -> (size: String, content: String) {
+            var st = Glibc.stat()
+            guard fstat(fd, &st) == 0 else { return (errnoName(errno), "") }
+            var bytes = [UInt8](repeating: 0xEE, count: Int(st.st_size))
+            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+            return ("size \(st.st_size)", n < 0 ? errnoName(errno) : "\(n) bytes, crc \(CRC32C.checksum(bytes[0..<n]))")
+        }
+        for (i, c) in zeroRangeCases.enumerated() {
+            for synced in [true, false] {
+                let name = "\(c.name)-\(synced ? "synced" : "cached")"
+                let fd = open(root + "/" + name, O_RDWR | O_CREAT | O_EXCL, 0o644)
+                guard fd >= 0 else {
+                    log.append("\(name): create: \(errnoName(errno))")
+                    continue
+                }
+                defer { Glibc.close(fd) }
+                var chunks: [(offset: Int64, bytes: [UInt8])] = [(0, pattern(8192, seed: i)), (1 << 20, pattern(8192, seed: i + 100))]
+                if let size = c.size { chunks = [(0, pattern(size, seed: i))] }
+                for (offset, bytes) in chunks {
+                    _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }
+                }
+                if synced { fsync(fd) }
+                log.append("\(name): fallocate: \(errnoName(LibC.fallocate(fd, mode: c.mode, offset: c.offset, length: c.length)))")
+                var (size, content) = describe(fd)
+                log.append("\(name): \(size)")
+                log.append("\(name): \(content)")
+                // A write inside the range lands in an unwritten extent (or past the end of the file).
+                let marker = Array("XY".utf8)
+                let at = off_t(c.offset + c.length / 2)
+                let wrote = marker.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, at) }
+                log.append("\(name): write at \(at): \(wrote == marker.count ? "ok" : errnoName(errno))")
+                (size, content) = describe(fd)
+                log.append("\(name): \(size)")
+                log.append("\(name): \(content)")
+            }
+        }
+        return log
+    }
+
     // MARK: The script
 
     static func errnoName(_ e: Int32) -> String { e == 0 ? "ok" : "errno \(e) (\(String(cString: strerror(e))))" }

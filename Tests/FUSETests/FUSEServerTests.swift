@@ -153,6 +153,20 @@ struct FUSEServerTests {
         }
     }
 
+    /// O_TMPFILE is an accepted difference (README): the kernel sends FUSE_TMPFILE (opcode 51),
+    /// libfuse 3.14 has no operation for it and answers ENOSYS, and the kernel turns that into
+    /// EOPNOTSUPP, the errno programs (glibc's tmpfile, systemd, nix) take as "fall back to a
+    /// named file". This pins that errno; the server is never asked.
+    @Test func tmpfileIsNotSupported() throws {
+        try TestMount.with { m in
+            let fd = open(m.path, LibC.tmpfile | O_RDWR, 0o600)
+            let e = errno
+            if fd >= 0 { close(fd) }
+            #expect(fd == -1 && e == EOPNOTSUPP, "errno \(e)")
+            #expect(m.volume.record.calls["mknod", default: 0] == 0, "nothing was created")
+        }
+    }
+
     @Test func oneMebibyteReadsAndWrites() throws {
         let v = MemoryVolume()
         // Seeded beside the kernel, so the first read has to come from the server.
@@ -311,16 +325,24 @@ struct FUSEServerTests {
 @Suite("FUSE server, unprivileged")
 struct FUSEServerUnitTests {
     @Test func mountOptions() {
+        let everyone = MountAccess(allowOther: true, setuidAndDevices: false, warnings: [])
+        let ownerOnly = MountAccess(allowOther: false, setuidAndDevices: false, warnings: [])
+        let container = MountAccess(allowOther: true, setuidAndDevices: true, warnings: [])
         let rw = FUSEServer(volume: MemoryVolume(), mountpoint: "/x",
-                            options: .init(allowOther: true, source: "/var/lib/thinfs:7", extraOptions: ["noatime", "nonempty", "max_read=4096"]))
-        #expect(rw.mountOptions == ["default_permissions", "fsname=thinfs:/var/lib/thinfs:7", "subtype=thinfs", "max_read=1048576",
-                                    "allow_other", "noatime"])
+                            options: .init(source: "/var/lib/thinfs:7", extraOptions: ["noatime", "nonempty", "max_read=4096", "allow_other"]))
+        #expect(rw.mountOptions(everyone) == ["default_permissions", "fsname=thinfs:/var/lib/thinfs:7", "subtype=thinfs", "max_read=1048576",
+                                              "allow_other", "noatime"])
+        #expect(rw.mountOptions(ownerOnly) == ["default_permissions", "fsname=thinfs:/var/lib/thinfs:7", "subtype=thinfs", "max_read=1048576",
+                                               "noatime"], "an explicit allow_other does not override the decision")
+        #expect(rw.mountOptions(container) == ["default_permissions", "fsname=thinfs:/var/lib/thinfs:7", "subtype=thinfs", "max_read=1048576",
+                                               "allow_other", "suid", "dev", "noatime"])
         #expect(rw.cacheTimeout == 1)
-        let ro = FUSEServer(volume: MemoryVolume(), mountpoint: "/x", options: .init(readOnly: true, source: "a,b", extraOptions: ["rw"]))
-        #expect(ro.mountOptions == ["default_permissions", "fsname=thinfs:a\\,b", "subtype=thinfs", "max_read=1048576", "ro"])
+        let ro = FUSEServer(volume: MemoryVolume(), mountpoint: "/x", options: .init(readOnly: true, source: "a,b", extraOptions: ["rw", "nosuid"]))
+        #expect(ro.mountOptions(ownerOnly) == ["default_permissions", "fsname=thinfs:a\\,b", "subtype=thinfs", "max_read=1048576", "ro", "nosuid"])
         #expect(ro.cacheTimeout == 3600)
         let roVolume = FUSEServer(volume: MemoryVolume(readOnly: true), mountpoint: "/x")
-        #expect(roVolume.mountOptions.contains("ro"), "a read-only volume makes a read-only mount")
+        #expect(roVolume.mountOptions(everyone).contains("ro"), "a read-only volume makes a read-only mount")
+        #expect(roVolume.options.allowOther && !roVolume.options.setuidAndDevices, "the defaults: everyone may enter; nosuid,nodev")
     }
 
     @Test func errnoMapping() {

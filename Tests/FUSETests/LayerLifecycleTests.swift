@@ -122,6 +122,119 @@ struct LayerLifecycleTests {
         try f.expectNoLeaks()
     }
 
+    /// A container's processes that drop root (apt's `_apt`, a daemon's own user) can use its
+    /// files: every uid may enter the mount, and the kernel still enforces the mode bits.
+    @Test func nonRootUsersInAContainer() throws {
+        let f = try LayerFixture(deferredDeletion: false)
+        defer { f.tearDown() }
+        let top = try f.importImage()
+        try f.ok(["layer", "create-rw", "c", "--parent", top])
+        let mnt = f.mountpoint("c")
+        try f.ok(["mount", "c", mnt])
+        // A file only root may read, made through the mount.
+        #expect(Sys.writeFile(mnt + "/secret", Array("root only\n".utf8)) == 0)
+        #expect(chmod(mnt + "/secret", 0o600) == 0)
+
+        // uid 65534 runs the image's busybox in the container and writes in its /tmp.
+        let nobody = "chroot --userspec=65534:65534 --groups=65534 \(mnt) /bin/busybox sh -c"
+        let run = try LayerFixture.shell("\(nobody) '/bin/busybox id -u; echo written by nobody > /tmp/nobody; /bin/busybox cat /tmp/nobody'")
+        #expect(run.status == 0 && run.stdout == "65534\nwritten by nobody\n", "\(run.stdout)\(run.stderr)")
+        let (rc, st) = Sys.attributes(mnt + "/tmp/nobody")
+        #expect(rc == 0 && st.st_uid == 65534 && st.st_gid == 65534, "rc \(rc), owner \(st.st_uid):\(st.st_gid)")
+
+        // The mode bits still decide: what others may read is readable, the rest is denied. (Output
+        // goes to /tmp, not /dev/null: this mount point may be one that is mounted nodev.)
+        let steps = try LayerFixture.shell("""
+            \(nobody) 'for step in "/bin/busybox cat /etc/hostname" "/bin/busybox ls /etc" \
+                "/bin/busybox touch /etc/new" "/bin/busybox cat /secret" "/bin/busybox ls /root" \
+                "/bin/busybox ls /home/user" "echo x >> /etc/passwd" "/bin/busybox rm /etc/hostname"; do
+                if (eval "$step") >/tmp/out 2>&1; then echo "$step: allowed"; else echo "$step: denied"; fi
+            done'
+            """)
+        #expect(steps.stdout.split(separator: "\n") == [
+            "/bin/busybox cat /etc/hostname: allowed",   // 0644
+            "/bin/busybox ls /etc: allowed",             // 0755
+            "/bin/busybox touch /etc/new: denied",       // 0755 root dir
+            "/bin/busybox cat /secret: denied",          // 0600 root file
+            "/bin/busybox ls /root: denied",             // 0700 root dir
+            "/bin/busybox ls /home/user: denied",        // 0700 of uid 1000 (layer 2)
+            "echo x >> /etc/passwd: denied",             // 0644 root file
+            "/bin/busybox rm /etc/hostname: denied",     // entry in a 0755 root dir
+        ], "\(steps.stdout)\(steps.stderr)")
+        #expect(Sys.readFile(mnt + "/etc/new") == nil && Sys.readFile(mnt + "/etc/hostname") != nil)
+
+        // From the host too: uid 65534 in the mount (its cwd set by root, so no directory above counts).
+        let host = try LayerFixture.shell("cd \(mnt) && setpriv --reuid=65534 --regid=65534 --clear-groups ls etc/hostname tmp/nobody")
+        #expect(host.status == 0 && host.stdout == "etc/hostname\ntmp/nobody\n", "\(host.stdout)\(host.stderr)")
+
+        try f.ok(["umount", mnt])
+        try f.waitForDaemons()
+        try f.expectNoLeaks()
+    }
+
+    /// Set-user-ID programs and device nodes work in a container mounted under a root-only
+    /// directory, as Docker mounts under /var/lib/docker: `suid,dev`, as on overlayfs. Under a
+    /// directory every user can reach, the mount is `nosuid,nodev` and `thinfs mount` says why (from
+    /// the daemon it starts, and from a daemon already running); `-o suid,dev` asks for them anyway.
+    @Test func setuidProgramsAndDeviceNodes() throws {
+        let f = try LayerFixture(deferredDeletion: false)
+        defer { f.tearDown() }
+        let top = try f.importImage()
+        for id in ["public", "private", "asked", "public2"] { try f.ok(["layer", "create-rw", id, "--parent", top]) }
+        let host = "/usr/bin/id"
+        try #require(FileManager.default.isExecutableFile(atPath: host))
+
+        /// Makes a character device with /dev/null's numbers (glibc's makedev: major in bits 8-19)
+        /// and a set-user-ID-root copy of id(1) in the container at `mnt`; returns whether the
+        /// device opens for writing, and the effective and real uid id(1) reports run by uid 65534.
+        func probe(_ mnt: String) throws -> (deviceOpens: Bool, uids: String) {
+            #expect(mknod(mnt + "/dev/mynull", S_IFCHR | 0o666, dev_t((1 << 8) | 3)) == 0)
+            let fd = Glibc.open(mnt + "/dev/mynull", O_WRONLY)
+            var opens = false
+            if fd >= 0 {
+                opens = write(fd, "x", 1) == 1
+                close(fd)
+            }
+            try FileManager.default.copyItem(atPath: host, toPath: mnt + "/bin/id-suid")
+            #expect(chown(mnt + "/bin/id-suid", 0, 0) == 0 && chmod(mnt + "/bin/id-suid", 0o4755) == 0)
+            let r = try LayerFixture.shell("cd \(mnt) && setpriv --reuid=65534 --regid=65534 --clear-groups sh -c './bin/id-suid -u; ./bin/id-suid -ru'")
+            return (opens, r.stdout + r.stderr)
+        }
+
+        // The first mount starts the daemon: its warning comes from the daemon before it detaches.
+        let publicMnt = try f.publicMountpoint("public")
+        let first = try f.run(["mount", "public", publicMnt])
+        #expect(first.status == 0 && first.stderr.contains("warning: \(publicMnt) is mounted nosuid,nodev"), "\(first.stderr)")
+        #expect(Host.mountOptions(publicMnt).map { $0.contains("nosuid") && $0.contains("nodev") } == true, "\(Host.mountOptions(publicMnt) ?? [])")
+        let exposed = try probe(publicMnt)
+        #expect(!exposed.deviceOpens && exposed.uids == "65534\n65534\n", "\(exposed)")
+
+        let privateMnt = f.rootOnlyMountpoint("private")
+        let second = try f.run(["mount", "private", privateMnt])
+        #expect(second.status == 0 && second.stderr.isEmpty, "\(second.stderr)")
+        #expect(Host.mountOptions(privateMnt).map { !$0.contains("nosuid") && !$0.contains("nodev") } == true, "\(Host.mountOptions(privateMnt) ?? [])")
+        let shielded = try probe(privateMnt)
+        #expect(shielded.deviceOpens && shielded.uids == "0\n65534\n", "\(shielded)")
+        // The image's own device node too.
+        let null = Glibc.open(privateMnt + "/dev/null", O_WRONLY)
+        #expect(null >= 0)
+        if null >= 0 { close(null) }
+
+        let askedMnt = try f.publicMountpoint("asked")
+        let third = try f.run(["mount", "asked", askedMnt, "-o", "suid,dev"])
+        #expect(third.status == 0 && third.stderr.isEmpty, "\(third.stderr)")
+        #expect(try probe(askedMnt) == (true, "0\n65534\n"))
+
+        // A later mount through the running daemon's socket warns as the first did.
+        let publicMnt2 = try f.publicMountpoint("public2")
+        let fourth = try f.run(["mount", "public2", publicMnt2])
+        #expect(fourth.status == 0 && fourth.stderr.contains("warning: \(publicMnt2) is mounted nosuid,nodev"), "\(fourth.stderr)")
+
+        for mnt in [publicMnt, privateMnt, askedMnt, publicMnt2] { try f.ok(["umount", mnt]) }
+        try f.waitForDaemons()
+        try f.expectNoLeaks()
+    }
+
     @Test func eightContainersInParallel() throws {
         let f = try LayerFixture(deferredDeletion: true)
         defer { f.tearDown() }
@@ -164,6 +277,8 @@ final class LayerFixture: @unchecked Sendable {
     var metadata: String { root + "/pool/metadata" }
     private(set) var baseAndImageDevices: Set<UInt32> = []
     private let mountpoints = Locked<[String]>([])
+    /// Directories made outside `dir` (`publicMountpoint`), removed by `tearDown`.
+    private let publicDirectories = Locked<[String]>([])
 
     static var packageRoot: URL { URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent() }
     static var canMakeImage: Bool {
@@ -202,11 +317,34 @@ final class LayerFixture: @unchecked Sendable {
         return top
     }
 
-    func mountpoint(_ name: String) -> String {
-        let p = dir.path + "/mnt-" + name
+    func mountpoint(_ name: String, in parent: String? = nil) -> String {
+        let p = (parent ?? dir.path) + "/mnt-" + name
         try? FileManager.default.createDirectory(atPath: p, withIntermediateDirectories: true)
         mountpoints.withLock { $0.append(p) }
         return p
+    }
+
+    /// A mount point in a directory only root may enter (0700 root:root), as Docker mounts under
+    /// /var/lib/docker.
+    func rootOnlyMountpoint(_ name: String) -> String {
+        let parent = dir.path + "/root-only"
+        mkdir(parent, 0o700)
+        chmod(parent, 0o700)
+        return mountpoint(name, in: parent)
+    }
+
+    /// A mount point every user can reach, whatever TMPDIR is: in a 0755 directory in /tmp.
+    func publicMountpoint(_ name: String) throws -> String {
+        var st = stat()
+        guard stat("/tmp", &st) == 0, st.st_mode & 0o001 != 0, stat("/", &st) == 0, st.st_mode & 0o001 != 0 else {
+            throw Failure("/ and /tmp must be searchable by everyone for a public mount point")
+        }
+        var template = Array("/tmp/thinfs-public-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else { throw Failure("mkdtemp in /tmp: errno \(errno)") }
+        let parent = String(cString: made)
+        chmod(parent, 0o755)
+        publicDirectories.withLock { $0.append(parent) }
+        return mountpoint(name, in: parent)
     }
 
     /// Layer `id`'s row of `thinfs layer ls --json`.
@@ -251,7 +389,7 @@ final class LayerFixture: @unchecked Sendable {
 
     func expectNoLeaks() throws {
         let mounts = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""
-        #expect(!mounts.contains(dir.path), "a mount under \(dir.path) is left")
+        for d in [dir.path] + publicDirectories.withLock({ $0 }) { #expect(!mounts.contains(d), "a mount under \(d) is left") }
         #expect(daemons().isEmpty)
         let locks = (try? FileManager.default.contentsOfDirectory(atPath: root + "/locks")) ?? []
         #expect(locks.filter { $0.contains(".holder.") }.isEmpty, "busy-lock holder files left: \(locks)")
@@ -264,6 +402,9 @@ final class LayerFixture: @unchecked Sendable {
         for pid in daemons() { kill(pid, SIGTERM) }
         _ = eventually(10) { daemons().isEmpty }
         for pid in daemons() { kill(pid, SIGKILL) }
+        // Only once nothing is mounted there: removing a live mount's directory would remove its files.
+        let mounts = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""
+        for d in publicDirectories.withLock({ $0 }) where !mounts.contains(d) { try? FileManager.default.removeItem(atPath: d) }
     }
 }
 

@@ -14,6 +14,7 @@ import Glibc
 enum LibC {
     static let seekData: Int32 = 3, seekHole: Int32 = 4            // lseek(2)
     static let keepSize: Int32 = 1, punchHole: Int32 = 2            // fallocate(2)
+    static let tmpfile: Int32 = 0o20000000 | O_DIRECTORY            // open(2): __O_TMPFILE | O_DIRECTORY
     static let renameNoReplace: UInt32 = 1, renameExchange: UInt32 = 2, renameWhiteout: UInt32 = 4  // rename(2)
     static let xattrCreate: Int32 = 1, xattrReplace: Int32 = 2      // setxattr(2)
     static let utimeNow = (1 << 30) - 1                              // utimensat(2)

@@ -22,4 +22,11 @@ public enum Host {
         guard let text = try? String(contentsOfFile: "/proc/mounts", encoding: .utf8) else { return false }
         return text.split(separator: "\n").contains { $0.split(separator: " ").dropFirst().first.map(String.init) == path }
     }
+
+    /// The options /proc/mounts shows for the mount at `path` (the last one there), or nil.
+    public static func mountOptions(_ path: String) -> [String]? {
+        guard let text = try? String(contentsOfFile: "/proc/mounts", encoding: .utf8) else { return nil }
+        let fields = text.split(separator: "\n").map { $0.split(separator: " ") }.last { $0.count > 3 && $0[1] == path }
+        return fields.map { $0[3].split(separator: ",").map(String.init) }
+    }
 }

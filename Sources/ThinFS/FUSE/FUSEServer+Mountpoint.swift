@@ -13,9 +13,14 @@ extension FUSEServer {
     public struct Options: Sendable {
         /// Mount `ro` and answer EROFS to every modifying request.
         public var readOnly: Bool
-        /// `allow_other`: users other than the mounter may enter (needs `user_allow_other` in
-        /// /etc/fuse.conf when not root).
+        /// `allow_other`: every user may enter, the kernel checking the mode bits. A process that
+        /// may not have it (not root, no `user_allow_other` in /etc/fuse.conf) mounts without it
+        /// and says so (`MountAccess`).
         public var allowOther: Bool
+        /// `suid,dev` where the mount point is under a root-only directory, as a container's
+        /// rootfs is mounted; elsewhere `nosuid,nodev` and a warning (`MountAccess`). Explicit
+        /// `suid`, `nosuid`, `dev` or `nodev` in `extraOptions` win. Off: libfuse's `nosuid,nodev`.
+        public var setuidAndDevices: Bool
         /// What /proc/mounts shows as the source: `thinfs:<source>`.
         public var source: String
         /// Further mount options, passed to libfuse as they are (`noatime`, `nosuid`, ...).
@@ -29,11 +34,12 @@ extension FUSEServer {
         /// The kernel's read-ahead for the mount, in KiB (FUSE starts at 128); nil leaves it.
         public var readAheadKiB: Int?
 
-        public init(readOnly: Bool = false, allowOther: Bool = false, source: String = "thinfs",
+        public init(readOnly: Bool = false, allowOther: Bool = true, setuidAndDevices: Bool = false, source: String = "thinfs",
                     extraOptions: [String] = [], maxThreads: Int = 16, commitInterval: Duration? = .seconds(1),
                     readAheadKiB: Int? = 1024) {
             self.readOnly = readOnly
             self.allowOther = allowOther
+            self.setuidAndDevices = setuidAndDevices
             self.source = source
             self.extraOptions = extraOptions
             self.maxThreads = maxThreads

@@ -116,7 +116,10 @@ public final class FUSEServer: Sendable {
     }
 
     /// Checks the mount point, creates the session and mounts. Errors name the mount point.
-    public func mount() throws(Error) {
+    /// Returns what the mount grants (`MountAccess`), with warnings for its owner when that is
+    /// less than the options asked for.
+    @discardableResult
+    public func mount() throws(Error) -> MountAccess {
         try state.withLock { s throws(Error) in
             guard s.phase == .idle, s.stopRequests == 0 else {
                 throw .wrongState(mountpoint, s.stopRequests > 0 ? "stopped before it was mounted" : "already mounted")
@@ -124,10 +127,14 @@ public final class FUSEServer: Sendable {
         }
         let canonical = try Self.checkMountpoint(mountpoint, allowNonEmpty: options.allowsNonEmptyMountpoint)
         FUSELog.install()
+        let access = MountAccess.decide(mountpoint: canonical, allowOther: options.allowOther,
+                                        setuidAndDevices: options.setuidAndDevices, options: options.extraOptions,
+                                        context: .current(mountpoint: canonical))
+        let optionList = mountOptions(access)
 
         var args = fuse_args(argc: 0, argv: nil, allocated: 0)
         defer { fuse_opt_free_args(&args) }
-        for arg in ["thinfs-mount", "-o", mountOptions.joined(separator: ",")] where fuse_opt_add_arg(&args, arg) != 0 {
+        for arg in ["thinfs-mount", "-o", optionList.joined(separator: ",")] where fuse_opt_add_arg(&args, arg) != 0 {
             throw .invalidOptions(canonical, message: "out of memory building the argument vector")
         }
         var ops = Self.operations()
@@ -135,7 +142,7 @@ public final class FUSEServer: Sendable {
         // of self) is in the loop, and the session is destroyed before self.
         guard let session = fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size,
                                              Unmanaged.passUnretained(self).toOpaque()) else {
-            throw .invalidOptions(canonical, message: FUSELog.takeLastError() ?? "libfuse rejected \(mountOptions)")
+            throw .invalidOptions(canonical, message: FUSELog.takeLastError() ?? "libfuse rejected \(optionList)")
         }
         guard fuse_session_mount(session, canonical) == 0 else {
             fuse_session_destroy(session)
@@ -148,18 +155,22 @@ public final class FUSEServer: Sendable {
             s.canonicalMountpoint = canonical
             s.device = device
         }
-        logger.info("mounted", metadata: ["fuse.mountpoint": "\(canonical)", "fuse.options": "\(mountOptions.joined(separator: ","))"])
+        logger.info("mounted", metadata: ["fuse.mountpoint": "\(canonical)", "fuse.options": "\(optionList.joined(separator: ","))",
+                                          "fuse.warnings": "\(access.warnings)"])
+        return access
     }
 
-    /// The `-o` options given to libfuse.
-    var mountOptions: [String] {
+    /// The `-o` options given to libfuse, for a mount that grants `access`.
+    func mountOptions(_ access: MountAccess) -> [String] {
         // fuse_opt splits on commas; a backslash escapes the next character.
         let source = options.source.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: ",", with: "\\,")
         var opts = ["default_permissions", "fsname=thinfs:\(source)", "subtype=thinfs",
                     // libfuse refuses a max_read in INIT that differs from the mount option's.
                     "max_read=\(Self.maxIO)"]
         if readOnly { opts.append("ro") }
-        if options.allowOther { opts.append("allow_other") }
+        if access.allowOther { opts.append("allow_other") }
+        // libfuse mounts nosuid,nodev unless told otherwise.
+        if access.setuidAndDevices { opts += ["suid", "dev"] }
         let ours: Set = ["default_permissions", "ro", "allow_other", "nonempty"]
         for o in options.extraOptions where !ours.contains(o) && !o.hasPrefix("max_read=") && !o.hasPrefix("readahead=")
             && !(readOnly && o == "rw") {

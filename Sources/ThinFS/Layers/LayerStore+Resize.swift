@@ -33,7 +33,7 @@ extension LayerStore {
         try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
         defer { rmdir(mountpoint) }
         let server = FUSEServer(volume: DeviceFileVolume(device: device), mountpoint: mountpoint,
-                                options: .init(readOnly: false, source: "thinfs-resize:\(layer.id)", commitInterval: nil),
+                                options: .init(readOnly: false, allowOther: false, source: "thinfs-resize:\(layer.id)", commitInterval: nil),
                                 logger: logger)
         try server.mount()
         let done = DispatchSemaphore(value: 0)

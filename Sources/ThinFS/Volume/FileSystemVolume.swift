@@ -34,7 +34,8 @@ public protocol FileSystemVolume: AnyObject, Sendable {
     func read(_ ino: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(VolumeError) -> Int
     /// Writes all of `buffer`, extending the file as needed; returns the count.
     func write(_ ino: UInt64, at offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(VolumeError) -> Int
-    /// fallocate(2) modes: 0 (allocate, may extend), KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE.
+    /// fallocate(2) modes: 0 (allocate, may extend), KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE
+    /// (with or without KEEP_SIZE).
     func fallocate(_ ino: UInt64, mode: FallocateMode, offset: UInt64, length: UInt64) throws(VolumeError)
     /// lseek(2) with SEEK_DATA or SEEK_HOLE.
     func seek(_ ino: UInt64, from offset: UInt64, to whence: SeekTarget) throws(VolumeError) -> UInt64
@@ -174,6 +175,7 @@ public struct FallocateMode: OptionSet, Sendable {
     public init(rawValue: Int32) { self.rawValue = rawValue }
     public static let keepSize = FallocateMode(rawValue: 0x01)   // FALLOC_FL_KEEP_SIZE
     public static let punchHole = FallocateMode(rawValue: 0x02)  // FALLOC_FL_PUNCH_HOLE
+    public static let zeroRange = FallocateMode(rawValue: 0x10)  // FALLOC_FL_ZERO_RANGE
 }
 
 public enum SeekTarget: Sendable {

@@ -1226,7 +1226,12 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             guard UInt32(inode.i_mode) & 0o170000 == 0o100000 else { throw VolumeError(.operationNotSupportedByDevice, "fallocate of inode \(ino), not a regular file") }
             let bs = UInt64(fs.pointee.blocksize)
             let size = fileSize(inode)
-            if mode.contains(.punchHole) {
+            if mode.contains(.zeroRange) {
+                guard mode.subtracting([.zeroRange, .keepSize]).isEmpty else {
+                    throw VolumeError(.notSupported, "fallocate mode \(mode.rawValue): ZERO_RANGE takes only KEEP_SIZE")
+                }
+                try zeroRangeMode(fs, ino, &inode, offset: offset, length: length, keepSize: mode.contains(.keepSize))
+            } else if mode.contains(.punchHole) {
                 guard mode.contains(.keepSize) else { throw VolumeError(.notSupported, "PUNCH_HOLE needs KEEP_SIZE") }
                 // Zero partial blocks at the edges; release the whole blocks between.
                 let end = min(offset + length, size)
@@ -1235,6 +1240,8 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                 try zeroRange(fs, ino, offset, min(end, firstWhole * bs))
                 if endWhole * bs > offset && endWhole * bs < end { try zeroRange(fs, ino, max(offset, endWhole * bs), end) }
                 if firstWhole < endWhole {
+                    // Zeroing an edge may have mapped or converted a block: punch the inode as it is now.
+                    inode = try readInode(fs, ino)
                     let rc = withUnsafeMutablePointer(to: &inode) {
                         $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
                             ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, firstWhole, endWhole - 1)
@@ -1269,15 +1276,63 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         }
     }
 
+    /// FALLOC_FL_ZERO_RANGE, as ext4 does it: the range reads as zeros and stays allocated.
+    /// Partial blocks at its edges are written with zeros; the whole blocks between are released
+    /// and mapped again as unwritten extents (what ext4 converts them to), so no zeros are written
+    /// and a thin pool gives back their space. Blocks past the end of the file are preallocated
+    /// unwritten; without KEEP_SIZE the file grows to the end of the range. `inode` is read again
+    /// afterwards.
+    private func zeroRangeMode(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large,
+                               offset: UInt64, length: UInt64, keepSize: Bool) throws(VolumeError) {
+        let bs = UInt64(fs.pointee.blocksize)
+        let size = fileSize(inode)
+        let end = offset + length
+        let firstWhole = (offset + bs - 1) / bs, endWhole = end / bs
+        // Bytes past the end of the file are zeros already (and hidden under KEEP_SIZE).
+        let headEnd = min(end, firstWhole * bs), tailStart = max(headEnd, endWhole * bs)
+        try zeroRange(fs, ino, offset, min(headEnd, size))
+        try zeroRange(fs, ino, tailStart, min(end, size))
+        if firstWhole < endWhole {
+            // Zeroing an edge may have mapped or converted a block: punch the inode as it is now.
+            inode = try readInode(fs, ino)
+            let rc = withUnsafeMutablePointer(to: &inode) {
+                $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                    ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, firstWhole, endWhole - 1)
+                }
+            }
+            try check(rc, "releasing blocks \(firstWhole)..<\(endWhole) of inode \(ino) to zero them")
+        }
+        // The same allocation as plain fallocate: it maps only what is unmapped, here the blocks
+        // just released and any holes, and leaves the written edge blocks as they are.
+        inode = try readInode(fs, ino)
+        let first = offset / bs, last = (end - 1) / bs
+        let rc = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                ext2fs_fallocate(fs, EXT2_FALLOCATE_INIT_BEYOND_EOF | EXT2_FALLOCATE_FORCE_UNINIT, ext2_ino_t(ino), $0, ~0, first, last - first + 1)
+            }
+        }
+        try check(rc, "allocating the zeroed range \(offset)..<\(end) of inode \(ino)")
+        try writeInode(fs, ino, &inode)
+        if !keepSize && end > size {
+            let file = try openFile(fs, ino, write: true)
+            let sr = ext2fs_file_set_size2(file, ext2_off64_t(end))
+            ext2fs_file_close(file)
+            try check(sr, "extending inode \(ino) to \(end)")
+        }
+        inode = try readInode(fs, ino)
+    }
+
     private func zeroRange(_ fs: ext2_filsys, _ ino: UInt64, _ start: UInt64, _ end: UInt64) throws(VolumeError) {
         guard start < end else { return }
         let zeros = [UInt8](repeating: 0, count: Int(end - start))
         let file = try openFile(fs, ino, write: true)
-        defer { ext2fs_file_close(file) }
-        try check(ext2fs_file_llseek(file, start, EXT2_SEEK_SET, nil), "seeking inode \(ino)")
         var wrote: UInt32 = 0
-        let rc = zeros.withUnsafeBytes { ext2fs_file_write(file, $0.baseAddress!, UInt32($0.count), &wrote) }
-        try check(rc, "zeroing inode \(ino) at \(start)")
+        var rc = ext2fs_file_llseek(file, start, EXT2_SEEK_SET, nil)
+        if rc == 0 { rc = zeros.withUnsafeBytes { ext2fs_file_write(file, $0.baseAddress!, UInt32($0.count), &wrote) } }
+        // Closing writes the block out: its failure is the zeroing's.
+        let closed = ext2fs_file_close(file)
+        try check(rc != 0 ? rc : closed, "zeroing inode \(ino) at \(start)..<\(end)")
+        if wrote != zeros.count { throw VolumeError(.noSpace, "zeroing inode \(ino) at \(start): \(wrote) of \(zeros.count) bytes written") }
     }
 
     public func seek(_ ino: UInt64, from offset: UInt64, to whence: SeekTarget) throws(VolumeError) -> UInt64 {

@@ -79,8 +79,10 @@ public final class LayerDaemon: @unchecked Sendable {
     }
 
     /// Mounts layer `id` at `mountpoint` and serves it on a new thread. Image layers are always
-    /// read-only. Returns once the mount is ready.
-    public func mount(_ id: String, at mountpoint: String, readOnly requested: Bool, options requestedOptions: [String] = []) throws {
+    /// read-only. Returns once the mount is ready, with the warnings for whoever asked when the
+    /// mount grants less than a container's rootfs should have (`MountAccess`).
+    @discardableResult
+    public func mount(_ id: String, at mountpoint: String, readOnly requested: Bool, options requestedOptions: [String] = []) throws -> [String] {
         let layer = try store.liveLayer(id)
         // dm.mountopt applies to every mount, as Docker added it to each layer's mount.
         let options = store.options.mountOptions + requestedOptions
@@ -88,12 +90,15 @@ public final class LayerDaemon: @unchecked Sendable {
         let extra = options.filter { $0 != "ro" && $0 != "rw" && $0 != "allow_other" }
         let canonical = try FUSEServer.checkMountpoint(mountpoint, allowNonEmpty: extra.contains("nonempty"))
         let open = try store.openLayer(id, readOnly: readOnly, what: "mounted at \(canonical)")
+        // Every user of the container may enter, and its set-user-ID programs and device nodes
+        // work where host users cannot reach them: as Docker's rootfs mounts.
         let server = FUSEServer(volume: open.volume, mountpoint: canonical,
-                                options: .init(readOnly: readOnly, allowOther: options.contains("allow_other"),
+                                options: .init(readOnly: readOnly, setuidAndDevices: true,
                                                source: "\(store.root):\(id)", extraOptions: extra),
                                 logger: logger)
+        let access: MountAccess
         do {
-            try server.mount()
+            access = try server.mount()
         } catch {
             try? open.close()
             throw error
@@ -121,6 +126,7 @@ public final class LayerDaemon: @unchecked Sendable {
         thread.name = "thinfs-fuse-\(id)"
         thread.start()
         logger.info("mounted layer", metadata: ["layer": "\(id)", "fuse.mountpoint": "\(canonical)", "ro": "\(readOnly)"])
+        return access.warnings
     }
 
     /// Unmounts every layer (SIGTERM): each session flushes and closes as on umount.

@@ -41,6 +41,12 @@ public struct LayerService: Sendable {
         }
     }
 
+    /// A mount's answer carries no output but its warnings (`MountAccess`), one a line, for the
+    /// CLI to show on stderr.
+    public static func mountWarnings(_ response: LayerResponse) -> [String] {
+        response.output.split(separator: "\n").map(String.init)
+    }
+
     private func need<T>(_ value: T?, _ what: String) throws -> T {
         guard let value else { throw LayerStore.Error.unsupported("the request has no \(what)") }
         return value
@@ -86,9 +92,9 @@ public struct LayerService: Sendable {
             guard let daemon else {
                 throw LayerStore.Error.unsupported("mount requests are served by a thinfs-mount daemon")
             }
-            try daemon.mount(try need(r.layer, "layer id"), at: try need(r.mountpoint, "mount point"),
-                             readOnly: r.readOnly ?? false, options: r.mountOptions ?? [])
-            return ""
+            let warnings = try daemon.mount(try need(r.layer, "layer id"), at: try need(r.mountpoint, "mount point"),
+                                            readOnly: r.readOnly ?? false, options: r.mountOptions ?? [])
+            return warnings.map { $0 + "\n" }.joined()
         case .kernelMount:
             let node = try store.mountInKernel(try need(r.layer, "layer id"), at: try need(r.mountpoint, "mount point"),
                                                readOnly: r.readOnly ?? false, options: r.mountOptions ?? [])
