@@ -366,10 +366,10 @@ struct ImageImportTests {
         return found
     }
 
-    /// The content API the writers share: while `body` runs the layer is `applying`, and nothing
-    /// can mount, snapshot or re-create it; a `body` that throws removes it; one that returns leaves
-    /// it active with what it wrote. `apply-diff` of a tar that fails part way leaves its (existing)
-    /// layer as it was.
+    /// The content API the writers share: while a new layer's `body` runs the layer is `applying`,
+    /// and nothing can mount, snapshot or re-create it; a `body` that throws removes it; one that
+    /// returns leaves it active with what it wrote. An existing layer being rewritten stays active
+    /// and busy; `apply-diff` of a tar that fails part way leaves it as it was.
     @Test func contentWritersMarkTheLayerCompleteOnlyWhenItIs() throws {
         let dir = TempDir()
         let options = try StorageOptions(parsing: ["dm.basesize=64M", "dm.loopdatasize=512M", "dm.loopmetadatasize=16M"])
@@ -397,6 +397,21 @@ struct ImageImportTests {
         #expect(throws: Never.self) { try open.volume.lookup(parent: open.volume.rootInode, name: "done") }
         try open.close()
 
+        // An existing layer being rewritten stays active with its old content and busy: nothing
+        // reads, snapshots or removes it until the write ends; then it has what was written.
+        func busy(_ attempt: () throws -> Void) -> Bool {
+            do { try attempt() } catch LayerStore.Error.busy(let id, _) { return id == "good" } catch { return false }
+            return false
+        }
+        try store.writeContent("good", what: "rewrite") { volume in
+            #expect(try store.layer("good")?.state == .active)
+            #expect(busy { _ = try store.openLayer("good", readOnly: true, what: "reader") })
+            #expect(busy { _ = try store.createImageLayer("child", parent: "good") })
+            #expect(busy { _ = try store.remove("good") })
+            _ = try volume.mkdir(parent: volume.rootInode, name: "rewritten", mode: 0o755, owner: .root)
+        }
+        #expect(try store.layer("child") == nil)
+
         // A tar whose second entry is refused ('..'): the layer it was applied to keeps its content
         // (this asserted the layer was removed until apply-diff wrote through a scratch snapshot).
         let tar = dir.path + "/bad.tar"
@@ -409,7 +424,7 @@ struct ImageImportTests {
         let after = try #require(try store.layer("target"), "the layer a failed apply-diff was applied to went")
         #expect(after.deviceID == target.deviceID && after.state == .active)
         let kept = try store.openLayer("target", readOnly: true, what: "test")
-        #expect(try kept.volume.readdirNames(kept.volume.rootInode).filter { $0 != "lost+found" } == ["done"])
+        #expect(try kept.volume.readdirNames(kept.volume.rootInode).filter { $0 != "lost+found" } == ["done", "rewritten"])
         try kept.close()
     }
 
