@@ -166,8 +166,9 @@ struct ImageImportTests {
     }
 
     /// Runs `thinfs args`, and kills it with SIGKILL once the layer row `id` exists, no pool change is
-    /// in flight (the layer's device is committed), and `threshold` bytes more of the pool's data file
-    /// are allocated than before it started: part way through writing the layer's content.
+    /// in flight (the layer's device, or the scratch snapshot an existing layer is written through,
+    /// is committed), and `threshold` bytes more of the pool's data file are allocated than before it
+    /// started: part way through writing the layer's content.
     static func killMidway(_ args: [String], root: String, layer id: String, threshold: UInt64) throws {
         let poolData = root + "/pool/data"
         let baseline = allocated(poolData)
@@ -183,7 +184,9 @@ struct ImageImportTests {
         var killed = false
         while p.isRunning, Date() < deadline {
             let row = try db.query("SELECT state FROM layers WHERE id = ?", [.text(id)])
-            let inFlight = try db.query("SELECT COUNT(*) FROM journal").first?.first?.integer ?? 0
+            // A scratch entry stays for the whole write (it names the device being written); only
+            // the creates and deletes are pool changes that end.
+            let inFlight = try db.query("SELECT COUNT(*) FROM journal WHERE op != 'scratch'").first?.first?.integer ?? 0
             if !row.isEmpty, inFlight == 0, allocated(poolData) >= baseline + threshold {
                 kill(p.processIdentifier, SIGKILL)
                 killed = true
@@ -224,34 +227,149 @@ struct ImageImportTests {
         #expect(Self.unpackDirectories(root).isEmpty, "left: \(Self.unpackDirectories(root).sorted())")
     }
 
-    /// A killed `layer apply-diff` must not leave the layer looking complete: recovery removes it.
-    @Test func killedApplyDiffLeavesNoLayerThatLooksComplete() throws {
+    /// A killed `layer apply-diff` must not leave the layer looking complete, and must not lose what
+    /// the layer held before: after the next open the layer has exactly its old content (the new
+    /// content was written into a scratch snapshot, which recovery deletes) and the pool no device
+    /// more. (Until the scratch snapshot, recovery removed the layer, old content included.)
+    @Test(.enabled(if: Oracle.available, "needs thin_dump and thin_check"))
+    func killedApplyDiffKeepsTheLayersOldContent() throws {
         let dir = TempDir()
         let root = dir.path + "/store"
         let made = try TestImage.make(dir.path + "/image", files: Self.files)
+        // The old content: a file the new tar does not touch, and one it overwrites.
+        let old = try TestImage.make(dir.path + "/old", files: [(name: "old/kept", size: 1 << 20, seed: 7),
+                                                                (name: "data/part0", size: 4096, seed: 8)])
         try initStore(root)
         let create = try CLI.run(["layer", "create", "--root", root, "target"])
         try #require(create.status == 0, "\(create.stderr)")
+        let first = try CLI.run(["layer", "apply-diff", "--root", root, "target", old.dir + "/layer.tar"])
+        try #require(first.status == 0, "\(first.stderr)")
 
         try Self.killMidway(["layer", "apply-diff", "--root", root, "target", made.dir + "/layer.tar"], root: root,
                             layer: "target", threshold: 40 << 20)
         let store = try LayerStore.open(root: root, logger: quietLogger)
-        let after = try store.layer("target")
-        #expect(after == nil, "the half-applied layer is still there: \(String(describing: after))")
+        let after = try #require(try store.layer("target"), "the killed apply-diff's layer is gone, old content included")
+        #expect(after.state == .active)
         #expect(store.lastRecovery.rolledBack.contains("target"), "recovery: \(store.lastRecovery)")
-        try store.close()
+        let base = store.base.deviceID
+        // The scratch device is gone: the pool has the base and the layer's device, no more.
+        #expect(try LayerStoreTests.dumpedDevices(store) == [base, after.deviceID])
+        #expect(try Oracle.check(try store.poolRoot.config().metadata))
 
-        // The id is free again, and a complete apply gives every file.
-        #expect(try CLI.run(["layer", "create", "--root", root, "target"]).status == 0)
+        #expect(try TestImage.contents(root: root, layer: "target", of: old) == old.files.mapValues { .some($0) })
+        let partial = try TestImage.contents(root: root, layer: "target", of: made)
+        let untouched: [String: String?] = ["data/part0": old.files["data/part0"], "data/part1": nil, "data/part2": nil]
+        #expect(partial == untouched, "the killed apply-diff's files are in the layer")
+
+        // A complete apply gives every file, over the old content.
         let apply = try CLI.run(["layer", "apply-diff", "--root", root, "target", made.dir + "/layer.tar"])
         #expect(apply.status == 0, "\(apply.stderr)")
-        let found = try TestImage.contents(root: root, layer: "target", of: made)
-        #expect(found == made.files.mapValues { .some($0) })
+        #expect(try TestImage.contents(root: root, layer: "target", of: made) == made.files.mapValues { .some($0) })
+        #expect(try TestImage.contents(root: root, layer: "target", of: old)["old/kept"] == .some(old.files["old/kept"]))
     }
 
-    /// The content API the writers share: while `body` runs the layer is `applying`, and nothing
-    /// can mount, snapshot or re-create it; a `body` that throws removes it; one that returns leaves
-    /// it active with what it wrote. `apply-diff` of a tar that fails part way removes its layer too.
+    /// Apply-diff into a container layer that holds files: a good tar replaces the content and leaves
+    /// no scratch device; a truncated or hostile one fails naming what is at fault and leaves the
+    /// container with exactly its files, and the pool with exactly its devices. (Until the scratch
+    /// snapshot, a failed apply-diff removed the container, files and all.)
+    @Test(.enabled(if: Oracle.available, "needs thin_dump and thin_check"))
+    func failedApplyDiffKeepsTheContainersFiles() throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path + "/store", options: LayerStoreTests.options(), logger: quietLogger)
+        var open = true
+        defer { if open { try? store.close() } }
+        _ = try store.createImageLayer("image", parent: nil)
+        _ = try store.createContainerLayer("c", parent: "image", size: nil)
+        let devices = { Set(try store.pool.deviceIDs()) }
+        let recorded = { Set(try store.allLayers().map(\.deviceID) + [store.base.deviceID]) }
+
+        let first = dir.path + "/first.tar"
+        try PyTar.make(first, """
+        dir("etc")
+        reg("etc/kept", b"old content")
+        reg("etc/changed", b"before")
+        """)
+        let before = try #require(try store.layer("c")).deviceID
+        _ = try store.applyDiff("c", from: first)
+        let written = try #require(try store.layer("c"))
+        #expect(written.state == .active)
+        #expect(try devices() == recorded(), "a good apply-diff left a scratch device (or lost one)")
+        // Written through a scratch snapshot that became the layer's device; the old device is gone.
+        #expect(try written.deviceID != before && !devices().contains(before))
+        #expect(try Self.tree(store, "c") == ["etc": nil, "etc/changed": "before", "etc/kept": "old content"])
+
+        // Truncated in the middle of its last file, after its first entries were written.
+        let full = dir.path + "/second.tar", truncated = dir.path + "/truncated.tar"
+        try PyTar.make(full, """
+        reg("etc/changed", b"after")
+        reg("etc/added", b"new")
+        reg("big", bytes(range(256)) * 16384)
+        """)
+        let size = try #require(try FileManager.default.attributesOfItem(atPath: full)[.size] as? NSNumber).intValue
+        try Data(try Data(contentsOf: URL(fileURLWithPath: full)).prefix(size - (2 << 20))).write(to: URL(fileURLWithPath: truncated))
+        // A hostile entry after a good one: refused by the applier, naming the entry.
+        let hostile = dir.path + "/hostile.tar"
+        try PyTar.make(hostile, """
+        reg("etc/changed", b"hostile")
+        reg("../escape", b"no")
+        """)
+        for (bad, names) in [(truncated, truncated), (hostile, "../escape")] {
+            do {
+                _ = try store.applyDiff("c", from: bad)
+                Issue.record("apply-diff of \(bad) succeeded")
+            } catch {
+                #expect("\(error)".contains(names), "the error does not name \(names): \(error)")
+            }
+            let kept = try #require(try store.layer("c"), "a failed apply-diff of \(bad) removed the container")
+            #expect(kept == written, "\(bad)")
+            #expect(try devices() == recorded(), "\(bad): a scratch device is left")
+            #expect(try Self.tree(store, "c") == ["etc": nil, "etc/changed": "before", "etc/kept": "old content"], "\(bad)")
+        }
+
+        // The good tar, whole: the new content, on a new device, the old one gone.
+        _ = try store.applyDiff("c", from: full)
+        let replaced = try #require(try store.layer("c"))
+        #expect(replaced.deviceID != written.deviceID)
+        #expect(try devices() == recorded())
+        let tree = try Self.tree(store, "c")
+        #expect(tree["etc/changed"] == .some("after") && tree["etc/kept"] == .some("old content") && tree["etc/added"] == .some("new"))
+        #expect(tree["big"] == .some("\(4 << 20) bytes"))
+        let image = try #require(try store.layer("image")).deviceID
+        open = false
+        #expect(try LayerStoreTests.dumpedDevices(store) == [store.base.deviceID, image, replaced.deviceID])
+        #expect(try Oracle.check(try store.poolRoot.config().metadata))
+    }
+
+    /// Every path under layer `id`, with a regular file's bytes as text (nil for a directory).
+    static func tree(_ store: LayerStore, _ id: String) throws -> [String: String?] {
+        let open = try store.openLayer(id, readOnly: true, what: "test")
+        defer { try? open.close() }
+        let v = open.volume
+        var found: [String: String?] = [:]
+        func walk(_ ino: UInt64, _ prefix: String) throws {
+            for name in try v.readdirNames(ino) where !(prefix.isEmpty && name == "lost+found") {
+                let attr = try v.lookup(parent: ino, name: name)
+                let path = prefix + name
+                if attr.mode & 0o170000 == 0o040000 {
+                    found[path] = .some(nil)
+                    try walk(attr.ino, path + "/")
+                } else if attr.size > 4096 {
+                    found[path] = "\(attr.size) bytes"
+                } else {
+                    var bytes = [UInt8](repeating: 0, count: Int(attr.size))
+                    let n = try bytes.withUnsafeMutableBytes { try v.read(attr.ino, at: 0, into: $0) }
+                    found[path] = String(decoding: bytes[0..<n], as: UTF8.self)
+                }
+            }
+        }
+        try walk(v.rootInode, "")
+        return found
+    }
+
+    /// The content API the writers share: while a new layer's `body` runs the layer is `applying`,
+    /// and nothing can mount, snapshot or re-create it; a `body` that throws removes it; one that
+    /// returns leaves it active with what it wrote. An existing layer being rewritten stays active
+    /// and busy; `apply-diff` of a tar that fails part way leaves it as it was.
     @Test func contentWritersMarkTheLayerCompleteOnlyWhenItIs() throws {
         let dir = TempDir()
         let options = try StorageOptions(parsing: ["dm.basesize=64M", "dm.loopdatasize=512M", "dm.loopmetadatasize=16M"])
@@ -279,15 +397,35 @@ struct ImageImportTests {
         #expect(throws: Never.self) { try open.volume.lookup(parent: open.volume.rootInode, name: "done") }
         try open.close()
 
-        // A tar whose second entry is refused ('..'): the layer it was applied to goes.
+        // An existing layer being rewritten stays active with its old content and busy: nothing
+        // reads, snapshots or removes it until the write ends; then it has what was written.
+        func busy(_ attempt: () throws -> Void) -> Bool {
+            do { try attempt() } catch LayerStore.Error.busy(let id, _) { return id == "good" } catch { return false }
+            return false
+        }
+        try store.writeContent("good", what: "rewrite") { volume in
+            #expect(try store.layer("good")?.state == .active)
+            #expect(busy { _ = try store.openLayer("good", readOnly: true, what: "reader") })
+            #expect(busy { _ = try store.createImageLayer("child", parent: "good") })
+            #expect(busy { _ = try store.remove("good") })
+            _ = try volume.mkdir(parent: volume.rootInode, name: "rewritten", mode: 0o755, owner: .root)
+        }
+        #expect(try store.layer("child") == nil)
+
+        // A tar whose second entry is refused ('..'): the layer it was applied to keeps its content
+        // (this asserted the layer was removed until apply-diff wrote through a scratch snapshot).
         let tar = dir.path + "/bad.tar"
         try PyTar.make(tar, """
         reg("ok", b"fine")
         reg("../escape", b"no")
         """)
-        _ = try store.createImageLayer("target", parent: "good")
+        let target = try store.createImageLayer("target", parent: "good")
         #expect(throws: LayerApplier.Error.self) { try store.applyDiff("target", from: tar) }
-        #expect(try store.layer("target") == nil, "the half-applied layer is still there")
+        let after = try #require(try store.layer("target"), "the layer a failed apply-diff was applied to went")
+        #expect(after.deviceID == target.deviceID && after.state == .active)
+        let kept = try store.openLayer("target", readOnly: true, what: "test")
+        #expect(try kept.volume.readdirNames(kept.volume.rootInode).filter { $0 != "lost+found" } == ["done", "rewritten"])
+        try kept.close()
     }
 
     /// A scratch directory an import holds (a lock on it) is kept at store open; one nobody holds

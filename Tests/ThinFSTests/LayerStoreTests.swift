@@ -257,6 +257,52 @@ struct LayerStoreCrashTests {
     }
 }
 
+extension LayerStoreCrashTests {
+    /// Kills `thinfs layer apply-diff` into a container with a file at each step of writing through
+    /// a scratch snapshot: reopening leaves the container with exactly its old content (before the
+    /// switch) or exactly the new (after it), and the pool with no device more (thin_dump, thin_check).
+    @Test(.enabled(if: PyTar.available, "needs python3"), arguments: [
+        ("scratch.opened", false),    // journaled, nothing sent: the old content
+        ("scratch.sent", false),      // the snapshot in the pool's memory only: gone with the process
+        ("scratch.closed", false),    // the snapshot committed, nothing written: deleted
+        ("scratch.written", false),   // the new content committed in the snapshot, not switched: deleted
+        ("scratch.switched", true),   // the row names the snapshot: the old device is deleted
+        ("scratch.deleted", true),    // the old device deleted, the journal entry left: forgotten
+    ])
+    func applyDiffCrashes(point: String, applied: Bool) throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path + "/store", options: LayerStoreTests.options(), logger: quietLogger)
+        _ = try store.createImageLayer("img", parent: nil)
+        _ = try store.createContainerLayer("victim", parent: "img", size: nil)
+        let old = dir.path + "/old.tar", new = dir.path + "/new.tar"
+        try PyTar.make(old, #"reg("file", b"old")"#)
+        try PyTar.make(new, """
+        reg("file", b"new")
+        reg("added", b"x")
+        """)
+        _ = try store.applyDiff("victim", from: old)
+        try store.close()
+        let result = try CLI.run(["layer", "apply-diff", "--root", dir.path + "/store", "victim", new],
+                                 environment: ["THINFS_CRASH_AT": point])
+        #expect(result.status != 0, "the crash hook did not fire at \(point)")
+        let reopened = try LayerStore.open(root: dir.path + "/store", logger: quietLogger)
+        let victim = try #require(try reopened.layer("victim"), "\(point): the layer is gone")
+        #expect(victim.state == .active)
+        let open = try reopened.openLayer("victim", readOnly: true, what: "test")
+        let v = open.volume
+        #expect(try v.readdirNames(v.rootInode).filter { $0 != "lost+found" } == (applied ? ["added", "file"] : ["file"]), "\(point)")
+        let file = try v.lookup(parent: v.rootInode, name: "file")
+        var bytes = [UInt8](repeating: 0, count: 16)
+        let n = try bytes.withUnsafeMutableBytes { try v.read(file.ino, at: 0, into: $0) }
+        #expect(String(decoding: bytes[0..<n], as: UTF8.self) == (applied ? "new" : "old"), "\(point)")
+        try open.close()
+        let recorded = Set(try reopened.allLayers().map(\.deviceID) + [reopened.base.deviceID])
+        #expect(recorded.count == 3)
+        #expect(try LayerStoreTests.dumpedDevices(reopened) == recorded, "\(point): the pool and the store disagree")
+        #expect(try Oracle.check(try reopened.poolRoot.config().metadata))
+    }
+}
+
 extension Volume {
     /// The names in directory `ino`, without . and .., sorted.
     func readdirNames(_ ino: UInt64) throws -> [String] {

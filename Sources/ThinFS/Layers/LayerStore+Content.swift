@@ -8,31 +8,90 @@ import Glibc
 /// Layer content: apply-diff, diff and image import, through the Volume API with no mount.
 ///
 /// Every writer of a layer's content goes through `writeContent` (an existing layer) or
-/// `createImageLayer(_:parent:what:content:)` (a new one), so a layer is never complete-looking
-/// with partial content:
+/// `createImageLayer(_:parent:what:content:)` (a new one), so a layer never holds partial
+/// content and looks complete, and an existing layer's content is never lost to a failed write.
+///
+/// A new layer is `applying` while it is written, and removed if its writer fails:
 ///
 ///     step                               layers.state    a crash here leaves
 ///     ─────────────────────────────────  ──────────────  ─────────────────────────────────────
-///     1 create (journaled) or open       applying        applying: removed at the next open
+///     1 create (journaled)               applying        applying: removed at the next open
 ///     2 body writes through the Volume   applying        applying: removed at the next open
 ///     3 volume written back, pool commit applying        applying: removed at the next open
 ///     4 mark complete                    active          a complete layer
 ///
-/// Step 3 is `OpenLayer.close`: libext2fs's state is flushed and the pool commits (data synced
-/// before the mappings that point at it), so the content is durable before step 4 says so. A
-/// `body` that throws removes the layer at once: its content is partial too.
+/// An existing layer is written through a scratch device, a thin snapshot of its device (O(1)),
+/// while the layer itself stays `active` with its old content and is held busy (nothing mounts,
+/// snapshots, removes or writes it meanwhile):
+///
+///     step                               layers.device_id   a failure or crash here leaves
+///     ─────────────────────────────────  ─────────────────  ──────────────────────────────────
+///     1 snapshot S of D (journaled)      D (old content)    the old content; S deleted
+///     2 body writes S through the Volume D                  the old content; S deleted
+///     3 volume written back, pool commit D                  the old content; S deleted
+///     4 switch the row                   S (new content)    the new content; D deleted
+///     5 delete D, commit                 S                  the new content
+///
+/// A failure deletes S at once; a crash leaves it to the recovery at the next open (see
+/// `LayerStore+Journal.swift`). Step 3 is `OpenLayer.close`: libext2fs's state is flushed and the
+/// pool commits (data synced before the mappings that point at it), so the content is durable
+/// before step 4 (a new layer's step 4) says so.
 extension LayerStore {
-    /// Writes the content of existing layer `id` with `body` as one unit (see above). The
-    /// containerd and Docker front doors' appliers use this too.
+    /// Writes the content of existing layer `id` with `body` as one unit (see above): the layer
+    /// has all of what `body` wrote, or, if `body` throws or the process dies, exactly what it
+    /// had before. The containerd and Docker front doors' appliers use this too.
     public func writeContent<T>(_ id: String, what: String, _ body: (Volume) throws -> T) throws -> T {
-        let open = try openLayer(id, readOnly: false, what: what)
+        let (open, busy) = try openScratch(id, what: what)
+        // The layer stays busy until its row names the written device or the scratch is gone.
+        defer { busy.release() }
+        let scratch = open.member.deviceID
+        let result: T
         do {
-            try setState(id, .applying)
+            result = try body(open.volume)
+            try open.close()
         } catch {
             try? open.close()
+            discardScratch(scratch, of: id, after: error)
             throw error
         }
-        return try fill(open, body)
+        do {
+            try journaledSwitch(open.layer, to: scratch)
+        } catch {
+            discardScratch(scratch, of: id, after: error)
+            throw error
+        }
+        logger.info("layer content written", metadata: ["layer": "\(id)", "thin.id": "\(scratch)"])
+        return result
+    }
+
+    /// Holds `id` busy for writing (refused, as `openLayer` refuses it, if it is not live, has
+    /// children or is in use) and opens a scratch snapshot of its device read-write. The volume
+    /// is not the layer's registered writer: readers of the layer wait for the write to end, as
+    /// other processes do, rather than see partial content.
+    private func openScratch(_ id: String, what: String) throws -> (OpenLayer, LayerLock) {
+        try requireWritable("opening layer \(id) read-write")
+        return try locked {
+            let layer = try liveLayer(id)
+            if let child = try children(of: id).first { throw Error.parentFrozen(id, child: child.id) }
+            if let holder = try busyHolder(id) {
+                throw Error.busy(id, holder: "\(holder.description); a read-write open needs it unused")
+            }
+            let busy = try holdBusy(id, what: what, readOnly: false)
+            do {
+                let scratch = try journaledScratch(of: layer)
+                do {
+                    let member = try volumes.open(device: scratch, size: layer.size, readOnly: false,
+                                                  logger: Logger(label: "thinfs.volume"))
+                    return (OpenLayer(layer: layer, member: member, busy: nil, borrowed: false, store: self), busy)
+                } catch {
+                    discardScratch(scratch, of: id, after: error)
+                    throw error
+                }
+            } catch {
+                busy.release()
+                throw error
+            }
+        }
     }
 
     /// `createImageLayer`, with the new layer's content written by `body` as one unit (see
@@ -84,8 +143,8 @@ extension LayerStore {
         }
     }
 
-    /// `thinfs layer apply-diff`: unpacks a layer tar (plain, gzip or zstd) into layer `id`. On
-    /// failure the layer is removed (its content is partial), as it is if the process is killed.
+    /// `thinfs layer apply-diff`: unpacks a layer tar (plain, gzip or zstd) into layer `id`, all
+    /// or nothing: on failure, or if the process is killed, the layer keeps its previous content.
     public func applyDiff(_ id: String, from path: String) throws -> String {
         let stats = try writeContent(id, what: "apply-diff") { volume in
             try LayerApplier(volume: volume, logger: logger).apply(path: path)

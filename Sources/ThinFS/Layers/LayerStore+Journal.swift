@@ -18,15 +18,37 @@ import PersistentData
 /// - otherwise: roll back a create (delete the device if an earlier commit made it durable, drop
 ///   the row), and finish a delete (the user asked for it, and the data may be half gone).
 ///
-/// Then every layer still `applying` is deleted, journaled like any delete: its writer (image
-/// import, apply-diff) was killed before the content was committed and the layer marked active,
+/// Then every layer still `applying` is deleted, journaled like any delete: its writer (a new
+/// layer's: image import) was killed before the content was committed and the layer marked active,
 /// so what the device holds is partial. Only the pool's one writer opens the store, so no live
 /// writer can own such a layer at that point.
 ///
 /// Crash points for tests (`THINFS_CRASH_AT`): `<op>.opened`, `<op>.sent`, `<op>.recorded`,
 /// `<op>.closed`, with op `create` or `delete`.
+///
+/// **Scratch devices.** New content for an existing layer (`writeContent`) is written into a
+/// thin snapshot of the layer's device, never into the device itself, so the layer's committed
+/// content is untouched until one database update makes the snapshot the layer's device:
+///
+///     step                           journal (T, scratch, L, S, D)   layers.device_id   crash: next open
+///     ─────────────────────────────  ──────────────────────────────  ─────────────────  ──────────────────
+///     1 open                         added                           D                  S deleted if there
+///     2 create_snap S D, commit T                                    D                  S deleted
+///     3 content written into S,                                      D                  S deleted
+///       volume closed, pool commit
+///     4 switch                                                       S                  D deleted
+///     5 delete D, commit                                             S                  (D gone)
+///     6 forget                       removed
+///
+/// The layer row alone says which device holds the layer's content, so recovery needs no
+/// transaction id: the device the row does not name is the one deleted. Writing into D with S
+/// as a backup would need a second switch to roll back, and a crash in the middle of the write
+/// would leave the row naming a half-written device. A writer that fails deletes S at once
+/// (steps 1-3 undone while the process lives); if that fails too, the next open does it.
+/// Crash points: `scratch.opened`, `scratch.sent`, `scratch.closed` (after step 2),
+/// `scratch.written` (after 3), `scratch.switched` (after 4), `scratch.deleted` (after 5).
 extension LayerStore {
-    enum JournalOp: String { case create, delete }
+    enum JournalOp: String { case create, delete, scratch }
 
     struct JournalEntry {
         var txid: UInt64
@@ -103,6 +125,77 @@ extension LayerStore {
         try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(txid))])
     }
 
+    // MARK: Scratch devices (see the table above)
+
+    /// Steps 1-2: a thin snapshot of `layer`'s device, for new content, journaled. Returns its id.
+    func journaledScratch(of layer: Layer) throws -> ThinDeviceID {
+        var scratch = try allocateDeviceID()
+        var attempts = 0
+        while true {
+            let txid = try transactionID + 1
+            try db.execute("INSERT INTO journal(txid, op, layer, device_id, origin) VALUES(?, 'scratch', ?, ?, ?)",
+                           [.integer(Int64(txid)), .text(layer.id), .integer(Int64(scratch)), .integer(Int64(layer.deviceID))])
+            Self.crashPoint("scratch.opened")
+            do {
+                try pool.message(.createSnap(scratch, origin: layer.deviceID))
+            } catch ThinPoolError.message(.deviceIDInUse(let taken)) {
+                try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(txid))])
+                logger.warning("thin device id taken in the pool; trying the next", metadata: ["thin.id": "\(taken)"])
+                attempts += 1
+                guard attempts < 1000 else { throw Error.noFreeDeviceID }
+                scratch = try allocateDeviceID(after: taken)
+                continue
+            } catch {
+                try? db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(txid))])
+                throw error
+            }
+            Self.crashPoint("scratch.sent")
+            try Self.setSetting(db, "next.device", String(scratch + 1))
+            try closeTransaction(txid)
+            Self.crashPoint("scratch.closed")
+            return scratch
+        }
+    }
+
+    /// Steps 4-6, once the scratch device's content is committed: the layer's row names it, and
+    /// the old device goes. Throws only if the switch itself failed (the layer keeps its old
+    /// content then, and the caller discards the scratch device); a failure to delete the old
+    /// device afterwards is left to the next open, since the new content is already the layer's.
+    func journaledSwitch(_ layer: Layer, to scratch: ThinDeviceID) throws {
+        try locked {
+            Self.crashPoint("scratch.written")
+            try db.execute("UPDATE layers SET device_id = ? WHERE id = ? AND device_id = ?",
+                           [.integer(Int64(scratch)), .text(layer.id), .integer(Int64(layer.deviceID))])
+            Self.crashPoint("scratch.switched")
+            do {
+                if try pool.deviceExists(layer.deviceID) { try pool.message(.delete(layer.deviceID)) }
+                try volumes.commit()
+                Self.crashPoint("scratch.deleted")
+                try db.execute("DELETE FROM journal WHERE op = 'scratch' AND device_id = ?", [.integer(Int64(scratch))])
+            } catch {
+                logger.error("layer content written, but its old thin device could not be deleted; the next open deletes it",
+                             metadata: ["layer": "\(layer.id)", "thin.id": "\(layer.deviceID)", "error": "\(error)"])
+            }
+        }
+    }
+
+    /// Undoes steps 1-3 of a writer that failed: the scratch device goes, the layer keeps its old
+    /// device. If that fails, the journal entry stays and the next open deletes the device.
+    func discardScratch(_ scratch: ThinDeviceID, of id: String, after failure: Swift.Error) {
+        locked {
+            do {
+                if try pool.deviceExists(scratch) { try pool.message(.delete(scratch)) }
+                try volumes.commit()
+                try db.execute("DELETE FROM journal WHERE op = 'scratch' AND device_id = ?", [.integer(Int64(scratch))])
+                logger.warning("layer content could not be written; the layer keeps its previous content",
+                               metadata: ["layer": "\(id)", "error": "\(failure)"])
+            } catch {
+                logger.error("layer content could not be written and its scratch device not deleted; the next open deletes it",
+                             metadata: ["layer": "\(id)", "thin.id": "\(scratch)", "error": "\(failure)", "delete.error": "\(error)"])
+            }
+        }
+    }
+
     /// Step 4: the pool's transaction id moves to `txid` in the same commit as the change.
     /// Open volumes are flushed first (the group commit), so their filesystems stay consistent.
     private func closeTransaction(_ txid: UInt64) throws {
@@ -166,6 +259,15 @@ extension LayerStore {
                     try pool.message(.setTransactionID(current: poolTx, new: entry.txid))
                     try pool.commit()
                     report.rolledBack.append(entry.layer)
+                case (.scratch, _):
+                    // Whichever device the layer's row does not name is the one to go (see the table).
+                    let switched = try layer(entry.layer)?.deviceID == entry.deviceID
+                    let loser = switched ? entry.origin : entry.deviceID
+                    if let loser, try pool.deviceExists(loser) {
+                        try pool.message(.delete(loser))
+                        try pool.commit()
+                    }
+                    if switched { report.rolledForward.append(entry.layer) } else { report.rolledBack.append(entry.layer) }
                 case (.delete, let done):
                     if !done {
                         if try pool.deviceExists(entry.deviceID) { try pool.message(.delete(entry.deviceID)) }

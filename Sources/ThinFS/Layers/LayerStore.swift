@@ -34,11 +34,13 @@ import SystemPackage
 /// change back or forward, removes the layers whose content a writer never finished, then
 /// reconciles the database with the pool.
 ///
-/// **Content.** A layer whose content is being written (image import, apply-diff, and the
-/// front doors' appliers, all through `writeContent` / `createImageLayer(_:parent:what:content:)`)
-/// is `applying` in the database until its volume is written back and the pool committed: a
-/// writer killed in between leaves it `applying`, nothing can mount or snapshot it, and the next
-/// open removes it, as moby's layer store drops layers it never marked complete.
+/// **Content.** A new layer whose content is being written (image import, and the front doors'
+/// appliers, through `createImageLayer(_:parent:what:content:)`) is `applying` in the database
+/// until its volume is written back and the pool committed: a writer killed in between leaves it
+/// `applying`, nothing can mount or snapshot it, and the next open removes it, as moby's layer
+/// store drops layers it never marked complete. New content for an existing layer (apply-diff,
+/// `writeContent`) is written into a thin snapshot of its device that replaces the device only
+/// once complete, so a failed or killed writer leaves the layer's old content.
 ///
 /// **Concurrency.** Operations of one store serialize on `lock`. Lock order: the store's
 /// lock, then a `VolumeGroup`'s, then a volume's; the pool's locks are innermost.
@@ -48,7 +50,8 @@ public final class LayerStore: @unchecked Sendable {
         case active
         /// Removed while busy, with deferred deletion: the device goes when its last user does.
         case deleted
-        /// Its content is being written (`writeContent`); incomplete until it is `active` again.
+        /// A new layer whose content is being written (`createImageLayer(_:parent:what:content:)`);
+        /// incomplete until it is `active`.
         /// Left by a killed writer, it is removed when the store next opens.
         case applying
     }
@@ -179,7 +182,7 @@ public final class LayerStore: @unchecked Sendable {
             case .deleted(let id):
                 "layer \(id) has been removed (deferred deletion pending): it cannot be mounted or snapshotted"
             case .incomplete(let id):
-                "layer \(id) is incomplete: its content is being written (an image import or apply-diff), or its writer failed (remove it with 'thinfs layer rm \(id)'; one left by a killed writer is removed when the store next opens); it cannot be mounted, snapshotted or reused"
+                "layer \(id) is incomplete: its content is being written (an image import), or its writer failed (remove it with 'thinfs layer rm \(id)'; one left by a killed writer is removed when the store next opens); it cannot be mounted, snapshotted or reused"
             case .lowSpace(let what, let free, let needed, let unit):
                 "the thin pool has \(free) free \(what) \(unit), less than the \(needed) required by dm.min_free_space: grow the pool ('thinfs pool resize'; lvextend for an LVM thin pool), remove layers, or lower dm.min_free_space"
             case .baseMismatch(let root, let expected, let found):
