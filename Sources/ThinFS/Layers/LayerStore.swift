@@ -504,11 +504,12 @@ public final class LayerStore: @unchecked Sendable {
         // SQLite binds text up to its first NUL and open(2) stops there too: "a\0b" would be "a".
         guard !id.utf8.contains(0) else { throw Error.invalidLayerID(id, reason: "it contains a NUL byte") }
         guard !id.isEmpty, id.count <= 200 else { throw Error.invalidLayerID(id, reason: "it must have 1 to 200 characters") }
-        let allowed = CharacterSet(charactersIn: "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:._-")
-        guard id.unicodeScalars.allSatisfy(allowed.contains), id.first != ".", id.first != "-" else {
+        guard id.unicodeScalars.allSatisfy(idCharacters.contains), id.first != ".", id.first != "-" else {
             throw Error.invalidLayerID(id, reason: "use letters, digits and : . _ - (not starting with . or -)")
         }
     }
+
+    private static let idCharacters = CharacterSet(charactersIn: "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:._-")
 
     /// A path or name the store hands to open(2), mount(2) or SQLite, which all end a string at
     /// its first NUL byte: with one, it would name something else. `what` names it in the error.
