@@ -40,12 +40,13 @@ struct ControlSocketTests {
         // decoded string), and what the error must name. SQLite, open(2) and mount(2) stop at a
         // NUL, so the part before it names another layer, file or directory.
         let cases: [(String, String)] = [
-            (#"{"operation":"rm","layer":"x..y\u0000junk"}"#, #""x..y\0junk""#),
             (#"{"operation":"apply-diff","layer":"x..y\u0000junk","path":"\#(tar)"}"#, #""x..y\0junk""#),
             (#"{"operation":"diff","layer":"x..y\u0000junk","path":"\#(out)"}"#, #""x..y\0junk""#),
             (#"{"operation":"mount","layer":"x..y\u0000junk","mountpoint":"\#(other)"}"#, #""x..y\0junk""#),
             (#"{"operation":"create","layer":"z","parent":"x..y\u0000junk"}"#, #""x..y\0junk""#),
             (#"{"operation":"create","layer":"z\u0000junk"}"#, #""z\0junk""#),
+            // Last: before, it removed x..y.
+            (#"{"operation":"rm","layer":"x..y\u0000junk"}"#, #""x..y\0junk""#),
             // A NUL in a path: the mount point, the diff's output file.
             (#"{"operation":"mount","layer":"x..y","mountpoint":"\#(other)\u0000junk"}"#, #"mount point "\#(other)\0junk""#),
             (#"{"operation":"diff","layer":"x..y","path":"\#(out)\u0000junk"}"#, #""\#(out)\0junk""#),

@@ -136,7 +136,9 @@ public enum ControlSocket {
             if let (end, seconds) = deadline {
                 let left = end.timeIntervalSinceNow
                 guard left > 0 else { throw Refusal.silent(seconds: seconds) }
-                var timeout = timeval(tv_sec: Int(left), tv_usec: Int((left - left.rounded(.down)) * 1e6) + 1)
+                // Rounded up: a zero timeval would mean no timeout at all.
+                let micros = Int(left * 1e6) + 1
+                var timeout = timeval(tv_sec: micros / 1_000_000, tv_usec: micros % 1_000_000)
                 _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
             }
             let want = limit.map { min(chunk.count, $0 + 1 - data.count) } ?? chunk.count
