@@ -27,6 +27,9 @@ final class LayerDatabase: @unchecked Sendable {
         var message: String
         var code: Int32
         var description: String { "layer database \(path): \(context): \(message) (SQLite code \(code))" }
+        /// The file is damaged, or not a database at all: SQLITE_CORRUPT or SQLITE_NOTADB, in
+        /// the low byte that extended result codes keep.
+        var isCorrupt: Bool { code & 0xff == SQLITE_CORRUPT || code & 0xff == SQLITE_NOTADB }
     }
 
     typealias Row = [Value]

@@ -146,6 +146,8 @@ extension LayerStore {
     /// `thinfs layer apply-diff`: unpacks a layer tar (plain, gzip or zstd) into layer `id`, all
     /// or nothing: on failure, or if the process is killed, the layer keeps its previous content.
     public func applyDiff(_ id: String, from path: String) throws -> String {
+        // Before the layer is opened: a failure inside `writeContent` removes the layer.
+        try Self.validate(path, what: "tar path")
         let stats = try writeContent(id, what: "apply-diff") { volume in
             try LayerApplier(volume: volume, logger: logger).apply(path: path)
         }
@@ -155,6 +157,7 @@ extension LayerStore {
     /// `thinfs layer diff`: writes layer `id`'s changes against its parent (or the base device)
     /// to `path` as an OCI layer tar with whiteouts.
     public func diff(_ id: String, to path: String) throws {
+        try Self.validate(path, what: "output path")
         try locked {
             let layer = try liveLayer(id)
             let child = try openLayer(id, readOnly: true, what: "diff")
@@ -178,6 +181,8 @@ extension LayerStore {
     /// reused.
     public func importImage(_ path: String, name: String?,
                             progress: ((ImportProgress) -> Void)? = nil) throws -> String {
+        try Self.validate(path, what: "image path")
+        if let name { try Self.validate(name, what: "image name") }
         let source = try ImageSource(path: path, temporaryDirectory: scratchDirectory)
         var parent: String?
         var done = ImportProgress(layers: source.layers.count)

@@ -27,6 +27,9 @@ extension LayerStore {
     /// Image layers, and every layer of a read-only store, are mounted read-only.
     public func mountInKernel(_ id: String, at mountpoint: String, readOnly requested: Bool,
                               options requestedOptions: [String] = []) throws -> String {
+        try Self.validate(id: id)
+        try Self.validate(mountpoint, what: "mount point")
+        for option in requestedOptions { try Self.validate(option, what: "mount option") }
         let kernel = try kernelPool(id)
         return try locked {
             let layer = try liveLayer(id)
@@ -59,7 +62,8 @@ extension LayerStore {
     /// Unmounts a kernel mount of one of this store's layers and deactivates its device; then
     /// runs the deferred deletions it may have been holding up. Returns the layer id.
     public func unmountFromKernel(_ mountpoint: String) throws -> String {
-        try locked {
+        try Self.validate(mountpoint, what: "mount point")
+        return try locked {
             guard let entry = MountTable.current().entry(at: mountpoint) else {
                 throw Error.unsupported("\(mountpoint) is not a mount point")
             }

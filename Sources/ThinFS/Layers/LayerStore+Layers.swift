@@ -171,7 +171,8 @@ extension LayerStore {
     func lockPath(_ id: String) -> String { Self.lockPath(root: root, layer: id) }
 
     private func openLockFile(_ id: String) throws -> FileDescriptor {
-        try FileDescriptor.open(FilePath(lockPath(id)), .readWrite, options: [.create, .closeOnExec],
+        try Self.validate(id: id)
+        return try FileDescriptor.open(FilePath(lockPath(id)), .readWrite, options: [.create, .closeOnExec],
                                 permissions: [.ownerReadWrite])
     }
 

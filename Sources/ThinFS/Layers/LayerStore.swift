@@ -114,12 +114,33 @@ public final class LayerStore: @unchecked Sendable {
     /// A layer's busy lock (see `holdBusy`); `thinfs umount` waits on it from outside the store.
     public static func lockPath(root: String, layer: String) -> String { root + "/locks/\(layer).lock" }
 
-    /// Is `root` a layer store (made by `thinfs init`)?
+    /// Is `root` a layer store (made by `thinfs init`)? A root whose layers.db is damaged is
+    /// one: `probe` and `open` say it is corrupt.
     public static func exists(at root: String) -> Bool {
-        guard FileManager.default.fileExists(atPath: databasePath(root)),
-              let db = try? LayerDatabase(path: databasePath(root)) else { return false }
-        defer { db.close() }
-        return (try? setting(db, "options")) != nil
+        do { return try probe(at: root) } catch Error.corruptDatabase { return true } catch { return false }
+    }
+
+    /// Is `root` a layer store? False without a layers.db, or with one that an interrupted
+    /// `thinfs init` left without its settings; `corruptDatabase` if SQLite cannot read it.
+    public static func probe(at root: String) throws -> Bool {
+        guard FileManager.default.fileExists(atPath: databasePath(root)) else { return false }
+        return try classifyingCorruption {
+            let db = try LayerDatabase(path: databasePath(root))
+            defer { db.close() }
+            return try setting(db, "options") != nil
+        }
+    }
+
+    /// Runs `body`, calling a layers.db that SQLite finds damaged (SQLITE_CORRUPT, SQLITE_NOTADB)
+    /// what it is, rather than a store that does not exist: the advice differs (the pool's
+    /// devices are intact; removing the root would lose them).
+    static func classifyingCorruption<T>(_ body: () throws -> T) throws -> T {
+        do { return try body() } catch { throw classified(error) }
+    }
+
+    static func classified(_ error: Swift.Error) -> Swift.Error {
+        guard let error = error as? LayerDatabase.Error, error.isCorrupt else { return error }
+        return Error.corruptDatabase(path: error.path, reason: error.message)
     }
 
     private init(root: String, poolRoot: PoolRoot, pool: any ThinPoolBackend, storeLock: FileDescriptor?, db: LayerDatabase,
@@ -144,6 +165,10 @@ public final class LayerStore: @unchecked Sendable {
         case unknownLayer(String)
         case layerExists(String, state: State)
         case invalidLayerID(String, reason: String)
+        /// A path or name that cannot be handed on (a NUL byte ends it early in open(2), mount(2) and SQLite).
+        case invalidArgument(what: String, value: String, reason: String)
+        /// layers.db exists but SQLite cannot read it.
+        case corruptDatabase(path: String, reason: String)
         case hasChildren(String, children: [String])
         case parentFrozen(String, child: String)
         case notAnImageLayer(String, kind: Kind)
@@ -171,7 +196,11 @@ public final class LayerStore: @unchecked Sendable {
                 case .applying: "layer \(id) already exists, with its content being written (or left incomplete by a writer that failed: remove it with 'thinfs layer rm \(id)')"
                 case .active: "layer \(id) already exists"
                 }
-            case .invalidLayerID(let id, let why): "invalid layer id '\(id)': \(why)"
+            // Quoted as Swift does (a NUL as \0): the message shows exactly what was sent.
+            case .invalidLayerID(let id, let why): "invalid layer id \(id.debugDescription): \(why)"
+            case .invalidArgument(let what, let value, let why): "invalid \(what) \(value.debugDescription): \(why)"
+            case .corruptDatabase(let path, let why):
+                "the layer database \(path) is corrupt (SQLite: \(why)). The layers' data is intact in the thin pool, but which device holds which layer is recorded only there: restore \(path) from a backup if you have one. The pool's thin devices can still be listed and read ('thinfs pool dump --root \((path as NSString).deletingLastPathComponent)', 'thinfs dev read'; thin_dump for a kernel pool's metadata device). Running 'thinfs init' on this root is refused, so as not to lose them."
             case .hasChildren(let id, let children):
                 "layer \(id) has children and cannot be removed: \(children.joined(separator: ", ")) (remove them first)"
             case .parentFrozen(let id, let child):
@@ -200,6 +229,7 @@ public final class LayerStore: @unchecked Sendable {
         public var errno: Errno {
             switch self {
             case .unknownLayer, .notInitialized: .noSuchFileOrDirectory
+            case .corruptDatabase: .ioError
             case .layerExists, .alreadyInitialized: .fileExists
             case .busy, .hasChildren, .incomplete: .resourceBusy
             case .lowSpace: .noSpace
@@ -216,7 +246,7 @@ public final class LayerStore: @unchecked Sendable {
     public static func initialize(root: String, options: StorageOptions,
                                   logger: Logger = Logger(label: "thinfs.layers")) throws -> LayerStore {
         let root = URL(fileURLWithPath: root).standardizedFileURL.path
-        guard !exists(at: root) else { throw Error.alreadyInitialized(root: root) }
+        guard try !probe(at: root) else { throw Error.alreadyInitialized(root: root) }
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         let poolRoot = PoolRoot(path: root)
         if options.poolBackend != .kernel {
@@ -282,7 +312,7 @@ public final class LayerStore: @unchecked Sendable {
     public static func initializeReadOnly(root: String, pool location: PoolLocation, base: Base, layers: [Layer],
                                           logger: Logger = Logger(label: "thinfs.layers")) throws -> LayerStore {
         let root = URL(fileURLWithPath: root).standardizedFileURL.path
-        guard !exists(at: root) else { throw Error.alreadyInitialized(root: root) }
+        guard try !probe(at: root) else { throw Error.alreadyInitialized(root: root) }
         for layer in layers { try validate(id: layer.id) }
         var options = StorageOptions()
         options.baseSize = base.size
@@ -324,7 +354,7 @@ public final class LayerStore: @unchecked Sendable {
         let root = URL(fileURLWithPath: root).standardizedFileURL.path
         guard FileManager.default.fileExists(atPath: databasePath(root)) else { throw Error.notInitialized(root: root) }
         // The settings are read once: they choose the pool, and the store keeps them.
-        let db = try LayerDatabase(path: databasePath(root))
+        let db = try classifyingCorruption { try LayerDatabase(path: databasePath(root)) }
         var pool: (any ThinPoolBackend)?, storeLock: FileDescriptor?
         do {
             guard let encoded = try setting(db, "options"),
@@ -344,7 +374,7 @@ public final class LayerStore: @unchecked Sendable {
             try? pool?.close()
             try? storeLock?.close()
             db.close()
-            throw error
+            throw classified(error)
         }
     }
 
@@ -446,9 +476,11 @@ public final class LayerStore: @unchecked Sendable {
         try db.query("SELECT \(Self.columns) FROM layers ORDER BY created, rowid").map(decode)
     }
 
-    /// The layer `id`, live or deferred-deleted.
+    /// The layer `id`, live or deferred-deleted. Every operation on an existing layer looks it
+    /// up here first, so this is where a bad id from any front door is refused.
     public func layer(_ id: String) throws -> Layer? {
-        try db.query("SELECT \(Self.columns) FROM layers WHERE id = ?", [.text(id)]).first.map(decode)
+        try Self.validate(id: id)
+        return try db.query("SELECT \(Self.columns) FROM layers WHERE id = ?", [.text(id)]).first.map(decode)
     }
 
     /// The live layer `id`: a deferred-deleted one is gone as far as users are concerned, and
@@ -464,15 +496,29 @@ public final class LayerStore: @unchecked Sendable {
 
     /// The ids of the layers whose parent is `id`, deferred-deleted ones included.
     public func children(of id: String) throws -> [Layer] {
-        try db.query("SELECT \(Self.columns) FROM layers WHERE parent = ? ORDER BY created", [.text(id)]).map(decode)
+        try Self.validate(id: id)
+        return try db.query("SELECT \(Self.columns) FROM layers WHERE parent = ? ORDER BY created", [.text(id)]).map(decode)
     }
 
-    /// Layer ids are names in a directory and a database key: printable, no slashes.
-    static func validate(id: String) throws {
+    /// Layer ids are names in a directory and a database key: printable, no slashes. The store
+    /// checks every id it is given (`layer(_:)`, `create`, the busy locks), whichever front door
+    /// it came through: the CLI, the control socket, or a future gRPC or HTTP service.
+    public static func validate(id: String) throws {
+        // SQLite binds text up to its first NUL and open(2) stops there too: "a\0b" would be "a".
+        guard !id.utf8.contains(0) else { throw Error.invalidLayerID(id, reason: "it contains a NUL byte") }
         guard !id.isEmpty, id.count <= 200 else { throw Error.invalidLayerID(id, reason: "it must have 1 to 200 characters") }
-        let allowed = CharacterSet(charactersIn: "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:._-")
-        guard id.unicodeScalars.allSatisfy(allowed.contains), id.first != ".", id.first != "-" else {
+        guard id.unicodeScalars.allSatisfy(idCharacters.contains), id.first != ".", id.first != "-" else {
             throw Error.invalidLayerID(id, reason: "use letters, digits and : . _ - (not starting with . or -)")
+        }
+    }
+
+    private static let idCharacters = CharacterSet(charactersIn: "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:._-")
+
+    /// A path or name the store hands to open(2), mount(2) or SQLite, which all end a string at
+    /// its first NUL byte: with one, it would name something else. `what` names it in the error.
+    public static func validate(_ value: String, what: String) throws {
+        guard !value.utf8.contains(0) else {
+            throw Error.invalidArgument(what: what, value: value, reason: "it contains a NUL byte")
         }
     }
 

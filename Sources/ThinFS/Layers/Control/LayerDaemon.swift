@@ -83,6 +83,8 @@ public final class LayerDaemon: @unchecked Sendable {
     /// mount grants less than a container's rootfs should have (`MountAccess`).
     @discardableResult
     public func mount(_ id: String, at mountpoint: String, readOnly requested: Bool, options requestedOptions: [String] = []) throws -> [String] {
+        try LayerStore.validate(mountpoint, what: "mount point")
+        for option in requestedOptions { try LayerStore.validate(option, what: "mount option") }
         let layer = try store.liveLayer(id)
         // dm.mountopt applies to every mount, as Docker added it to each layer's mount.
         let options = store.options.mountOptions + requestedOptions

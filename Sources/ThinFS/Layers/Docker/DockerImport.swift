@@ -330,7 +330,7 @@ extension DockerImport {
         if root == set.root || root.hasPrefix(set.root + "/") {
             throw LayerStore.Error.unsupported("\(root) is inside \(set.root): the store's root must be elsewhere, since nothing under Docker's directory may change")
         }
-        guard !LayerStore.exists(at: root) else { throw LayerStore.Error.alreadyInitialized(root: root) }
+        guard try !LayerStore.probe(at: root) else { throw LayerStore.Error.alreadyInitialized(root: root) }
         let layerDB = useLayerDB ? DockerLayerDB(path: DockerLayerDB.path(forDeviceSet: set.root)) : nil
         let (pool, source) = try openPool(set, thinPool: thinPool, logger: logger)
         let plan: Plan
