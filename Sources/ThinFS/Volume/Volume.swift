@@ -1170,7 +1170,8 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                 let opened = try openFile(fs, ino, write: true)
                 file = opened
                 try check(ext2fs_file_llseek(opened, offset, EXT2_SEEK_SET, nil), "seeking inode \(ino) to \(offset)")
-                // The blocks libext2fs writes from here to the close are the file's data (see `fileDataMode`).
+                // The blocks libext2fs writes from here to the close are the file's data, and the
+                // inode table and extent blocks that go with it (see `fileDataMode`).
                 channel.fileDataMode = true
                 defer { channel.fileDataMode = false }
                 while done < buffer.count {
@@ -1182,10 +1183,11 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                 }
                 file = nil
                 try check(ext2fs_file_close(opened), "closing inode \(ino)")
+                channel.fileDataMode = false
                 // The data goes to the device before the write returns: a pool out of space fails
                 // this write, at write(2), rather than a write-back after it was acknowledged.
                 do {
-                    try channel.writeBackFileData()
+                    try channel.writeBackFileData(dataBlocks(fs, ino, offset, buffer.count))
                 } catch {
                     throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "writing inode \(ino) at \(offset): \(error)")
                 }
@@ -1193,11 +1195,14 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                 if let file {
                     channel.fileDataMode = true
                     ext2fs_file_close(file)
-                    channel.fileDataMode = false
                 }
-                // What this write left in the cache reaches the device now or never: a block the
-                // device refuses must not be written back later, after the caller heard ENOSPC.
-                try? channel.writeBackFileData()
+                channel.fileDataMode = false
+                defer {
+                    // What this write left in the file's blocks reaches the device now or never
+                    // (the blocks released above are gone from the cache already): a block the
+                    // device refuses must not be written back later, after the caller heard ENOSPC.
+                    try? channel.writeBackFileData(dataBlocks(fs, ino, offset, buffer.count))
+                }
                 // A failed write does not extend the file: ext2fs_file_write has already set the
                 // size to what it copied, but the block it was flushing when it failed may never
                 // have reached the device, and the caller is told nothing was written.
@@ -1212,6 +1217,17 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             try writeInode(fs, ino, &inode)
             return done
         }
+    }
+
+    /// The device blocks holding bytes `offset..<offset + count` of inode `ino`, as runs: where
+    /// `write` put the file's data. Empty for files that are not extent-mapped (their data is
+    /// then written back as metadata is).
+    private func dataBlocks(_ fs: ext2_filsys, _ ino: UInt64, _ offset: UInt64, _ count: Int) -> [(start: UInt64, count: UInt64)] {
+        guard count > 0, var inode = try? readInode(fs, ino), inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0,
+              inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0 else { return [] }
+        let bs = UInt64(fs.pointee.blocksize)
+        let runs = (try? mapRuns(fs, ino, &inode, first: offset / bs, last: (offset + UInt64(count) - 1) / bs)) ?? []
+        return runs.compactMap { run in run.physical.map { (start: $0, count: run.count) } }
     }
 
     /// Shrinks a file a failed write extended back to its size before the write: the size goes
@@ -1586,8 +1602,9 @@ private final class ChannelState {
     static let capacity = 1024
     /// Set by `Volume.write` around its libext2fs file writes: the blocks written meanwhile are
     /// file data, which the device writes with `writeFileData`, leaving a thin pool's reserve to
-    /// the filesystem's metadata (`UserspaceThinPool.reservedDataBlocks`). Read and written
-    /// under the Volume's lock only.
+    /// the filesystem's metadata (`UserspaceThinPool.reservedDataBlocks`), until
+    /// `writeBackFileData` says which of them were (libext2fs writes the inode table and extent
+    /// blocks meanwhile too). Read and written under the Volume's lock only.
     var fileDataMode = false
     /// Counts libext2fs's block frees (see `countBlockFrees`). Read and written under the Volume's
     /// lock only: unlocked file reads compare it before and after their device I/O.
@@ -1700,16 +1717,30 @@ private final class ChannelState {
         }
     }
 
-    /// Writes back the dirty file-data blocks now (`Volume.write`, before it returns). Blocks
-    /// the device refuses (a thin pool down to its reserve) are dropped, never written later:
-    /// the write that made them fails, and the caller hears it.
-    func writeBackFileData() throws {
+    /// Ends a `fileDataMode` write (`Volume.write`, before it returns): the dirty blocks in
+    /// `runs`, the file's data, are written back now with `writeFileData`, and those the device
+    /// refuses (a thin pool down to its reserve) are dropped, never written later: the write
+    /// that made them fails, and the caller hears it. The other blocks written meanwhile are
+    /// metadata (the inode table, extent blocks): they lose the file-data mark and are written
+    /// back with the rest, never dropped.
+    func writeBackFileData(_ runs: [(start: UInt64, count: UInt64)]) throws {
         try lock.withLock {
             discardFreedRun()
+            var data = Set<UInt64>()
+            for run in runs {
+                // A long run covers few cached blocks: then walk the cache instead of the run.
+                if run.count < UInt64(blocks.count) {
+                    for b in run.start..<(run.start + run.count) where blocks[b] != nil { data.insert(b) }
+                } else {
+                    data.formUnion(blocks.keys.filter { $0 >= run.start && $0 < run.start + run.count })
+                }
+            }
+            for (b, e) in blocks where e.fileData != data.contains(b) { blocks[b]!.fileData = !e.fileData }
+            defer { for b in data where blocks[b] != nil { blocks[b]!.fileData = false } }
             do {
                 try writeBack(onlyFileData: true)
             } catch {
-                for (b, e) in blocks where e.dirty && e.fileData { drop(b) }
+                for b in data where blocks[b]?.dirty == true { drop(b) }
                 throw error
             }
         }
