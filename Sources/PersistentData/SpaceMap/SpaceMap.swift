@@ -47,6 +47,11 @@ public final class SpaceMap {
 
     public var nrBitmaps: Int { Int((nrBlocks + UInt64(Self.entriesPerBitmap) - 1) / UInt64(Self.entriesPerBitmap)) }
     public var nrFree: UInt64 { nrBlocks - nrAllocated }
+    /// Blocks referenced by the last commit and free now: `allocate` may not hand them out
+    /// before the next commit (the rule above), so they are free but not yet allocatable.
+    public private(set) var nrFreedSinceCommit: UInt64 = 0
+    /// Blocks `allocate` can hand out now.
+    public var nrAllocatable: UInt64 { nrFree - nrFreedSinceCommit }
 
     /// The kernel stores entry `b` of a 64-bit little-endian word at bits
     /// 2*(b%32) (high bit of the count) and 2*(b%32)+1 (low bit):
@@ -83,6 +88,9 @@ public final class SpaceMap {
         let old = self.count(b)
         guard old != count else { return }
         if old == 0 { nrAllocated += 1 } else if count == 0 { nrAllocated -= 1 }
+        if isCommitted(b) {
+            if count == 0 { nrFreedSinceCommit += 1 } else if old == 0 { nrFreedSinceCommit -= 1 }
+        }
         let oldEntry = entry(b)
         let newEntry = min(count, 3)
         if oldEntry != newEntry {
@@ -148,6 +156,7 @@ public final class SpaceMap {
         touched.removeAll()
         dirtyBitmaps.removeAll()
         overflowDirty.removeAll()
+        nrFreedSinceCommit = 0
         cursor = 0
     }
 
@@ -219,6 +228,7 @@ public final class SpaceMap {
         touched.removeAll()
         dirtyBitmaps.removeAll()
         overflowDirty.removeAll()
+        nrFreedSinceCommit = 0
         for (i, w) in words.enumerated() {
             var threes = w & (w >> 1) & 0x5555_5555_5555_5555
             while threes != 0 {

@@ -197,10 +197,21 @@ extension LayerStore {
     }
 
     /// Step 4: the pool's transaction id moves to `txid` in the same commit as the change.
-    /// Open volumes are flushed first (the group commit), so their filesystems stay consistent.
+    /// Then open volumes are flushed and committed (the group commit), so that the pool's last
+    /// commit holds their filesystems whole again.
+    ///
+    /// Once the message has returned, the change is durable and done: the store reports it
+    /// done. A failure of the group commit after it (a mounted container whose flush a full pool
+    /// refuses) is that volume's to report, at its next fsync; reporting it here made
+    /// `layer create` and `layer rm` exit 1 having created or removed the layer.
     private func closeTransaction(_ txid: UInt64) throws {
         try pool.message(.setTransactionID(current: txid - 1, new: txid))
-        try volumes.commit()
+        do {
+            try volumes.commit()
+        } catch {
+            logger.warning("the pool change is committed; flushing the open volumes after it failed",
+                           metadata: ["txid": "\(txid)", "error": "\(error)"])
+        }
     }
 
     func insert(_ layer: Layer) throws {

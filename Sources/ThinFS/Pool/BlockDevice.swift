@@ -11,6 +11,13 @@ public protocol BlockDevice: AnyObject, Sendable {
     var size: UInt64 { get }
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws
+    /// Writes a file's data (a Volume's `write`), as opposed to filesystem metadata. A userspace
+    /// thin device refuses it with ENOSPC while the pool is down to its reserve, which only
+    /// metadata may use (`UserspaceThinPool.reservedDataBlocks`); other devices just write it.
+    func writeFileData(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws
+    /// True when the next commit (`flush`) makes space free that writes cannot have now: a thin
+    /// pool hands out blocks freed since its last commit only after the next one.
+    var spaceFreedAtCommit: Bool { get }
     /// Unmaps a range; later reads of whole unmapped blocks return zeros.
     func discard(offset: UInt64, length: UInt64) throws
     /// Makes completed writes durable.
@@ -29,6 +36,9 @@ public protocol BlockDevice: AnyObject, Sendable {
 
 extension BlockDevice {
     public func close() {}
+
+    public func writeFileData(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws { try write(buffer, at: offset) }
+    public var spaceFreedAtCommit: Bool { false }
 
     /// Copies the first `length` bytes to `target`, 1 MiB at a time (exporting a device as an image).
     public func copy(to target: BlockDevice, length: UInt64) throws {

@@ -49,6 +49,14 @@ public final class ThinDevice: BlockDevice, @unchecked Sendable {
         try pool.write(id, buffer, at: offset)
     }
 
+    /// File data leaves the pool's reserve to ext4's metadata (`UserspaceThinPool.reservedDataBlocks`).
+    public func writeFileData(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try check(offset, buffer.count)
+        try pool.write(id, buffer, at: offset, keepingReserve: true)
+    }
+
+    public var spaceFreedAtCommit: Bool { pool.spaceFreedAtCommit }
+
     public func discard(offset: UInt64, length: UInt64) throws {
         try check(offset, 0)
         try pool.discard(id, offset: offset, length: min(length, size - offset))

@@ -25,7 +25,11 @@ extension UserspaceThinPool {
         return set.sorted()
     }
 
-    public func write(_ id: ThinDeviceID, _ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    /// Writes `buffer` to thin device `id`. With `keepingReserve`, a write that needs a new data
+    /// block fails with ENOSPC once no more than `reservedDataBlocks` are left (see there): file
+    /// data is written that way, so that ext4's metadata can always be written back.
+    public func write(_ id: ThinDeviceID, _ buffer: UnsafeRawBufferPointer, at offset: UInt64,
+                      keepingReserve: Bool = false) throws {
         guard buffer.count > 0 else { return }
         try requireWritable()
         let bs = blockSize
@@ -36,7 +40,7 @@ extension UserspaceThinPool {
             for i in locks { stripes[i].lock() }
             defer { for i in locks.reversed() { stripes[i].unlock() } }
 
-            let steps = try plan(id, first...last, offset: offset, count: buffer.count)
+            let steps = try plan(id, first...last, offset: offset, count: buffer.count, keepingReserve: keepingReserve)
             do {
                 try execute(steps, buffer)
             } catch {
@@ -52,7 +56,8 @@ extension UserspaceThinPool {
     }
 
     /// Decides, under the metadata lock, where each block of a write goes.
-    private func plan(_ id: ThinDeviceID, _ blocks: ClosedRange<UInt64>, offset: UInt64, count: Int) throws -> [Step] {
+    private func plan(_ id: ThinDeviceID, _ blocks: ClosedRange<UInt64>, offset: UInt64, count: Int,
+                      keepingReserve: Bool) throws -> [Step] {
         let bs = blockSize
         var steps: [Step] = []
         steps.reserveCapacity(blocks.count)
@@ -69,6 +74,9 @@ extension UserspaceThinPool {
                             steps.append(Step(vblock: vb, target: m.dataBlock, allocated: false, copyFrom: nil,
                                               range: start..<end, bufferOffset: bufferOffset))
                             continue
+                        }
+                        if keepingReserve && md.dataSM.nrAllocatable <= Self.reservedDataBlocks(nrDataBlocks: md.nrDataBlocks, blockSize: bs) {
+                            throw ThinPoolError.noDataSpace(id)
                         }
                         let target: UInt64
                         do {

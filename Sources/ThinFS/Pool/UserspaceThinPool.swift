@@ -280,6 +280,26 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
         }
     }
 
+    // MARK: The reserve
+
+    /// Data blocks that writes of file data leave free (`write(_:_:at:keepingReserve:)`): 16 MiB,
+    /// at least 8 blocks, at most an eighth of the pool.
+    ///
+    /// Under the atomic-commit policy, rewriting a block the last commit references takes a new
+    /// block until the next commit frees the old one, so even ext4 metadata already in the pool
+    /// (bitmaps, group descriptors, inode tables, the blocks a container shares with its image)
+    /// needs free blocks to change. Without a reserve, the file data that filled the pool left
+    /// ext4 unable to write back the allocation it had made for that data, or to free it:
+    /// `rm` failed with ENOSPC, and a volume closed then left bitmaps and group descriptors
+    /// behind on the device. The kernel's dm-thin overwrites such blocks in place and needs no
+    /// reserve. A metadata write-back changes a few blocks per commit, far fewer than this.
+    public static func reservedDataBlocks(nrDataBlocks: UInt64, blockSize: UInt64) -> UInt64 {
+        min(max((16 << 20) / blockSize, 8), nrDataBlocks / 8)
+    }
+
+    /// Data blocks freed since the last commit (discards, deletes) become allocatable at the next.
+    public var spaceFreedAtCommit: Bool { metaLock.withLock { md.dataSM.nrFreedSinceCommit > 0 } }
+
     // MARK: Commit
 
     public func commit() throws {

@@ -1124,7 +1124,20 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
 
     public func write(_ ino: UInt64, at offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(VolumeError) -> Int {
         try requireWritable("write")
-        return try withFS { fs throws(VolumeError) in
+        do {
+            return try writeOnce(ino, at: offset, from: buffer)
+        } catch where error.errno == .noSpace && device.spaceFreedAtCommit {
+            // A thin pool hands out the blocks freed since its last commit (an rm just now) only
+            // after the next one; dm-thin commits when it runs out of data space for the same
+            // reason. A commit is consistent once the filesystem is flushed: fsync does both.
+            logger.debug("out of space with space freed since the last commit: committing, then writing again", metadata: ["ino": "\(ino)"])
+            guard (try? fsync(nil)) != nil else { throw error }
+            return try writeOnce(ino, at: offset, from: buffer)
+        }
+    }
+
+    private func writeOnce(_ ino: UInt64, at offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(VolumeError) -> Int {
+        try withFS { fs throws(VolumeError) in
             var inode = try readInode(fs, ino)
             guard UInt32(inode.i_mode) & 0o170000 == 0o100000 else {
                 throw VolumeError(UInt32(inode.i_mode) & 0o170000 == 0o040000 ? .isDirectory : .invalidArgument, "write to inode \(ino), not a regular file")
@@ -1137,6 +1150,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             let bs = UInt64(fs.pointee.blocksize)
             let firstWhole = (offset + bs - 1) / bs, endWhole = (offset + UInt64(buffer.count)) / bs
             let sizeBefore = fileSize(inode)
+            let channel = channelState(fs.pointee.io)
             var file: ext2_file_t?
             var done = 0
             do throws(VolumeError) {
@@ -1156,6 +1170,10 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                 let opened = try openFile(fs, ino, write: true)
                 file = opened
                 try check(ext2fs_file_llseek(opened, offset, EXT2_SEEK_SET, nil), "seeking inode \(ino) to \(offset)")
+                // The blocks libext2fs writes from here to the close are the file's data, and the
+                // inode table and extent blocks that go with it (see `fileDataMode`).
+                channel.fileDataMode = true
+                defer { channel.fileDataMode = false }
                 while done < buffer.count {
                     var wrote: UInt32 = 0
                     let want = UInt32(min(buffer.count - done, 1 << 30))
@@ -1165,8 +1183,26 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                 }
                 file = nil
                 try check(ext2fs_file_close(opened), "closing inode \(ino)")
+                channel.fileDataMode = false
+                // The data goes to the device before the write returns: a pool out of space fails
+                // this write, at write(2), rather than a write-back after it was acknowledged.
+                do {
+                    try channel.writeBackFileData(dataBlocks(fs, ino, offset, buffer.count))
+                } catch {
+                    throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "writing inode \(ino) at \(offset): \(error)")
+                }
             } catch {
-                if let file { ext2fs_file_close(file) }
+                if let file {
+                    channel.fileDataMode = true
+                    ext2fs_file_close(file)
+                }
+                channel.fileDataMode = false
+                defer {
+                    // What this write left in the file's blocks reaches the device now or never
+                    // (the blocks released above are gone from the cache already): a block the
+                    // device refuses must not be written back later, after the caller heard ENOSPC.
+                    try? channel.writeBackFileData(dataBlocks(fs, ino, offset, buffer.count))
+                }
                 // A failed write does not extend the file: ext2fs_file_write has already set the
                 // size to what it copied, but the block it was flushing when it failed may never
                 // have reached the device, and the caller is told nothing was written.
@@ -1181,6 +1217,17 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             try writeInode(fs, ino, &inode)
             return done
         }
+    }
+
+    /// The device blocks holding bytes `offset..<offset + count` of inode `ino`, as runs: where
+    /// `write` put the file's data. Empty for files that are not extent-mapped (their data is
+    /// then written back as metadata is).
+    private func dataBlocks(_ fs: ext2_filsys, _ ino: UInt64, _ offset: UInt64, _ count: Int) -> [(start: UInt64, count: UInt64)] {
+        guard count > 0, var inode = try? readInode(fs, ino), inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0,
+              inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0 else { return [] }
+        let bs = UInt64(fs.pointee.blocksize)
+        let runs = (try? mapRuns(fs, ino, &inode, first: offset / bs, last: (offset + UInt64(count) - 1) / bs)) ?? []
+        return runs.compactMap { run in run.physical.map { (start: $0, count: run.count) } }
     }
 
     /// Shrinks a file a failed write extended back to its size before the write: the size goes
@@ -1598,6 +1645,8 @@ private final class ChannelState {
     private struct Entry {
         var data: UnsafeMutableRawPointer
         var dirty: Bool
+        /// Written while `fileDataMode` was set: written back with `writeFileData`.
+        var fileData = false
     }
     private let lock = Lock()
     private var blocks: [UInt64: Entry] = [:]
@@ -1606,6 +1655,12 @@ private final class ChannelState {
     private var dirtyCount = 0
     private var blockSize = 0
     static let capacity = 1024
+    /// Set by `Volume.write` around its libext2fs file writes: the blocks written meanwhile are
+    /// file data, which the device writes with `writeFileData`, leaving a thin pool's reserve to
+    /// the filesystem's metadata (`UserspaceThinPool.reservedDataBlocks`), until
+    /// `writeBackFileData` says which of them were (libext2fs writes the inode table and extent
+    /// blocks meanwhile too). Read and written under the Volume's lock only.
+    var fileDataMode = false
     /// Counts libext2fs's block frees (see `countBlockFrees`). Read and written under the Volume's
     /// lock only: unlocked file reads compare it before and after their device I/O.
     var freeGeneration: UInt64 = 0
@@ -1617,6 +1672,7 @@ private final class ChannelState {
 
     func setBlockSize(_ size: Int) throws {
         try lock.withLock {
+            discardFreedRun()
             guard size != blockSize else { return }
             try writeBack()
             for e in blocks.values { e.data.deallocate() }
@@ -1651,6 +1707,7 @@ private final class ChannelState {
 
     func read(_ block: UInt64, _ count: Int32, _ data: UnsafeMutableRawPointer, _ r: (offset: UInt64, length: Int)) throws {
         try lock.withLock {
+            discardFreedRun()
             if count == 1, r.length == blockSize, let hit = blocks[block] {
                 data.copyMemory(from: hit.data, byteCount: r.length)
                 return
@@ -1669,11 +1726,13 @@ private final class ChannelState {
 
     func write(_ block: UInt64, _ count: Int32, _ data: UnsafeRawPointer, _ r: (offset: UInt64, length: Int)) throws {
         try lock.withLock {
+            discardFreedRun()
             if count == 1, r.length == blockSize, blockSize > 0 {
                 try insert(block, data, dirty: true)
                 return
             }
-            try device.write(UnsafeRawBufferPointer(start: data, count: r.length), at: r.offset)
+            let bytes = UnsafeRawBufferPointer(start: data, count: r.length)
+            if fileDataMode { try device.writeFileData(bytes, at: r.offset) } else { try device.write(bytes, at: r.offset) }
             guard blockSize > 0, !blocks.isEmpty, r.length > 0 else { return }
             // Keep overlapping cached copies current (a dirty one stays dirty: its other bytes are newer than the device).
             for s in shared(r) {
@@ -1684,29 +1743,86 @@ private final class ChannelState {
 
     func discard(_ r: (offset: UInt64, length: Int)) throws {
         try lock.withLock {
+            discardFreedRun()
             // Discarded bytes are gone: drop the cached copies, dirty or not, then unmap.
-            for b in overlapping(r) {
-                if let e = blocks.removeValue(forKey: b) {
-                    if e.dirty { dirtyCount -= 1 }
-                    e.data.deallocate()
-                    if let i = order.firstIndex(of: b) { order.remove(at: i); if next >= order.count { next = 0 } }
+            for b in overlapping(r) { drop(b) }
+            try device.discard(offset: r.offset, length: UInt64(r.length))
+        }
+    }
+
+    /// Blocks the filesystem has just freed (libext2fs's allocation callbacks): their cached
+    /// copies go now (a dirty one written back later would map the block again), and the
+    /// device unmaps them, so that a thin pool gets the space back (the whole pool blocks
+    /// among them) as the kernel's ext4 gives it back with `-o discard`. Without it, `rm` in a
+    /// container on a full pool freed nothing in the pool, and new data in the freed ext4
+    /// blocks needed new pool blocks.
+    ///
+    /// libext2fs frees a file's blocks one at a time (punch.c), so consecutive frees gather
+    /// into one discard, sent before the channel's next I/O (`discardFreedRun`).
+    func discardFreed(_ block: UInt64, count: UInt64) {
+        lock.withLock {
+            guard blockSize > 0, count > 0 else { return }
+            for b in overlapping((block * UInt64(blockSize), Int(count) * blockSize)) { drop(b) }
+            if let run = freedRun, run.start + run.count == block {
+                freedRun = (run.start, run.count + count)
+                return
+            }
+            discardFreedRun()
+            freedRun = (block, count)
+        }
+    }
+
+    /// Ends a `fileDataMode` write (`Volume.write`, before it returns): the dirty blocks in
+    /// `runs`, the file's data, are written back now with `writeFileData`, and those the device
+    /// refuses (a thin pool down to its reserve) are dropped, never written later: the write
+    /// that made them fails, and the caller hears it. The other blocks written meanwhile are
+    /// metadata (the inode table, extent blocks): they lose the file-data mark and are written
+    /// back with the rest, never dropped.
+    func writeBackFileData(_ runs: [(start: UInt64, count: UInt64)]) throws {
+        try lock.withLock {
+            discardFreedRun()
+            var data = Set<UInt64>()
+            for run in runs {
+                // A long run covers few cached blocks: then walk the cache instead of the run.
+                if run.count < UInt64(blocks.count) {
+                    for b in run.start..<(run.start + run.count) where blocks[b] != nil { data.insert(b) }
+                } else {
+                    data.formUnion(blocks.keys.filter { $0 >= run.start && $0 < run.start + run.count })
                 }
             }
-            try device.discard(offset: r.offset, length: UInt64(r.length))
+            for (b, e) in blocks where e.fileData != data.contains(b) { blocks[b]!.fileData = !e.fileData }
+            defer { for b in data where blocks[b] != nil { blocks[b]!.fileData = false } }
+            do {
+                try writeBack(onlyFileData: true)
+            } catch {
+                for b in data where blocks[b]?.dirty == true { drop(b) }
+                throw error
+            }
         }
     }
 
     var counts: (total: Int, dirty: Int) { lock.withLock { (order.count, dirtyCount) } }
 
     /// Writes back every dirty block without flushing the device.
-    func writeBackDirty() throws { try lock.withLock { try writeBack() } }
+    func writeBackDirty() throws {
+        try lock.withLock {
+            discardFreedRun()
+            try writeBack()
+        }
+    }
 
     /// `writeBackDirty` unless one failed recently; false if dirty blocks remain.
-    func writeBackDirtyUnlessFailing() -> Bool { lock.withLock { writeBackUnlessFailing() } }
+    func writeBackDirtyUnlessFailing() -> Bool {
+        lock.withLock {
+            discardFreedRun()
+            return writeBackUnlessFailing()
+        }
+    }
 
     /// Writes back every dirty block, then flushes the device (a pool commit on a thin device).
     func flush() throws {
         try lock.withLock {
+            discardFreedRun()
             try writeBack()
             retryWriteBack = nil
         }
@@ -1714,6 +1830,29 @@ private final class ChannelState {
     }
 
     // MARK: Under the lock
+
+    /// Consecutive freed blocks not yet discarded (see `discardFreed`).
+    private var freedRun: (start: UInt64, count: UInt64)?
+
+    /// Discards `freedRun`. Before every other I/O, so that a freed block written again (newly
+    /// allocated) is discarded before it is written, never after. Best effort: a failed discard
+    /// leaves the blocks mapped, as they were.
+    private func discardFreedRun() {
+        guard let run = freedRun else { return }
+        freedRun = nil
+        // Less than 64 KiB, the smallest thin-pool block, never unmaps anything: not worth a call.
+        let bs = UInt64(blockSize)
+        guard bs > 0, run.count * bs >= 64 << 10 else { return }
+        try? device.discard(offset: run.start * bs, length: run.count * bs)
+    }
+
+    /// Removes block `b` from the cache, dirty or not.
+    private func drop(_ b: UInt64) {
+        guard let e = blocks.removeValue(forKey: b) else { return }
+        if e.dirty { dirtyCount -= 1 }
+        e.data.deallocate()
+        if let i = order.firstIndex(of: b) { order.remove(at: i); if next >= order.count { next = 0 } }
+    }
 
     private func overlapping(_ r: (offset: UInt64, length: Int)) -> [UInt64] {
         guard blockSize > 0, !blocks.isEmpty, r.length > 0 else { return [] }
@@ -1739,6 +1878,7 @@ private final class ChannelState {
             e.data.copyMemory(from: data, byteCount: blockSize)
             if dirty && !e.dirty { dirtyCount += 1 }
             e.dirty = e.dirty || dirty
+            if dirty { e.fileData = fileDataMode }
             blocks[block] = e
         } else {
             // Round-robin replacement; a dirty victim is written back first, with all the others.
@@ -1761,7 +1901,7 @@ private final class ChannelState {
             }
             let copy = UnsafeMutableRawPointer.allocate(byteCount: blockSize, alignment: 64)
             copy.copyMemory(from: data, byteCount: blockSize)
-            blocks[block] = Entry(data: copy, dirty: dirty)
+            blocks[block] = Entry(data: copy, dirty: dirty, fileData: dirty && fileDataMode)
             if dirty { dirtyCount += 1 }
         }
         // Write back early, but the block is safely cached either way: a failure here (the device
@@ -1770,24 +1910,27 @@ private final class ChannelState {
         if dirtyCount >= Self.capacity / 2 { _ = writeBackUnlessFailing() }
     }
 
-    /// Writes the dirty blocks in block order, one pwrite per contiguous run (up to 1 MiB). A
-    /// run that fails stays dirty and the others are still tried; the first error is thrown.
-    private func writeBack() throws {
+    /// Writes the dirty blocks in block order, one pwrite per contiguous run of one kind (file
+    /// data or metadata, up to 1 MiB). A run that fails stays dirty and the others are still
+    /// tried; the first error is thrown. `onlyFileData`: the file-data blocks only.
+    private func writeBack(onlyFileData: Bool = false) throws {
         guard dirtyCount > 0 else { return }
         var failure: Error?
-        let dirty = blocks.filter { $0.value.dirty }.keys.sorted()
+        let dirty = blocks.filter { $0.value.dirty && (!onlyFileData || $0.value.fileData) }.keys.sorted()
         let maxRun = max(1, (1 << 20) / blockSize)
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: maxRun * blockSize, alignment: 4096)
         defer { buffer.deallocate() }
         var i = 0
         while i < dirty.count {
+            let fileData = blocks[dirty[i]]!.fileData
             var n = 0
-            while i + n < dirty.count, n < maxRun, dirty[i + n] == dirty[i] + UInt64(n) {
+            while i + n < dirty.count, n < maxRun, dirty[i + n] == dirty[i] + UInt64(n), blocks[dirty[i + n]]!.fileData == fileData {
                 buffer.advanced(by: n * blockSize).copyMemory(from: blocks[dirty[i + n]]!.data, byteCount: blockSize)
                 n += 1
             }
             do {
-                try device.write(UnsafeRawBufferPointer(start: buffer, count: n * blockSize), at: dirty[i] * UInt64(blockSize))
+                let run = UnsafeRawBufferPointer(start: buffer, count: n * blockSize), at = dirty[i] * UInt64(blockSize)
+                if fileData { try device.writeFileData(run, at: at) } else { try device.write(run, at: at) }
                 for b in dirty[i..<(i + n)] { blocks[b]!.dirty = false }
                 dirtyCount -= n
             } catch {
@@ -1815,12 +1958,19 @@ private func channelState(_ channel: io_channel?) -> ChannelState {
 
 /// libext2fs's block-allocation callbacks (`ext2fs_block_alloc_stats2` and its range form, which
 /// every free of a data block goes through: punch, truncate, inode release). A free bumps the
-/// channel's `freeGeneration`. They run inside libext2fs calls, so under the Volume's lock.
-private let countBlockFree: @convention(c) (ext2_filsys?, blk64_t, Int32) -> Void = { fs, _, inuse in
-    if inuse < 0, let fs { channelState(fs.pointee.io).freeGeneration &+= 1 }
+/// channel's `freeGeneration` and discards the blocks (`discardFreed`). They run inside
+/// libext2fs calls, so under the Volume's lock.
+private let countBlockFree: @convention(c) (ext2_filsys?, blk64_t, Int32) -> Void = { fs, block, inuse in
+    guard inuse < 0, let fs else { return }
+    let channel = channelState(fs.pointee.io)
+    channel.freeGeneration &+= 1
+    channel.discardFreed(UInt64(block), count: 1)
 }
-private let countBlockRangeFree: @convention(c) (ext2_filsys?, blk64_t, blk_t, Int32) -> Void = { fs, _, _, inuse in
-    if inuse < 0, let fs { channelState(fs.pointee.io).freeGeneration &+= 1 }
+private let countBlockRangeFree: @convention(c) (ext2_filsys?, blk64_t, blk_t, Int32) -> Void = { fs, block, count, inuse in
+    guard inuse < 0, let fs else { return }
+    let channel = channelState(fs.pointee.io)
+    channel.freeGeneration &+= 1
+    channel.discardFreed(UInt64(block), count: UInt64(count))
 }
 
 /// Byte range of a libext2fs block request: a negative count is a byte count (ext2_io.h).

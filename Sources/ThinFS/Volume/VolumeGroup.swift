@@ -95,10 +95,29 @@ public final class VolumeGroup: @unchecked Sendable {
         // Closing writes libext2fs's last state; the commit makes it durable with everyone else's.
         var failure: Error?
         do { try member.volume.close() } catch { failure = error }
-        lock.withLock { members.removeAll { $0.key == member.key } }
-        if !member.volume.isReadOnly {
-            do { try commit() } catch { failure = failure ?? error }
+        let writersLeft = lock.withLock { () -> Bool in
+            members.removeAll { $0.key == member.key }
+            return members.contains { !$0.volume.isReadOnly }
         }
+        guard !member.volume.isReadOnly else {
+            if let failure { throw failure }
+            return
+        }
+        if let failure, !writersLeft, let userspace = pool as? UserspaceThinPool, userspace.options.atomicCommit {
+            // Part of the volume's last state never reached the device (the pool out of space
+            // even for metadata): a commit now would publish a half-written ext4 (e2fsck:
+            // bitmap differences, blocks in use in a BLOCK_UNINIT group). Under atomic commit
+            // the last commit holds it whole, so go back to that, as after a crash. With other
+            // writers open this cannot be done without losing theirs, and the commit goes ahead.
+            logger.error("a volume closed without all of its state written: its thin device goes back to the pool's last commit",
+                         metadata: ["thin.id": "\(member.deviceID)", "error": "\(failure)"])
+            do { try userspace.abortTransaction() } catch {
+                throw VolumeError(.ioError, "closing the filesystem on thin device \(member.deviceID) failed (\(failure)), "
+                                  + "and so did going back to the pool's last commit (\(error))")
+            }
+            throw failure
+        }
+        do { try commit() } catch { failure = failure ?? error }
         if let failure { throw failure }
     }
 }
@@ -110,6 +129,8 @@ private final class MemberDevice: BlockDevice, @unchecked Sendable {
     var size: UInt64 { base.size }
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws { try base.read(into: buffer, at: offset) }
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws { try base.write(buffer, at: offset) }
+    func writeFileData(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws { try base.writeFileData(buffer, at: offset) }
+    var spaceFreedAtCommit: Bool { base.spaceFreedAtCommit }
     func discard(offset: UInt64, length: UInt64) throws { try base.discard(offset: offset, length: length) }
     /// The data is in the pool once written; durability is the group commit's job.
     func flush() throws {}
