@@ -89,7 +89,9 @@ struct LayerCommand: ParsableCommand {
                 // The request may run in the daemon, which cannot read our stdin: spool it first.
                 let tmp = URL(fileURLWithPath: options.root).standardizedFileURL.path + "/tmp/stdin-\(getpid())-\(UUID().uuidString).tar"
                 try FileManager.default.createDirectory(atPath: (tmp as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-                FileManager.default.createFile(atPath: tmp, contents: nil)
+                guard FileManager.default.createFile(atPath: tmp, contents: nil) else {
+                    throw CommandFailure(message: "cannot create \(tmp) to hold the tar read from stdin: \(String(cString: strerror(errno)))")
+                }
                 let out = try FileHandle(forWritingTo: URL(fileURLWithPath: tmp))
                 while let chunk = try FileHandle.standardInput.read(upToCount: 1 << 20), !chunk.isEmpty { out.write(chunk) }
                 try out.close()

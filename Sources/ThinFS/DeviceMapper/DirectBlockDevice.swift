@@ -99,7 +99,10 @@ public final class DirectBlockDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
-    public func freeSpace() throws -> UInt64? { try poolFreeSpace?() }
+    /// The kernel pool keeps no reserve: all of its free space is there for file data.
+    public func freeSpace() throws -> PoolFreeSpace? {
+        try poolFreeSpace?().map { PoolFreeSpace(free: $0, forFileData: $0) }
+    }
 
     // MARK: -
 

@@ -25,13 +25,31 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// Lets the device go now rather than when the last reference does; later I/O fails.
     /// Idempotent. A kernel thin device is deactivated once its last opener closes it.
     func close()
-    /// The bytes that writes to blocks not yet backed can still get from the storage beneath:
+    /// The space that writes to blocks not yet backed can still get from the storage beneath:
     /// a thin device's pool's free data space, which every thin device of the pool shares. nil
     /// when the device's whole size is its own (a file as a scratch image), so that the
     /// filesystem's free count is the whole answer. A filesystem's statfs caps its free space
     /// by this, so every wrapper must forward it (no default: a wrapper that forgets does not
     /// compile, rather than showing a container the ext4's free space instead of the pool's).
-    func freeSpace() throws -> UInt64?
+    func freeSpace() throws -> PoolFreeSpace?
+}
+
+/// What a thin pool can still give its devices' writes (`BlockDevice.freeSpace()`), in bytes.
+///
+/// statfs maps it the way ext4 maps its root reserve: `f_bfree` is capped by `free`, and
+/// `f_bavail` by `forFileData`, so `df` shows what a container's files can still get.
+public struct PoolFreeSpace: Equatable, Sendable {
+    /// Free data space: what any write can still get, filesystem metadata included.
+    public var free: UInt64
+    /// What writes of file data can get: `free` less the reserve that only metadata may use
+    /// (`UserspaceThinPool.reservedDataBlocks`). The same as `free` on a kernel pool, which
+    /// overwrites metadata in place and keeps no reserve.
+    public var forFileData: UInt64
+
+    public init(free: UInt64, forFileData: UInt64) {
+        self.free = free
+        self.forFileData = min(forFileData, free)
+    }
 }
 
 extension BlockDevice {
@@ -103,7 +121,7 @@ public final class FileBlockDevice: BlockDevice {
 
     /// A file backs all of its size (a sparse one could run out of host disk, as a preallocated
     /// block device cannot, but that is the host's free space, not a pool's).
-    public func freeSpace() throws -> UInt64? { nil }
+    public func freeSpace() throws -> PoolFreeSpace? { nil }
 }
 
 extension FileDescriptor {

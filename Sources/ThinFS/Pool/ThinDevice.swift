@@ -64,5 +64,11 @@ public final class ThinDevice: BlockDevice, @unchecked Sendable {
 
     public func flush() throws { try pool.commit() }
 
-    public func freeSpace() throws -> UInt64? { try pool.status().freeDataBytes }
+    /// The pool's free data space; file data leaves the reserve (see `writeFileData`).
+    public func freeSpace() throws -> PoolFreeSpace? {
+        let s = try pool.status()
+        let reserve = UserspaceThinPool.reservedDataBlocks(nrDataBlocks: s.totalDataBlocks, blockSize: s.dataBlockSize) * s.dataBlockSize
+        let free = s.freeDataBytes
+        return PoolFreeSpace(free: free, forFileData: free > reserve ? free - reserve : 0)
+    }
 }

@@ -762,19 +762,20 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// A container must not believe it has more space than the pool can give: free and
     /// available blocks are capped by the pool's free data space, which the device reports
     /// through every wrapper (a `VolumeGroup` member, a kernel pool's /dev/mapper node).
+    /// Available blocks leave out the pool's reserve for metadata, as ext4's own available
+    /// count leaves out its root reserve: file data cannot have it.
     /// The cap errs low: an ext4 block freed but still mapped in the pool takes no pool space
     /// when reused. A pool status that cannot be read fails statfs (EIO), rather than showing
     /// the ext4's free space as if the pool had it.
     private func limitedByPool(_ s: FileSystemStatistics) throws(VolumeError) -> FileSystemStatistics {
-        let bytes: UInt64?
-        do { bytes = try device.freeSpace() } catch {
+        let space: PoolFreeSpace?
+        do { space = try device.freeSpace() } catch {
             throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "reading the pool's free data space for statfs: \(error)")
         }
-        guard let bytes else { return s }
-        let poolFree = bytes / s.blockSize
+        guard let space else { return s }
         var r = s
-        r.freeBlocks = min(s.freeBlocks, poolFree)
-        r.availableBlocks = min(s.availableBlocks, poolFree)
+        r.freeBlocks = min(s.freeBlocks, space.free / s.blockSize)
+        r.availableBlocks = min(s.availableBlocks, space.forFileData / s.blockSize)
         return r
     }
 

@@ -134,5 +134,5 @@ private final class MemberDevice: BlockDevice, @unchecked Sendable {
     func discard(offset: UInt64, length: UInt64) throws { try base.discard(offset: offset, length: length) }
     /// The data is in the pool once written; durability is the group commit's job.
     func flush() throws {}
-    func freeSpace() throws -> UInt64? { try base.freeSpace() }
+    func freeSpace() throws -> PoolFreeSpace? { try base.freeSpace() }
 }
