@@ -7,7 +7,8 @@ import Testing
 
 /// A pool whose metadata is damaged behind good checksums keeps serving: the
 /// damaged read gets EIO, the pool goes read-only with needs_check (writes get
-/// EROFS), the process lives on, and `thinfs pool status` says so and why.
+/// EROFS), the process lives on, and `thinfs pool status` says so and why once a
+/// change has met the damage and set the flag on disk.
 @Suite("Pool with inconsistent metadata")
 struct PoolNeedsCheckTests {
     @Test func damagedMappingGivesEIOThenReadOnlyAndStatusSaysWhy() throws {
@@ -59,6 +60,17 @@ struct PoolNeedsCheckTests {
         try buffer.withUnsafeMutableBytes { try pool.read(2, into: $0, at: 0) }
         #expect(buffer == Array(block[0..<4096]))
         try pool.close()
+
+        // A read wrote nothing; a change that meets the damage (deleting the device
+        // walks its tree) fails with EIO and sets needs_check on disk.
+        do {
+            let pool = try UserspaceThinPool.open(dataPath: dataPath, metadataPath: metaPath, logger: quietLogger)
+            #expect(try pool.status().needsCheck == false)
+            let deleteError = #expect(throws: ThinPoolError.self) { try pool.message(.delete(1)) }
+            #expect(deleteError?.errno == .ioError, "\(String(describing: deleteError))")
+            #expect(try pool.status().needsCheck)
+            try pool.close()
+        }
 
         if Oracle.available {
             #expect(try Oracle.run("thin_check", [metaPath]).status != 0)

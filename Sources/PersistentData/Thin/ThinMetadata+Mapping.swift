@@ -124,8 +124,8 @@ extension ThinMetadata {
     }
 
     /// Drops a reference taken by `allocateDataBlock` that was never mapped.
-    /// After a failure rolled the transaction back (needs_check), the allocation is
-    /// already gone with it: nothing is left to release.
+    /// Once the metadata is read-only (needs_check) nothing is committed any more,
+    /// and a rollback may already have taken the allocation with it: nothing to release.
     public func releaseDataBlock(_ b: UInt64) {
         guard mode == .readWrite, dataSM.isNew(b) else { return }
         // isNew: allocated in this transaction, so the count is at least 1.

@@ -239,15 +239,20 @@ public final class ThinMetadata {
     }
 
     /// Runs a read of the trees. Damage it meets (a bad checksum, contents that
-    /// contradict the format) is reported as it is and, on writable metadata,
-    /// also rolls back and sets needs_check, as a failed change does: the trees
-    /// can no longer be trusted for the writes that would follow.
+    /// contradict the format) is reported as it is, and the metadata goes
+    /// read-only with needs_check: the trees can no longer be trusted for the
+    /// writes that would follow. Unlike a failed change (`fail`), a read writes
+    /// nothing: the flag stays in memory, as a failed lookup changes nothing on
+    /// disk in the kernel either (it only fails the bio); a change that meets the
+    /// damage later sets it on disk.
     @discardableResult
     func inspect<T>(_ body: () throws -> T) throws -> T {
         do {
             return try body()
         } catch let e as MetadataError where e.isDamage && mode == .readWrite {
-            try fail(e)
+            superblock.needsCheck = true
+            mode = .readOnly("\(e); needs_check is set")
+            throw e
         }
     }
 
