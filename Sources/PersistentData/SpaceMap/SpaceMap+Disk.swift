@@ -171,22 +171,27 @@ public final class SpaceMapStore {
 
     /// Reads the data space map through the transaction manager.
     static func loadData(root: SpaceMapRoot, tm: TransactionManager) throws(MetadataError) -> SpaceMapStore {
-        let sm = SpaceMap(nrBlocks: root.nrBlocks, name: Kind.data.treeName)
-        var entries = Array(repeating: IndexEntry(blocknr: 0, nrFree: 0, noneFreeBefore: 0), count: sm.nrBitmaps)
-        var seen = 0
+        // nr_blocks comes from disk: compare it with the bitmaps the index really
+        // has before sizing anything by it (2^50 blocks would ask for petabytes).
+        let needed = (root.nrBlocks + UInt64(SpaceMap.entriesPerBitmap) - 1) / UInt64(SpaceMap.entriesPerBitmap)
+        var found: [UInt64: IndexEntry] = [:]
         do {
             try BTree<IndexEntry>(tm: tm, name: "data space-map index").forEach(root.bitmapRoot) { key, e in
-                guard key < UInt64(entries.count) else {
-                    throw MetadataError.corrupt(block: root.bitmapRoot, reason: "data space-map index has bitmap \(key), expected at most \(entries.count)")
+                guard key < needed else {
+                    throw MetadataError.inconsistent(block: root.bitmapRoot, tree: Kind.data.treeName,
+                                                     reason: "its index has bitmap \(key), but \(root.nrBlocks) blocks need \(needed)")
                 }
-                entries[Int(key)] = e
-                seen += 1
+                found[key] = e
                 return true
             }
         } catch let e as MetadataError { throw e } catch { throw .corrupt(block: root.bitmapRoot, reason: "\(error)") }
-        guard seen == sm.nrBitmaps else {
-            throw .corrupt(block: root.bitmapRoot, reason: "data space-map index has \(seen) bitmaps, \(sm.nrBitmaps) expected for \(root.nrBlocks) blocks")
+        guard UInt64(found.count) == needed else {
+            throw .inconsistent(block: root.bitmapRoot, tree: Kind.data.treeName,
+                                reason: "its index has \(found.count) bitmaps, \(needed) expected for \(root.nrBlocks) blocks")
         }
+        let sm = SpaceMap(nrBlocks: root.nrBlocks, name: Kind.data.treeName)
+        // Every key below `needed` is present (count and range checked above).
+        let entries = (0..<needed).map { found[$0]! }
         let store = SpaceMapStore(kind: .data, sm: sm, bitmapLocations: entries.map(\.blocknr), indexEntries: entries,
                                   indexRoot: root.bitmapRoot, refCountRoot: root.refCountRoot)
         try store.loadBitmapsAndCounts(bm: tm.bm, refTree: { location throws(MetadataError) in try tm.read(location, as: .btreeNode) })
