@@ -78,6 +78,10 @@ struct PoolCommand: ParsableCommand {
             let s = try pool.status()
             guard human else {
                 print(s.line)
+                // The line has room only for the flag; say why (and what to do) beside it.
+                if s.needsCheck || s.mode == .ro, let why = s.readOnlyReason {
+                    FileHandle.standardError.write(Data("thinfs: the pool is read-only: \(why)\n".utf8))
+                }
                 return
             }
             let bs = s.dataBlockSize
@@ -95,7 +99,7 @@ struct PoolCommand: ParsableCommand {
              Metadata Space Available: \(ByteSize.human((s.totalMetadataBlocks - s.usedMetadataBlocks) * ms))
              Thin Devices: \(try pool.deviceIDs().count)
              Transaction Id: \(s.transactionID)
-             Mode: \(s.mode.rawValue)\(s.needsCheck ? " (needs_check)" : "")
+             Mode: \(s.mode.rawValue)\(s.needsCheck ? " (needs_check)" : "")\(s.readOnlyReason.map { "\n Read-only Reason: \($0)" } ?? "")
              Held Metadata Snapshot: \(s.heldMetadataRoot.map(String.init) ?? "none")
              Atomic Commit: \(pool.options.atomicCommit)
              Block Zeroing: \(pool.options.blockZeroing)

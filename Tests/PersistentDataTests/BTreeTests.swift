@@ -14,14 +14,14 @@ final class TreeBench {
     let data = SpaceMap(nrBlocks: 1 << 20)
     let tree: BTree<UInt64>
 
-    init() {
+    init() throws {
         bm = BlockManager(storage: storage)
         sm = SpaceMap(nrBlocks: storage.nrBlocks)
         // Block 0 stands for the superblock: never allocated, never flushed.
-        sm.set(0, count: 1)
+        try sm.set(0, count: 1)
         tm = TransactionManager(bm: bm, sm: sm)
         let data = self.data
-        tree = BTree<UInt64>(tm: tm, incValue: { data.inc($0) }, decValue: { data.dec($0) })
+        tree = BTree<UInt64>(tm: tm, incValue: { v throws(MetadataError) in try data.inc(v) }, decValue: { v throws(MetadataError) in try data.dec(v) })
     }
 
     /// What a commit does to the blocks: seal and write them, then make the
@@ -37,14 +37,14 @@ final class TreeBench {
         let value = data.allocate()!
         let r = try tree.insert(root, key, value)
         root = r.root
-        if let old = r.old { data.dec(old) }
+        if let old = r.old { try data.dec(old) }
         return value
     }
 
     func remove(_ root: inout UInt64, _ key: UInt64) throws -> UInt64? {
         let r = try tree.remove(root, key)
         root = r.root
-        if let old = r.old { data.dec(old) }
+        if let old = r.old { try data.dec(old) }
         return r.old
     }
 
@@ -68,7 +68,7 @@ final class TreeBench {
             refs[b, default: 0] += 1
             if refs[b]! > 1, let h = height[b] { return h }
             let n = try tm.read(b, as: .btreeNode)
-            try BTreeNode.validateHeader(n, leafValueSize: 8)
+            try BTreeNode.validate(n, leafValueSize: 8, tree: "test")
             let c = BTreeNode.count(n), max = BTreeNode.maxEntries(n)
             if !isRoot && c < max / 3 { problems.append("node \(b): \(c) entries < \(max / 3)") }
             for i in 0..<c {
@@ -114,7 +114,7 @@ final class TreeBench {
         (seed: UInt64(0xDEADBEEF), keySpace: UInt64.max),  // keys across the whole u64 range
     ])
     func randomOperationsMatchAModel(seed: UInt64, keySpace: UInt64) throws {
-        let bench = TreeBench()
+        let bench = try TreeBench()
         var rng = SeededRandom(seed: seed)
         var model: [UInt64: UInt64] = [:]
         // The model's keys in an array too, so a random one is O(1) to pick and drop.
@@ -179,7 +179,7 @@ final class TreeBench {
     /// end (every rebalance is then against the same sibling).
     @Test(arguments: [false, true])   // descending
     func sequentialInsertsAndRemoves(descending: Bool) throws {
-        let bench = TreeBench()
+        let bench = try TreeBench()
         var root = try bench.tree.create()
         let keys = Array(UInt64(0)..<40_000)
         for k in descending ? keys.reversed() : keys { _ = try bench.insert(&root, k * 3) }
@@ -202,7 +202,7 @@ final class TreeBench {
     /// deleting both must free every node and every value's reference.
     @Test(arguments: [true, false])   // whether the tree is committed before it is shared
     func snapshotCopiesAreIndependent(committedFirst: Bool) throws {
-        let bench = TreeBench()
+        let bench = try TreeBench()
         let baseline = bench.sm.nrAllocated
         var rng = SeededRandom(seed: 7)
         var original: [UInt64: UInt64] = [:]
@@ -214,7 +214,7 @@ final class TreeBench {
         if committedFirst { try bench.commit() }
 
         let snapshot = root
-        bench.tm.inc(root)
+        try bench.tm.inc(root)
         var changed = original
         var copy = root
         for i in 0..<3000 {

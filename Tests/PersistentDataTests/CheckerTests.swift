@@ -67,11 +67,11 @@ import Testing
             // Counted in the space map, referenced by nothing: a free block gets count 1.
             var free: UInt64 = 1
             while md.metadataSM.count(free) != 0 { free += 1 }
-            md.metadataSM.inc(free)
+            try md.metadataSM.inc(free)
             try md.commit()
             blame = "metadata block \(free)"
         case .metadataUndercount:
-            md.metadataSM.dec(leaf)
+            try md.metadataSM.dec(leaf)
             // Commit writes the space map; keep the decremented leaf from being reused first.
             try md.commit()
             blame = "metadata block \(leaf)"

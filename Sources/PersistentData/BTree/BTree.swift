@@ -13,13 +13,16 @@
 /// reference it held, if any.
 public struct BTree<Value: BTreeValue> {
     public let tm: TransactionManager
+    /// Which tree this is ("mapping", "device details"...), named in errors about its nodes.
+    public var name: String
     public var incValue: ((Value) throws(MetadataError) -> Void)?
     public var decValue: ((Value) throws(MetadataError) -> Void)?
 
-    public init(tm: TransactionManager,
+    public init(tm: TransactionManager, name: String = "btree",
                 incValue: ((Value) throws(MetadataError) -> Void)? = nil,
                 decValue: ((Value) throws(MetadataError) -> Void)? = nil) {
         self.tm = tm
+        self.name = name
         self.incValue = incValue
         self.decValue = decValue
     }
@@ -29,9 +32,24 @@ public struct BTree<Value: BTreeValue> {
     // MARK: Reading
 
     func node(_ location: UInt64) throws(MetadataError) -> MetadataBlock {
+        // Key order costs a pass over the keys: check it when the node comes from
+        // disk, not on every visit of a cached node (the cache only holds checked
+        // nodes and the ones this transaction wrote, whose order we keep).
+        let fresh = !tm.bm.isCached(location)
         let n = try tm.read(location, as: .btreeNode)
-        try BTreeNode.validateHeader(n, leafValueSize: Value.size)
+        try BTreeNode.validate(n, leafValueSize: Value.size, tree: name, keyOrder: fresh)
         return n
+    }
+
+    /// Child `i` of internal node `n`, refusing a pointer past the metadata device
+    /// before anything counts or reads it.
+    func child(_ n: MetadataBlock, _ i: Int) throws(MetadataError) -> UInt64 {
+        let c = BTreeNode.child(n, i)
+        guard c < tm.sm.nrBlocks else {
+            throw .inconsistent(block: n.location, tree: name,
+                                reason: "child \(i) points to block \(c), beyond the metadata device of \(tm.sm.nrBlocks) blocks")
+        }
+        return c
     }
 
     /// An empty tree: a single leaf with no entries.
@@ -60,7 +78,7 @@ public struct BTree<Value: BTreeValue> {
                 guard BTreeNode.key(n, i) == key else { return nil }
                 return (Value(loadingFrom: n, at: BTreeNode.valueOffset(n, i)), shared)
             }
-            location = BTreeNode.child(n, i)
+            location = try child(n, i)
         }
     }
 
@@ -81,7 +99,7 @@ public struct BTree<Value: BTreeValue> {
         }
         var i = max(0, BTreeNode.lowerBound(n, from))
         while i < c {
-            if !(try forEach(BTreeNode.child(n, i), from: from, body)) { return false }
+            if !(try forEach(child(n, i), from: from, body)) { return false }
             i += 1
         }
         return true
@@ -92,7 +110,7 @@ public struct BTree<Value: BTreeValue> {
         let n = try node(root)
         try body(n, depth)
         if !BTreeNode.isLeaf(n) {
-            for i in 0..<BTreeNode.count(n) { try forEachNode(BTreeNode.child(n, i), body, depth: depth + 1) }
+            for i in 0..<BTreeNode.count(n) { try forEachNode(child(n, i), body, depth: depth + 1) }
         }
     }
 
@@ -100,8 +118,9 @@ public struct BTree<Value: BTreeValue> {
 
     /// Makes `location` writable, adding references to its children if it was shared.
     func shadow(_ location: UInt64) throws(MetadataError) -> MetadataBlock {
+        let fresh = !tm.bm.isCached(location)
         let (n, incChildren) = try tm.shadow(location, as: .btreeNode)
-        try BTreeNode.validateHeader(n, leafValueSize: Value.size)
+        try BTreeNode.validate(n, leafValueSize: Value.size, tree: name, keyOrder: fresh)
         if incChildren {
             let c = BTreeNode.count(n)
             if BTreeNode.isLeaf(n) {
@@ -109,7 +128,7 @@ public struct BTree<Value: BTreeValue> {
                     for i in 0..<c { try incValue(Value(loadingFrom: n, at: BTreeNode.valueOffset(n, i))) }
                 }
             } else {
-                for i in 0..<c { tm.inc(BTreeNode.child(n, i)) }
+                for i in 0..<c { try tm.inc(child(n, i)) }
             }
         }
         return n
@@ -158,7 +177,7 @@ public struct BTree<Value: BTreeValue> {
             BTreeNode.setKey(n, 0, key)
             i = 0
         }
-        switch try insert(at: BTreeNode.child(n, i), key, value, &old) {
+        switch try insert(at: child(n, i), key, value, &old) {
         case .single(let child):
             BTreeNode.setChild(n, i, child)
             return .single(n.location)
@@ -206,9 +225,9 @@ public struct BTree<Value: BTreeValue> {
         while true {
             let n = try node(newRoot)
             guard !BTreeNode.isLeaf(n), BTreeNode.count(n) == 1 else { break }
-            let child = BTreeNode.child(n, 0)
-            tm.dec(newRoot)   // the root was shadowed, so it is ours alone; its child reference moves up
-            newRoot = child
+            let only = try child(n, 0)
+            try tm.dec(newRoot)   // the root was shadowed, so it is ours alone; its child reference moves up
+            newRoot = only
         }
         return (newRoot, old)
     }
@@ -217,12 +236,19 @@ public struct BTree<Value: BTreeValue> {
         let n = try shadow(location)
         let i = BTreeNode.lowerBound(n, key)
         if BTreeNode.isLeaf(n) {
-            precondition(i >= 0 && BTreeNode.key(n, i) == key)
+            // `remove` looked the key up first along this same path, so only a node
+            // that changed under us (damage, or a block shared in a cycle) misses it.
+            guard i >= 0 && BTreeNode.key(n, i) == key else {
+                throw .inconsistent(block: n.location, tree: name, reason: "key \(key), found by lookup, is missing on removal")
+            }
             old = Value(loadingFrom: n, at: BTreeNode.valueOffset(n, i))
             BTreeNode.removeEntry(n, at: i)
             return n.location
         }
-        let child = try remove(at: BTreeNode.child(n, i), key, &old)
+        guard i >= 0 else {
+            throw .inconsistent(block: n.location, tree: name, reason: "key \(key), found by lookup, is below every key on removal")
+        }
+        let child = try remove(at: child(n, i), key, &old)
         BTreeNode.setChild(n, i, child)
         let childNode = try node(child)
         if BTreeNode.count(childNode) < BTreeNode.maxEntries(childNode) / 3 && BTreeNode.count(n) > 1 {
@@ -237,8 +263,8 @@ public struct BTree<Value: BTreeValue> {
         let j = i + 1 < BTreeNode.count(parent) ? i + 1 : i - 1
         let li = min(i, j)
         let ri = max(i, j)
-        let left = try shadow(BTreeNode.child(parent, li))
-        let right = try shadow(BTreeNode.child(parent, ri))
+        let left = try shadow(child(parent, li))
+        let right = try shadow(child(parent, ri))
         BTreeNode.setChild(parent, li, left.location)
         BTreeNode.setChild(parent, ri, right.location)
         let nl = BTreeNode.count(left)
@@ -248,7 +274,7 @@ public struct BTree<Value: BTreeValue> {
             BTreeNode.copyEntries(from: right, 0, to: left, nl, length: nr)
             BTreeNode.setCount(left, nl + nr)
             BTreeNode.removeEntry(parent, at: ri)
-            tm.dec(right.location)   // its children now belong to `left`
+            try tm.dec(right.location)   // its children now belong to `left`
             return
         }
         let target = (nl + nr) / 2
@@ -272,8 +298,11 @@ public struct BTree<Value: BTreeValue> {
 
     /// Drops the caller's reference to a whole tree (dm_btree_del).
     public func delete(_ root: UInt64) throws(MetadataError) {
+        guard root < tm.sm.nrBlocks else {
+            throw .inconsistent(block: root, tree: name, reason: "a subtree root beyond the metadata device of \(tm.sm.nrBlocks) blocks")
+        }
         if tm.refCount(root) > 1 {
-            tm.dec(root)
+            try tm.dec(root)
             return
         }
         let n = try node(root)
@@ -283,8 +312,8 @@ public struct BTree<Value: BTreeValue> {
                 for i in 0..<c { try decValue(Value(loadingFrom: n, at: BTreeNode.valueOffset(n, i))) }
             }
         } else {
-            for i in 0..<c { try delete(BTreeNode.child(n, i)) }
+            for i in 0..<c { try delete(child(n, i)) }
         }
-        tm.dec(root)
+        try tm.dec(root)
     }
 }

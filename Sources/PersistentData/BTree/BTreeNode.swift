@@ -52,26 +52,39 @@ public enum BTreeNode {
         n.setU32(24, UInt32(valueSize))
     }
 
-    /// Checks the header beyond the checksum, so that no later access strays out of the block.
-    static func validateHeader(_ n: MetadataBlock, leafValueSize: Int) throws(MetadataError) {
+    /// Checks a node beyond its checksum, so that no later access strays out of the
+    /// block and no search is misled: the header, and (when `keyOrder`) that the keys
+    /// strictly increase. Errors name the node and the tree.
+    static func validate(_ n: MetadataBlock, leafValueSize: Int, tree: String, keyOrder: Bool = true) throws(MetadataError) {
+        func bad(_ reason: String) -> MetadataError { .inconsistent(block: n.location, tree: tree, reason: reason) }
         let flags = n.u32(4)
         let leaf: Bool
         switch flags {
         case internalFlag: leaf = false
         case leafFlag: leaf = true
-        default: throw .corrupt(block: n.location, reason: "btree node flags \(flags) are neither internal (1) nor leaf (2)")
+        default: throw bad("btree node flags \(flags) are neither internal (1) nor leaf (2)")
         }
         let vs = valueSize(n)
         let expected = leaf ? leafValueSize : 8
         guard vs == expected else {
-            throw .corrupt(block: n.location, reason: "btree \(leaf ? "leaf" : "internal node") value size is \(vs), expected \(expected)")
+            throw bad("btree \(leaf ? "leaf" : "internal node") value size is \(vs), expected \(expected)")
         }
         let max = maxEntries(n)
         guard max == maxEntries(valueSize: vs) else {
-            throw .corrupt(block: n.location, reason: "btree node max_entries is \(max), expected \(maxEntries(valueSize: vs))")
+            throw bad("btree node max_entries is \(max), expected \(maxEntries(valueSize: vs))")
         }
-        guard count(n) <= max else {
-            throw .corrupt(block: n.location, reason: "btree node has \(count(n)) entries, more than its max of \(max)")
+        let c = count(n)
+        guard c <= max else { throw bad("btree node has \(c) entries, more than its max of \(max)") }
+        // An internal node always has a child to descend to; an empty one would send
+        // a search to child -1.
+        guard leaf || c > 0 else { throw bad("btree internal node has no entries") }
+        if keyOrder && c > 1 {
+            var previous = key(n, 0)
+            for i in 1..<c {
+                let k = key(n, i)
+                guard k > previous else { throw bad("btree keys out of order: key \(i) is \(k), after \(previous)") }
+                previous = k
+            }
         }
     }
 

@@ -30,6 +30,8 @@ public final class BlockManager {
     }
 
     public var nrBlocks: UInt64 { storage.nrBlocks }
+    /// True when `location` is in the cache (read and validated, or written in this transaction).
+    public func isCached(_ location: UInt64) -> Bool { cache[location] != nil }
     public var dirtyCount: Int { dirty.count }
 
     /// Reads and validates a block. A block that fails validation is never cached.

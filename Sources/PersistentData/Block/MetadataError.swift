@@ -6,6 +6,11 @@ public enum MetadataError: Error, Equatable, CustomStringConvertible, Sendable {
     case unsupportedVersion(UInt32)
     case unsupportedMetadataBlockSize(sectors: UInt32)
     case corrupt(block: UInt64, reason: String)
+    /// Contents that pass their checksum but contradict the format or each other
+    /// (dm-thin answers these with needs_check and read-only). `tree` names the
+    /// btree or space map the block belongs to; for a space map, `block` is the
+    /// block whose count is wrong.
+    case inconsistent(block: UInt64, tree: String, reason: String)
     case blockOutOfRange(block: UInt64, nrBlocks: UInt64)
     case io(operation: String, path: String, errno: Int32)
     case tooSmall(path: String, bytes: UInt64)
@@ -13,6 +18,15 @@ public enum MetadataError: Error, Equatable, CustomStringConvertible, Sendable {
     case noDataSpace
     case readOnly(reason: String)
     case invalidArgument(String)
+
+    /// True for damage found in the metadata itself (as opposed to I/O errors, a
+    /// full device or a refused change): what makes dm-thin set needs_check.
+    public var isDamage: Bool {
+        switch self {
+        case .badChecksum, .wrongBlockNumber, .corrupt, .inconsistent, .blockOutOfRange: true
+        default: false
+        }
+    }
 
     public var description: String {
         switch self {
@@ -25,6 +39,7 @@ public enum MetadataError: Error, Equatable, CustomStringConvertible, Sendable {
         case .unsupportedVersion(let v): "thin metadata version \(v) is not supported (1 and 2 are)"
         case .unsupportedMetadataBlockSize(let s): "metadata block size of \(s) sectors is not supported (only 8)"
         case .corrupt(let b, let r): "metadata block \(b) is corrupt: \(r)"
+        case .inconsistent(let b, let t, let r): "\(t): block \(b) is inconsistent: \(r)"
         case .blockOutOfRange(let b, let n): "metadata block \(b) is beyond the metadata device (\(n) blocks)"
         case .io(let op, let p, let e): "\(op) \(p): \(String(cString: strerror(e)))"
         case .tooSmall(let p, let n): "\(p) is too small for thin metadata (\(n) bytes)"

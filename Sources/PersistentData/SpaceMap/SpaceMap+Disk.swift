@@ -84,7 +84,11 @@ public struct SpaceMapRoot: Equatable, Sendable {
 
 /// Where a space map's bitmaps, index and ref-count tree live, and how to write them back.
 public final class SpaceMapStore {
-    public enum Kind: Sendable { case data, metadata }
+    public enum Kind: Sendable {
+        case data, metadata
+        /// How errors name this space map.
+        public var treeName: String { self == .data ? "data space map" : "metadata space map" }
+    }
     /// The kernel's MAX_METADATA_BITMAPS: what one index block holds.
     public static let maxMetadataBitmaps = 255
     static let indexEntriesOffset = 16
@@ -117,7 +121,7 @@ public final class SpaceMapStore {
 
     /// A new data space map; its index and ref-count trees are allocated from `tm`.
     static func newData(nrBlocks: UInt64, tm: TransactionManager) throws(MetadataError) -> SpaceMapStore {
-        let sm = SpaceMap(nrBlocks: nrBlocks)
+        let sm = SpaceMap(nrBlocks: nrBlocks, name: Kind.data.treeName)
         sm.markAllBitmapsDirty()
         let index = try BTree<IndexEntry>(tm: tm).create()
         let refs = try BTree<UInt32>(tm: tm).create()
@@ -145,7 +149,7 @@ public final class SpaceMapStore {
         guard root.nrBlocks <= bm.nrBlocks else {
             throw .corrupt(block: 0, reason: "metadata space map tracks \(root.nrBlocks) blocks, the device has \(bm.nrBlocks)")
         }
-        let sm = SpaceMap(nrBlocks: root.nrBlocks)
+        let sm = SpaceMap(nrBlocks: root.nrBlocks, name: Kind.metadata.treeName)
         guard sm.nrBitmaps <= maxMetadataBitmaps else {
             throw .corrupt(block: 0, reason: "metadata space map of \(root.nrBlocks) blocks needs more than \(maxMetadataBitmaps) bitmaps")
         }
@@ -167,22 +171,27 @@ public final class SpaceMapStore {
 
     /// Reads the data space map through the transaction manager.
     static func loadData(root: SpaceMapRoot, tm: TransactionManager) throws(MetadataError) -> SpaceMapStore {
-        let sm = SpaceMap(nrBlocks: root.nrBlocks)
-        var entries = Array(repeating: IndexEntry(blocknr: 0, nrFree: 0, noneFreeBefore: 0), count: sm.nrBitmaps)
-        var seen = 0
+        // nr_blocks comes from disk: compare it with the bitmaps the index really
+        // has before sizing anything by it (2^50 blocks would ask for petabytes).
+        let needed = (root.nrBlocks + UInt64(SpaceMap.entriesPerBitmap) - 1) / UInt64(SpaceMap.entriesPerBitmap)
+        var found: [UInt64: IndexEntry] = [:]
         do {
-            try BTree<IndexEntry>(tm: tm).forEach(root.bitmapRoot) { key, e in
-                guard key < UInt64(entries.count) else {
-                    throw MetadataError.corrupt(block: root.bitmapRoot, reason: "data space-map index has bitmap \(key), expected at most \(entries.count)")
+            try BTree<IndexEntry>(tm: tm, name: "data space-map index").forEach(root.bitmapRoot) { key, e in
+                guard key < needed else {
+                    throw MetadataError.inconsistent(block: root.bitmapRoot, tree: Kind.data.treeName,
+                                                     reason: "its index has bitmap \(key), but \(root.nrBlocks) blocks need \(needed)")
                 }
-                entries[Int(key)] = e
-                seen += 1
+                found[key] = e
                 return true
             }
         } catch let e as MetadataError { throw e } catch { throw .corrupt(block: root.bitmapRoot, reason: "\(error)") }
-        guard seen == sm.nrBitmaps else {
-            throw .corrupt(block: root.bitmapRoot, reason: "data space-map index has \(seen) bitmaps, \(sm.nrBitmaps) expected for \(root.nrBlocks) blocks")
+        guard UInt64(found.count) == needed else {
+            throw .inconsistent(block: root.bitmapRoot, tree: Kind.data.treeName,
+                                reason: "its index has \(found.count) bitmaps, \(needed) expected for \(root.nrBlocks) blocks")
         }
+        let sm = SpaceMap(nrBlocks: root.nrBlocks, name: Kind.data.treeName)
+        // Every key below `needed` is present (count and range checked above).
+        let entries = (0..<needed).map { found[$0]! }
         let store = SpaceMapStore(kind: .data, sm: sm, bitmapLocations: entries.map(\.blocknr), indexEntries: entries,
                                   indexRoot: root.bitmapRoot, refCountRoot: root.refCountRoot)
         try store.loadBitmapsAndCounts(bm: tm.bm, refTree: { location throws(MetadataError) in try tm.read(location, as: .btreeNode) })
@@ -191,29 +200,40 @@ public final class SpaceMapStore {
 
     private func loadBitmapsAndCounts(bm: BlockManager, refTree read: (UInt64) throws(MetadataError) -> MetadataBlock) throws(MetadataError) {
         for (i, location) in bitmapLocations.enumerated() {
+            // The metadata space map tracks at most the whole device; its own blocks lie within what it tracks.
+            let limit = kind == .metadata ? sm.nrBlocks : bm.nrBlocks
+            guard location < limit else {
+                throw .inconsistent(block: indexRoot, tree: kind.treeName,
+                                    reason: "index entry \(i) points to bitmap block \(location), beyond the metadata device of \(limit) blocks")
+            }
             let block = try bm.read(location, as: .bitmap)
             sm.loadBitmap(i, from: block)
         }
         // Walk the ref-count btree by hand: this runs before a transaction manager exists.
         func walk(_ location: UInt64) throws(MetadataError) {
             let n = try read(location)
-            try BTreeNode.validateHeader(n, leafValueSize: UInt32.size)
+            let tree = "\(kind.treeName) ref-count"
+            try BTreeNode.validate(n, leafValueSize: UInt32.size, tree: tree)
             for i in 0..<BTreeNode.count(n) {
                 if BTreeNode.isLeaf(n) {
                     let b = BTreeNode.key(n, i)
                     let c = n.u32(BTreeNode.valueOffset(n, i))
                     guard b < sm.nrBlocks, c >= 3 else {
-                        throw .corrupt(block: location, reason: "ref-count entry for block \(b) with count \(c) is invalid")
+                        throw .inconsistent(block: location, tree: tree, reason: "ref-count entry for block \(b) with count \(c) is invalid")
                     }
                     sm.loadOverflow(b, c)
                 } else {
-                    try walk(BTreeNode.child(n, i))
+                    let child = BTreeNode.child(n, i)
+                    guard child < bm.nrBlocks else {
+                        throw .inconsistent(block: location, tree: tree, reason: "child \(i) points to block \(child), beyond the metadata device")
+                    }
+                    try walk(child)
                 }
             }
         }
         try walk(refCountRoot)
         if let missing = sm.finishLoad() {
-            throw .corrupt(block: refCountRoot, reason: "block \(missing) has count 3+ in its bitmap but no ref-count entry")
+            throw .inconsistent(block: refCountRoot, tree: "\(kind.treeName) ref-count", reason: "block \(missing) has count 3+ in its bitmap but no ref-count entry")
         }
     }
 
@@ -222,14 +242,15 @@ public final class SpaceMapStore {
     /// Writes the data space map's changed bitmaps, index entries and overflow
     /// counts; every metadata block it needs comes from `tm`.
     func flushData(tm: TransactionManager) throws(MetadataError) {
+        // Our own call pattern (commit flushes each store with its own method); no disk value decides it.
         precondition(kind == .data)
-        let refTree = BTree<UInt32>(tm: tm)
+        let refTree = BTree<UInt32>(tm: tm, name: "data space map ref-count")
         for b in sm.overflowDirty.sorted() {
             let c = sm.count(b)
             refCountRoot = c >= 3 ? try refTree.insert(refCountRoot, b, c).root : try refTree.remove(refCountRoot, b).root
         }
         sm.overflowDirty.removeAll()
-        let indexTree = BTree<IndexEntry>(tm: tm)
+        let indexTree = BTree<IndexEntry>(tm: tm, name: "data space-map index")
         for i in sm.dirtyBitmaps.sorted() {
             let block = try writableBitmap(i, tm: tm)
             writeBitmap(i, into: block, bm: tm.bm)
@@ -241,9 +262,10 @@ public final class SpaceMapStore {
     /// index and ref-count tree changes the counts it records, so it repeats
     /// until a pass allocates nothing; then it writes the final counts.
     func flushMetadata(tm: TransactionManager) throws(MetadataError) {
+        // As in flushData: which store is flushed how is our code's choice, not the disk's.
         precondition(kind == .metadata && sm === tm.sm)
         guard !sm.dirtyBitmaps.isEmpty || !sm.overflowDirty.isEmpty || indexRoot == 0 else { return }
-        let refTree = BTree<UInt32>(tm: tm)
+        let refTree = BTree<UInt32>(tm: tm, name: "metadata space map ref-count")
         var changed = true
         while changed {
             changed = false
@@ -260,7 +282,7 @@ public final class SpaceMapStore {
             }
             if !isWritable(indexRoot) {
                 let index = try tm.newBlock(as: .metadataIndex)
-                if indexRoot != 0 { tm.dec(indexRoot) }
+                if indexRoot != 0 { try tm.dec(indexRoot) }
                 indexRoot = index.location
                 changed = true
             }
@@ -284,7 +306,7 @@ public final class SpaceMapStore {
             return try tm.read(location, as: .bitmap)
         }
         let block = try tm.newBlock(as: .bitmap)
-        if location != 0 { tm.dec(location) }
+        if location != 0 { try tm.dec(location) }
         bitmapLocations[i] = block.location
         return block
     }

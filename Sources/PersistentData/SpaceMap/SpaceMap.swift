@@ -24,6 +24,8 @@ public final class SpaceMap {
     public static let wordsPerBitmap = entriesPerBitmap / entriesPerWord
 
     public private(set) var nrBlocks: UInt64
+    /// What this map counts ("data space map", "metadata space map"), for errors.
+    public let name: String
     public private(set) var nrAllocated: UInt64 = 0
     /// Two bits per block, in the kernel's bit order (see `entry(_:)`).
     private(set) var words: [UInt64]
@@ -38,8 +40,9 @@ public final class SpaceMap {
     public var overflowDirty: Set<UInt64> = []
     private var cursor: UInt64 = 0
 
-    public init(nrBlocks: UInt64) {
+    public init(nrBlocks: UInt64, name: String = "space map") {
         self.nrBlocks = nrBlocks
+        self.name = name
         let nrWords = Int((nrBlocks + 31) / 32)
         self.words = [UInt64](repeating: 0, count: nrWords)
         self.committed = [UInt64](repeating: 0, count: (nrWords + 1) / 2)
@@ -71,8 +74,10 @@ public final class SpaceMap {
         words[i] = (words[i] & ~(3 << shift)) | (bits << shift)
     }
 
-    /// The reference count of block `b`.
+    /// The reference count of block `b`; 0 beyond the map, so that a block
+    /// number read from disk cannot index past the bitmaps.
     @inline(__always) public func count(_ b: UInt64) -> UInt32 {
+        guard b < nrBlocks else { return 0 }
         let e = entry(b)
         return e < 3 ? e : overflow[b] ?? 3
     }
@@ -83,8 +88,19 @@ public final class SpaceMap {
     public func isNew(_ b: UInt64) -> Bool { b < nrBlocks && !isCommitted(b) && entry(b) != 0 }
 
     /// Sets the count of `b`, keeping the allocation total and the dirty sets right.
-    public func set(_ b: UInt64, count: UInt32) {
-        precondition(b < nrBlocks, "block \(b) beyond space map of \(nrBlocks)")
+    /// Block numbers come from metadata on disk (btree values, child pointers), so
+    /// one beyond the map is damage to report, not a crash.
+    public func set(_ b: UInt64, count: UInt32) throws(MetadataError) {
+        guard b < nrBlocks else {
+            throw .inconsistent(block: b, tree: name, reason: "a reference to a block beyond the \(nrBlocks) blocks it counts")
+        }
+        store(b, count: count)
+    }
+
+    /// `set` for a block known to be in range.
+    private func store(_ b: UInt64, count: UInt32) {
+        // Only `set` (which checks) and `allocate` (which searches below nrBlocks) get here.
+        assert(b < nrBlocks)
         let old = self.count(b)
         guard old != count else { return }
         if old == 0 { nrAllocated += 1 } else if count == 0 { nrAllocated -= 1 }
@@ -102,19 +118,30 @@ public final class SpaceMap {
         touched.insert(b)
     }
 
-    public func inc(_ b: UInt64) { set(b, count: count(b) + 1) }
-
-    public func dec(_ b: UInt64) {
+    public func inc(_ b: UInt64) throws(MetadataError) {
         let c = count(b)
-        precondition(c > 0, "decrementing free block \(b)")
-        set(b, count: c - 1)
+        // A ref-count btree value of 2^32-1 comes from disk; adding to it would overflow.
+        guard c < UInt32.max else { throw .inconsistent(block: b, tree: name, reason: "its reference count \(c) cannot grow") }
+        try set(b, count: c + 1)
+    }
+
+    /// Drops a reference. A count already 0 means the space map disagrees with a
+    /// tree that references the block: the kernel's "unable to decrement a
+    /// reference count below 0", which dm-thin turns into needs_check.
+    public func dec(_ b: UInt64) throws(MetadataError) {
+        let c = count(b)
+        guard c > 0 else {
+            throw .inconsistent(block: b, tree: name, reason: b < nrBlocks ? "a reference is dropped but its count is already 0"
+                                                                          : "a reference to a block beyond the \(nrBlocks) blocks it counts")
+        }
+        try set(b, count: c - 1)
     }
 
     /// Allocates a block free now and in the committed state, with count 1.
     public func allocate() -> UInt64? {
         guard nrAllocated < nrBlocks else { return nil }
         if let b = search(from: cursor, to: nrBlocks) ?? search(from: 0, to: cursor) {
-            set(b, count: 1)
+            store(b, count: 1)
             cursor = b + 1
             return b
         }
@@ -167,6 +194,7 @@ public final class SpaceMap {
 
     /// Grows the map; new blocks are free. Shrinking is not supported.
     public func extend(to newNrBlocks: UInt64) {
+        // Callers (resizeData) refuse shrinking before they get here; no disk value reaches it.
         precondition(newNrBlocks >= nrBlocks)
         let oldBitmaps = nrBitmaps
         nrBlocks = newNrBlocks

@@ -33,7 +33,7 @@ public struct HeldMetadataSnapshot {
     public func devices() throws(MetadataError) -> [ThinDeviceID: DeviceDetails] {
         var result: [ThinDeviceID: DeviceDetails] = [:]
         let root = superblock.deviceDetailsRoot
-        try rethrowing {
+        _ = try rethrowing {
             try BTree<DeviceDetails>(tm: tm).forEach(root) { id, details in
                 guard id <= UInt64(ThinMetadata.maxDeviceID) else {
                     throw MetadataError.corrupt(block: root, reason: "device id \(id) exceeds 24 bits")

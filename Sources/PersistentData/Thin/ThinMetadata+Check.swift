@@ -393,7 +393,8 @@ struct MetadataChecker {
         let n: MetadataBlock
         do {
             n = try bm.read(location, as: .btreeNode)
-            try BTreeNode.validateHeader(n, leafValueSize: tree.leafValueSize)
+            // The checker reports key order itself, with the bounds its parent gives.
+            try BTreeNode.validate(n, leafValueSize: tree.leafValueSize, tree: "\(tree)", keyOrder: false)
         } catch {
             self.error("\(context), reached from \(from): \(error)")
             return nil
@@ -508,8 +509,15 @@ struct MetadataChecker {
 
     /// The data space map: an index btree keyed by bitmap number, and a ref-count tree.
     private mutating func checkDataSpaceMap(_ root: SpaceMapRoot) -> SpaceMap? {
-        let sm = SpaceMap(nrBlocks: root.nrBlocks)
         guard let index = walk(root.bitmapRoot, .dataIndex, from: "the data space-map root") else { return nil }
+        // nr_blocks comes from disk: size nothing by it until the index agrees with it.
+        let needed = (root.nrBlocks + UInt64(SpaceMap.entriesPerBitmap) - 1) / UInt64(SpaceMap.entriesPerBitmap)
+        let nrIndexEntries = index.items.reduce(0) { n, item in if case .index = item { n + 1 } else { n } }
+        guard needed == UInt64(nrIndexEntries) else {
+            error("data space map: \(root.nrBlocks) blocks need \(needed) bitmaps, its index tree has \(nrIndexEntries)")
+            return nil
+        }
+        let sm = SpaceMap(nrBlocks: root.nrBlocks)
         var entries = [IndexEntry?](repeating: nil, count: sm.nrBitmaps)
         for case .index(let key, let e) in index.items {
             guard key < UInt64(entries.count) else {
@@ -523,6 +531,7 @@ struct MetadataChecker {
             return nil
         }
         let refs = walk(root.refCountRoot, .dataRefCounts, from: "the data space-map root")
+        // None is nil: checked just above.
         return loadSpaceMap(sm, kind: "data", root: root, entries: entries.map { $0! }, role: .dataBitmap, refs: refs)
     }
 

@@ -52,7 +52,7 @@ extension ThinMetadata {
         guard devices[id] == nil else { throw MessageError.deviceIDInUse(id) }
         guard let originDevice = devices[origin] else { throw MessageError.unknownOrigin(origin) }
         try change { () throws(MetadataError) in
-            tm.inc(originDevice.root)
+            try tm.inc(originDevice.root)
             mappingRoot = try topTree.insert(mappingRoot, UInt64(id), originDevice.root).root
             superblock.time &+= 1
             let time = superblock.time
@@ -102,8 +102,8 @@ extension ThinMetadata {
             snap.heldRoot = 0
             snap.store(into: copy)
             tm.bm.markDirty(copy, as: .superblock)
-            tm.inc(mappingRoot)
-            tm.inc(detailsRoot)
+            try tm.inc(mappingRoot)
+            try tm.inc(detailsRoot)
             superblock.heldRoot = copy.location
         }
     }
@@ -116,7 +116,7 @@ extension ThinMetadata {
             let snap = try Superblock(block: tm.read(held, as: .superblock))
             try topTree.delete(snap.dataMappingRoot)
             try detailsTree.delete(snap.deviceDetailsRoot)
-            tm.dec(held)
+            try tm.dec(held)
             superblock.heldRoot = 0
         }
     }
@@ -156,10 +156,10 @@ extension ThinMetadata {
                 guard bt.block < dataSM.nrBlocks else {
                     throw .invalidArgument("device \(id) maps block \(vblock) to data block \(bt.block), beyond the \(dataSM.nrBlocks) data blocks")
                 }
-                dataSM.inc(bt.block)
+                try dataSM.inc(bt.block)
                 let r = try tree.insert(root, vblock, bt.packed)
                 root = r.root
-                if let old = r.old { dataSM.dec(old >> 24) }
+                if let old = r.old { try dataSM.dec(old >> 24) }
             }
             mappingRoot = try topTree.insert(mappingRoot, UInt64(id), root).root
             devices[id] = Device(details: details, root: root, changed: true)

@@ -20,11 +20,16 @@ extension ThinMetadata {
     /// shared node on the path, or a data block counted more than once.
     public func lookup(_ id: ThinDeviceID, _ vblock: UInt64) throws -> Mapping? {
         let d = try device(id)
-        guard let (v, pathShared) = try mappingTree.lookupSharing(d.root, vblock) else { return nil }
-        let bt = BlockTime(packed: v)
-        guard bt.block < dataSM.nrBlocks else {
-            throw MetadataError.corrupt(block: d.root, reason: "device \(id) block \(vblock) maps to data block \(bt.block), beyond \(dataSM.nrBlocks)")
+        let found = try inspect { () throws -> (BlockTime, Bool)? in
+            guard let (v, pathShared) = try mappingTree.lookupSharing(d.root, vblock) else { return nil }
+            let bt = BlockTime(packed: v)
+            guard bt.block < dataSM.nrBlocks else {
+                throw MetadataError.inconsistent(block: d.root, tree: "mapping",
+                                                 reason: "device \(id) block \(vblock) maps to data block \(bt.block), beyond \(dataSM.nrBlocks)")
+            }
+            return (bt, pathShared)
         }
+        guard let (bt, pathShared) = found else { return nil }
         let mayBeShared = d.details.snapshottedTime > bt.time
         let shared = mayBeShared && (pathShared || dataSM.count(bt.block) > 1)
         return Mapping(dataBlock: bt.block, time: bt.time, shared: shared)
@@ -46,7 +51,7 @@ extension ThinMetadata {
             d.root = r.root
             mappingRoot = try topTree.insert(mappingRoot, UInt64(id), d.root).root
             if let old = r.old {
-                dataSM.dec(old >> 24)
+                try dataSM.dec(old >> 24)
             } else {
                 d.details.mappedBlocks += 1
             }
@@ -59,14 +64,14 @@ extension ThinMetadata {
     @discardableResult
     public func remove(_ id: ThinDeviceID, _ vblock: UInt64) throws -> Bool {
         var d = try device(id)
-        guard try mappingTree.lookup(d.root, vblock) != nil else { return false }
+        guard try inspect({ try mappingTree.lookup(d.root, vblock) }) != nil else { return false }
         try change { () throws(MetadataError) in
             try makeTopPathPrivate(id, d.root)
             let r = try mappingTree.remove(d.root, vblock)
             d.root = r.root
             mappingRoot = try topTree.insert(mappingRoot, UInt64(id), d.root).root
             if let old = r.old {
-                dataSM.dec(old >> 24)
+                try dataSM.dec(old >> 24)
                 d.details.mappedBlocks -= 1
             }
             d.changed = true
@@ -85,22 +90,27 @@ extension ThinMetadata {
     public func mappings(_ id: ThinDeviceID, in range: ClosedRange<UInt64> = 0...UInt64.max,
                          _ body: (UInt64, BlockTime) throws -> Bool) throws {
         let d = try device(id)
-        try mappingTree.forEach(d.root, from: range.lowerBound) { k, v in
-            guard k <= range.upperBound else { return false }
-            return try body(k, BlockTime(packed: v))
+        try inspect {
+            try mappingTree.forEach(d.root, from: range.lowerBound) { k, v in
+                guard k <= range.upperBound else { return false }
+                return try body(k, BlockTime(packed: v))
+            }
         }
     }
 
     /// Highest mapped virtual block of a device, if any.
     public func highestMapped(_ id: ThinDeviceID) throws -> UInt64? {
         let d = try device(id)
-        var location = d.root
-        while true {
-            let n = try mappingTree.node(location)
-            let c = BTreeNode.count(n)
-            guard c > 0 else { return nil }
-            if BTreeNode.isLeaf(n) { return BTreeNode.key(n, c - 1) }
-            location = BTreeNode.child(n, c - 1)
+        let tree = mappingTree
+        return try inspect { () throws -> UInt64? in
+            var location = d.root
+            while true {
+                let n = try tree.node(location)
+                let c = BTreeNode.count(n)
+                guard c > 0 else { return nil }
+                if BTreeNode.isLeaf(n) { return BTreeNode.key(n, c - 1) }
+                location = try tree.child(n, c - 1)
+            }
         }
     }
 
@@ -114,7 +124,13 @@ extension ThinMetadata {
     }
 
     /// Drops a reference taken by `allocateDataBlock` that was never mapped.
-    public func releaseDataBlock(_ b: UInt64) { dataSM.dec(b) }
+    /// Once the metadata is read-only (needs_check) nothing is committed any more,
+    /// and a rollback may already have taken the allocation with it: nothing to release.
+    public func releaseDataBlock(_ b: UInt64) {
+        guard mode == .readWrite, dataSM.isNew(b) else { return }
+        // isNew: allocated in this transaction, so the count is at least 1.
+        try? dataSM.dec(b)
+    }
 
     /// True when data block `b` was allocated since the last commit, so no
     /// committed mapping can point at it and it may be overwritten in place.

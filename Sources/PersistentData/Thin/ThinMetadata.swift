@@ -54,30 +54,23 @@ public final class ThinMetadata {
     /// Bottom level: virtual block -> block_time; each value holds a data-block reference.
     var mappingTree: BTree<UInt64> {
         let data = dataStore.sm
+        // The data space map checks the block numbers: one beyond the data device,
+        // or a count that would drop below zero, is an inconsistency it names.
         return BTree<UInt64>(
-            tm: tm,
-            incValue: { v throws(MetadataError) in
-                let b = v >> 24
-                guard b < data.nrBlocks else { throw .corrupt(block: 0, reason: "mapping to data block \(b) beyond \(data.nrBlocks)") }
-                data.inc(b)
-            },
-            decValue: { v throws(MetadataError) in
-                let b = v >> 24
-                guard b < data.nrBlocks, data.count(b) > 0 else {
-                    throw .corrupt(block: 0, reason: "mapping to data block \(b), which is free or beyond \(data.nrBlocks)")
-                }
-                data.dec(b)
-            })
+            tm: tm, name: "mapping",
+            incValue: { v throws(MetadataError) in try data.inc(v >> 24) },
+            decValue: { v throws(MetadataError) in try data.dec(v >> 24) })
     }
 
     /// Top level: device id -> root of its mapping tree; each value holds a metadata reference.
     var topTree: BTree<UInt64> {
         let tm = self.tm
         let bottom = mappingTree
-        return BTree<UInt64>(tm: tm, incValue: { tm.inc($0) }, decValue: { r throws(MetadataError) in try bottom.delete(r) })
+        return BTree<UInt64>(tm: tm, name: "top-level mapping", incValue: { r throws(MetadataError) in try tm.inc(r) },
+                             decValue: { r throws(MetadataError) in try bottom.delete(r) })
     }
 
-    var detailsTree: BTree<DeviceDetails> { BTree<DeviceDetails>(tm: tm) }
+    var detailsTree: BTree<DeviceDetails> { BTree<DeviceDetails>(tm: tm, name: "device details") }
 
     // MARK: Format and open
 
@@ -100,8 +93,8 @@ public final class ThinMetadata {
         // A mapping holds its data block in 40 bits (as resizeData already enforces).
         guard nrDataBlocks < (1 << 40) else { throw .invalidArgument("\(nrDataBlocks) data blocks exceed the 40-bit block field") }
         let bm = BlockManager(storage: storage)
-        let msm = SpaceMap(nrBlocks: nrBlocks)
-        msm.set(Superblock.location, count: 1)
+        let msm = SpaceMap(nrBlocks: nrBlocks, name: SpaceMapStore.Kind.metadata.treeName)
+        try msm.set(Superblock.location, count: 1)
         let tm = TransactionManager(bm: bm, sm: msm)
         let metadataStore = try SpaceMapStore.newMetadata(sm: msm, tm: tm)
         let dataStore = try SpaceMapStore.newData(nrBlocks: nrDataBlocks, tm: tm)
@@ -245,7 +238,25 @@ public final class ThinMetadata {
         }
     }
 
-    func requireWritable() throws(MetadataError) {
+    /// Runs a read of the trees. Damage it meets (a bad checksum, contents that
+    /// contradict the format) is reported as it is, and the metadata goes
+    /// read-only with needs_check: the trees can no longer be trusted for the
+    /// writes that would follow. Unlike a failed change (`fail`), a read writes
+    /// nothing: the flag stays in memory, as a failed lookup changes nothing on
+    /// disk in the kernel either (it only fails the bio); a change that meets the
+    /// damage later sets it on disk.
+    @discardableResult
+    func inspect<T>(_ body: () throws -> T) throws -> T {
+        do {
+            return try body()
+        } catch let e as MetadataError where e.isDamage && mode == .readWrite {
+            superblock.needsCheck = true
+            mode = .readOnly("\(e); needs_check is set")
+            throw e
+        }
+    }
+
+    public func requireWritable() throws(MetadataError) {
         if case .readOnly(let why) = mode { throw .readOnly(reason: why) }
     }
 

@@ -44,11 +44,11 @@ public final class TransactionManager {
         let original = try read(location, as: type)
         let copy = try newBlock(as: type)
         copy.copy(from: original)
-        sm.dec(location)
+        try sm.dec(location)
         return (copy, count > 1)
     }
 
-    public func inc(_ location: UInt64) { sm.inc(location) }
-    public func dec(_ location: UInt64) { sm.dec(location) }
+    public func inc(_ location: UInt64) throws(MetadataError) { try sm.inc(location) }
+    public func dec(_ location: UInt64) throws(MetadataError) { try sm.dec(location) }
     public func refCount(_ location: UInt64) -> UInt32 { sm.count(location) }
 }

@@ -114,6 +114,9 @@ public struct PoolStatus: Equatable, Sendable {
     public var metadataLowWatermark: UInt64
     /// Data block size in bytes (not in the line; the table carries it).
     public var dataBlockSize: UInt64
+    /// Why the pool is read-only, when it knows (not in the kernel's line, which
+    /// only says needs_check; the kernel logs the reason instead).
+    public var readOnlyReason: String? = nil
 
     public var line: String {
         if mode == .fail { return "Fail" }
@@ -191,6 +194,9 @@ public enum ThinPoolError: Error, CustomStringConvertible, Sendable {
         switch self {
         case .noDataSpace, .metadata(.noDataSpace), .metadata(.noMetadataSpace): .noSpace
         case .readOnly, .metadata(.readOnly): .readOnlyFileSystem
+        // Damaged metadata: the kernel fails the bio, which reaches a filesystem as EIO.
+        case .metadata(let e) where e.isDamage: .ioError
+        case .metadata(.io(_, _, let e)): Errno(rawValue: e)
         case .deviceBusy, .heldByAnotherProcess: .resourceBusy
         case .message(.unknownDevice), .message(.unknownOrigin), .noPool: .noSuchFileOrDirectory
         case .message(.deviceIDInUse): .fileExists

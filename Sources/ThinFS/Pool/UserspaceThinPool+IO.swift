@@ -64,6 +64,9 @@ extension UserspaceThinPool {
         try metaLock.withLock {
             do {
                 try wrap {
+                    // Metadata gone read-only (needs_check) takes no writes, not even in place
+                    // into blocks already provisioned: the mappings they rely on may be the damage.
+                    try md.requireWritable()
                     for vb in blocks {
                         let start = max(offset, vb * bs) - vb * bs
                         let end = min(offset + UInt64(count), (vb + 1) * bs) - vb * bs

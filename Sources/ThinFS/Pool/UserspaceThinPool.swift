@@ -117,7 +117,8 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
         }
         guard first else { return }
         defer { try? data.close() }
-        if !readOnly, (try? requireWritable()) != nil { try commit() }
+        // Metadata gone read-only (needs_check) has nothing it may commit: closing still succeeds.
+        if !readOnly, metaLock.withLock({ md.mode == .readWrite }) { try commit() }
     }
 
     public static func validateBlockSize(_ blockSize: UInt64) throws(ThinPoolError) {
@@ -323,7 +324,8 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
     public func status() throws -> PoolStatus {
         metaLock.withLock {
             // The pool's own mode: opening it read-only to inspect it does not make it "ro".
-            let metadataReadOnly: Bool = { if case .readOnly = md.mode { return true }; return false }()
+            let readOnlyReason: String? = { if case .readOnly(let why) = md.mode { return why }; return nil }()
+            let metadataReadOnly = readOnlyReason != nil
             let mode: PoolStatus.Mode = metadataReadOnly ? .ro : (md.dataSM.nrFree == 0 ? .outOfDataSpace : .rw)
             return PoolStatus(transactionID: md.transactionID,
                               usedMetadataBlocks: PoolStatus.reportedUsedMetadataBlocks(allocated: md.usedMetadataBlocks,
@@ -332,7 +334,7 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
                               totalDataBlocks: md.nrDataBlocks, heldMetadataRoot: md.heldRoot == 0 ? nil : md.heldRoot,
                               mode: mode, discard: "no_discard_passdown", errorIfNoSpace: true, needsCheck: md.needsCheck,
                               metadataLowWatermark: PoolStatus.metadataLowWatermark(totalMetadataBlocks: md.nrMetadataBlocks),
-                              dataBlockSize: blockSize)
+                              dataBlockSize: blockSize, readOnlyReason: readOnlyReason)
         }
     }
 
