@@ -48,10 +48,10 @@ if ! command -v fuse2fs >/dev/null; then
 fi
 
 if [ $QUICK = 1 ]; then
-    BIG_MB=128; NDIRS=20; PERDIR=100
+    BIG_MB=128; NDIRS=20; PERDIR=100; ONEDIR=4000
     TAR_SRC=(/usr/share/vim /usr/share/i18n)
 else
-    BIG_MB=1024; NDIRS=100; PERDIR=100
+    BIG_MB=1024; NDIRS=100; PERDIR=100; ONEDIR=16000
     TAR_SRC=(/usr/share/locale /usr/share/doc /usr/share/man /usr/share/vim /usr/share/icons /usr/share/perl /usr/share/i18n)
 fi
 NFILES=$((NDIRS * PERDIR))
@@ -164,6 +164,19 @@ for d in range(ndirs):
         os.close(fd)
 EOF
 }
+# ONEDIR files of 4 KiB in one directory: the per-entry cost of a growing directory.
+make_onedir() {
+    python3 - "$1" "$ONEDIR" <<'EOF'
+import os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+data = os.urandom(4096)
+os.mkdir(d)
+for i in range(n):
+    fd = os.open(f"{d}/f{i:06}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, data)
+    os.close(fd)
+EOF
+}
 read_small() {
     python3 - "$1" <<'EOF'
 import os, sys
@@ -195,6 +208,8 @@ run_setup() {
 
     pretouch $((NFILES * 4096 / 1048576 + 1))
     timed "$s,small_create" make_small "$MNT/small"
+    pretouch $((ONEDIR * 4096 / 1048576 + 1))
+    timed "$s,onedir_create" make_onedir "$MNT/onedir"
     remount_cold "$s"
     timed "$s,small_read_cold" read_small "$MNT/small"
     remount_cold "$s"
@@ -214,7 +229,7 @@ for s in "${SETUPS[@]}"; do run_setup "$s"; done
 LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # ── Report ──
-ROWS=(seq_write seq_read_cold seq_read_cached seq_read_cached_cpu small_create small_read_cold stat_cold stat_cached untar)
+ROWS=(seq_write seq_read_cold seq_read_cached seq_read_cached_cpu small_create onedir_create small_read_cold stat_cold stat_cached untar)
 [ $SEQ_ONLY = 1 ] && ROWS=(seq_write seq_read_cold seq_read_cached seq_read_cached_cpu)
 declare -A LABEL=(
     [seq_write]="seq write ${BIG_MB} MiB (1M, fsync)"
@@ -222,6 +237,7 @@ declare -A LABEL=(
     [seq_read_cached]="seq read cached"
     [seq_read_cached_cpu]="  its reader CPU (user+sys s)"
     [small_create]="create $NFILES x 4K files"
+    [onedir_create]="create $ONEDIR x 4K in one dir"
     [small_read_cold]="read back $NFILES files cold"
     [stat_cold]="stat $NFILES-file tree cold"
     [stat_cached]="stat $NFILES-file tree cached"

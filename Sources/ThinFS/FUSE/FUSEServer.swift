@@ -831,7 +831,12 @@ public final class FUSEServer: Sendable {
         ops.open = { req, node, fi in FUSEServer.server(req!).open(req!, node, fi!) }
         ops.read = { req, node, size, offset, _ in FUSEServer.server(req!).read(req!, node, size, offset) }
         ops.write = { req, node, data, size, offset, _ in FUSEServer.server(req!).write(req!, node, data, size, offset) }
-        ops.flush = { req, _, _ in fuse_reply_err(req, 0) }  // data reaches the volume on write; durability is fsync's
+        // FLUSH (every close(2)) has nothing to do here: data reaches the volume on WRITE, and
+        // durability is fsync's. ENOSYS says so once: the kernel sets no_flush and stops sending
+        // FLUSH for the life of the mount, a round trip less per close. It still writes a closing
+        // file's dirty pages back before close returns (fuse_flush: write_inode_now comes before
+        // the no_flush test), so close keeps reporting write-back errors.
+        ops.flush = { req, _, _ in fuse_reply_err(req, ENOSYS) }
         ops.release = { req, node, _ in FUSEServer.server(req!).release(req!, node) }
         ops.fsync = { req, node, _, _ in FUSEServer.server(req!).fsync(req!, node) }
         ops.opendir = { req, _, fi in FUSEServer.server(req!).opendir(req!, fi!) }

@@ -33,6 +33,8 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// Open handles per inode, and inodes whose last link went while open (freed on the last release).
     private var openCounts: [UInt64: Int] = [:]
     private var orphans: Set<UInt64> = []
+    /// Name → inode per directory, changed with the directory under `lock` (DirectoryCache.swift).
+    private var directories = DirectoryCache()
     private var nextGeneration = UInt32.random(in: 0...UInt32.max)
 
     /// What `fsync` runs after libext2fs's state is on the device, outside the lock: for a volume
@@ -100,6 +102,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     public func close() throws {
         try lock.withLock { () throws(VolumeError) in
             guard fs != nil else { return }
+            directories.removeAll()
             let rc = ext2fs_close_free(&fs)
             ChannelRegistry.shared.unregister(channelName)
             if rc != 0 { throw VolumeError(Self.errno(rc), "closing the filesystem (\(Self.message(rc)))") }
@@ -147,6 +150,11 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// write-backs and shrinks once they succeed).
     var cachedBlockCounts: (total: Int, dirty: Int) {
         get throws(VolumeError) { try withFS { fs throws(VolumeError) in channelState(fs.pointee.io).counts } }
+    }
+
+    /// The directory cache's hits, directory builds and entries (tests).
+    var directoryCacheCounts: (hits: UInt64, builds: UInt64, entries: Int) {
+        get throws(VolumeError) { try withFS { _ throws(VolumeError) in (directories.hits, directories.builds, directories.entryCount) } }
     }
 
     private func requireWritable(_ op: String) throws(VolumeError) {
@@ -329,12 +337,45 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         guard name.utf8.count <= 255 else { throw VolumeError(.fileNameTooLong, "'\(name.prefix(32))...' is longer than 255 bytes") }
     }
 
+    /// The inode `name` links to in `parent`, from the directory cache; a directory not yet
+    /// cached is scanned once and cached whole, so the next lookups in it are hash probes.
     private func lookupIno(_ fs: ext2_filsys, _ parent: UInt64, _ name: String) throws(VolumeError) -> UInt64? {
+        let bytes = Array(name.utf8)
+        switch directories.lookup(parent, bytes) {
+        case .found(let entry)?: return UInt64(entry.ino)
+        case .absent?: return nil
+        case nil: break
+        }
+        if !DirectoryCache.isDot(bytes) {
+            let listing = try scanDirectory(fs, parent)
+            if directories.store(parent, listing) {
+                return directories.lookup(parent, bytes).flatMap { if case .found(let e) = $0 { UInt64(e.ino) } else { nil } }
+            }
+        }
+        // "." and "..", found at once at the start of the first block, and directories too big to cache.
         var ino: ext2_ino_t = 0
         let rc = name.withCString { ext2fs_lookup(fs, ext2_ino_t(parent), $0, Int32(name.utf8.count), nil, &ino) }
         if rc == EXT2_ET_FILE_NOT_FOUND { return nil }
         try check(rc, "looking up '\(name)' in directory \(parent)")
         return UInt64(ino)
+    }
+
+    /// Every live entry of `dir`, in one pass over its blocks: what the directory cache is built from.
+    private func scanDirectory(_ fs: ext2_filsys, _ dir: UInt64) throws(VolumeError) -> [(name: [UInt8], entry: DirectoryCache.Entry)] {
+        final class Listing { var entries: [(name: [UInt8], entry: DirectoryCache.Entry)] = [] }
+        let listing = Listing()
+        let rc = withExtendedLifetime(listing) {
+            ext2fs_dir_iterate2(fs, ext2_ino_t(dir), 0, nil, { _, _, dirent, _, _, _, priv in
+                guard let dirent else { return 0 }
+                let listing = Unmanaged<Listing>.fromOpaque(priv!).takeUnretainedValue()
+                let length = Int(dirent.pointee.name_len & 0xff)
+                let name = withUnsafeBytes(of: &dirent.pointee.name) { Array($0.prefix(length)) }
+                listing.entries.append((name, .init(ino: dirent.pointee.inode, fileType: UInt8(truncatingIfNeeded: ext2fs_dirent_file_type(dirent)))))
+                return 0
+            }, Unmanaged.passUnretained(listing).toOpaque())
+        }
+        try check(rc, "reading directory \(dir)")
+        return listing.entries
     }
 
     private func requireDirectory(_ fs: ext2_filsys, _ ino: UInt64) throws(VolumeError) -> ext2_inode_large {
@@ -347,10 +388,21 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
 
     /// Adds a directory entry, growing the directory when its blocks are full.
     private func addLink(_ fs: ext2_filsys, _ dir: UInt64, _ name: String, _ ino: UInt64, mode: UInt32) throws(VolumeError) {
-        let rc = try withDirectorySpace(fs, dir) {
-            name.withCString { ext2fs_link(fs, ext2_ino_t(dir), $0, ext2_ino_t(ino), Self.fileType(mode)) }
+        let rc: errcode_t
+        do throws(VolumeError) {
+            rc = try withDirectorySpace(fs, dir) {
+                name.withCString { ext2fs_link(fs, ext2_ino_t(dir), $0, ext2_ino_t(ino), Self.fileType(mode)) }
+            }
+        } catch {
+            directories.drop(dir)
+            throw error
         }
-        try check(rc, "adding '\(name)' to directory \(dir)")
+        guard rc == 0 else {
+            directories.drop(dir)   // the directory may or may not have changed
+            try check(rc, "adding '\(name)' to directory \(dir)")
+            return
+        }
+        directories.added(dir, Array(name.utf8), .init(ino: UInt32(ino), fileType: UInt8(Self.fileType(mode))))
     }
 
     /// Runs a libext2fs call that adds an entry to `dir`, growing the directory once if it is full.
@@ -363,7 +415,12 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
 
     private func removeLink(_ fs: ext2_filsys, _ dir: UInt64, _ name: String) throws(VolumeError) {
         let rc = name.withCString { ext2fs_unlink(fs, ext2_ino_t(dir), $0, 0, 0) }
-        try check(rc, "removing '\(name)' from directory \(dir)")
+        guard rc == 0 else {
+            directories.drop(dir)
+            try check(rc, "removing '\(name)' from directory \(dir)")
+            return
+        }
+        directories.removed(dir, Array(name.utf8))
     }
 
     /// Marks a directory's contents changed (mtime and ctime).
@@ -882,10 +939,20 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return try withFS { fs throws(VolumeError) in
             _ = try requireDirectory(fs, parent)
             if try lookupIno(fs, parent, name) != nil { throw VolumeError(.fileExists, "'\(name)' exists in directory \(parent)") }
-            let rc = try withDirectorySpace(fs, parent) { name.withCString { ext2fs_mkdir(fs, ext2_ino_t(parent), 0, $0) } }
-            try check(rc, "creating directory '\(name)' in \(parent)")
-            guard let ino = try lookupIno(fs, parent, name) else {
-                throw VolumeError(.ioError, "directory '\(name)' vanished after mkdir")
+            // ext2fs_mkdir is given the inode and no name, and addLink adds the entry: given a name,
+            // it would scan the parent twice more (its own lookup, then ext2fs_link) and leave the
+            // directory cache behind. The inode is allocated as ext2fs_mkdir allocates it.
+            var newIno: ext2_ino_t = 0
+            try check(ext2fs_new_inode(fs, ext2_ino_t(parent), Int32(0o040755), nil, &newIno), "allocating an inode in directory \(parent)")
+            try check(ext2fs_mkdir(fs, ext2_ino_t(parent), newIno, nil), "creating directory '\(name)' in \(parent)")
+            let ino = UInt64(newIno)
+            do throws(VolumeError) {
+                try addLink(fs, parent, name, ino, mode: 0o040000)
+            } catch {
+                // Undo ext2fs_mkdir: the directory's inode and block, and the parent's count of its "..".
+                try? freeInode(fs, ino)
+                try? touchDirectory(fs, parent, links: -1)
+                throw error
             }
             // ext2fs_mkdir sets a default mode, root ownership and times in seconds: make them the caller's.
             var inode = try readInode(fs, ino)
@@ -918,11 +985,17 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return try withFS { fs throws(VolumeError) in
             _ = try requireDirectory(fs, parent)
             if try lookupIno(fs, parent, name) != nil { throw VolumeError(.fileExists, "'\(name)' exists in directory \(parent)") }
-            let rc = try withDirectorySpace(fs, parent) {
-                name.withCString { n in target.withCString { ext2fs_symlink(fs, ext2_ino_t(parent), 0, n, $0) } }
+            // As in mkdir: the inode allocated as ext2fs_symlink would, no name given to it, the entry added by addLink.
+            var newIno: ext2_ino_t = 0
+            try check(ext2fs_new_inode(fs, ext2_ino_t(parent), Int32(0o120755), nil, &newIno), "allocating an inode in directory \(parent)")
+            try check(target.withCString { ext2fs_symlink(fs, ext2_ino_t(parent), newIno, nil, $0) }, "creating symlink '\(name)' in \(parent)")
+            let ino = UInt64(newIno)
+            do throws(VolumeError) {
+                try addLink(fs, parent, name, ino, mode: 0o120000)
+            } catch {
+                try? freeInode(fs, ino)
+                throw error
             }
-            try check(rc, "creating symlink '\(name)' in \(parent)")
-            guard let ino = try lookupIno(fs, parent, name) else { throw VolumeError(.ioError, "symlink '\(name)' vanished") }
             var inode = try readInode(fs, ino)
             Self.setOwner(&inode, uid: owner.uid, gid: Self.newGroup(try readInode(fs, parent), owner).gid)
             return try finishNewEntry(fs, ino, &inode, parent: parent)
@@ -967,6 +1040,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// One link fewer; an inode with none left is freed now, or at its last release if open.
     private func dropLink(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large, directory: Bool = false) throws(VolumeError) {
         inode.i_links_count = directory ? 0 : inode.i_links_count - 1
+        if directory { directories.drop(ino) }
         setTimes(&inode, ctime: Self.now())
         try writeInode(fs, ino, &inode)
         if inode.i_links_count == 0 {
@@ -976,6 +1050,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
 
     /// Releases an inode's blocks, extended attributes and the inode itself.
     private func freeInode(_ fs: ext2_filsys, _ ino: UInt64) throws(VolumeError) {
+        directories.drop(ino)   // its number may come back as a new directory
         var inode = ext2_inode_large()
         let rr = withUnsafeMutablePointer(to: &inode) {
             $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {

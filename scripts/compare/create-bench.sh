@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# create-bench.sh: N files created in one directory through a mount, for several N, with two
+# or more thinfs-mount builds (before/after a change) and the kernel, interleaved round by round
+# in one run, so that a shared, busy machine treats them alike.
+#
+#   scripts/compare/create-bench.sh [--counts 1000,4000,16000] [--rounds 3] [--dir DIR]
+#                                   [--kernel ext4,overlay] LABEL=BINDIR [LABEL=BINDIR...]
+#
+# Each LABEL=BINDIR is a thinfs build (BINDIR holds thinfs and thinfs-mount, e.g.
+# .build-fsbench/release); each gets its own pool and 8G device. --kernel adds kernel ext4 on a
+# loop device and overlayfs (default both; --kernel none for neither). Every step mounts cold
+# (drop_caches before it), creates N files of 4 KiB in a new directory with
+# open(O_CREAT|O_EXCL)/write/close from one process, and unmounts. The report gives the time
+# per file for each setup and N, the ratio of each setup to the first label, to overlayfs, and
+# each N against the smallest N, with the load average of every step, and for thinfs the
+# daemon's CPU time per file (robust to a busy machine). Needs root and /dev/fuse.
+set -euo pipefail
+
+COUNTS=(1000 4000 16000)
+ROUNDS=3
+DIR=/var/tmp
+KERNEL=(ext4 overlay)
+LABELS=()
+declare -A BINS
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --counts) IFS=, read -r -a COUNTS <<< "$2"; shift ;;
+        --rounds) ROUNDS="$2"; shift ;;
+        --dir) DIR="$2"; shift ;;
+        --kernel) if [ "$2" = none ]; then KERNEL=(); else IFS=, read -r -a KERNEL <<< "$2"; fi; shift ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *=*) LABELS+=("${1%%=*}"); BINS[${1%%=*}]="${1#*=}" ;;
+        *) echo "create-bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+[ ${#LABELS[@]} -gt 0 ] || { echo "create-bench: give at least one LABEL=BINDIR" >&2; exit 2; }
+if [ "$(id -u)" != 0 ]; then echo "create-bench: needs root (mount, losetup, drop_caches)" >&2; exit 1; fi
+for l in "${LABELS[@]}"; do
+    for b in thinfs thinfs-mount; do
+        [ -x "${BINS[$l]}/$b" ] || { echo "create-bench: ${BINS[$l]}/$b is missing" >&2; exit 1; }
+    done
+done
+
+WORK="$(mktemp -d "$DIR/create-bench.XXXXXX")"
+MOUNTS=(); PIDS=(); IMAGES=()
+cleanup() {
+    set +e
+    local m p i
+    for m in "${MOUNTS[@]}"; do
+        if mountpoint -q "$m" 2>/dev/null; then umount "$m" 2>/dev/null || umount -l "$m"; fi
+    done
+    for p in "${PIDS[@]}"; do
+        for i in $(seq 1 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$p" 2>/dev/null && kill -TERM "$p"
+    done
+    for i in "${IMAGES[@]}"; do
+        for m in $(losetup -j "$i" -O NAME -n 2>/dev/null); do losetup -d "$m"; done
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+wait_gone() { local i; for i in $(seq 1 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done; echo "create-bench: pid $1 still running after 60 s" >&2; return 1; }
+
+# ── Setups: thinfs builds by label, kernel ext4, overlayfs ──
+SETUPS=("${LABELS[@]}" "${KERNEL[@]}")
+declare -A TPID
+setup() {
+    local s="$1"; MNT="$WORK/mnt-$s"; mkdir -p "$MNT"; MOUNTS+=("$MNT")
+    case "$s" in
+        ext4) truncate -s 8G "$WORK/ext4.img"; IMAGES+=("$WORK/ext4.img")
+              mke2fs -q -F -t ext4 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$WORK/ext4.img" ;;
+        overlay) mkdir -p "$WORK/ovl/lower" "$WORK/ovl/upper" "$WORK/ovl/work" ;;
+        *) local t="${BINS[$s]}/thinfs" root="$WORK/pool-$s"
+           "$t" pool create --root "$root" --data-size 20G --metadata-size 256M >/dev/null
+           "$t" pool message --root "$root" create_thin 1 >/dev/null
+           "$t" dev format --root "$root" 1 --size 8G >/dev/null ;;
+    esac
+}
+mount_setup() {
+    local s="$1" mnt="$WORK/mnt-$1"
+    case "$s" in
+        ext4) mount -o loop "$WORK/ext4.img" "$mnt" ;;
+        overlay) mount -t overlay overlay -o "lowerdir=$WORK/ovl/lower,upperdir=$WORK/ovl/upper,workdir=$WORK/ovl/work" "$mnt" ;;
+        *) "${BINS[$s]}/thinfs-mount" --root "$WORK/pool-$s" --device 1 "$mnt"
+           local p c; TPID[$s]=""
+           for p in /proc/[0-9]*; do
+               c="$( { tr '\0' ' ' < "$p/cmdline"; } 2>/dev/null)" || continue
+               case "$c" in *thinfs-mount*"--device 1 $mnt -f"*) TPID[$s]="${p#/proc/}"; PIDS+=("${p#/proc/}") ;; esac
+           done
+           [ -n "${TPID[$s]}" ] || { echo "create-bench: no daemon for $mnt" >&2; return 1; } ;;
+    esac
+}
+umount_setup() {
+    umount "$WORK/mnt-$1"
+    case "$1" in ext4|overlay) ;; *) wait_gone "${TPID[$1]}" ;; esac
+}
+
+create_files() {
+    python3 - "$1" "$2" <<'EOF'
+import os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+data = os.urandom(4096)
+os.mkdir(d)
+for i in range(n):
+    fd = os.open(f"{d}/file-{i:06}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, data)
+    os.close(fd)
+EOF
+}
+
+for s in "${SETUPS[@]}"; do echo "create-bench: setting up $s" >&2; setup "$s"; done
+
+declare -A SUM NRUN CSUM
+LOG="$WORK/steps.txt"
+for r in $(seq 1 "$ROUNDS"); do
+    # Rotate the order each round, so that no setup always runs right after another.
+    order=("${SETUPS[@]:$(( (r - 1) % ${#SETUPS[@]} ))}" "${SETUPS[@]:0:$(( (r - 1) % ${#SETUPS[@]} ))}")
+    for n in "${COUNTS[@]}"; do
+        for s in "${order[@]}"; do
+            drop_caches
+            mount_setup "$s"
+            load="$(cut -d' ' -f1 /proc/loadavg)"
+            t0=$(date +%s.%N)
+            create_files "$WORK/mnt-$s/r$r-n$n" "$n"
+            t1=$(date +%s.%N)
+            cpu=""
+            # The daemon's own CPU time (utime + stime) since it started: on a busy machine the
+            # wall time is mostly waiting for a CPU, the CPU time is what the daemon's work costs.
+            if [ -n "${TPID[$s]:-}" ]; then
+                cpu=$(awk -v n="$n" -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) * 1000000 / hz / n}' "/proc/${TPID[$s]}/stat")
+                CSUM[$s,$n]=$(echo "${CSUM[$s,$n]:-0} + $cpu" | bc -l)
+            fi
+            umount_setup "$s"
+            us=$(echo "($t1 - $t0) * 1000000 / $n" | bc -l)
+            printf 'round %d  %-10s %6d files  %8.1f us/file  daemon CPU %8s us/file  load %s\n' "$r" "$s" "$n" "$us" "${cpu:--}" "$load" | tee -a "$LOG" >&2
+            SUM[$s,$n]=$(echo "${SUM[$s,$n]:-0} + $us" | bc -l)
+            NRUN[$s,$n]=$(( ${NRUN[$s,$n]:-0} + 1 ))
+        done
+    done
+done
+
+mean() { echo "${SUM[$1,$2]} / ${NRUN[$1,$2]}" | bc -l; }
+echo
+echo "create-bench: $ROUNDS rounds, $(nproc) CPUs, load average now $(cut -d' ' -f1-3 /proc/loadavg); scratch $(df -T "$WORK" | awk 'NR==2 {print $2}')"
+echo "Mean microseconds per file (open O_CREAT|O_EXCL, 4 KiB write, close), then ratios."
+printf '%-12s' setup; for n in "${COUNTS[@]}"; do printf ' %12s' "$n"; done
+printf ' | %s\n' "last N / first N"
+for s in "${SETUPS[@]}"; do
+    printf '%-12s' "$s"
+    for n in "${COUNTS[@]}"; do printf ' %12.1f' "$(mean "$s" "$n")"; done
+    printf ' | %.2fx\n' "$(echo "$(mean "$s" "${COUNTS[-1]}") / $(mean "$s" "${COUNTS[0]}")" | bc -l)"
+done
+echo "Mean daemon CPU microseconds per file (thinfs builds):"
+for s in "${LABELS[@]}"; do
+    printf '%-12s' "$s"
+    for n in "${COUNTS[@]}"; do printf ' %12.1f' "$(echo "${CSUM[$s,$n]} / ${NRUN[$s,$n]}" | bc -l)"; done
+    printf ' | %.2fx\n' "$(echo "${CSUM[$s,${COUNTS[-1]}]} / ${CSUM[$s,${COUNTS[0]}]}" | bc -l)"
+done
+base="${LABELS[0]}"
+for s in "${SETUPS[@]}"; do
+    [ "$s" = "$base" ] && continue
+    printf '%-12s' "$s/$base"; for n in "${COUNTS[@]}"; do printf ' %11.2fx' "$(echo "$(mean "$s" "$n") / $(mean "$base" "$n")" | bc -l)"; done; echo
+done
+if [[ " ${KERNEL[*]} " == *" overlay "* ]]; then
+    for s in "${LABELS[@]}"; do
+        printf '%-12s' "$s/overlay"; for n in "${COUNTS[@]}"; do printf ' %11.2fx' "$(echo "$(mean "$s" "$n") / $(mean overlay "$n")" | bc -l)"; done; echo
+    done
+fi
+echo
+echo "Steps:"; cat "$LOG"
+exit 0
