@@ -9,7 +9,7 @@ public struct ThinFSCommand: ParsableCommand {
         commandName: "thinfs",
         abstract: "Container layers in dm-thin snapshots, served through FUSE.",
         version: ThinFSVersion.string,
-        subcommands: [InitCommand.self, LayerCommand.self, ImageCommand.self, MountCommand.self, UmountCommand.self,
+        subcommands: [InitCommand.self, ServeCommand.self, LayerCommand.self, ImageCommand.self, MountCommand.self, UmountCommand.self,
                       InfoCommand.self, CleanupCommand.self, PoolCommand.self, DevCommand.self, BenchCommand.self, SetupLVMCommand.self, KernelPoolCommand.self, ImportDockerCommand.self]
     )
 
@@ -39,10 +39,14 @@ enum Logging {
 
     /// Sends swift-log output to stderr; warnings only unless --verbose or THINFS_LOG=debug|info.
     static func bootstrapOnce(verbose: Bool) {
+        let env = ProcessInfo.processInfo.environment["THINFS_LOG"].flatMap { Logger.Level(rawValue: $0) }
+        bootstrapOnce(level: verbose ? .debug : (env ?? .warning))
+    }
+
+    /// Sends swift-log output at `level` and above to stderr (`thinfs serve --log-level`).
+    static func bootstrapOnce(level: Logger.Level) {
         guard !done else { return }
         done = true
-        let env = ProcessInfo.processInfo.environment["THINFS_LOG"].flatMap { Logger.Level(rawValue: $0) }
-        let level: Logger.Level = verbose ? .debug : (env ?? .warning)
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)
             h.logLevel = level

@@ -173,14 +173,14 @@ public struct ThinFSMountCommand: ParsableCommand {
         let daemon = LayerDaemon(store: store, logger: logger)
         let sources = signals.onSignal { signal in
             logger.info("stopping", metadata: ["signal": "\(signal)"])
-            daemon.stopAll()
+            daemon.requestStop()
         }
         try withExtendedLifetime(sources) {
             do {
                 MountDaemon.warn(try daemon.mount(first, at: mp, readOnly: readOnly, options: options))
                 try daemon.listen()
             } catch {
-                daemon.stopAll()
+                daemon.requestStop()
                 daemon.waitUntilIdle()
                 throw error
             }

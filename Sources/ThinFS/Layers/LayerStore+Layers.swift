@@ -230,6 +230,22 @@ extension LayerStore {
         return holders.first { !$0.readOnly } ?? holders.first ?? Holder(pid: 0, what: "a process that did not say who it is", readOnly: true)
     }
 
+    /// Removes the holder records (`holdBusy`) of processes that are gone: a daemon killed with
+    /// SIGKILL lost its locks with its life, but not its files. `busyHolder` already ignores
+    /// them; this keeps ROOT/locks from growing with every crash. A record whose pid was reused
+    /// stays (it is ignored once that process is gone too).
+    func removeDeadHolderRecords() {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: locksDirectory)) ?? []
+        for name in names where name.contains(".holder.") {
+            let path = locksDirectory + "/" + name
+            guard let data = FileManager.default.contents(atPath: path),
+                  let h = try? JSONDecoder().decode(Holder.self, from: data), h.pid > 0,
+                  kill(h.pid, 0) != 0, errno == ESRCH else { continue }
+            unlink(path)
+            logger.info("removed the busy-lock record of a process that is gone", metadata: ["record": "\(name)", "pid": "\(h.pid)"])
+        }
+    }
+
     // MARK: Volumes
 
     /// An open volume on a layer, holding it busy. Close it to commit and release.

@@ -390,6 +390,7 @@ public final class LayerStore: @unchecked Sendable {
         if !readOnly { try recover() }
         // Unpack directories of imports killed before they could remove them (a live one is locked).
         ScratchDirectory.removeStale(in: scratchDirectory, logger: logger)
+        removeDeadHolderRecords()
         try verifyBase()
     }
 

@@ -125,3 +125,43 @@ public struct StorageOptions: Codable, Equatable, Sendable {
         }
     }
 }
+
+extension StorageOptions {
+    /// The value of `key` in these options, as an error message shows it.
+    func shown(_ key: String) -> String {
+        switch key {
+        case "dm.basesize": ByteSize.format(baseSize)
+        case "dm.loopdatasize": ByteSize.format(loopDataSize)
+        case "dm.loopmetadatasize": ByteSize.format(loopMetadataSize)
+        case "dm.blocksize": ByteSize.format(blockSize)
+        case "dm.thinpooldev": thinPoolDevice ?? "(none)"
+        case "thinfs.backend": poolBackend.rawValue
+        case "dm.fs": filesystem
+        case "dm.mkfsarg": mkfsArguments.isEmpty ? "(none)" : mkfsArguments.joined(separator: " ")
+        case "dm.mountopt": mountOptions.isEmpty ? "(none)" : mountOptions.joined(separator: ",")
+        case "dm.use_deferred_removal": String(deferredRemoval)
+        case "dm.use_deferred_deletion": String(deferredDeletion)
+        case "dm.min_free_space": "\(minFreeSpacePercent)%"
+        default: "?"
+        }
+    }
+
+    /// Checks `given` (`KEY=VALUE`, as `thinfs init` takes them) against these options, a
+    /// store's stored ones (`thinfs serve` on a root that has a store). A store keeps the
+    /// options it was made with: every process that opens it uses them, so one daemon's
+    /// start-up options cannot change them. A key given with the stored value is accepted; one
+    /// with another value is refused, naming the key and both values, as dockerd refused a
+    /// dm.basesize smaller than its base device. Invalid options are refused as by `init`.
+    public func checkUnchanged(by given: [String], root: String) throws(Error) {
+        let parsed = try StorageOptions(parsing: given)
+        var keys: [String] = []
+        for option in given {
+            guard let eq = option.firstIndex(of: "=") else { continue }
+            let key = option[..<eq].lowercased().trimmingCharacters(in: .whitespaces)
+            if !keys.contains(key) { keys.append(key) }
+        }
+        for key in keys where parsed.shown(key) != shown(key) {
+            throw Error(option: key, reason: "the store at \(root) was made with \(key)=\(shown(key)); it cannot change to \(parsed.shown(key)) (options are fixed when a store is made: start without it, or make a new store in another root)")
+        }
+    }
+}

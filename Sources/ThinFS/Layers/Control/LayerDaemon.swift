@@ -13,21 +13,34 @@ import Logging
 /// When a session ends (umount, fusermount3 -u), its layer is closed (deactivated, in Docker's
 /// words; nothing can keep it busy after that) and deferred deletions are retried. When the
 /// last session ends the daemon commits, stops listening and exits.
+///
+/// Two processes run one: the transient daemon `thinfs mount` starts (`thinfs-mount --layer`),
+/// which exits with its last mount, and `thinfs serve`, which is `persistent`: it stays up
+/// with no mount, and ends only when asked (`requestStop`, on SIGTERM). Both stop the same way.
 public final class LayerDaemon: @unchecked Sendable {
     public let store: LayerStore
     let logger: Logger
+    /// Stays up with no mount until `requestStop` (`thinfs serve`).
+    public let persistent: Bool
     private let lock = NSCondition()
     private var mounts: [String: FUSEServer] = [:]
     /// Requests being handled; the daemon does not exit under one (it may be a mount).
     private var requestsInFlight = 0
+    /// SIGTERM: new requests are refused (EAGAIN) and every mount is stopped.
+    private var stopRequested = false
     private var exiting = false
     private var listener: ControlSocket.Listener?
     /// Docker retried deferred deletions every 30 s (deviceset.go `cleanupDeletedDevices`).
     public var cleanupInterval: TimeInterval = 30
 
-    public init(store: LayerStore, logger: Logger = Logger(label: "thinfs.daemon")) {
+    /// The daemon of `store`, which this process has open (it holds the pool's writer lock).
+    /// FUSE mounts of the store that are still in the mount table belong to a daemon that was
+    /// killed: they are detached here (`unmountStale`).
+    public init(store: LayerStore, logger: Logger = Logger(label: "thinfs.daemon"), persistent: Bool = false) {
         self.store = store
         self.logger = logger
+        self.persistent = persistent
+        unmountStale()
     }
 
     /// Starts answering requests on `ROOT/control.sock`.
@@ -65,7 +78,7 @@ public final class LayerDaemon: @unchecked Sendable {
 
     private func begin() -> Bool {
         lock.withLock {
-            guard !exiting else { return false }
+            guard !exiting, !stopRequested else { return false }
             requestsInFlight += 1
             return true
         }
@@ -105,7 +118,10 @@ public final class LayerDaemon: @unchecked Sendable {
             try? open.close()
             throw error
         }
-        lock.withLock { mounts[canonical] = server }
+        let stopping = lock.withLock { () -> Bool in
+            mounts[canonical] = server
+            return stopRequested
+        }
         let thread = Thread { [self] in
             do { try server.run() } catch {
                 logger.error("serving failed", metadata: ["layer": "\(id)", "fuse.mountpoint": "\(canonical)", "error": "\(error)"])
@@ -128,22 +144,51 @@ public final class LayerDaemon: @unchecked Sendable {
         thread.name = "thinfs-fuse-\(id)"
         thread.start()
         logger.info("mounted layer", metadata: ["layer": "\(id)", "fuse.mountpoint": "\(canonical)", "ro": "\(readOnly)"])
+        // A stop came while this mount was being made, after `requestStop` looked: it goes too.
+        if stopping { server.stop() }
         return access.warnings
     }
 
-    /// Unmounts every layer (SIGTERM): each session flushes and closes as on umount.
-    public func stopAll() {
+    /// SIGTERM: refuses new requests and unmounts every layer; each session flushes and closes
+    /// as on umount. `waitUntilIdle` then returns once they are all closed. Does not block, so
+    /// a signal handler may call it; a second call aborts the sessions that are still running.
+    public func requestStop() {
+        lock.withLock {
+            stopRequested = true
+            lock.broadcast()
+        }
         for server in lock.withLock({ Array(mounts.values) }) { server.stop() }
     }
 
-    /// Blocks until no layer is mounted and no request is in flight, then stops listening.
+    /// Blocks until `requestStop` (`thinfs serve`, which then stops its services before the
+    /// daemon unmounts and closes in `waitUntilIdle`).
+    public func waitForStopRequest() {
+        lock.withLock {
+            while !stopRequested { lock.wait() }
+        }
+    }
+
+    /// Stops answering on the control socket (a stopping daemon answers nothing more there).
+    public func stopListening() {
+        listener?.close()
+    }
+
+    /// Blocks until no layer is mounted and no request is in flight (and, when `persistent`,
+    /// a stop was requested), then stops listening, runs the deferred deletions it can, and
+    /// closes the store, which commits the pool.
     public func waitUntilIdle() {
         lock.withLock {
-            while !mounts.isEmpty || requestsInFlight > 0 { lock.wait() }
+            while !mounts.isEmpty || requestsInFlight > 0 || (persistent && !stopRequested) { lock.wait() }
             exiting = true
         }
+        logger.info("stopping: no layer is mounted", metadata: ["root": "\(store.root)"])
         listener?.close()
         _ = try? store.cleanup()
-        try? store.close()
+        do {
+            try store.close()
+            logger.info("store closed and committed", metadata: ["root": "\(store.root)"])
+        } catch {
+            logger.error("closing the store failed", metadata: ["root": "\(store.root)", "error": "\(error)"])
+        }
     }
 }
