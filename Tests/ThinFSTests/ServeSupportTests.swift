@@ -1,0 +1,88 @@
+import Foundation
+import TestSupport
+import Testing
+@testable import ThinFS
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The pieces `thinfs serve` is built from that need no FUSE: the storage-option check against
+/// a store's options, /proc/locks parsing, and the systemd notification.
+struct ServeSupportTests {
+    @Test func storedOptionsAcceptTheirOwnValuesAndNameTheKeyThatDiffers() throws {
+        let stored = try StorageOptions(parsing: ["dm.basesize=256M", "dm.mkfsarg=-O^has_journal", "dm.use_deferred_deletion=true"])
+        // The same values, spelled differently, change nothing.
+        try stored.checkUnchanged(by: ["dm.basesize=262144K", "DM.use_deferred_deletion=yes", "dm.mkfsarg=-O^has_journal"], root: "/r")
+        try stored.checkUnchanged(by: [], root: "/r")
+        #expect(throws: StorageOptions.Error.self) { try stored.checkUnchanged(by: ["dm.basesize=128M"], root: "/r") }
+        do {
+            try stored.checkUnchanged(by: ["dm.basesize=256M", "dm.blocksize=128K"], root: "/r")
+            Issue.record("a different dm.blocksize was accepted")
+        } catch {
+            #expect(error.option == "dm.blocksize")
+            #expect(error.description.contains("/r") && error.description.contains("64K") && error.description.contains("128K"), "\(error)")
+        }
+        // A repeatable key compares as the whole list.
+        #expect(throws: StorageOptions.Error.self) { try stored.checkUnchanged(by: ["dm.mkfsarg=-E lazy_itable_init=0"], root: "/r") }
+        // Invalid options are refused as init refuses them.
+        do {
+            try stored.checkUnchanged(by: ["dm.nosuch=1"], root: "/r")
+            Issue.record("an unknown key was accepted")
+        } catch {
+            #expect(error.option == "dm.nosuch")
+        }
+    }
+
+    @Test func procLocksNamesTheFlockHolderOfAFile() {
+        let text = """
+            1: POSIX  ADVISORY  WRITE 900 08:01:77 0 EOF
+            2: FLOCK  ADVISORY  WRITE 4711 fd:01:1835010 0 EOF
+            2: -> FLOCK  ADVISORY  WRITE 4712 fd:01:1835010 0 EOF
+            3: FLOCK  ADVISORY  READ 4713 fd:01:1835011 0 EOF
+            4: FLOCK  ADVISORY  WRITE 4714 fe:01:1835010 0 EOF
+            """
+        #expect(LockHolders.parse(text, major: 0xfd, minor: 1, inode: 1835010) == [4711])
+        #expect(LockHolders.parse(text, major: 0xfd, minor: 1, inode: 1835011) == [4713])
+        #expect(LockHolders.parse(text, major: 8, minor: 1, inode: 77).isEmpty)   // POSIX, not flock
+    }
+
+    @Test func procLocksFindsOurOwnFlock() throws {
+        let dir = TempDir()
+        let path = dir.path + "/held"
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        #expect(fd >= 0, "open \(path): errno \(errno)")
+        defer { close(fd) }
+        #expect(LockHolders.flockHolders(of: path).isEmpty)
+        #expect(flock(fd, LOCK_EX) == 0)
+        #expect(LockHolders.flockHolders(of: path) == [getpid()])
+    }
+
+    @Test(arguments: [false, true]) func notifySendsTheStateToNotifySocket(abstract: Bool) throws {
+        let name = "thinfs-notify-test-\(UUID().uuidString.prefix(8))"
+        let path = abstract ? "@" + name : "/tmp/" + name + ".sock"
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        try #require(fd >= 0)
+        defer {
+            close(fd)
+            if !abstract { unlink(path) }
+        }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = abstract ? [0] + Array(name.utf8) : Array(path.utf8)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in bytes.enumerated() { raw[i] = b }
+        }
+        let length = MemoryLayout<sockaddr_un>.offset(of: \.sun_path)! + bytes.count + (abstract ? 0 : 1)
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(length)) }
+        }
+        try #require(rc == 0, "bind: errno \(errno)")
+
+        #expect(SystemdNotify.send("READY=1", environment: [:]) == nil)
+        #expect(SystemdNotify.send("READY=1\nSTATUS=x", environment: ["NOTIFY_SOCKET": path]) == true)
+        var buffer = [UInt8](repeating: 0, count: 256)
+        let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+        try #require(n > 0)
+        #expect(String(decoding: buffer[0..<n], as: UTF8.self) == "READY=1\nSTATUS=x")
+    }
+}
