@@ -57,7 +57,7 @@ public struct ServeCommand: ParsableCommand {
             switch self {
             case .storeHeld(let root, let holders):
                 let who = holders.isEmpty ? "another process" : "pid " + holders.map(LockHolders.describe).joined(separator: ", pid ")
-                return "the store at \(root) is owned by \(who), which holds its pool for writing (another thinfs serve, or a thinfs-mount daemon serving its mounts): stop it first, or use the running one"
+                return "the store at \(root) is owned by \(who), which holds its pool for writing (another thinfs serve, a thinfs-mount daemon serving its mounts, or a thinfs command at work on it): stop it first; the CLI works through a running one"
             }
         }
     }
