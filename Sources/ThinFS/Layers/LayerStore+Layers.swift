@@ -239,11 +239,20 @@ extension LayerStore {
         for name in names where name.contains(".holder.") {
             let path = locksDirectory + "/" + name
             guard let data = FileManager.default.contents(atPath: path),
-                  let h = try? JSONDecoder().decode(Holder.self, from: data), h.pid > 0,
-                  kill(h.pid, 0) != 0, errno == ESRCH else { continue }
+                  let h = try? JSONDecoder().decode(Holder.self, from: data), h.pid > 0, Self.isGone(h.pid) else { continue }
             unlink(path)
             logger.info("removed the busy-lock record of a process that is gone", metadata: ["record": "\(name)", "pid": "\(h.pid)"])
         }
+    }
+
+    /// No such process, or a zombie: a killed daemon whose parent has not reaped it (a
+    /// detached daemon's parent is init, or a subreaper that may be slow) holds nothing.
+    static func isGone(_ pid: Int32) -> Bool {
+        if kill(pid, 0) != 0 { return errno == ESRCH }
+        // /proc/PID/stat: "PID (COMM) STATE ...", COMM may hold spaces and parentheses.
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return false }
+        return stat[stat.index(after: close)...].split(separator: " ").first == "Z"
     }
 
     // MARK: Volumes
