@@ -30,7 +30,12 @@ struct UpcallTests {
                 let ino = try #require(m.volume.inode(name))
                 #expect(m.volume.contents(ino) == bytes, "\(name) reached the volume when close returned")
             }
-            #expect(m.volume.record.opens.values.allSatisfy { $0 == 0 }, "every open was released")
+            // The kernel sends RELEASE after close(2) has returned (fuse_release is asynchronous),
+            // so the releases may still be on their way: wait for them, with a bound that only a
+            // lost release exceeds.
+            let deadline = Date().addingTimeInterval(20)
+            while !m.volume.record.opens.values.allSatisfy({ $0 == 0 }) && Date() < deadline { usleep(20_000) }
+            #expect(m.volume.record.opens.values.allSatisfy { $0 == 0 }, "every open was released: \(m.volume.record.opens)")
         }
     }
 }
