@@ -11,8 +11,8 @@
 # filesystem). Workloads, each on a fresh cold mount (drop_caches before it):
 #   seq      fio: 256 MiB written sequentially in 1 MiB writes, fsync at the end
 #   rand     fio: 2,000 random 4 KiB writes into an existing 64 MiB file, fsync at the end
-#   rewrite  500 times: pwrite 4 KiB into an existing file, fsync (python3)
-#   sqlite   500 transactions of one INSERT each, synchronous=FULL (python3's sqlite3)
+#   rewrite  200 times: pwrite 4 KiB into an existing file, fsync (python3)
+#   sqlite   200 transactions of one INSERT each, synchronous=FULL (python3's sqlite3)
 # The report gives the wall time of each step, the ratio to the first label and to overlayfs,
 # the load average, and for thinfs the daemon's CPU time for the step (from /proc/PID/stat,
 # steadier than the wall time on a busy machine). Needs root, /dev/fuse and fio.
@@ -121,7 +121,7 @@ run() {
 import os, sys
 fd = os.open(sys.argv[1], os.O_WRONLY)
 data = os.urandom(4096)
-for i in range(500):
+for i in range(200):
     os.pwrite(fd, data, (i * 7919 % 16384) * 4096)
     os.fsync(fd)
 os.close(fd)
@@ -132,7 +132,7 @@ import sqlite3, sys
 c = sqlite3.connect(sys.argv[1], isolation_level=None)
 c.execute("PRAGMA synchronous=FULL")
 c.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
-for i in range(500):
+for i in range(200):
     c.execute("BEGIN")
     c.execute("INSERT INTO t (v) VALUES (randomblob(200))")
     c.execute("COMMIT")

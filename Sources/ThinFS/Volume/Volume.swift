@@ -1280,10 +1280,29 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                     try writeThroughFile(0, head)
                     // Read again: the head's write may have changed the extent tree.
                     inode = try readInode(fs, ino)
+                    // Unwritten (preallocated) extents in the range: fio and databases preallocate,
+                    // and libext2fs would convert them a block at a time (ext2fs_extent_set_bmap, a
+                    // leaf checksum per block). Release them and allocate initialized blocks in their
+                    // place, two extent operations per run; the data written below fills them.
+                    for run in try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) where run.physical == nil {
+                        let last = run.logical + run.count - 1
+                        let punched = withUnsafeMutablePointer(to: &inode) {
+                            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, run.logical, last) }
+                        }
+                        try check(punched, "releasing the unwritten blocks \(run.logical)...\(last) of inode \(ino)")
+                        let allocated = withUnsafeMutablePointer(to: &inode) {
+                            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                                ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
+                                                 ~0, run.logical, run.count)
+                            }
+                        }
+                        try writeInode(fs, ino, &inode)
+                        try check(allocated, "allocating blocks \(run.logical)...\(last) of inode \(ino)")
+                    }
                     for run in try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) {
                         let at = Int(run.logical * bs - offset), count = Int(run.count * bs)
                         guard let physical = run.physical else {
-                            // An unwritten extent (preallocated): libext2fs converts it block by block.
+                            // Still unwritten (not expected after the above): libext2fs converts it.
                             try writeThroughFile(at, count)
                             continue
                         }
