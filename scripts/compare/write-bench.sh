@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# write-bench.sh: write and fsync workloads through a mount, for two or more thinfs-mount builds
+# (before/after a change) and the kernel, interleaved round by round in one run, so that a
+# shared, busy machine treats them alike.
+#
+#   scripts/compare/write-bench.sh [--rounds 3] [--dir DIR] [--kernel ext4,overlay]
+#                                  LABEL=BINDIR [LABEL=BINDIR...]
+#
+# Each LABEL=BINDIR is a thinfs build (BINDIR holds thinfs and thinfs-mount); each gets its own
+# pool and 8G device. --kernel adds kernel ext4 on a loop device and overlayfs (upper on DIR's
+# filesystem). Workloads, each on a fresh cold mount (drop_caches before it):
+#   seq      fio: 256 MiB written sequentially in 1 MiB writes, fsync at the end
+#   rand     fio: 2,000 random 4 KiB writes into an existing 64 MiB file, fsync at the end
+#   rewrite  200 times: pwrite 4 KiB into an existing file, fsync (python3)
+#   sqlite   200 transactions of one INSERT each, synchronous=FULL (python3's sqlite3)
+# The report gives the wall time of each step, the ratio to the first label and to overlayfs,
+# the load average, and for thinfs the daemon's CPU time for the step (from /proc/PID/stat,
+# steadier than the wall time on a busy machine). Needs root, /dev/fuse and fio.
+set -euo pipefail
+
+ROUNDS=3
+DIR=/var/tmp
+KERNEL=(ext4 overlay)
+WORKLOADS=(seq rand rewrite sqlite)
+LABELS=()
+declare -A BINS
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rounds) ROUNDS="$2"; shift ;;
+        --dir) DIR="$2"; shift ;;
+        --kernel) if [ "$2" = none ]; then KERNEL=(); else IFS=, read -r -a KERNEL <<< "$2"; fi; shift ;;
+        --workloads) IFS=, read -r -a WORKLOADS <<< "$2"; shift ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *=*) LABELS+=("${1%%=*}"); BINS[${1%%=*}]="${1#*=}" ;;
+        *) echo "write-bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+[ ${#LABELS[@]} -gt 0 ] || { echo "write-bench: give at least one LABEL=BINDIR" >&2; exit 2; }
+if [ "$(id -u)" != 0 ]; then echo "write-bench: needs root (mount, losetup, drop_caches)" >&2; exit 1; fi
+command -v fio >/dev/null || { echo "write-bench: needs fio (apt-get install fio)" >&2; exit 1; }
+for l in "${LABELS[@]}"; do
+    for b in thinfs thinfs-mount; do
+        [ -x "${BINS[$l]}/$b" ] || { echo "write-bench: ${BINS[$l]}/$b is missing" >&2; exit 1; }
+    done
+done
+
+WORK="$(mktemp -d "$DIR/write-bench.XXXXXX")"
+MOUNTS=(); PIDS=(); IMAGES=()
+cleanup() {
+    set +e
+    local m p i
+    for m in "${MOUNTS[@]}"; do
+        if mountpoint -q "$m" 2>/dev/null; then umount "$m" 2>/dev/null || umount -l "$m"; fi
+    done
+    for p in "${PIDS[@]}"; do
+        for i in $(seq 1 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$p" 2>/dev/null && kill -TERM "$p"
+    done
+    for i in "${IMAGES[@]}"; do
+        for m in $(losetup -j "$i" -O NAME -n 2>/dev/null); do losetup -d "$m"; done
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+wait_gone() { local i; for i in $(seq 1 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done; echo "write-bench: pid $1 still running after 60 s" >&2; return 1; }
+
+SETUPS=("${LABELS[@]}" "${KERNEL[@]}")
+declare -A TPID
+setup() {
+    local s="$1"; mkdir -p "$WORK/mnt-$s"; MOUNTS+=("$WORK/mnt-$s")
+    case "$s" in
+        ext4) truncate -s 8G "$WORK/ext4.img"; IMAGES+=("$WORK/ext4.img")
+              mke2fs -q -F -t ext4 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$WORK/ext4.img" ;;
+        overlay) mkdir -p "$WORK/ovl/lower" "$WORK/ovl/upper" "$WORK/ovl/work" ;;
+        *) local t="${BINS[$s]}/thinfs" root="$WORK/pool-$s"
+           "$t" pool create --root "$root" --data-size 20G --metadata-size 256M >/dev/null
+           "$t" pool message --root "$root" create_thin 1 >/dev/null
+           "$t" dev format --root "$root" 1 --size 8G >/dev/null ;;
+    esac
+}
+mount_setup() {
+    local s="$1" mnt="$WORK/mnt-$1"
+    case "$s" in
+        ext4) mount -o loop "$WORK/ext4.img" "$mnt" ;;
+        overlay) mount -t overlay overlay -o "lowerdir=$WORK/ovl/lower,upperdir=$WORK/ovl/upper,workdir=$WORK/ovl/work" "$mnt" ;;
+        *) "${BINS[$s]}/thinfs-mount" --root "$WORK/pool-$s" --device 1 "$mnt"
+           local p c; TPID[$s]=""
+           for p in /proc/[0-9]*; do
+               c="$( { tr '\0' ' ' < "$p/cmdline"; } 2>/dev/null)" || continue
+               case "$c" in *thinfs-mount*"--device 1 $mnt -f"*) TPID[$s]="${p#/proc/}"; PIDS+=("${p#/proc/}") ;; esac
+           done
+           [ -n "${TPID[$s]}" ] || { echo "write-bench: no daemon for $mnt" >&2; return 1; } ;;
+    esac
+}
+umount_setup() {
+    umount "$WORK/mnt-$1"
+    case "$1" in ext4|overlay) ;; *) wait_gone "${TPID[$1]}" ;; esac
+}
+daemon_cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.0f", ($14 + $15) * 1000 / hz}' "/proc/$1/stat"; }
+
+# Files the steps rewrite exist before the timed part (prepare), in the step's own directory.
+prepare() {
+    local w="$1" d="$2"
+    mkdir -p "$d"
+    case "$w" in
+        rand|rewrite) fio --name=layout --directory="$d" --filename=target --rw=write --bs=1M --size=64M --end_fsync=1 >/dev/null ;;
+        *) ;;
+    esac
+}
+run() {
+    local w="$1" d="$2"
+    case "$w" in
+        seq) fio --name=seq --directory="$d" --filename=seq --rw=write --bs=1M --size=256M --end_fsync=1 >/dev/null ;;
+        rand) fio --name=rand --directory="$d" --filename=target --rw=randwrite --bs=4k --size=64M --number_ios=2000 \
+                  --randrepeat=1 --end_fsync=1 >/dev/null ;;
+        rewrite) python3 - "$d/target" <<'PY'
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+data = os.urandom(4096)
+for i in range(200):
+    os.pwrite(fd, data, (i * 7919 % 16384) * 4096)
+    os.fsync(fd)
+os.close(fd)
+PY
+        ;;
+        sqlite) python3 - "$d/db" <<'PY'
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("PRAGMA synchronous=FULL")
+c.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
+for i in range(200):
+    c.execute("BEGIN")
+    c.execute("INSERT INTO t (v) VALUES (randomblob(200))")
+    c.execute("COMMIT")
+c.close()
+PY
+        ;;
+    esac
+}
+
+for s in "${SETUPS[@]}"; do echo "write-bench: setting up $s" >&2; setup "$s"; done
+
+declare -A SUM CSUM
+LOG="$WORK/steps.txt"
+for r in $(seq 1 "$ROUNDS"); do
+    # Rotate the order each round, so that no setup always runs right after another.
+    order=("${SETUPS[@]:$(( (r - 1) % ${#SETUPS[@]} ))}" "${SETUPS[@]:0:$(( (r - 1) % ${#SETUPS[@]} ))}")
+    for w in "${WORKLOADS[@]}"; do
+        for s in "${order[@]}"; do
+            mount_setup "$s"
+            prepare "$w" "$WORK/mnt-$s/r$r-$w"
+            umount_setup "$s"
+            drop_caches
+            mount_setup "$s"
+            load="$(cut -d' ' -f1 /proc/loadavg)"
+            c0=""; [ -n "${TPID[$s]:-}" ] && c0=$(daemon_cpu_ms "${TPID[$s]}")
+            t0=$(date +%s.%N)
+            run "$w" "$WORK/mnt-$s/r$r-$w"
+            t1=$(date +%s.%N)
+            cpu=""
+            if [ -n "${TPID[$s]:-}" ]; then
+                cpu=$(( $(daemon_cpu_ms "${TPID[$s]}") - c0 ))
+                CSUM[$s,$w]=$(( ${CSUM[$s,$w]:-0} + cpu ))
+            fi
+            umount_setup "$s"
+            ms=$(echo "($t1 - $t0) * 1000" | bc -l)
+            printf 'round %d  %-8s %-10s %9.1f ms  daemon CPU %6s ms  load %s\n' "$r" "$w" "$s" "$ms" "${cpu:--}" "$load" | tee -a "$LOG" >&2
+            SUM[$s,$w]=$(echo "${SUM[$s,$w]:-0} + $ms" | bc -l)
+        done
+    done
+done
+
+echo
+echo "Mean of $ROUNDS rounds (wall ms; daemon CPU ms for thinfs); ratios to ${LABELS[0]} and to overlay"
+printf '%-8s %-10s %10s %10s %10s %10s\n' workload setup wall_ms cpu_ms "x_${LABELS[0]}" x_overlay
+for w in "${WORKLOADS[@]}"; do
+    for s in "${SETUPS[@]}"; do
+        m=$(echo "${SUM[$s,$w]} / $ROUNDS" | bc -l)
+        base=$(echo "${SUM[${LABELS[0]},$w]} / $ROUNDS" | bc -l)
+        ov="-"; [ -n "${SUM[overlay,$w]:-}" ] && ov=$(printf '%.2f' "$(echo "$m / (${SUM[overlay,$w]} / $ROUNDS)" | bc -l)")
+        cpu="-"; [ -n "${CSUM[$s,$w]:-}" ] && cpu=$(( CSUM[$s,$w] / ROUNDS ))
+        printf '%-8s %-10s %10.1f %10s %10.2f %10s\n' "$w" "$s" "$m" "$cpu" "$(echo "$m / $base" | bc -l)" "$ov"
+    done
+done
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs; $(uname -r)"
