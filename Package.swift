@@ -11,6 +11,8 @@
 //   CExt2fs CArchive        exactly one Swift file imports each of them
 //   CSQLite
 //   ThinFS                  pool backends, thin devices, (later) volume, layers, FUSE
+//   ThinFSContainerd        containerd's snapshots API (gRPC) over the layer store: its own
+//                           target so gRPC and SwiftNIO stay out of ThinFS and its tests
 //   ThinFSCommands          swift-argument-parser commands, a library so tests drive it
 //   thinfs, thinfs-mount    @main only
 import PackageDescription
@@ -30,6 +32,11 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         // SHA-256 for image digests and chain ids.
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        // containerd's snapshots API: gRPC over a unix socket, protobuf messages.
+        .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
+        .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
     ],
     targets: [
         // System libraries. Each is a modulemap plus a shim.h that only defines and includes.
@@ -71,6 +78,18 @@ let package = Package(
             linkerSettings: [.linkedLibrary("com_err")]
         ),
         .target(
+            name: "ThinFSContainerd",
+            dependencies: [
+                "ThinFS",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            exclude: ["Proto"]
+        ),
+        .target(
             name: "ThinFSCommands",
             dependencies: [
                 "ThinFS",
@@ -89,6 +108,16 @@ let package = Package(
         .testTarget(
             name: "ThinFSTests",
             dependencies: ["ThinFS", "PersistentData", "ThinFSCommands", "TestSupport"]
+        ),
+        .testTarget(
+            name: "ThinFSContainerdTests",
+            dependencies: [
+                "ThinFS", "ThinFSContainerd", "TestSupport",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ]
         ),
         // Privileged: real FUSE mounts (needs /dev/fuse and root); each test is gated on both.
         .testTarget(name: "FUSETests", dependencies: ["ThinFS", "PersistentData", "TestSupport"], path: "Tests/FUSETests"),

@@ -439,6 +439,12 @@ public final class LayerStore: @unchecked Sendable {
               kind TEXT NOT NULL, size INTEGER NOT NULL, state TEXT NOT NULL, uuid TEXT NOT NULL,
               created INTEGER NOT NULL)
             """)
+        // containerd's snapshots (ThinFSContainerd): one row per snapshot key, naming its layer.
+        try db.execute("""
+            CREATE TABLE IF NOT EXISTS snapshots (
+              key TEXT PRIMARY KEY, layer TEXT NOT NULL UNIQUE, parent TEXT, kind TEXT NOT NULL,
+              labels TEXT NOT NULL, created INTEGER NOT NULL, updated INTEGER NOT NULL)
+            """)
         // One row per pool change in flight (moby's transaction-metadata file).
         try db.execute("""
             CREATE TABLE IF NOT EXISTS journal (

@@ -149,6 +149,29 @@ public final class LayerDaemon: @unchecked Sendable {
         return access.warnings
     }
 
+    /// Unmounts the layer this daemon serves at `mountpoint` (canonical, as `mount` made it) and
+    /// waits up to `timeout` seconds for its session to end and the layer to close (not busy any
+    /// more). True when it has (or nothing was mounted there). A session outlives the unmount
+    /// while a bind mount of it is left somewhere (a container's rootfs): then false, and the
+    /// layer closes when that goes. The containerd snapshotter unmounts its own mounts so.
+    @discardableResult
+    public func unmount(_ mountpoint: String, timeout: TimeInterval = 10) -> Bool {
+        guard let server = lock.withLock({ mounts[mountpoint] }) else { return true }
+        server.stop()
+        let deadline = Date(timeIntervalSinceNow: timeout)
+        return lock.withLock {
+            while mounts[mountpoint] != nil {
+                if !lock.wait(until: deadline) { return mounts[mountpoint] == nil }
+            }
+            return true
+        }
+    }
+
+    /// Whether this daemon serves a mount at `mountpoint` (canonical).
+    public func isServing(_ mountpoint: String) -> Bool {
+        lock.withLock { mounts[mountpoint] != nil }
+    }
+
     /// SIGTERM: refuses new requests and unmounts every layer; each session flushes and closes
     /// as on umount. `waitUntilIdle` then returns once they are all closed. Does not block, so
     /// a signal handler may call it; a second call aborts the sessions that are still running.

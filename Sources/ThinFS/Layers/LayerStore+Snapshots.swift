@@ -1,0 +1,247 @@
+import Foundation
+import Logging
+
+/// containerd's snapshots over the layer store, as dockerd's and containerd's devicemapper
+/// drivers map them onto thin devices:
+///
+///     committed snapshot  an image layer (a thin snapshot of its parent's layer)
+///     active snapshot     a container layer (read-write), from its parent or the base device
+///     view                an image layer (read-only), from its parent or the base device
+///
+/// A snapshot key is an opaque string of any length (containerd's are like
+/// "default/3/sha256:…" or "k8s.io/12/extract-… sha256:…"). It never becomes a path or a layer
+/// id: every snapshot gets a generated layer id, and the `snapshots` table of layers.db maps the
+/// key to it. The key is stored as the hex of its UTF-8 bytes, because SQLite's text binding (and
+/// everything after it) stops at a NUL byte that a key may hold.
+extension LayerStore {
+    public struct Snapshot: Equatable, Sendable {
+        public enum Kind: String, Sendable { case view, active, committed }
+        public var key: String
+        public var layer: String
+        public var parent: String?
+        public var kind: Kind
+        public var labels: [String: String]
+        public var created: Date
+        public var updated: Date
+    }
+
+    /// The snapshotter's errors, each with containerd's class (errdefs) in `code`.
+    public enum SnapshotError: Swift.Error, CustomStringConvertible, Equatable {
+        public enum Code: Sendable { case notFound, alreadyExists, failedPrecondition, invalidArgument }
+        case notFound(key: String)
+        case alreadyExists(key: String)
+        case parentNotCommitted(key: String, parent: String)
+        case notActive(key: String, kind: Snapshot.Kind)
+        case hasChildren(key: String, children: [String])
+        case invalidLabel(key: String, label: String, reason: String)
+        case invalidUpdate(key: String, field: String)
+        case invalidKey(key: String, reason: String)
+
+        public var code: Code {
+            switch self {
+            case .notFound: .notFound
+            case .alreadyExists: .alreadyExists
+            case .notActive, .hasChildren: .failedPrecondition
+            case .parentNotCommitted, .invalidLabel, .invalidUpdate, .invalidKey: .invalidArgument
+            }
+        }
+
+        public var description: String {
+            switch self {
+            case .notFound(let key): "snapshot \(key.debugDescription) does not exist"
+            case .alreadyExists(let key): "snapshot \(key.debugDescription) already exists"
+            case .parentNotCommitted(let key, let parent):
+                "snapshot \(key.debugDescription): parent \(parent.debugDescription) is not a committed snapshot"
+            case .notActive(let key, let kind): "snapshot \(key.debugDescription) is not active (it is \(kind.rawValue))"
+            case .hasChildren(let key, let children):
+                "snapshot \(key.debugDescription) has children: \(children.map(\.debugDescription).joined(separator: ", "))"
+            case .invalidLabel(let key, let label, let why): "snapshot \(key.debugDescription): label \(label.debugDescription): \(why)"
+            case .invalidUpdate(let key, let field): "snapshot \(key.debugDescription): field \(field.debugDescription) cannot be updated"
+            case .invalidKey(let key, let why): "snapshot key \(key.debugDescription): \(why)"
+            }
+        }
+    }
+
+    /// containerd's own limit (labels.Validate): a label's key and value together at most 4096 bytes.
+    static let maxLabelBytes = 4096
+
+    static func hex(_ key: String) -> String {
+        key.utf8.map { String(format: "%02x", $0) }.joined()
+    }
+
+    static func unhex(_ text: String) -> String {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(text.utf8.count / 2)
+        var iterator = text.utf8.makeIterator()
+        while let high = iterator.next(), let low = iterator.next() {
+            func nibble(_ c: UInt8) -> UInt8 { c >= 97 ? c - 87 : c - 48 }
+            bytes.append(nibble(high) << 4 | nibble(low))
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    static func validateLabels(_ labels: [String: String], key: String) throws {
+        for (label, value) in labels {
+            guard label.utf8.count + value.utf8.count <= maxLabelBytes else {
+                throw SnapshotError.invalidLabel(key: key, label: label, reason: "a label's key and value may have at most \(maxLabelBytes) bytes")
+            }
+        }
+    }
+
+    static func encodeLabels(_ labels: [String: String]) throws -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        return String(decoding: try encoder.encode(labels), as: UTF8.self)
+    }
+
+    func decodeSnapshot(_ row: LayerDatabase.Row) throws -> Snapshot {
+        let key = Self.unhex(row[0].text ?? "")
+        let labelText = row[4].text ?? "{}"
+        guard let labels = try? JSONDecoder().decode([String: String].self, from: Data(labelText.utf8)),
+              let kind = Snapshot.Kind(rawValue: row[3].text ?? "") else {
+            throw Error.corruptDatabase(path: Self.databasePath(root), reason: "snapshot \(key.debugDescription): unreadable row")
+        }
+        return Snapshot(key: key, layer: row[1].text ?? "", parent: row[2].text.map(Self.unhex), kind: kind, labels: labels,
+                        created: Date(timeIntervalSince1970: Double(row[5].integer ?? 0) / 1e9),
+                        updated: Date(timeIntervalSince1970: Double(row[6].integer ?? 0) / 1e9))
+    }
+
+    static let snapshotColumns = "key, layer, parent, kind, labels, created, updated"
+
+    /// The snapshot `key`, or nil.
+    public func snapshot(_ key: String) throws -> Snapshot? {
+        try db.query("SELECT \(Self.snapshotColumns) FROM snapshots WHERE key = ?", [.text(Self.hex(key))])
+            .first.map(decodeSnapshot)
+    }
+
+    /// Every snapshot, oldest first.
+    public func allSnapshots() throws -> [Snapshot] {
+        try db.query("SELECT \(Self.snapshotColumns) FROM snapshots ORDER BY created, rowid").map(decodeSnapshot)
+    }
+
+    /// The keys of the snapshots whose parent is `key`.
+    public func snapshotChildren(_ key: String) throws -> [String] {
+        try db.query("SELECT key FROM snapshots WHERE parent = ?", [.text(Self.hex(key))]).map { Self.unhex($0[0].text ?? "") }
+    }
+
+    /// Prepare (read-write, `.active`) or View (`readOnly`, `.view`): a new layer from `parent`'s (a committed snapshot)
+    /// or from the base device.
+    public func createSnapshot(_ key: String, parent: String?, readOnly: Bool, labels: [String: String]) throws -> Snapshot {
+        try requireWritable("creating snapshot \(key.debugDescription)")
+        let kind: Snapshot.Kind = readOnly ? .view : .active
+        guard !key.isEmpty else { throw SnapshotError.invalidKey(key: key, reason: "it is empty") }
+        try Self.validateLabels(labels, key: key)
+        return try locked {
+            if try snapshot(key) != nil { throw SnapshotError.alreadyExists(key: key) }
+            var parentLayer: String?
+            if let parent {
+                guard let p = try snapshot(parent) else { throw SnapshotError.notFound(key: parent) }
+                guard p.kind == .committed else { throw SnapshotError.parentNotCommitted(key: key, parent: parent) }
+                parentLayer = p.layer
+            }
+            let id = "snap-" + UUID().uuidString.lowercased()
+            let layer = try create(id, parent: parentLayer, kind: kind == .active ? .container : .image, size: nil)
+            let now = Date()
+            let snapshot = Snapshot(key: key, layer: layer.id, parent: parent, kind: kind, labels: labels, created: now, updated: now)
+            do {
+                try db.execute("INSERT INTO snapshots(\(Self.snapshotColumns)) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                               [.text(Self.hex(key)), .text(layer.id), parent.map { .text(Self.hex($0)) } ?? .null,
+                                .text(kind.rawValue), .text(try Self.encodeLabels(labels)),
+                                .integer(Self.storedTime(now)), .integer(Self.storedTime(now))])
+            } catch {
+                // The layer without its row would be an orphan nobody can name.
+                try? journaledDelete(layer)
+                throw error
+            }
+            logger.info("created snapshot", metadata: ["snapshot": "\(key.debugDescription)", "layer": "\(id)", "kind": "\(kind.rawValue)"])
+            return snapshot
+        }
+    }
+
+    /// Commit: the active snapshot `key` becomes the committed snapshot `name`, and its layer an
+    /// image layer (frozen: nothing may hold it read-write). The layer is kept, not copied; the
+    /// new snapshot's labels are `labels`, as containerd's storage does.
+    public func commitSnapshot(_ key: String, as name: String, labels: [String: String]) throws -> Snapshot {
+        try requireWritable("committing snapshot \(key.debugDescription)")
+        guard !name.isEmpty else { throw SnapshotError.invalidKey(key: name, reason: "it is empty") }
+        try Self.validateLabels(labels, key: name)
+        return try locked {
+            guard let active = try snapshot(key) else { throw SnapshotError.notFound(key: key) }
+            if try snapshot(name) != nil { throw SnapshotError.alreadyExists(key: name) }
+            guard active.kind == .active else { throw SnapshotError.notActive(key: key, kind: active.kind) }
+            if let holder = try busyHolder(active.layer), !holder.readOnly {
+                throw Error.busy(active.layer, holder: "\(holder.description); a snapshot in use read-write cannot be committed")
+            }
+            let now = Date()
+            try db.transaction {
+                try db.execute("UPDATE layers SET kind = 'image' WHERE id = ?", [.text(active.layer)])
+                try db.execute("UPDATE snapshots SET key = ?, kind = 'committed', labels = ?, created = ?, updated = ? WHERE key = ?",
+                               [.text(Self.hex(name)), .text(try Self.encodeLabels(labels)), .integer(Self.storedTime(now)),
+                                .integer(Self.storedTime(now)), .text(Self.hex(key))])
+            }
+            logger.info("committed snapshot", metadata: ["snapshot": "\(key.debugDescription)", "name": "\(name.debugDescription)", "layer": "\(active.layer)"])
+            return Snapshot(key: name, layer: active.layer, parent: active.parent, kind: .committed, labels: labels,
+                            created: now, updated: now)
+        }
+    }
+
+    /// Remove: refused while other snapshots name it as parent. A busy layer follows
+    /// dm.use_deferred_deletion (`remove(_:)`): with it, the snapshot is gone at once and its
+    /// layer once free; without it, nothing changes and the busy error says who holds it.
+    @discardableResult
+    public func removeSnapshot(_ key: String) throws -> Removal {
+        try requireWritable("removing snapshot \(key.debugDescription)")
+        return try locked {
+            guard let snapshot = try snapshot(key) else { throw SnapshotError.notFound(key: key) }
+            let children = try snapshotChildren(key)
+            guard children.isEmpty else { throw SnapshotError.hasChildren(key: key, children: children) }
+            let removal: Removal
+            if try layer(snapshot.layer) != nil {
+                removal = try remove(snapshot.layer)
+            } else {
+                removal = .deleted
+            }
+            try db.execute("DELETE FROM snapshots WHERE key = ?", [.text(Self.hex(key))])
+            logger.info("removed snapshot", metadata: ["snapshot": "\(key.debugDescription)", "layer": "\(snapshot.layer)"])
+            return removal
+        }
+    }
+
+    /// Update: only labels change. `fields` are containerd's field paths: "labels" replaces them
+    /// all, "labels.K" sets (or, with an empty value, removes) one; none replaces them all.
+    public func updateSnapshot(_ key: String, labels: [String: String], fields: [String]) throws -> Snapshot {
+        try requireWritable("updating snapshot \(key.debugDescription)")
+        return try locked {
+            guard var snapshot = try snapshot(key) else { throw SnapshotError.notFound(key: key) }
+            var updated = snapshot.labels
+            if fields.isEmpty {
+                updated = labels
+            } else {
+                for field in fields {
+                    if field == "labels" {
+                        updated = labels
+                    } else if field.hasPrefix("labels.") {
+                        let label = String(field.dropFirst("labels.".count))
+                        updated[label] = labels[label]
+                    } else {
+                        throw SnapshotError.invalidUpdate(key: key, field: field)
+                    }
+                }
+            }
+            updated = updated.filter { !$0.value.isEmpty }
+            try Self.validateLabels(updated, key: key)
+            snapshot.labels = updated
+            snapshot.updated = Date()
+            try db.execute("UPDATE snapshots SET labels = ?, updated = ? WHERE key = ?",
+                           [.text(try Self.encodeLabels(updated)), .integer(Self.storedTime(snapshot.updated)), .text(Self.hex(key))])
+            return snapshot
+        }
+    }
+
+    /// Usage: the bytes only this snapshot's layer maps (shared blocks belong to its parents).
+    public func snapshotUsage(_ key: String) throws -> UInt64 {
+        guard let snapshot = try snapshot(key) else { throw SnapshotError.notFound(key: key) }
+        guard let layer = try layer(snapshot.layer) else { return 0 }
+        return try usage()[layer.deviceID]?.exclusive ?? 0
+    }
+}
