@@ -155,7 +155,7 @@ public final class SnapshotService: Snapshots.SimpleServiceProtocol, @unchecked 
             } catch {
                 // A snapshot containerd was told failed must not stay behind.
                 release(snapshot)
-                try? store.removeSnapshot(key)
+                _ = try? store.removeSnapshot(key)
                 try? FileManager.default.removeItem(atPath: mountpoint(snapshot))
                 throw error
             }

@@ -312,11 +312,12 @@ struct SnapshotServiceTests {
             #expect(after >= before + (2 << 20))
             #expect(try await usage(c, "base").size == baseUsage)
 
-            // A reader holds the child's layer: the remove is deferred, the snapshot gone at once.
-            let layer = try #require(try h.store.snapshot("child")).layer
+            // A reader holds a snapshot's layer: the remove is deferred, the snapshot gone at once.
+            try await commit(c, "top", key: "child")
+            let layer = try #require(try h.store.snapshot("top")).layer
             let holder = try h.store.openLayer(layer, readOnly: true, what: "test reader")
-            try await remove(c, "child")
-            #expect(await code { _ = try await stat(c, "child") } == .notFound)
+            try await remove(c, "top")
+            #expect(await code { _ = try await stat(c, "top") } == .notFound)
             #expect(try h.store.layer(layer)?.state == .deleted)
             _ = try await c.cleanup(Containerd_Services_Snapshots_V1_CleanupRequest())
             #expect(try h.store.layer(layer) != nil)   // still busy

@@ -23,6 +23,16 @@ extension LayerStore {
         public var labels: [String: String]
         public var created: Date
         public var updated: Date
+
+        public init(key: String, layer: String, parent: String?, kind: Kind, labels: [String: String], created: Date, updated: Date) {
+            self.key = key
+            self.layer = layer
+            self.parent = parent
+            self.kind = kind
+            self.labels = labels
+            self.created = created
+            self.updated = updated
+        }
     }
 
     /// The snapshotter's errors, each with containerd's class (errdefs) in `code`.
@@ -238,10 +248,20 @@ extension LayerStore {
         }
     }
 
-    /// Usage: the bytes only this snapshot's layer maps (shared blocks belong to its parents).
+    /// Usage: the bytes this snapshot's layer maps that its parent's (or the base device) does
+    /// not: what it adds, as containerd means a snapshot's usage. Plain exclusivity (blocks no
+    /// other device maps) would not do: a committed snapshot's blocks become shared, and its
+    /// usage 0, the moment a child is prepared from it.
     public func snapshotUsage(_ key: String) throws -> UInt64 {
-        guard let snapshot = try snapshot(key) else { throw SnapshotError.notFound(key: key) }
-        guard let layer = try layer(snapshot.layer) else { return 0 }
-        return try usage()[layer.deviceID]?.exclusive ?? 0
+        try locked {
+            guard let snapshot = try snapshot(key) else { throw SnapshotError.notFound(key: key) }
+            guard let layer = try layer(snapshot.layer) else { return 0 }
+            let origin = try layer.parent.flatMap { try self.layer($0)?.deviceID } ?? base.deviceID
+            let blockSize = try pool.status().dataBlockSize
+            let blocks = try pool.mappedDataBlocks()
+            let inherited = Set(blocks[origin] ?? [])
+            let own = (blocks[layer.deviceID] ?? []).count { !inherited.contains($0) }
+            return UInt64(own) * blockSize
+        }
     }
 }
