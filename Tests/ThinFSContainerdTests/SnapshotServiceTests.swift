@@ -411,3 +411,50 @@ struct SnapshotFilterTests {
         #expect(throws: SnapshotFilter.Error.self) { try SnapshotFilter(parsing: ["name~=("]) }
     }
 }
+
+/// The wire bytes, encoded by hand from containerd's field numbers and types (snapshots.proto,
+/// mount.proto): what the generated code sends must be what containerd's Go code reads.
+@Suite("containerd snapshots wire format")
+struct SnapshotWireTests {
+    @Test func fieldNumbersAndTypes() throws {
+        var prepare = Containerd_Services_Snapshots_V1_PrepareSnapshotRequest()
+        prepare.snapshotter = "t"
+        prepare.key = "k"
+        prepare.parent = "p"
+        // field 1, 2, 3: length-delimited strings (tag = number << 3 | 2)
+        #expect([UInt8](try prepare.serializedBytes() as [UInt8]) == [0x0a, 1, 0x74, 0x12, 1, 0x6b, 0x1a, 1, 0x70])
+
+        var commit = Containerd_Services_Snapshots_V1_CommitSnapshotRequest()
+        commit.name = "n"
+        commit.key = "k"
+        #expect(try commit.serializedBytes() as [UInt8] == [0x12, 1, 0x6e, 0x1a, 1, 0x6b])
+
+        var usage = Containerd_Services_Snapshots_V1_UsageResponse()
+        usage.size = 5
+        usage.inodes = 7
+        #expect(try usage.serializedBytes() as [UInt8] == [0x08, 5, 0x10, 7])   // varints 1 and 2
+
+        var mount = Containerd_Types_Mount()
+        mount.type = "bind"
+        mount.source = "/s"
+        mount.options = ["rbind"]
+        #expect(try mount.serializedBytes() as [UInt8] == [0x0a, 4] + Array("bind".utf8) + [0x12, 2] + Array("/s".utf8) + [0x22, 5] + Array("rbind".utf8))
+
+        var info = Containerd_Services_Snapshots_V1_Info()
+        info.kind = .committed
+        info.labels = ["a": "b"]
+        // kind: varint field 3 = 3; labels: map entry field 6 {1: "a", 2: "b"}
+        #expect(try info.serializedBytes() as [UInt8] == [0x18, 3, 0x32, 6, 0x0a, 1, 0x61, 0x12, 1, 0x62])
+
+        var update = Containerd_Services_Snapshots_V1_UpdateSnapshotRequest()
+        update.info.name = "x"
+        update.updateMask.paths = ["labels"]
+        #expect(try update.serializedBytes() as [UInt8] == [0x12, 3, 0x0a, 1, 0x78, 0x1a, 8, 0x0a, 6] + Array("labels".utf8))
+
+        var list = Containerd_Services_Snapshots_V1_ListSnapshotsRequest()
+        list.filters = ["f"]
+        #expect(try list.serializedBytes() as [UInt8] == [0x12, 1, 0x66])
+        #expect(Containerd_Services_Snapshots_V1_Snapshots.descriptor.fullyQualifiedService == "containerd.services.snapshots.v1.Snapshots")
+        #expect(Containerd_Services_Snapshots_V1_Snapshots.Method.List.descriptor.method == "List")
+    }
+}
