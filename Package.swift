@@ -93,6 +93,7 @@ let package = Package(
             name: "ThinFSCommands",
             dependencies: [
                 "ThinFS",
+                "ThinFSContainerd",
                 "PersistentData",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import ThinFS
+import ThinFSContainerd
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -13,7 +14,8 @@ import Glibc
 ///     thinfs serve --root R
 ///       ├─ LayerStore.open (or .initialize with --storage-opt): the pool's writer lock, recovery
 ///       ├─ stale FUSE mounts of R (a killed daemon's) lazily unmounted
-///       ├─ services, in order: R/control.sock (thinfs layer/mount/info/...)
+///       ├─ services, in order: R/control.sock (thinfs layer/mount/info/...), then with
+///       │  --containerd-socket S containerd's snapshots API on S (ThinFSContainerd)
 ///       ├─ READY=1 to systemd (Type=notify)
 ///       └─ SIGTERM: services stop in reverse, every layer unmounts, the pool commits, exit 0
 public struct ServeCommand: ParsableCommand {
@@ -33,6 +35,10 @@ public struct ServeCommand: ParsableCommand {
 
     @Option(name: .customLong("storage-opt"), help: "KEY=VALUE, with Docker's dm.* names, as 'thinfs init' takes them (repeatable).")
     var storageOptions: [String] = []
+
+    @Option(name: .customLong("containerd-socket"),
+            help: "Also serve containerd's snapshots API (a proxy snapshotter) on this unix socket.")
+    var containerdSocket: String?
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: LogLevel = LogLevel(.info)
@@ -79,7 +85,11 @@ public struct ServeCommand: ParsableCommand {
         }
         try withExtendedLifetime(sources) {
             // The pool owner's front doors. Each is listening when `start` returns.
-            let services: [any DaemonService] = [ControlSocketService(daemon: daemon)]
+            var services: [any DaemonService] = [ControlSocketService(daemon: daemon)]
+            if let containerdSocket {
+                let path = URL(fileURLWithPath: containerdSocket).standardizedFileURL.path
+                services.append(ContainerdSnapshotsService(daemon: daemon, socketPath: path, logger: Logger(label: "thinfs.snapshots")))
+            }
             var started: [any DaemonService] = []
             do {
                 for service in services {

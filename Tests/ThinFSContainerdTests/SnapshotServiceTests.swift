@@ -43,7 +43,7 @@ final class Harness: @unchecked Sendable {
 
     func shutDown() async {
         await server.stop()
-        daemon.stopAll()
+        daemon.requestStop()
         daemon.waitUntilIdle()
     }
 }
@@ -360,7 +360,7 @@ struct SnapshotServiceTests {
                 try "kept\n".write(toFile: m[0].source + "/f", atomically: false, encoding: .utf8)
             }
             await server.stop()
-            daemon.stopAll()
+            daemon.requestStop()
             daemon.waitUntilIdle()
         }
         let store = try LayerStore.open(root: root, logger: quietLogger)
@@ -381,7 +381,7 @@ struct SnapshotServiceTests {
             Issue.record(error)
         }
         await server.stop()
-        daemon.stopAll()
+        daemon.requestStop()
         daemon.waitUntilIdle()
     }
 }
