@@ -59,31 +59,10 @@ NFILES=$((NDIRS * PERDIR))
 WORK="$(mktemp -d "$DIR/fs-bench.XXXXXX")"
 # Sources live in tmpfs so that reading them costs the same for every setup and survives drop_caches.
 SHM="$(mktemp -d /dev/shm/fs-bench.XXXXXX)"
-MOUNTS=()      # every mount point we may have mounted
-PIDS=()        # every FUSE daemon we started
-IMAGES=()      # every image that may sit behind a loop device
 
-cleanup() {
-    set +e
-    local m p i
-    for m in "${MOUNTS[@]}"; do
-        if mountpoint -q "$m" 2>/dev/null; then umount "$m" 2>/dev/null || umount -l "$m"; fi
-    done
-    for p in "${PIDS[@]}"; do
-        for i in $(seq 1 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$p" 2>/dev/null && kill -TERM "$p"
-    done
-    for i in "${IMAGES[@]}"; do
-        for m in $(losetup -j "$i" -O NAME -n 2>/dev/null); do losetup -d "$m"; done
-    done
-    rm -rf "$WORK" "$SHM"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-now() { date +%s.%N; }
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-wait_gone() { local i; for i in $(seq 1 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done; echo "fs-bench: pid $1 still running after 60 s" >&2; return 1; }
+BENCH_NAME=fs-bench
+. "$(dirname "$0")/bench-lib.sh"   # bench_cleanup (on EXIT), drop_caches, wait_gone
+SCRATCH=("$WORK" "$SHM")
 wait_mounted() { local i; for i in $(seq 1 100); do mountpoint -q "$1" && return 0; sleep 0.1; done; echo "fs-bench: $1 did not mount" >&2; return 1; }
 # This VM's balloon returns idle memory to the host; re-faulting it costs more than the fs does.
 # Touch as much page cache as the next write adds (untimed), so every setup starts on backed memory.

@@ -46,27 +46,9 @@ for l in "${LABELS[@]}"; do
 done
 
 WORK="$(mktemp -d "$DIR/write-bench.XXXXXX")"
-MOUNTS=(); PIDS=(); IMAGES=()
-cleanup() {
-    set +e
-    local m p i
-    for m in "${MOUNTS[@]}"; do
-        if mountpoint -q "$m" 2>/dev/null; then umount "$m" 2>/dev/null || umount -l "$m"; fi
-    done
-    for p in "${PIDS[@]}"; do
-        for i in $(seq 1 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$p" 2>/dev/null && kill -TERM "$p"
-    done
-    for i in "${IMAGES[@]}"; do
-        for m in $(losetup -j "$i" -O NAME -n 2>/dev/null); do losetup -d "$m"; done
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
-wait_gone() { local i; for i in $(seq 1 600); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done; echo "write-bench: pid $1 still running after 60 s" >&2; return 1; }
+BENCH_NAME=write-bench
+. "$(dirname "$0")/bench-lib.sh"   # bench_cleanup (on EXIT), drop_caches, wait_gone
+SCRATCH=("$WORK")
 
 SETUPS=("${LABELS[@]}" "${KERNEL[@]}")
 declare -A TPID
