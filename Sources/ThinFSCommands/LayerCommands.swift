@@ -84,11 +84,12 @@ struct LayerCommand: ParsableCommand {
         func run() throws {
             _ = options.poolRoot
             var path = URL(fileURLWithPath: file).standardizedFileURL.path
-            var spooled: String?
-            if file == "-" {
-                // The request may run in the daemon, which cannot read our stdin: spool it first.
-                let tmp = URL(fileURLWithPath: options.root).standardizedFileURL.path + "/tmp/stdin-\(getpid())-\(UUID().uuidString).tar"
-                try FileManager.default.createDirectory(atPath: (tmp as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            // The request may run in the daemon, which cannot read our stdin: spool it first, into a
+            // locked scratch directory that goes on return, or with the next open of the store if
+            // this process is killed first (ScratchDirectory.removeStale).
+            let spool = file == "-" ? try ThinFS.ScratchDirectory(in: URL(fileURLWithPath: options.root).standardizedFileURL.path + "/tmp") : nil
+            if let spool {
+                let tmp = spool.path + "/stdin.tar"
                 guard FileManager.default.createFile(atPath: tmp, contents: nil) else {
                     throw CommandFailure(message: "cannot create \(tmp) to hold the tar read from stdin: \(String(cString: strerror(errno)))")
                 }
@@ -96,10 +97,10 @@ struct LayerCommand: ParsableCommand {
                 while let chunk = try FileHandle.standardInput.read(upToCount: 1 << 20), !chunk.isEmpty { out.write(chunk) }
                 try out.close()
                 path = tmp
-                spooled = tmp
             }
-            defer { if let spooled { unlink(spooled) } }
-            try StoreAccess.run(root: options.root, LayerRequest(.applyDiff, layer: id, path: path))
+            try withExtendedLifetime(spool) {
+                try StoreAccess.run(root: options.root, LayerRequest(.applyDiff, layer: id, path: path))
+            }
         }
     }
 
@@ -114,14 +115,16 @@ struct LayerCommand: ParsableCommand {
                 try StoreAccess.run(root: options.root, LayerRequest(.diff, layer: id, path: URL(fileURLWithPath: output).standardizedFileURL.path))
                 return
             }
-            // The daemon may write it, so it goes to a file first, then to stdout.
-            let tmp = URL(fileURLWithPath: options.root).standardizedFileURL.path + "/tmp/diff-\(getpid())-\(UUID().uuidString).tar"
-            try FileManager.default.createDirectory(atPath: (tmp as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-            defer { unlink(tmp) }
-            try StoreAccess.run(root: options.root, LayerRequest(.diff, layer: id, path: tmp))
-            let input = try FileHandle(forReadingFrom: URL(fileURLWithPath: tmp))
-            defer { try? input.close() }
-            while let chunk = try input.read(upToCount: 1 << 20), !chunk.isEmpty { FileHandle.standardOutput.write(chunk) }
+            // The daemon may write it, so it goes to a file first, then to stdout; in a locked
+            // scratch directory, so that a kill before the end leaves nothing for good.
+            let spool = try ThinFS.ScratchDirectory(in: URL(fileURLWithPath: options.root).standardizedFileURL.path + "/tmp")
+            let tmp = spool.path + "/diff.tar"
+            try withExtendedLifetime(spool) {
+                try StoreAccess.run(root: options.root, LayerRequest(.diff, layer: id, path: tmp))
+                let input = try FileHandle(forReadingFrom: URL(fileURLWithPath: tmp))
+                defer { try? input.close() }
+                while let chunk = try input.read(upToCount: 1 << 20), !chunk.isEmpty { FileHandle.standardOutput.write(chunk) }
+            }
         }
     }
 }

@@ -6,20 +6,21 @@ import Glibc
 #endif
 
 /// A private working directory under a store's `ROOT/tmp`, such as the one a `docker save`
-/// archive's named files are unpacked into, removed when its owner is done with it.
+/// archive's named files are unpacked into, or the one a command spools its stdin into before a
+/// daemon reads it, removed when its owner is done with it.
 ///
 /// The owner holds an exclusive `flock` on the directory for as long as it uses it, and flock
 /// dies with its process: a directory whose lock anyone can take was left by a process that was
 /// killed (`kill -9`, OOM, power loss) before it could remove it. `removeStale(in:)`, run when a
 /// store opens, removes those and only those.
-final class ScratchDirectory {
+public final class ScratchDirectory {
     static let prefix = "thinfs-image-"
 
-    let path: String
+    public let path: String
     private let fd: Int32
 
     /// Makes and locks a new directory under `parent` (made if missing).
-    init(in parent: String) throws {
+    public init(in parent: String) throws {
         try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
         while true {
             let path = parent + "/" + Self.prefix + UUID().uuidString
