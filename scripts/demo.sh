@@ -9,6 +9,11 @@
 # Part 2, the pool underneath: create a pool from two sparse files, write a thin device,
 # snapshot it, overwrite the origin, and show that the snapshot still reads the old bytes;
 # then ext4 on thin devices through thinfs-mount.
+#
+# Part 3, containerd (needs root, /dev/fuse, containerd and runc): thinfs serve as the
+# snapshotter of a private containerd (its own root, state and socket under the demo's scratch
+# directory; a system containerd is left alone): import the image, run a container on ThinFS,
+# list its snapshots and the store's layers, remove it all, thin_check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +25,24 @@ thinfs="$bin/thinfs"
 mount_cmd="$bin/thinfs-mount"
 
 root=$(mktemp -d /var/tmp/thinfs-demo.XXXXXX)
+serve_pid="" containerd_pid=""
+stop_pid() {  # SIGTERM, up to 20 s, then SIGKILL
+  [[ -n $1 ]] && kill -0 "$1" 2>/dev/null || return 0
+  kill "$1"
+  for _ in $(seq 200); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$1" 2>/dev/null || true
+}
 cleanup() {
+  # containerd's containers, then its shims (by the socket in their command line), then it and serve.
+  if [[ -n $containerd_pid ]]; then
+    for id in $(runc --root "$root/ctr/runc/demo" list -q 2>/dev/null); do runc --root "$root/ctr/runc/demo" delete -f "$id"; done
+    stop_pid "$containerd_pid"
+    for p in /proc/[0-9]*; do
+      { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -qF -- "-address $root/ctr/containerd.sock " && stop_pid "${p#/proc/}"
+    done
+  fi
+  stop_pid "$serve_pid"
+  grep -oE " $root/[^ ]*" /proc/mounts 2>/dev/null | sort -r | while read -r m; do umount "$m" 2>/dev/null || umount -l "$m"; done
   for m in "$root/mnt-origin" "$root/mnt-snap"; do
     if grep -q " $m " /proc/mounts 2>/dev/null; then umount "$m" 2>/dev/null || umount -l "$m"; fi
   done
@@ -143,4 +165,46 @@ if [[ -e /dev/fuse && $(id -u) -eq 0 ]]; then
   step thin_check "$root/pool/metadata"
 else
   echo "(skipping the FUSE part: it needs /dev/fuse and root)"
+fi
+
+echo
+if [[ -e /dev/fuse && $(id -u) -eq 0 ]] && command -v containerd >/dev/null && command -v ctr >/dev/null && command -v runc >/dev/null; then
+  echo "# Part 3: a container through containerd on ThinFS"
+  ctr_dir="$root/ctr"
+  mkdir -p "$ctr_dir"
+  [[ -d $root/image ]] || scripts/make-test-image.sh "$root/image" >/dev/null
+  tar -C "$root/image/oci" -cf "$root/image/oci.tar" .
+  echo "# thinfs serve: the store's owner, with containerd's snapshots API on a unix socket"
+  echo "\$ $thinfs serve --root $ctr_dir/store --containerd-socket $ctr_dir/thinfs.sock &"
+  "$thinfs" serve --root "$ctr_dir/store" --containerd-socket "$ctr_dir/thinfs.sock" --log-level warning \
+    --storage-opt dm.basesize=1G --storage-opt dm.loopdatasize=10G >"$ctr_dir/serve.log" 2>&1 &
+  serve_pid=$!
+  for _ in $(seq 300); do [[ -S $ctr_dir/thinfs.sock ]] && break; sleep 0.1; done
+  echo
+  echo "# containerd's config: its own root, state and socket, and contrib/containerd-thinfs.toml's entry"
+  sed "s|/run/thinfs/snapshots.sock|$ctr_dir/thinfs.sock|" contrib/containerd-thinfs.toml | grep -v '^#' | grep . >"$ctr_dir/thinfs.toml"
+  { printf 'version = 2\nroot = "%s"\nstate = "%s"\n' "$ctr_dir/root" "$ctr_dir/state"
+    printf 'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "%s"\n' "$ctr_dir/containerd.sock"
+    printf '[ttrpc]\n  address = "%s.ttrpc"\n[plugins."io.containerd.internal.v1.opt"]\n  path = "%s"\n' "$ctr_dir/containerd.sock" "$ctr_dir/opt"
+    cat "$ctr_dir/thinfs.toml"; } >"$ctr_dir/config.toml"
+  cat "$ctr_dir/thinfs.toml"
+  containerd --config "$ctr_dir/config.toml" >"$ctr_dir/containerd.log" 2>&1 &
+  containerd_pid=$!
+  for _ in $(seq 300); do ctr --address "$ctr_dir/containerd.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
+  export CONTAINERD_ADDRESS=$ctr_dir/containerd.sock CONTAINERD_NAMESPACE=demo
+  ctr plugins ls | grep -E '^TYPE|snapshotter.*thinfs'
+  step ctr images import --snapshotter thinfs "$root/image/oci.tar"
+  step ctr run --rm --runc-root "$ctr_dir/runc" --snapshotter thinfs thinfs-test:latest hello \
+    /bin/sh -c 'echo "hello from a containerd container on ThinFS"; cat /etc/os-release; echo written > /mine; ls /; grep " / " /proc/mounts'
+  step ctr snapshots --snapshotter thinfs ls
+  step ctr snapshots --snapshotter thinfs usage
+  step "$thinfs" layer ls --root "$ctr_dir/store"
+  step ctr images rm --sync thinfs-test:latest
+  echo "# the image's snapshots are gone from the store:"
+  step "$thinfs" layer ls --root "$ctr_dir/store"
+  stop_pid "$containerd_pid"; containerd_pid=""
+  stop_pid "$serve_pid"; serve_pid=""
+  step thin_check "$ctr_dir/store/pool/metadata"
+else
+  echo "(skipping the containerd part: it needs /dev/fuse, root, containerd, ctr and runc)"
 fi

@@ -13,6 +13,7 @@ packages=(
   libsqlite3-dev                # layer store metadata
   busybox-static zstd           # test images (a busybox rootfs, zstd layers); the VM initramfs
   qemu-system-x86               # the kernel test guest (scripts/vm)
+  containerd runc docker-registry skopeo   # scripts/containerd-e2e.sh: a private containerd, a local registry
 )
 
 missing=()

@@ -28,6 +28,21 @@ if ((rc != 0)); then
 fi
 rm -f "$log"
 
+step "containerd end to end"
+# ThinFS as a private containerd's proxy snapshotter, through a local registry, with faults
+# (scripts/containerd-e2e.sh, about 2.5 min); skips with the reason without root, /dev/fuse or a
+# package. Its last line names the failed check; the bound leaves it time to clean up.
+log=$(mktemp /tmp/thinfs-containerd-e2e.XXXXXX.log)
+set +e
+timeout -k 60 300 bash scripts/containerd-e2e.sh 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+if ((rc != 0)); then
+  failed=$(grep -o "FAILED at check.*" "$log" | tail -n 1)
+  fail "containerd end to end" "${failed:-exit $rc, timed out or killed} (full log: $log)"
+fi
+rm -f "$log"
+
 step "kernel VM suite"
 # The kernel suite in a qemu guest (scripts/vm/README.md); skips loudly without qemu. It prints its
 # own table and the end of each failed test's log last.
