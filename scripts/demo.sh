@@ -26,6 +26,8 @@ mount_cmd="$bin/thinfs-mount"
 
 root=$(mktemp -d /var/tmp/thinfs-demo.XXXXXX)
 serve_pid="" containerd_pid=""
+# containerd's shims put their sockets in /run/containerd/s whatever the config says.
+[[ -d /run/containerd ]] && run_containerd_existed=1 || run_containerd_existed=""
 stop_pid() {  # SIGTERM, up to 20 s, then SIGKILL
   [[ -n $1 ]] && kill -0 "$1" 2>/dev/null || return 0
   kill "$1"
@@ -42,7 +44,8 @@ cleanup() {
     done
   fi
   stop_pid "$serve_pid"
-  grep -oE " $root/[^ ]*" /proc/mounts 2>/dev/null | sort -r | while read -r m; do umount "$m" 2>/dev/null || umount -l "$m"; done
+  [[ -n $run_containerd_existed ]] || rmdir /run/containerd/s /run/containerd 2>/dev/null || true
+  { grep -oE " $root/[^ ]*" /proc/mounts || true; } | sort -r | while read -r m; do umount "$m" 2>/dev/null || umount -l "$m"; done
   for m in "$root/mnt-origin" "$root/mnt-snap"; do
     if grep -q " $m " /proc/mounts 2>/dev/null; then umount "$m" 2>/dev/null || umount -l "$m"; fi
   done
@@ -194,13 +197,15 @@ if [[ -e /dev/fuse && $(id -u) -eq 0 ]] && command -v containerd >/dev/null && c
   export CONTAINERD_ADDRESS=$ctr_dir/containerd.sock CONTAINERD_NAMESPACE=demo
   ctr plugins ls | grep -E '^TYPE|snapshotter.*thinfs'
   step ctr images import --snapshotter thinfs "$root/image/oci.tar"
-  step ctr run --rm --runc-root "$ctr_dir/runc" --snapshotter thinfs thinfs-test:latest hello \
-    /bin/sh -c 'echo "hello from a containerd container on ThinFS"; cat /etc/os-release; echo written > /mine; ls /; grep " / " /proc/mounts'
+  echo "# each layer of the image is a committed snapshot, and a thin snapshot in the pool:"
   step ctr snapshots --snapshotter thinfs ls
-  step ctr snapshots --snapshotter thinfs usage
   step "$thinfs" layer ls --root "$ctr_dir/store"
+  step ctr run --rm --runc-root "$ctr_dir/runc" --fifo-dir "$ctr_dir/fifo" --snapshotter thinfs thinfs-test:latest hello \
+    /bin/sh -c 'echo "hello from a containerd container on ThinFS"; cat /etc/os-release; echo written > /mine; ls /; grep " / " /proc/mounts'
+  echo "# usage: what each snapshot owns (the top layer's own blocks; the rest it shares with its parent)"
+  step ctr snapshots --snapshotter thinfs usage
+  echo "# containerd removes snapshots from the snapshotter at its garbage collection: --sync runs one"
   step ctr images rm --sync thinfs-test:latest
-  echo "# the image's snapshots are gone from the store:"
   step "$thinfs" layer ls --root "$ctr_dir/store"
   stop_pid "$containerd_pid"; containerd_pid=""
   stop_pid "$serve_pid"; serve_pid=""
