@@ -320,6 +320,7 @@ leaders = {}
 for line in open(sys.argv[1]):
     path, mode, owner, *rest = line.rstrip("\n").split("|")
     if path == "./lost+found":
+        print(f"(accepted: {sys.argv[1]} has ./lost+found, ext4's own)", file=sys.stderr)
         continue
     mtime, size, inode, extra = rest
     if path in ("./dev", "./proc", "./sys", "./run"):
