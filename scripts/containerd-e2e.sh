@@ -230,7 +230,6 @@ written by run1" "what run1 printed"
 src=$(c snapshots --snapshotter thinfs mounts /x run1 | awk '{for (i = 1; i < NF; i++) if ($i == "bind") print $(i + 1)}')
 [[ $src == "$store"/snapshots/* ]] || die "ctr snapshots mounts run1: expected a bind of $store/snapshots/LAYER, got '$src'"
 expect_eq "$(cat "$src/data/mine")" "written by run1" "run1's file in its snapshot's mount ($src)"
-cmp -n 1048576 "$src/copy" "$w/image/layer1.tar" >/dev/null 2>&1 && die "sanity: the copy should not equal a tar"
 cmp <(head -c 1048576 /bin/busybox) "$src/copy" || die "run1's /copy differs from the image's busybox"
 
 check "snapshots: ctr snapshots ls|info|usage|rm"
