@@ -13,6 +13,8 @@
 //   ThinFS                  pool backends, thin devices, (later) volume, layers, FUSE
 //   ThinFSContainerd        containerd's snapshots API (gRPC) over the layer store: its own
 //                           target so gRPC and SwiftNIO stay out of ThinFS and its tests
+//   ThinFSDocker            Docker's graphdriver plugin protocol (JSON over HTTP, SwiftNIO's
+//                           HTTP/1 codec on a unix socket): its own target for the same reason
 //   ThinFSCommands          swift-argument-parser commands, a library so tests drive it
 //   thinfs, thinfs-mount    @main only
 import PackageDescription
@@ -37,6 +39,9 @@ let package = Package(
         .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
         .package(url: "https://github.com/grpc/grpc-swift-protobuf.git", from: "2.4.1"),
         .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
+        // Docker's graphdriver plugin protocol: HTTP/1 on a unix socket (already resolved through
+        // grpc-swift-nio-transport; the version Package.resolved holds).
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.3"),
     ],
     targets: [
         // System libraries. Each is a modulemap plus a shim.h that only defines and includes.
@@ -90,10 +95,21 @@ let package = Package(
             exclude: ["Proto"]
         ),
         .target(
+            name: "ThinFSDocker",
+            dependencies: [
+                "ThinFS",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
             name: "ThinFSCommands",
             dependencies: [
                 "ThinFS",
                 "ThinFSContainerd",
+                "ThinFSDocker",
                 "PersistentData",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -120,6 +136,7 @@ let package = Package(
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]
         ),
+        .testTarget(name: "ThinFSDockerTests", dependencies: ["ThinFS", "ThinFSDocker", "TestSupport"]),
         // Privileged: real FUSE mounts (needs /dev/fuse and root); each test is gated on both.
         .testTarget(name: "FUSETests", dependencies: ["ThinFS", "PersistentData", "TestSupport"], path: "Tests/FUSETests"),
     ],

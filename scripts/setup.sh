@@ -14,6 +14,7 @@ packages=(
   busybox-static zstd           # test images (a busybox rootfs, zstd layers); the VM initramfs
   qemu-system-x86               # the kernel test guest (scripts/vm)
   containerd runc docker-registry skopeo   # scripts/containerd-e2e.sh: a private containerd, a local registry
+  docker.io curl golang-go golang-github-docker-docker-dev golang-github-vbatts-tar-split-dev  # Docker plugin: private dockerd, the plugin tests' HTTP client, moby's graphtest
 )
 
 missing=()

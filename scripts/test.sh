@@ -43,6 +43,14 @@ if ((rc != 0)); then
 fi
 rm -f "$log"
 
+step "docker plugin"
+# thinfs serve --docker-plugin under a private dockerd 20.10 (scripts/docker-e2e.sh, ~16 s), then
+# moby's graphtest suite through moby's plugin client (scripts/docker-graphtest.sh, ~20 s plus a
+# ~15 s Go build); each skips with its reason without root, /dev/fuse or a package. The bounds
+# (4 min in all) leave each time to clean up.
+timeout -k 30 120 bash scripts/docker-e2e.sh || fail "docker plugin" "scripts/docker-e2e.sh exit $? (its FAILED line above names the check; 124: timed out)"
+timeout -k 30 90 bash scripts/docker-graphtest.sh || fail "docker plugin" "scripts/docker-graphtest.sh exit $? (moby's graphtest: the failed tests above are marked --- FAIL; 124: timed out)"
+
 step "kernel VM suite"
 # The kernel suite in a qemu guest (scripts/vm/README.md); skips loudly without qemu. It prints its
 # own table and the end of each failed test's log last.

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import ThinFS
 import ThinFSContainerd
+import ThinFSDocker
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -15,7 +16,8 @@ import Glibc
 ///       ├─ LayerStore.open (or .initialize with --storage-opt): the pool's writer lock, recovery
 ///       ├─ stale FUSE mounts of R (a killed daemon's) lazily unmounted
 ///       ├─ services, in order: R/control.sock (thinfs layer/mount/info/...), then with
-///       │  --containerd-socket S containerd's snapshots API on S (ThinFSContainerd)
+///       │  --containerd-socket S containerd's snapshots API on S (ThinFSContainerd), with
+///       │  --docker-plugin N Docker's graphdriver plugin on /run/docker/plugins/N.sock (ThinFSDocker)
 ///       ├─ READY=1 to systemd (Type=notify)
 ///       └─ SIGTERM: services stop in reverse, every layer unmounts, the pool commits, exit 0
 public struct ServeCommand: ParsableCommand {
@@ -39,6 +41,10 @@ public struct ServeCommand: ParsableCommand {
     @Option(name: .customLong("containerd-socket"),
             help: "Also serve containerd's snapshots API (a proxy snapshotter) on this unix socket.")
     var containerdSocket: String?
+
+    @Option(name: .customLong("docker-plugin"),
+            help: "Also serve Docker's graphdriver plugin protocol as plugin NAME, on /run/docker/plugins/NAME.sock (dockerd --experimental --storage-driver NAME).")
+    var dockerPlugin: String?
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: LogLevel = LogLevel(.info)
@@ -89,6 +95,10 @@ public struct ServeCommand: ParsableCommand {
             if let containerdSocket {
                 let path = URL(fileURLWithPath: containerdSocket).standardizedFileURL.path
                 services.append(ContainerdSnapshotsService(daemon: daemon, socketPath: path, logger: Logger(label: "thinfs.snapshots")))
+            }
+            if let dockerPlugin {
+                services.append(DockerPluginService(daemon: daemon, socketPath: try DockerPluginService.socketPath(name: dockerPlugin),
+                                                    logger: Logger(label: "thinfs.docker-plugin")))
             }
             var started: [any DaemonService] = []
             do {

@@ -73,6 +73,12 @@ extension LayerStore {
 
     /// `thinfs info`: the devicemapper section of `docker info`, with the same field names.
     public func info() throws -> String {
+        "Storage Driver: thinfs\n" + (try statusFields()).map { " \($0.0): \($0.1)\n" }.joined()
+    }
+
+    /// The pairs of `thinfs info`, in order: what the Docker plugin's `GraphDriver.Status`
+    /// answers, so `docker info` prints them under the driver's name as it did devicemapper's.
+    public func statusFields() throws -> [(String, String)] {
         try locked {
             let s = try pool.status()
             let kernel = pool as? KernelThinPool
@@ -116,7 +122,7 @@ extension LayerStore {
                 ("Backend", options.poolBackend.rawValue + (readOnly ? " (read-only)" : "")),
                 ("Library Version", "\(engine); libext2fs \(Volume.libraryVersion), libfuse \(FUSEServer.libraryVersion), SQLite \(LayerDatabase.libraryVersion)"),
             ]
-            return "Storage Driver: thinfs\n" + fields.map { " \($0.0): \($0.1)\n" }.joined()
+            return fields
         }
     }
 }

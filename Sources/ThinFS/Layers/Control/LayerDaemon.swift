@@ -91,17 +91,20 @@ public final class LayerDaemon: @unchecked Sendable {
         }
     }
 
-    /// Mounts layer `id` at `mountpoint` and serves it on a new thread. Image layers are always
-    /// read-only. Returns once the mount is ready, with the warnings for whoever asked when the
-    /// mount grants less than a container's rootfs should have (`MountAccess`).
+    /// Mounts layer `id` at `mountpoint` and serves it on a new thread. Image layers are
+    /// read-only unless `writableImage` (Docker's graphdriver, whose `Get` mounts every layer
+    /// read-write until it has a child; `openLayer` refuses one that has). Returns once the
+    /// mount is ready, with the warnings for whoever asked when the mount grants less than a
+    /// container's rootfs should have (`MountAccess`).
     @discardableResult
-    public func mount(_ id: String, at mountpoint: String, readOnly requested: Bool, options requestedOptions: [String] = []) throws -> [String] {
+    public func mount(_ id: String, at mountpoint: String, readOnly requested: Bool, options requestedOptions: [String] = [],
+                      writableImage: Bool = false) throws -> [String] {
         try LayerStore.validate(mountpoint, what: "mount point")
         for option in requestedOptions { try LayerStore.validate(option, what: "mount option") }
         let layer = try store.liveLayer(id)
         // dm.mountopt applies to every mount, as Docker added it to each layer's mount.
         let options = store.options.mountOptions + requestedOptions
-        let readOnly = requested || layer.kind == .image || store.readOnly
+        let readOnly = requested || (layer.kind == .image && !writableImage) || store.readOnly
         let extra = options.filter { $0 != "ro" && $0 != "rw" && $0 != "allow_other" }
         let canonical = try FUSEServer.checkMountpoint(mountpoint, allowNonEmpty: extra.contains("nonempty"))
         let open = try store.openLayer(id, readOnly: readOnly, what: "mounted at \(canonical)")
