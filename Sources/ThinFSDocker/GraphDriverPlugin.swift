@@ -170,10 +170,11 @@ public final class GraphDriverPlugin: @unchecked Sendable {
             return ok()
         case "GraphDriver.Diff":
             let r = try request()
-            let layer = try checkedParent(try id(r), r.Parent ?? "")
+            let layer = try id(r)
+            let whole = try againstBase(layer, r.Parent ?? "")
             let path = try scratchFile("diff")
             do {
-                try store.diff(layer, to: path)
+                try store.diff(layer, to: path, againstBase: whole)
             } catch {
                 unlink(path)
                 throw error
@@ -181,16 +182,21 @@ public final class GraphDriverPlugin: @unchecked Sendable {
             return .file(path: path)
         case "GraphDriver.Changes", "GraphDriver.DiffSize":
             let r = try request()
-            let layer = try checkedParent(try id(r), r.Parent ?? "")
-            let (changes, size) = try store.changes(layer)
+            let layer = try id(r)
+            let (changes, size) = try store.changes(layer, againstBase: try againstBase(layer, r.Parent ?? ""))
             if method == "GraphDriver.DiffSize" { return ok(["Size": size]) }
             return ok(["Changes": changes.map { ["Path": $0.path, "Kind": $0.kind.rawValue] as [String: Any] }])
         case "GraphDriver.ApplyDiff":
             guard let raw = query["id"], !raw.isEmpty else { throw Error.badRequest(method: method, reason: "no id in the query") }
             try LayerStore.validate(id: raw)
-            let layer = try checkedParent(raw, query["parent"] ?? "")
+            let layer = try store.liveLayer(raw)
+            // The tar goes on top of the layer's own content, whatever parent Docker names, as
+            // moby's naive ApplyDiff unpacks into the layer's directory; a named one must be real.
+            if let parent = query["parent"], !parent.isEmpty, parent != (layer.parent ?? "") {
+                throw Error.parentMismatch(layer: raw, given: parent, stored: layer.parent ?? "")
+            }
             guard let bodyFile else { throw Error.badRequest(method: method, reason: "no layer tar in the body") }
-            return ok(["Size": try store.applyGraphdriverDiff(layer, from: bodyFile)])
+            return ok(["Size": try store.applyGraphdriverDiff(layer.id, from: bodyFile)])
         default:
             throw Error.unknownMethod(method)
         }
@@ -207,14 +213,16 @@ public final class GraphDriverPlugin: @unchecked Sendable {
         return size
     }
 
-    /// Docker names the parent it diffs against; ThinFS diffs against the stored one, so they
-    /// must agree.
-    private func checkedParent(_ id: String, _ given: String) throws -> String {
+    /// Docker names the parent it diffs against: the stored one, or none (moby's naive diff
+    /// then compares with an empty directory: the layer's whole content, which is the diff
+    /// against the base device). Any other parent is refused. True: diff against the base.
+    private func againstBase(_ id: String, _ given: String) throws -> Bool {
         let layer = try store.liveLayer(id)
-        if !given.isEmpty { try LayerStore.validate(id: given) }
+        if given.isEmpty { return true }
+        try LayerStore.validate(id: given)
         let stored = layer.parent ?? ""
         guard given == stored else { throw Error.parentMismatch(layer: id, given: given, stored: stored) }
-        return id
+        return false
     }
 
     /// A file for a tar on its way in or out, in the store's scratch directory (on the store's

@@ -276,7 +276,12 @@ struct GraphDriverPluginTests {
         // Docker's parent must be the stored one; a failed Diff is an error status, not a tar.
         let wrong = try h.call("GraphDriver.Diff", #"{"ID":"l2","Parent":"l3"}"#)
         #expect(wrong.status == 500 && wrong.err?.contains("l3") == true)
-        #expect(try h.call("GraphDriver.Changes", #"{"ID":"l2"}"#).err?.contains("l1") == true)
+        // No parent: against nothing (moby's naive diff with an empty parent), l2's whole content.
+        let whole = try #require(try h.ok("GraphDriver.Changes", #"{"ID":"l2"}"#)["Changes"] as? [[String: Any]])
+        let all = Dictionary(whole.compactMap { c in (c["Path"] as? String).map { ($0, c["Kind"] as? Int ?? -1) } },
+                             uniquingKeysWith: { a, _ in a })
+        #expect(all == ["/a": 1, "/c": 1, "/dir": 1], "\(whole)")
+        #expect(try h.ok("GraphDriver.DiffSize", #"{"ID":"l2"}"#)["Size"] as? Int == 6 + 3)
     }
 
     /// Ids that try to leave the store (`../x`, `/abs`) are refused in every request that

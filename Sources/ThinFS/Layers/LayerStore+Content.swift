@@ -155,14 +155,16 @@ extension LayerStore {
     }
 
     /// `thinfs layer diff`: writes layer `id`'s changes against its parent (or the base device)
-    /// to `path` as an OCI layer tar with whiteouts.
-    public func diff(_ id: String, to path: String) throws {
+    /// to `path` as an OCI layer tar with whiteouts. `againstBase` diffs against the base device
+    /// (the empty filesystem) whatever the parent: the layer's whole content, as Docker's
+    /// graphdriver asks with no parent.
+    public func diff(_ id: String, to path: String, againstBase: Bool = false) throws {
         try Self.validate(path, what: "output path")
         try locked {
             let layer = try liveLayer(id)
             let child = try openLayer(id, readOnly: true, what: "diff")
             defer { try? child.close() }
-            let parentLayer = try layer.parent.map { try openLayer($0, readOnly: true, what: "diff of \(id)") }
+            let parentLayer = try (againstBase ? nil : layer.parent).map { try openLayer($0, readOnly: true, what: "diff of \(id)") }
             defer { try? parentLayer?.close() }
             let base = try parentLayer == nil ? volumes.open(device: self.base.deviceID, size: self.base.size, readOnly: true) : nil
             defer { try? base?.close() }

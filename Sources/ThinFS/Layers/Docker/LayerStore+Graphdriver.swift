@@ -50,14 +50,15 @@ extension LayerStore {
     /// is a deletion; an entry the parent has too is a modification, one it lacks an addition.
     /// Paths are absolute, as moby's `Changes` gives them. The sizes of the regular files added
     /// or modified come with them (`GraphDriver.DiffSize`, moby's `ChangesSize`).
-    public func changes(_ id: String) throws -> (changes: [Change], size: UInt64) {
+    /// `againstBase`: against the empty filesystem, whatever the parent (Docker's empty `Parent`).
+    public func changes(_ id: String, againstBase: Bool = false) throws -> (changes: [Change], size: UInt64) {
         try locked {
             let layer = try liveLayer(id)
             let tar = scratchDirectory + "/changes-\(UUID().uuidString.prefix(8)).tar"
             try FileManager.default.createDirectory(atPath: scratchDirectory, withIntermediateDirectories: true)
             defer { unlink(tar) }
-            try diff(id, to: tar)
-            let parent = try layer.parent.map { try openLayer($0, readOnly: true, what: "changes of \(id)") }
+            try diff(id, to: tar, againstBase: againstBase)
+            let parent = try (againstBase ? nil : layer.parent).map { try openLayer($0, readOnly: true, what: "changes of \(id)") }
             defer { try? parent?.close() }
             let base = try parent == nil ? volumes.open(device: self.base.deviceID, size: self.base.size, readOnly: true) : nil
             defer { try? base?.close() }
