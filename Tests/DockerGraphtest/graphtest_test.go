@@ -112,11 +112,11 @@ func newServedDriver(home string, options []string, uidMaps, gidMaps []idtools.I
 	return &servedDriver{Driver: d, cmd: cmd, root: root, socket: socket}, nil
 }
 
-// The suite's tests, as moby's drivers run them (overlay2_test.go, vfs_test.go).
+// The suite's tests with overlay2's arguments (daemon/graphdriver/overlay2/overlay_test.go).
 func TestCreateEmpty(t *testing.T)   { graphtest.DriverTestCreateEmpty(t, driverName) }
 func TestCreateBase(t *testing.T)    { graphtest.DriverTestCreateBase(t, driverName) }
 func TestCreateSnap(t *testing.T)    { graphtest.DriverTestCreateSnap(t, driverName) }
-func TestDeepLayerRead(t *testing.T) { graphtest.DriverTestDeepLayerRead(t, 10, driverName) }
+func TestDeepLayerRead(t *testing.T) { graphtest.DriverTestDeepLayerRead(t, 128, driverName) }
 func TestDiffApply10(t *testing.T)   { graphtest.DriverTestDiffApply(t, 10, driverName) }
 func TestChanges(t *testing.T)       { graphtest.DriverTestChanges(t, driverName) }
 func TestTeardown(t *testing.T)      { graphtest.PutDriver(t) }
