@@ -20,8 +20,8 @@ final class PluginHarness: @unchecked Sendable {
     /// Docker's `Home` for the driver (DATA_ROOT/NAME).
     var home: String { dir.path + "/docker/thinfs" }
 
-    init() throws {
-        let options = try StorageOptions(parsing: ["dm.basesize=64M", "dm.loopdatasize=512M", "dm.loopmetadatasize=16M"])
+    init(options extra: [String] = []) throws {
+        let options = try StorageOptions(parsing: ["dm.basesize=64M", "dm.loopdatasize=512M", "dm.loopmetadatasize=16M"] + extra)
         store = try LayerStore.initialize(root: dir.path + "/store", options: options, logger: quietLogger)
         daemon = LayerDaemon(store: store, logger: quietLogger)
         server = try DockerPluginServer.start(plugin: GraphDriverPlugin(daemon: daemon, logger: quietLogger),
@@ -282,6 +282,33 @@ struct GraphDriverPluginTests {
                              uniquingKeysWith: { a, _ in a })
         #expect(all == ["/a": 1, "/c": 1, "/dir": 1], "\(whole)")
         #expect(try h.ok("GraphDriver.DiffSize", #"{"ID":"l2"}"#)["Size"] as? Int == 6 + 3)
+    }
+
+    /// Remove of a layer dockerd has mounted (Get without Put): refused, naming the holder and
+    /// the option, without dm.use_deferred_deletion; with it, the layer is gone for Docker at
+    /// once and deleted from the pool when the last Put unmounts it.
+    @Test(arguments: [false, true]) func removeOfAMountedLayer(deferred: Bool) throws {
+        let h = try PluginHarness(options: ["dm.use_deferred_deletion=\(deferred)"])
+        defer { h.shutDown() }
+        try h.initialize(["dm.use_deferred_deletion=\(deferred)"])
+        try h.ok("GraphDriver.CreateReadWrite", #"{"ID":"busy"}"#)
+        let dir = try #require(try h.ok("GraphDriver.Get", #"{"ID":"busy"}"#)["Dir"] as? String)
+        let removal = try h.call("GraphDriver.Remove", #"{"ID":"busy"}"#)
+        if deferred {
+            #expect(removal.status == 200, "\(removal.err ?? "")")
+            #expect(try h.ok("GraphDriver.Exists", #"{"ID":"busy"}"#)["Exists"] as? Bool == false)
+            #expect(try h.store.layer("busy")?.state == .deleted)
+            #expect(Host.isMounted(dir))
+            try h.ok("GraphDriver.Put", #"{"ID":"busy"}"#)
+            #expect(try h.store.layer("busy") == nil)
+        } else {
+            #expect(removal.status == 500 && removal.err?.contains("dm.use_deferred_deletion") == true, "\(removal.err ?? "")")
+            #expect(try h.store.layer("busy")?.state == .active)
+            try h.ok("GraphDriver.Put", #"{"ID":"busy"}"#)
+            try h.ok("GraphDriver.Remove", #"{"ID":"busy"}"#)
+            #expect(try h.store.layer("busy") == nil)
+        }
+        #expect(!Host.isMounted(dir))
     }
 
     /// Ids that try to leave the store (`../x`, `/abs`) are refused in every request that
