@@ -148,6 +148,96 @@ struct DifferentialTests {
         #expect(fsck.status == 0, "\(fsck.stdout)")
     }
 
+    /// Thousands of creates, unlinks, renames and hard links in one directory (names of 1 to 255
+    /// bytes, so records of every size split and merge), the same seeded steps on kernel ext4:
+    /// every result and the final listing must match. Then the volume must check clean with
+    /// e2fsck, and kernel ext4 must read the directory thinfs grew (it verifies each block's
+    /// checksum) and list what it listed through FUSE.
+    @Test func largeDirectoryChurnMatchesKernelExt4() throws {
+        let dir = TempDir()
+        let size: UInt64 = 256 << 20
+        let kernel = try KernelExt4(dir: dir.path, size: size)
+        defer { kernel.close() }
+        let thin = try ThinFSMount(dir: dir.path, size: size)
+        var closed = false
+        defer { if !closed { try? thin.close() } }
+
+        let kernelLog = Self.largeDirectorySteps(root: kernel.mountpoint)
+        let thinLog = Self.largeDirectorySteps(root: thin.mountpoint)
+        #expect(kernelLog.count == thinLog.count)
+        var mismatches = 0
+        for (i, (k, t)) in zip(kernelLog, thinLog).enumerated() where k != t {
+            mismatches += 1
+            if mismatches <= 20 { Issue.record("step \(i): kernel ext4 says \(k), thinfs says \(t)") }
+        }
+        #expect(mismatches == 0, "\(mismatches) steps differ")
+        #expect(kernelLog.count > 8000, "the script ran")
+        let listed = Self.names(thin.mountpoint + "/big")
+
+        try thin.close()
+        closed = true
+        try thin.pool.commit()
+        let image = dir.path + "/thin.img"
+        let out = try FileBlockDevice.create(path: FilePath(image), size: size)
+        try thin.pool.openDevice(1, size: size).copy(to: out, length: size)
+        let fsck = try Oracle.run("/sbin/e2fsck", ["-fn", image])
+        #expect(fsck.status == 0, "\(fsck.stdout)")
+        let mountpoint = dir.path + "/thin-by-kernel"
+        try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
+        let m = try Oracle.run("/bin/mount", ["-o", "loop,ro", image, mountpoint])
+        try #require(m.status == 0, "kernel mount of the thinfs volume: \(m.stderr)")
+        defer { _ = try? Oracle.run("/bin/umount", [mountpoint]) }
+        #expect(Self.names(mountpoint + "/big") == listed, "kernel ext4 lists the directory thinfs grew as FUSE did")
+    }
+
+    /// The steps of `largeDirectoryChurnMatchesKernelExt4`: one line per step.
+    static func largeDirectorySteps(root: String) -> [String] {
+        var log: [String] = []
+        var rng = SeededRandom(seed: 11)
+        let big = root + "/big"
+        log.append("mkdir: \(errnoName(LibC.check(mkdir(big, 0o755))))")
+        func name(_ i: Int) -> String {
+            // Lengths from 1 to 255 bytes: short names split slack, long ones need whole free records.
+            let length = [1, 2, 5, 8, 13, 30, 64, 120, 200, 255][i % 10]
+            let stem = "\(i)-"
+            return stem.count >= length ? stem : stem + String(repeating: "x", count: length - stem.count)
+        }
+        var live: [String] = []
+        for i in 0..<3000 {
+            let n = name(i)
+            log.append("create \(n.count) \(i): \(errnoName(create(big + "/" + n, [UInt8(i & 0xff)])))")
+            live.append(n)
+        }
+        for round in 0..<3 {
+            // Unlink about a third, rename a fifth (some over a live name), link a few, create more.
+            for _ in 0..<1000 where !live.isEmpty {
+                let n = live.remove(at: Int.random(in: 0..<live.count, using: &rng))
+                log.append("unlink \(n.count): \(errnoName(LibC.check(unlink(big + "/" + n))))")
+            }
+            for j in 0..<600 where live.count > 2 {
+                let from = live.remove(at: Int.random(in: 0..<live.count, using: &rng))
+                let to = j % 5 == 0 ? live[Int.random(in: 0..<live.count, using: &rng)] : name(10_000 * (round + 1) + j)
+                log.append("rename \(from.count) -> \(to.count): \(errnoName(LibC.check(rename(big + "/" + from, big + "/" + to))))")
+                if !live.contains(to) { live.append(to) }
+            }
+            for j in 0..<200 {
+                let from = live[Int.random(in: 0..<live.count, using: &rng)]
+                let to = name(20_000 * (round + 1) + j)
+                log.append("link \(from.count) -> \(to.count): \(errnoName(LibC.check(link(big + "/" + from, big + "/" + to))))")
+                live.append(to)
+            }
+            for j in 0..<1000 {
+                let n = name(30_000 * (round + 1) + j)
+                log.append("create \(n.count): \(errnoName(create(big + "/" + n, [UInt8(j & 0xff)])))")
+                live.append(n)
+            }
+            log.append("exists again: \(errnoName(create(big + "/" + live[0], [0])))")
+            log.append("listing after round \(round): crc \(CRC32C.checksum(Array(names(big).utf8)))")
+        }
+        for n in live.sorted() where n.count % 3 == 0 { log.append("stat \(n.count): \(stat(big + "/" + n))") }
+        return log
+    }
+
     static let zeroRange: Int32 = 0x10  // FALLOC_FL_ZERO_RANGE
 
     /// Each case: a file of `size` bytes of a pattern (nil: sparse, 8 KiB of data at 0 and at

@@ -41,6 +41,40 @@ import Testing
         }
     }
 
+    /// The step before the superblock (the pool's data fdatasync) fails: nothing is committed,
+    /// the storage opens at the previous commit, crash or not, and the instance stays writable
+    /// with the transaction in memory, so that a second commit publishes it whole.
+    @Test func aFailureBeforeTheSuperblockCommitsNothingAndTheRetryCommitsAll() throws {
+        let s = try Scenario()
+        let wanted = try s.md.dumpXML()
+        #expect(s.md.commitWouldWrite)
+        #expect(throws: MetadataError.self) {
+            try s.md.commit(beforeSuperblock: { () throws(MetadataError) in throw .io(operation: "fdatasync", path: "data", errno: EIO) })
+        }
+        #expect(try s.reopen().xml == s.committed)
+        s.storage.crash()
+        #expect(try s.reopen().xml == s.committed)
+        #expect(s.md.commitWouldWrite, "the transaction is still to commit")
+        try s.md.commit()
+        s.storage.crash()
+        let (xml, report) = try s.reopen()
+        #expect(xml == wanted)
+        #expect(report.isClean, "\(report)")
+    }
+
+    /// After a commit, a commit with no change in between has nothing to write; a change to
+    /// the superblock alone (the transaction id) has.
+    @Test func aCommitWithNothingChangedHasNothingToWrite() throws {
+        let s = try Scenario()
+        try s.md.commit()
+        #expect(!s.md.commitWouldWrite)
+        try s.md.setTransactionID(current: 5, new: 6)
+        #expect(s.md.commitWouldWrite)
+        try s.md.commit()
+        s.storage.crash()
+        #expect(try ThinMetadata.open(storage: s.storage).transactionID == 6)
+    }
+
     @Test func uncommittedChangesAreLostInACrash() throws {
         let s = try Scenario()
         s.storage.crash()

@@ -158,8 +158,37 @@ public final class ThinMetadata {
 
     // MARK: Transactions
 
+    /// The superblock as the last commit wrote it, to tell a commit that has nothing to write
+    /// (nil until this process commits: then the next commit always writes).
+    private var committedSuperblock: [UInt8]?
+
+    /// The superblock a commit would write now, before the roots the flush itself moves.
+    private func superblockBytes() -> [UInt8] {
+        var sb = superblock
+        sb.dataMappingRoot = mappingRoot
+        sb.deviceDetailsRoot = detailsRoot
+        let block = MetadataBlock(location: Superblock.location)
+        sb.store(into: block)
+        return Array(block.buffer[4...])   // without the checksum, which `seal` sets
+    }
+
+    /// Whether a commit now would write anything: a changed device, a dirty metadata block, a
+    /// space-map change, or a superblock field (transaction id, held root, flags) changed.
+    public var commitWouldWrite: Bool {
+        if bm.dirtyCount > 0 || devices.values.contains(where: \.changed) { return true }
+        for sm in [dataSM, metadataSM] where !sm.dirtyBitmaps.isEmpty || !sm.overflowDirty.isEmpty || sm.nrFreedSinceCommit > 0 {
+            return true
+        }
+        return committedSuperblock != superblockBytes()
+    }
+
     /// Makes every change since the last commit durable. The superblock is written last.
-    public func commit() throws(MetadataError) {
+    ///
+    /// `beforeSuperblock` runs after the metadata blocks are written and synced and before the
+    /// superblock: the caller's last chance to make durable what the new mappings point at. If
+    /// it throws, nothing is committed and nothing is lost: the blocks just written are shadow
+    /// copies no committed root reaches, and the transaction stays in memory for the next commit.
+    public func commit(beforeSuperblock: () throws(MetadataError) -> Void = {}) throws(MetadataError) {
         try requireWritable()
         do {
             for id in devices.keys.sorted() where devices[id]!.changed {
@@ -173,9 +202,16 @@ public final class ThinMetadata {
             superblock.dataSpaceMap = dataStore.root
             superblock.metadataSpaceMap = metadataStore.root
             try bm.flushDirty(except: Superblock.location)
+        } catch {
+            try fail(error)
+        }
+        committedSuperblock = nil
+        try beforeSuperblock()
+        do {
             let sb = MetadataBlock(location: Superblock.location)
             superblock.store(into: sb)
             try bm.writeNow(sb, as: .superblock)
+            committedSuperblock = superblockBytes()
         } catch {
             try fail(error)
         }

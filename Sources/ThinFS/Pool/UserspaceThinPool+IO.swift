@@ -41,6 +41,7 @@ extension UserspaceThinPool {
             defer { for i in locks.reversed() { stripes[i].unlock() } }
 
             let steps = try plan(id, first...last, offset: offset, count: buffer.count, keepingReserve: keepingReserve)
+            metaLock.withLock { unsyncedData = true }   // the next commit syncs the data file
             do {
                 try execute(steps, buffer)
             } catch {

@@ -23,6 +23,15 @@
 ///    first, and a directory larger than the whole budget is not cached (lookups in it scan).
 ///    Dropping is always safe, by (1).
 ///
+/// 6. **Where there is room, exactly.** A cached directory may carry a `Layout`: for each of its
+///    logical blocks, the physical block and the longest record an insert can place in it; and
+///    then every entry knows the logical block that holds it. `Volume` adds and removes entries
+///    of such a directory itself, one block read and written (so a create or an unlink costs
+///    the same in a directory of 16 entries or of 16,000), and keeps the layout current in the
+///    same critical section (3). A change libext2fs makes itself (an htree or inline directory,
+///    "..", a fallback) clears the layout, `dropLayout`; the directory's names stay cached. A
+///    layout is only ever built whole, from a scan, with the names (`store`).
+///
 /// "." and ".." are never cached: ".." changes when a directory moves (`setDotDot`), and
 /// both sit at the start of the first block, where a scan finds them at once.
 ///
@@ -35,11 +44,33 @@
 /// with an empty cache, and two volumes never share one, even when their inode numbers
 /// coincide (snapshots of one layer).
 struct DirectoryCache {
-    /// What a directory entry says: its inode and its `EXT2_FT_*` type.
+    /// What a directory entry says: its inode and its `EXT2_FT_*` type, and the directory's
+    /// logical block that holds it (`unknownBlock` when the directory has no layout).
     struct Entry: Equatable {
         var ino: UInt32
         var fileType: UInt8
+        var block: UInt32 = Entry.unknownBlock
+        static let unknownBlock = UInt32.max
     }
+
+    /// Where a plain directory (block-mapped, no htree index, no inline data) has room (6).
+    struct Layout: Equatable {
+        /// Logical block → physical block; 0 for a hole, which never takes an entry.
+        var physical: [UInt64] = []
+        /// Logical block → the longest record (`recordLength`) one insert can place in it.
+        var room: [UInt16] = []
+
+        /// The first block with room for a record of `length` bytes, as kernel ext4 and libext2fs
+        /// fill a directory without an index (first fit). A scan of two bytes per block: a
+        /// directory of 16,000 entries has about 100 blocks of 4 KiB.
+        func firstBlock(fitting length: Int) -> Int? {
+            room.firstIndex { Int($0) >= length }
+        }
+    }
+
+    /// The length of the record that holds a name of `nameLength` bytes: 8 bytes of header and
+    /// the name, rounded up to 4 (`EXT2_DIR_REC_LEN`).
+    static func recordLength(nameLength: Int) -> Int { (nameLength + 8 + 3) & ~3 }
 
     /// The answer for a cached directory; nil from `lookup` means "not cached, scan".
     enum Answer: Equatable {
@@ -50,6 +81,7 @@ struct DirectoryCache {
     private struct Directory {
         var names: [[UInt8]: Entry]
         var lastUse: UInt64
+        var layout: Layout?
     }
 
     /// The entry budget across all directories.
@@ -88,10 +120,38 @@ struct DirectoryCache {
         return entry.map(Answer.found) ?? .absent
     }
 
-    /// Installs `dir`'s complete listing, from one scan made under the volume's lock (1).
+    /// `name`'s entry in `dir` without counting a hit (for a change that already looked it up).
+    func peek(_ dir: UInt64, _ name: [UInt8]) -> Entry? { directories[dir]?.names[name] }
+
+    /// `dir`'s layout, if it is cached with one (6).
+    func layout(_ dir: UInt64) -> Layout? { directories[dir]?.layout }
+
+    /// Block `block` of `dir` now has room for records of `room` bytes (after an insert or removal in it).
+    mutating func setRoom(_ dir: UInt64, block: Int, _ room: Int) {
+        guard directories[dir]?.layout != nil else { return }
+        directories[dir]!.layout!.room[block] = UInt16(clamping: room)
+    }
+
+    /// `dir` grew by logical block `block` at `physical`, with room for records of `room` bytes.
+    mutating func addBlock(_ dir: UInt64, block: Int, physical: UInt64, room: Int) {
+        guard directories[dir]?.layout != nil else { return }
+        directories[dir]!.layout!.physical.append(contentsOf: repeatElement(0, count: max(0, block + 1 - directories[dir]!.layout!.physical.count)))
+        directories[dir]!.layout!.room.append(contentsOf: repeatElement(0, count: max(0, block + 1 - directories[dir]!.layout!.room.count)))
+        directories[dir]!.layout!.physical[block] = physical
+        directories[dir]!.layout!.room[block] = UInt16(clamping: room)
+    }
+
+    /// libext2fs changed `dir`'s blocks itself: its names stay, its layout goes (6).
+    mutating func dropLayout(_ dir: UInt64) {
+        guard directories[dir]?.layout != nil else { return }
+        directories[dir]!.layout = nil
+    }
+
+    /// Installs `dir`'s complete listing, from one scan made under the volume's lock (1), with
+    /// its layout when the directory is a plain one (6).
     /// Returns false when the directory alone exceeds the budget and is left uncached.
     @discardableResult
-    mutating func store(_ dir: UInt64, _ entries: [(name: [UInt8], entry: Entry)]) -> Bool {
+    mutating func store(_ dir: UInt64, _ entries: [(name: [UInt8], entry: Entry)], layout: Layout? = nil) -> Bool {
         drop(dir)
         var names: [[UInt8]: Entry] = [:]
         names.reserveCapacity(entries.count)
@@ -100,7 +160,7 @@ struct DirectoryCache {
         evict(toFit: names.count)
         clock += 1
         builds += 1
-        directories[dir] = Directory(names: names, lastUse: clock)
+        directories[dir] = Directory(names: names, lastUse: clock, layout: layout)
         entryCount += names.count
         return true
     }
@@ -110,6 +170,7 @@ struct DirectoryCache {
         guard !Self.isDot(name), directories[dir] != nil else { return }
         // In place through the subscript's modify accessor: the map is not copied.
         if directories[dir]!.names.updateValue(entry, forKey: name) == nil { entryCount += 1 }
+        if entry.block == Entry.unknownBlock { dropLayout(dir) }   // (6): a layout knows every entry's block
         guard entryCount > capacity else { return }
         evict(toFit: 0, keeping: dir)
         if entryCount > capacity { drop(dir) }   // it outgrew the whole budget by itself

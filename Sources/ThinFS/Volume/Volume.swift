@@ -347,8 +347,8 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         case nil: break
         }
         if !DirectoryCache.isDot(bytes) {
-            let listing = try scanDirectory(fs, parent)
-            if directories.store(parent, listing) {
+            let (listing, layout) = try scanDirectory(fs, parent)
+            if directories.store(parent, listing, layout: layout) {
                 return directories.lookup(parent, bytes).flatMap { if case .found(let e) = $0 { UInt64(e.ino) } else { nil } }
             }
         }
@@ -360,8 +360,15 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return UInt64(ino)
     }
 
-    /// Every live entry of `dir`, in one pass over its blocks: what the directory cache is built from.
-    private func scanDirectory(_ fs: ext2_filsys, _ dir: UInt64) throws(VolumeError) -> [(name: [UInt8], entry: DirectoryCache.Entry)] {
+    /// Every live entry of `dir`, in one pass over its blocks: what the directory cache is built
+    /// from; and, for a plain directory, where each entry is and where there is room (the layout).
+    private func scanDirectory(_ fs: ext2_filsys, _ dir: UInt64) throws(VolumeError)
+        -> (entries: [(name: [UInt8], entry: DirectoryCache.Entry)], layout: DirectoryCache.Layout?) {
+        var inode = try requireDirectory(fs, dir)
+        if Self.isPlainDirectory(inode) {
+            let (entries, layout) = try scanPlainDirectory(fs, dir, &inode)
+            return (entries, layout)
+        }
         final class Listing { var entries: [(name: [UInt8], entry: DirectoryCache.Entry)] = [] }
         let listing = Listing()
         let rc = withExtendedLifetime(listing) {
@@ -375,7 +382,211 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             }, Unmanaged.passUnretained(listing).toOpaque())
         }
         try check(rc, "reading directory \(dir)")
-        return listing.entries
+        return (listing.entries, nil)
+    }
+
+    // MARK: Directory blocks
+    //
+    // A directory without an htree index is a list of blocks, each a chain of records (inode,
+    // rec_len, name_len, file_type, name) that covers the block up to its checksum tail
+    // (metadata_csum). libext2fs's ext2fs_link looks for room by reading every block of such a
+    // directory, and ext2fs_unlink for the name the same way, so a create or an unlink in a
+    // directory of n entries cost O(n). The directory cache knows which block holds each name
+    // and which blocks have room (DirectoryCache invariant 6), so these add and remove an entry
+    // in one block: read with ext2fs_read_dir_block4 (which verifies the block's checksum), the
+    // record changed with libext2fs's rec_len and name_len accessors, written with
+    // ext2fs_write_dir_block4 (which sets the checksum). They change records as ext2fs_link,
+    // ext2fs_unlink and kernel ext4 do (an insert takes the first record with room, splitting a
+    // live record's slack or filling an empty one; a removal merges the record into the one before
+    // it, or empties the block's first record), so live entries never move and readdir's
+    // position cookies stay valid.
+
+    /// Whether `inode` is a directory whose entries this file adds and removes itself: mapped by
+    /// blocks, no htree index (its leaves are in hash order), no inline data, no casefolding or
+    /// encryption (their records carry a hash).
+    private static func isPlainDirectory(_ inode: ext2_inode_large) -> Bool {
+        inode.i_flags & UInt32(EXT2_INDEX_FL | EXT4_INLINE_DATA_FL | EXT4_CASEFOLD_FL | EXT4_ENCRYPT_FL) == 0
+    }
+
+    /// One record of a directory block.
+    private struct DirectoryRecord {
+        var offset: Int
+        var length: Int
+        var ino: UInt32
+        var nameLength: Int
+        /// The longest record an insert can place here: a live record's slack, a free record's length.
+        var room: Int { ino != 0 ? length - DirectoryCache.recordLength(nameLength: nameLength) : length }
+    }
+
+    /// The records of a directory block before its checksum tail, each checked as
+    /// ext2fs_process_dir_block checks it, and whether the block may take new entries: with
+    /// metadata_csum, only if it ends in a tail, which ext2fs_write_dir_block4 needs.
+    private func directoryRecords(_ fs: ext2_filsys, _ dir: UInt64, _ block: UnsafeMutableRawBufferPointer,
+                                  logical: UInt64) throws(VolumeError) -> (records: [DirectoryRecord], writable: Bool) {
+        let size = block.count
+        var end = size
+        var writable = true
+        if ext2fs_has_feature_metadata_csum(fs.pointee.super) != 0 {
+            // struct ext2_dir_entry_tail: zero inode, rec_len 12, name_len 0 and file type 0xDE.
+            let t = size - 12
+            let hasTail = block.load(fromByteOffset: t, as: UInt32.self) == 0
+                && UInt16(littleEndian: block.load(fromByteOffset: t + 4, as: UInt16.self)) == 12
+                && UInt16(littleEndian: block.load(fromByteOffset: t + 6, as: UInt16.self)) == UInt16(EXT2_DIR_NAME_LEN_CSUM)
+            if hasTail { end = t } else { writable = false }
+        }
+        var records: [DirectoryRecord] = []
+        var offset = 0
+        while offset < end {
+            let dirent = (block.baseAddress! + offset).assumingMemoryBound(to: ext2_dir_entry.self)
+            var length: UInt32 = 0
+            try check(ext2fs_get_rec_len(fs, dirent, &length), "reading directory \(dir)")
+            let nameLength = Int(ext2fs_dirent_name_len(dirent))
+            guard offset + 8 <= end, length >= 8, length % 4 == 0, offset + Int(length) <= end,
+                  Self.direntNameOffset + nameLength <= Int(length) else {
+                throw VolumeError(Self.errno(errcode_t(EXT2_ET_DIR_CORRUPTED)),
+                                  "directory \(dir) has a bad entry at offset \(offset) of its block \(logical)")
+            }
+            records.append(DirectoryRecord(offset: offset, length: Int(length), ino: dirent.pointee.inode, nameLength: nameLength))
+            offset += Int(length)
+        }
+        return (records, writable)
+    }
+
+    /// The room a block offers an insert (0 when it takes none).
+    private static func room(_ records: [DirectoryRecord], writable: Bool) -> Int {
+        writable ? records.lazy.map(\.room).max() ?? 0 : 0
+    }
+
+    /// A plain directory's entries and layout, block by block.
+    private func scanPlainDirectory(_ fs: ext2_filsys, _ dir: UInt64, _ inode: inout ext2_inode_large) throws(VolumeError)
+        -> ([(name: [UInt8], entry: DirectoryCache.Entry)], DirectoryCache.Layout) {
+        let blockSize = Int(fs.pointee.blocksize)
+        let count = (fileSize(inode) + UInt64(blockSize) - 1) / UInt64(blockSize)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: blockSize, alignment: 8)
+        defer { buffer.deallocate() }
+        var entries: [(name: [UInt8], entry: DirectoryCache.Entry)] = []
+        var layout = DirectoryCache.Layout()
+        for logical in 0..<count {
+            let physical = try directoryBlock(fs, dir, &inode, logical)
+            layout.physical.append(physical)
+            guard physical != 0 else { layout.room.append(0); continue }   // a hole
+            try check(ext2fs_read_dir_block4(fs, physical, buffer.baseAddress, 0, ext2_ino_t(dir)),
+                      "reading block \(logical) of directory \(dir)")
+            let (records, writable) = try directoryRecords(fs, dir, buffer, logical: logical)
+            for r in records where r.ino != 0 {
+                let name = Array(UnsafeRawBufferPointer(rebasing: buffer[(r.offset + Self.direntNameOffset)...].prefix(r.nameLength)))
+                if DirectoryCache.isDot(name) { continue }
+                let dirent = (buffer.baseAddress! + r.offset).assumingMemoryBound(to: ext2_dir_entry.self)
+                entries.append((name, .init(ino: r.ino, fileType: UInt8(truncatingIfNeeded: ext2fs_dirent_file_type(dirent)),
+                                            block: UInt32(logical))))
+            }
+            layout.room.append(UInt16(clamping: Self.room(records, writable: writable)))
+        }
+        return (entries, layout)
+    }
+
+    /// The physical block of logical block `logical` of directory `dir` (0 for a hole).
+    private func directoryBlock(_ fs: ext2_filsys, _ dir: UInt64, _ inode: inout ext2_inode_large, _ logical: UInt64) throws(VolumeError) -> UInt64 {
+        var physical: blk64_t = 0
+        let rc = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                ext2fs_bmap2(fs, ext2_ino_t(dir), $0, nil, 0, logical, nil, &physical)
+            }
+        }
+        try check(rc, "mapping block \(logical) of directory \(dir)")
+        return physical
+    }
+
+    /// Adds `name` to a directory with a layout, in the first block with room, growing the
+    /// directory by a block when none has. Returns false, having changed nothing, when the
+    /// directory has no layout (the caller then asks libext2fs).
+    private func insertEntry(_ fs: ext2_filsys, _ dir: UInt64, _ name: [UInt8], _ ino: UInt64, fileType: Int32) throws(VolumeError) -> Bool {
+        guard let layout = directories.layout(dir) else { return false }
+        let need = DirectoryCache.recordLength(nameLength: name.count)
+        let logical: Int
+        if let b = layout.firstBlock(fitting: need) {
+            logical = b
+        } else {
+            // ext2fs_expand_dir appends one empty block (its checksum tail included) past the last one.
+            try check(ext2fs_expand_dir(fs, ext2_ino_t(dir)), "growing directory \(dir)")
+            var inode = try readInode(fs, dir)
+            let last = (fileSize(inode) + UInt64(fs.pointee.blocksize) - 1) / UInt64(fs.pointee.blocksize) - 1
+            let physical = try directoryBlock(fs, dir, &inode, last)
+            guard physical != 0, Int(last) >= layout.physical.count else {
+                // Not where the layout expected it (a directory ending in a hole): libext2fs takes over.
+                directories.dropLayout(dir)
+                return false
+            }
+            directories.addBlock(dir, block: Int(last), physical: physical, room: Int(fs.pointee.blocksize))
+            logical = Int(last)
+        }
+        let physical = directories.layout(dir)!.physical[logical]
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(fs.pointee.blocksize), alignment: 8)
+        defer { buffer.deallocate() }
+        try check(ext2fs_read_dir_block4(fs, physical, buffer.baseAddress, 0, ext2_ino_t(dir)),
+                  "reading block \(logical) of directory \(dir)")
+        var (records, writable) = try directoryRecords(fs, dir, buffer, logical: UInt64(logical))
+        guard writable, let r = records.first(where: { $0.room >= need }) else {
+            // The layout disagrees with the block (a grown block is empty, so this is the cache's
+            // error, not the disk's): forget the layout and let libext2fs search.
+            logger.warning("directory \(dir): block \(logical) has no room for \(need) bytes though the cache said so")
+            directories.dropLayout(dir)
+            return false
+        }
+        let base = buffer.baseAddress!
+        var target = (base + r.offset).assumingMemoryBound(to: ext2_dir_entry.self)
+        if r.ino != 0 {
+            // Split the live record: it keeps what its name needs, the new entry takes the rest.
+            let keep = DirectoryCache.recordLength(nameLength: r.nameLength)
+            try check(ext2fs_set_rec_len(fs, UInt32(keep), target), "splitting an entry of directory \(dir)")
+            target = (base + r.offset + keep).assumingMemoryBound(to: ext2_dir_entry.self)
+            try check(ext2fs_set_rec_len(fs, UInt32(r.length - keep), target), "splitting an entry of directory \(dir)")
+        }
+        target.pointee.inode = ext2_ino_t(ino)
+        ext2fs_dirent_set_name_len(target, Int32(name.count))
+        ext2fs_dirent_set_file_type(target, ext2fs_has_feature_filetype(fs.pointee.super) != 0 ? fileType : 0)
+        name.withUnsafeBytes { UnsafeMutableRawPointer(target).advanced(by: Self.direntNameOffset).copyMemory(from: $0.baseAddress!, byteCount: name.count) }
+        try check(ext2fs_write_dir_block4(fs, physical, base, 0, ext2_ino_t(dir)), "writing block \(logical) of directory \(dir)")
+        records = try directoryRecords(fs, dir, buffer, logical: UInt64(logical)).records
+        directories.setRoom(dir, block: logical, Self.room(records, writable: true))
+        directories.added(dir, name, .init(ino: UInt32(ino), fileType: UInt8(truncatingIfNeeded: fileType), block: UInt32(logical)))
+        return true
+    }
+
+    /// Removes `name` from a directory with a layout, in the block the cache says holds it.
+    /// Returns false, having changed nothing, when the directory has no layout or the block does
+    /// not hold the name (the caller then asks libext2fs).
+    private func deleteEntry(_ fs: ext2_filsys, _ dir: UInt64, _ name: [UInt8]) throws(VolumeError) -> Bool {
+        guard let layout = directories.layout(dir), let entry = directories.peek(dir, name),
+              Int(entry.block) < layout.physical.count, layout.physical[Int(entry.block)] != 0 else { return false }
+        let logical = Int(entry.block), physical = layout.physical[logical]
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(fs.pointee.blocksize), alignment: 8)
+        defer { buffer.deallocate() }
+        try check(ext2fs_read_dir_block4(fs, physical, buffer.baseAddress, 0, ext2_ino_t(dir)),
+                  "reading block \(logical) of directory \(dir)")
+        var (records, writable) = try directoryRecords(fs, dir, buffer, logical: UInt64(logical))
+        let base = buffer.baseAddress!
+        guard let i = records.firstIndex(where: { r in
+            r.ino != 0 && r.nameLength == name.count
+                && memcmp(base + r.offset + Self.direntNameOffset, name, name.count) == 0
+        }) else {
+            logger.warning("directory \(dir): block \(logical) does not hold an entry the cache placed there")
+            directories.dropLayout(dir)
+            return false
+        }
+        let dirent = (base + records[i].offset).assumingMemoryBound(to: ext2_dir_entry.self)
+        if i > 0 {
+            let previous = (base + records[i - 1].offset).assumingMemoryBound(to: ext2_dir_entry.self)
+            try check(ext2fs_set_rec_len(fs, UInt32(records[i - 1].length + records[i].length), previous),
+                      "removing an entry of directory \(dir)")
+        } else {
+            dirent.pointee.inode = 0
+        }
+        try check(ext2fs_write_dir_block4(fs, physical, base, 0, ext2_ino_t(dir)), "writing block \(logical) of directory \(dir)")
+        (records, writable) = try directoryRecords(fs, dir, buffer, logical: UInt64(logical))
+        directories.setRoom(dir, block: logical, Self.room(records, writable: writable))
+        directories.removed(dir, name)
+        return true
     }
 
     private func requireDirectory(_ fs: ext2_filsys, _ ino: UInt64) throws(VolumeError) -> ext2_inode_large {
@@ -386,8 +597,18 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return inode
     }
 
-    /// Adds a directory entry, growing the directory when its blocks are full.
+    /// Adds a directory entry, growing the directory when its blocks are full: in one block when
+    /// the directory cache knows where there is room, else through ext2fs_link.
     private func addLink(_ fs: ext2_filsys, _ dir: UInt64, _ name: String, _ ino: UInt64, mode: UInt32) throws(VolumeError) {
+        let bytes = Array(name.utf8)
+        if !DirectoryCache.isDot(bytes) {
+            do throws(VolumeError) {
+                if try insertEntry(fs, dir, bytes, ino, fileType: Self.fileType(mode)) { return }
+            } catch {
+                directories.drop(dir)   // the directory may or may not have changed
+                throw error
+            }
+        }
         let rc: errcode_t
         do throws(VolumeError) {
             rc = try withDirectorySpace(fs, dir) {
@@ -402,7 +623,9 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             try check(rc, "adding '\(name)' to directory \(dir)")
             return
         }
-        directories.added(dir, Array(name.utf8), .init(ino: UInt32(ino), fileType: UInt8(Self.fileType(mode))))
+        // libext2fs chose the block: the entry's place is unknown, and so the layout goes (6).
+        directories.dropLayout(dir)
+        directories.added(dir, bytes, .init(ino: UInt32(ino), fileType: UInt8(Self.fileType(mode))))
     }
 
     /// Runs a libext2fs call that adds an entry to `dir`, growing the directory once if it is full.
@@ -413,14 +636,26 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return call()
     }
 
+    /// Removes a directory entry: in the one block that holds it when the directory cache knows
+    /// which, else through ext2fs_unlink.
     private func removeLink(_ fs: ext2_filsys, _ dir: UInt64, _ name: String) throws(VolumeError) {
+        let bytes = Array(name.utf8)
+        if !DirectoryCache.isDot(bytes) {
+            do throws(VolumeError) {
+                if try deleteEntry(fs, dir, bytes) { return }
+            } catch {
+                directories.drop(dir)
+                throw error
+            }
+        }
         let rc = name.withCString { ext2fs_unlink(fs, ext2_ino_t(dir), $0, 0, 0) }
         guard rc == 0 else {
             directories.drop(dir)
             try check(rc, "removing '\(name)' from directory \(dir)")
             return
         }
-        directories.removed(dir, Array(name.utf8))
+        directories.dropLayout(dir)
+        directories.removed(dir, bytes)
     }
 
     /// Marks a directory's contents changed (mtime and ctime).

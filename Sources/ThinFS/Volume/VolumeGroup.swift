@@ -15,7 +15,8 @@ import PersistentData
 /// Each member volume sees its device through `MemberDevice`, whose `flush` writes nothing
 /// and commits nothing: the group commits instead, through the volume's commit hook.
 ///
-/// **Lock order:** the group's lock, then the volumes' locks in the order they joined. A
+/// **Lock order:** the group's lock, then the volumes' locks in the order they joined; `tickets`
+/// is a leaf (nothing is taken while it is held). A
 /// volume never takes the group's lock while it holds its own (`Volume.fsync` calls the hook
 /// after releasing it), so the order always holds and the commit cannot deadlock.
 public final class VolumeGroup: @unchecked Sendable {
@@ -74,11 +75,30 @@ public final class VolumeGroup: @unchecked Sendable {
         }
     }
 
+    /// Commits asked for (`requested`) and the highest request a finished commit covered
+    /// (`covered`), under `tickets`: group commit.
+    private let tickets = Lock()
+    private var requested: UInt64 = 0
+    private var covered: UInt64 = 0
+
     /// Flushes every member and commits the pool once, with every member held still.
+    ///
+    /// Concurrent callers share commits: each takes a ticket before it queues on the group's
+    /// lock, and a commit covers every ticket taken before it started (it flushes every member
+    /// after that, so whatever those callers had written is in it). A caller whose ticket a
+    /// finished commit covered returns without one of its own: n fsyncs that arrive while a
+    /// commit runs wait for one more commit, not n.
     public func commit() throws {
+        let ticket = tickets.withLock { () -> UInt64 in
+            requested += 1
+            return requested
+        }
         try lock.withLock {
+            if tickets.withLock({ covered >= ticket }) { return }
+            let covers = tickets.withLock { requested }
             let volumes = members.map(\.volume)
             try commitHolding(volumes[...])
+            tickets.withLock { covered = max(covered, covers) }
         }
     }
 
