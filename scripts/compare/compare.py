@@ -213,7 +213,7 @@ def step_read_tree(root):
     return {"seconds": time.perf_counter() - t, "files": n, "bytes": b}
 
 
-def step_cow_write(path, later, fsync=True):
+def step_cow_write(path, later, fsync=1):
     """The first 4 KiB write into an existing large file, then `later` more at other offsets; each is
     open O_RDWR + pwrite + (fsync) + close, in milliseconds."""
     size = os.path.getsize(path)
@@ -242,13 +242,36 @@ def step_write_file(path, mib):
     return {"seconds": time.perf_counter() - t}
 
 
+def step_fio(group, directory, mib, ios):
+    """One fio job of FIO_JOBS; a read or rewrite job needs its file laid out first (fio-layout)."""
+    cfg = {"fio_seq_mib": mib, "fio_rand_mib": mib, "fio_rand_ios": ios}
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        r = fio(directory, group, cfg, f.name)
+    r.pop("cdf")
+    return r
+
+
+def step_fio_layout(group, directory, mib):
+    fio_layout(directory, group, {"fio_seq_mib": mib, "fio_rand_mib": mib})
+    return {}
+
+
+def step_overlay_lower(tar_path, dest):
+    untar_for_overlay(tar_path, dest)
+    return {}
+
+
+# The steps, by name, with the types of their arguments: `compare.py workload NAME ARGS...`.
 STEPS = {
-    "create-files": (step_create_files, [str, int]),
-    "make-tree": (step_make_tree, [str, int, int]),
-    "stat-tree": (step_stat_tree, [str]),
-    "read-tree": (step_read_tree, [str]),
-    "cow-write": (step_cow_write, [str, int]),
-    "write-file": (step_write_file, [str, int]),
+    "create-files": (step_create_files, [str, int]),          # DIR N
+    "make-tree": (step_make_tree, [str, int, int]),           # DIR NDIRS FILES_PER_DIR
+    "stat-tree": (step_stat_tree, [str]),                     # DIR
+    "read-tree": (step_read_tree, [str]),                     # DIR
+    "cow-write": (step_cow_write, [str, int, int]),           # FILE LATER_WRITES FSYNC(0|1)
+    "write-file": (step_write_file, [str, int]),              # FILE MIB
+    "fio": (lambda *a: step_fio(*a), [str, str, int, int]),   # GROUP DIR MIB IOS (GROUP: a key of FIO_JOBS)
+    "fio-layout": (lambda *a: step_fio_layout(*a), [str, str, int]),   # GROUP DIR MIB: the file a job reads or rewrites
+    "overlay-lower": (lambda *a: step_overlay_lower(*a), [str, str]),   # LAYER_TAR DEST
 }
 
 
@@ -704,7 +727,7 @@ def run_group(ctx, setup, group, rep, wanted):
         elif group == "cow":
             c = setup.create(); containers.append(c)
             drop_caches()
-            r = run_step("cow-write", os.path.join(c[1], "thinfs-compare", "big.bin"), 8)
+            r = run_step("cow-write", os.path.join(c[1], "thinfs-compare", "big.bin"), 8, 1)
             res["cow-first"] = (r["first_ms"], {})
             res["cow-later"] = (statistics.median(r["later_ms"]), {"samples_ms": r["later_ms"]})
         elif group == "start":
