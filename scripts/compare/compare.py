@@ -55,13 +55,13 @@ WORKLOADS = {
     "cow-later": ("cow", "latency", "ms", "lower", "later 4 KiB writes into the same file (median of 8)"),
     "start": ("start", "latency", "ms", "lower", "container create + mount (median; p95 in the table)"),
     "space": ("space", "disk used", "MiB", "lower", "disk used by N containers, each writing M MiB"),
-    "memory": ("memory", "page cache", "MiB", "lower", "page cache used when N containers read the same image files"),
+    "memory": ("memory", "page cache", "MiB", "lower", "page cache used when N containers read the same image files (the tree)"),
 }
 
 QUICK = dict(reps=1, fio_seq_mib=16, fio_rand_mib=16, fio_rand_ios=256, tree_files=200, create_files=300,
              big_mib=16, start_containers=3, space_containers=3, space_mib=2, memory_containers=3)
 FULL = dict(reps=5, fio_seq_mib=256, fio_rand_mib=64, fio_rand_ios=4000, tree_files=4000, create_files=10000,
-            big_mib=256, start_containers=10, space_containers=10, space_mib=16, memory_containers=8)
+            big_mib=512, start_containers=10, space_containers=10, space_mib=16, memory_containers=8)
 
 # Plot sizes in pixels (figsize in inches at PLOT_DPI); the CI check reads them from the PNG header.
 PLOT_DPI = 100
@@ -761,7 +761,7 @@ def run_group(ctx, setup, group, rep, wanted):
                 base = g.cache_bytes()
                 curve = []
                 for c in containers:
-                    run_step("read-tree", os.path.join(c[1], "thinfs-compare"), cgroup=g.path)
+                    run_step("read-tree", os.path.join(c[1], "thinfs-compare", "tree"), cgroup=g.path)
                     curve.append((g.cache_bytes() - base) / 1048576)
             finally:
                 g.release()
@@ -879,6 +879,7 @@ def make_plots(out, summary, runs, setups, workloads, cfg):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     colors = {"thinfs": "#1f77b4", "overlayfs": "#7f7f7f", "fuse-overlayfs": "#ff7f0e", "thinfs-kernel": "#2ca02c"}
     made = {}
 
@@ -889,31 +890,37 @@ def make_plots(out, summary, runs, setups, workloads, cfg):
         plt.close(fig)
         made[name] = {"width": w, "height": h}
 
-    # 1. ratio to overlayfs per workload, error bars from the per-round ratios
+    # 1. each workload against overlayfs, turned so that right of 1 is better than overlayfs for every
+    # workload (for time, latency, space and memory the ratio is overlayfs / setup); the whiskers are
+    # the range of the per-round ratios.
     fig, ax = plt.subplots()
     others = [s for s in setups if s != "overlayfs"]
     n = max(len(others), 1)
-    width = 0.8 / n
+    height = 0.8 / n
     for i, s in enumerate(others):
-        xs, ys, lo, hi = [], [], [], []
+        ys, xs, lo, hi = [], [], [], []
         for j, w in enumerate(workloads):
             e = summary.get(w, {}).get(s)
-            if not e or "ratio" not in e:
+            if not e or not e.get("ratio"):
                 continue
-            xs.append(j - 0.4 + width * (i + 0.5))
-            ys.append(e["ratio"])
-            lo.append(max(e["ratio"] - e.get("ratio_min", e["ratio"]), 0))
-            hi.append(max(e.get("ratio_max", e["ratio"]) - e["ratio"], 0))
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=s, color=colors.get(s))
-    ax.axhline(1, color="black", linewidth=0.8, linestyle="--")
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(workloads)))
-    ax.set_xticklabels([f"{w}\n({'↑' if WORKLOADS[w][3] == 'higher' else '↓'} better)" for w in workloads],
-                       rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("value / overlayfs value (log scale)")
-    ax.set_title("Each workload relative to overlayfs (1 = same; bars: median, whiskers: range of the rounds)")
-    ax.legend()
-    fig.subplots_adjust(bottom=0.25, left=0.07, right=0.98)
+            inv = WORKLOADS[w][3] == "lower"
+            r = 1 / e["ratio"] if inv else e["ratio"]
+            a, b = e.get("ratio_min", e["ratio"]), e.get("ratio_max", e["ratio"])
+            a, b = (1 / b, 1 / a) if inv and a > 0 and b > 0 else (a, b)
+            ys.append(j - 0.4 + height * (i + 0.5))
+            xs.append(r)
+            lo.append(max(r - a, 0))
+            hi.append(max(b - r, 0))
+        ax.barh(ys, xs, height, xerr=[lo, hi], capsize=3, label=s, color=colors.get(s))
+    ax.axvline(1, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(workloads)))
+    ax.set_yticklabels([f"{w} ({WORKLOADS[w][2]}, {WORKLOADS[w][3]} is better)" for w in workloads], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("advantage over overlayfs (log scale): right of 1 is better than overlayfs, left is worse")
+    ax.set_title("Each workload against overlayfs (bars: ratio of medians; whiskers: range over the rounds)")
+    ax.legend(loc="lower right")
+    fig.subplots_adjust(left=0.25, right=0.98, top=0.93, bottom=0.1)
     save(fig, "ratios.png")
 
     # 2. latency CDFs: fio (the median round of each setup) and container start (every sample)
@@ -937,6 +944,7 @@ def make_plots(out, summary, runs, setups, workloads, cfg):
                     ax.plot([ms for _, ms in cdf], [p / 100 for p, _ in cdf], marker=".", label=s, color=colors.get(s))
         if ax.lines:
             ax.set_xscale("log")
+            ax.set_ylim(0, 1.02)
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
@@ -957,7 +965,8 @@ def make_plots(out, summary, runs, setups, workloads, cfg):
                 continue
             mid = sorted(rs, key=lambda r: r["value"])[len(rs) // 2]
             c = mid["extra"]["curve_mib"]
-            ax.plot(range(1, len(c) + 1), c, marker="o", label=s, color=colors.get(s))
+            ax.plot(range(0, len(c) + 1), [0] + c, marker="o", label=s, color=colors.get(s))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=8)
             ax.set_ylim(bottom=0)
@@ -996,7 +1005,8 @@ def report_blocks(res):
          ("h2", "Results"),
          ("p", "Each table gives the median of the rounds, the range (min–max), and the ratio of the median to "
                "overlayfs's (the whiskers of ratios.png are the range of the per-round ratios). Whether a higher or a "
-               "lower figure is better is given per workload."),
+               "lower figure is better is given per workload. In ratios.png every ratio is turned so that right of 1 "
+               "is better than overlayfs."),
          ("img", "ratios.png", "Each workload relative to overlayfs"),
          ]
     for w in res["workloads"]:
