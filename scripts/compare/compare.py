@@ -919,7 +919,10 @@ def make_plots(out, summary, runs, setups, workloads, cfg):
     ax.invert_yaxis()
     ax.set_xlabel("advantage over overlayfs (log scale): right of 1 is better than overlayfs, left is worse")
     ax.set_title("Each workload against overlayfs (bars: ratio of medians; whiskers: range over the rounds)")
-    ax.legend(loc="lower right")
+    if others:
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "only overlayfs ran: nothing to compare", ha="center", va="center", transform=ax.transAxes)
     fig.subplots_adjust(left=0.25, right=0.98, top=0.93, bottom=0.1)
     save(fig, "ratios.png")
 
@@ -987,7 +990,7 @@ def report_blocks(res):
     b = [("h1", "thinfs compare"),
          ("p", f"Command: `{res['command_line']}`"),
          ("p", f"Run {res['started']} to {res['finished']} ({res['seconds']:.0f} s), "
-               f"{'quick sizes' if cfg['quick'] else 'full sizes'}, {cfg['reps']} rounds, setups interleaved round by round "
+               f"{'quick sizes' if cfg['quick'] else 'full sizes'}, {cfg['reps']} round{'s' if cfg['reps'] != 1 else ''}, setups interleaved round by round "
                f"(the order rotates each round); caches dropped before every timed step."),
          ("h2", "Machine"),
          ("table", ["", ""], [
@@ -1213,7 +1216,7 @@ def run(args):
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if ctx.tty:
+        if ctx.tty and not ok:
             sys.stderr.write("\n")
         if not ok:
             # An unfinished report is not left behind.
