@@ -848,6 +848,9 @@ def reading(w, summary):
         if name == "overlayfs" or "ratio" not in e:
             continue
         r = e["ratio"]
+        if r <= 0:
+            parts.append(f"{name} measured 0 {unit} against overlayfs's {fmt(s['overlayfs']['median'])}")
+            continue
         if 0.9 <= r <= 1.1:
             parts.append(f"{name} is within 10% of overlayfs")
         else:
@@ -998,6 +1001,8 @@ def report_blocks(res):
              ["kernel", m["kernel"]], ["scratch", f"{m['scratch']} ({m['scratch_fs']})"],
              ["load average before", " ".join(f"{x:.2f}" for x in res["load"]["before"])],
              ["load average after", " ".join(f"{x:.2f}" for x in res["load"]["after"])],
+             ["1-min load at the steps", (f"{min(r['load1'] for r in res['runs']):.2f}–{max(r['load1'] for r in res['runs']):.2f} "
+                                          "(each step's is in results.json)") if res["runs"] else "–"],
          ] + [[f"{k} version", v] for k, v in m["versions"].items()]),
          ("h2", "Image and setups"),
          ("p", f"Image `{res['image']['path']}` ({res['image']['kind']}, {res['image']['layers']} layers), plus a "
