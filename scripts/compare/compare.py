@@ -10,6 +10,7 @@ workload ...` for the ones they share.
     compare.py --list                       setups and workloads, as JSON (thinfs compare reads it)
     compare.py run --image P --output D ...  a whole comparison (what thinfs compare runs)
     compare.py workload NAME ARGS...         one workload step, timed, for the shell scripts
+    compare.py report RESULTS.json DIR       the report and plots again from a results.json
 
 Every setup is built from the same layers: the image's, plus one workload layer made here (a tree
 of small files and one large file), so that the stat, read, copy-on-write and memory workloads read
@@ -1112,6 +1113,29 @@ def render_html(blocks, out_dir):
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
+def write_report(res, out, written):
+    """The plots, report.md, report.html and results.json of res into out; each file's path is added
+    to written as it is made (so that an interrupted run removes them)."""
+    ran = [s for s, v in res["setups"].items() if v["status"] == "ran"]
+    res["plots"] = make_plots(out, res["summary"], res["runs"], ran, res["workloads"], res["config"])
+    written += [os.path.join(out, p) for p in res["plots"]]
+    blocks = report_blocks(res)
+    for name, text in (("report.md", render_md(blocks)), ("report.html", render_html(blocks, out)),
+                       ("results.json", json.dumps(res, indent=1) + "\n")):
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+        written.append(os.path.join(out, name))
+
+
+def rerender(results, out):
+    """`compare.py report RESULTS.json DIR`: the report and plots again from a results.json (after a
+    change to the report's code, or into another directory); the figures are not touched."""
+    res = read_json(results)
+    os.makedirs(out, exist_ok=True)
+    write_report(res, out, [])
+    return 0
+
+
 # ───────────────────────────────────────────────────────────── main
 
 def run(args):
@@ -1204,14 +1228,7 @@ def run(args):
         }
         if baseline:
             res["baseline"] = {"path": args.baseline, "started": baseline.get("started"), "summary": baseline["summary"]}
-        res["plots"] = make_plots(out, summary, runs, ran, workloads, ctx.cfg)
-        written += [os.path.join(out, p) for p in res["plots"]]
-        blocks = report_blocks(res)
-        for name, text in (("report.md", render_md(blocks)), ("report.html", render_html(blocks, out)),
-                           ("results.json", json.dumps(res, indent=1) + "\n")):
-            with open(os.path.join(out, name), "w") as f:
-                f.write(text)
-            written.append(os.path.join(out, name))
+        write_report(res, out, written)
         ctx.progress(f"done: {out}/report.md, report.html, results.json, {', '.join(res['plots'])}", final=True)
         ok = True
     except Interrupted as e:
@@ -1255,6 +1272,8 @@ def main():
             return 2
         print(json.dumps(fn(*(t(v) for t, v in zip(types, vals)))))
         return 0
+    if len(sys.argv) == 4 and sys.argv[1] == "report":
+        return rerender(sys.argv[2], sys.argv[3])
     ap = argparse.ArgumentParser(prog="compare.py run")
     ap.add_argument("cmd", choices=["run"])
     ap.add_argument("--image", required=True)
