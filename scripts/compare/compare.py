@@ -1018,6 +1018,9 @@ def report_blocks(res):
                "is better than overlayfs."),
          ("img", "ratios.png", "Each workload relative to overlayfs"),
          ]
+    if base:
+        b.insert(-1, ("p", f"The before column is the median of `{base['path']}` (run {base.get('started') or 'at an unknown time'}); "
+                           "after / before is this run's median over it."))
     for w in res["workloads"]:
         label, unit, better, desc = WORKLOADS[w][1], WORKLOADS[w][2], WORKLOADS[w][3], WORKLOADS[w][4]
         desc = desc.replace("N files", f"{cfg['create_files']} files").replace(
