@@ -665,10 +665,12 @@ class Context:
 
     def cleanup(self):
         """Every mount under the scratch directory, every daemon serving it, the cgroups, the scratch."""
-        for mp in sorted((m for m in mounts() if m.startswith(self.scratch + "/")), reverse=True):
-            r = subprocess.run(["umount", mp], capture_output=True)
-            if r.returncode != 0:
-                subprocess.run(["umount", "-l", mp], capture_output=True)
+        def unmount_all():
+            for mp in sorted((m for m in mounts() if m.startswith(self.scratch + "/")), reverse=True):
+                r = subprocess.run(["umount", mp], capture_output=True)
+                if r.returncode != 0:
+                    subprocess.run(["umount", "-l", mp], capture_output=True)
+        unmount_all()
         left = wait_gone(pids_matching(self.scratch + "/"), 30)
         for p in left:
             try:
@@ -676,6 +678,8 @@ class Context:
             except ProcessLookupError:
                 pass
         wait_gone(left, 10)
+        # A daemon that was still starting when the run was stopped may have mounted since the first pass.
+        unmount_all()
         for g in self.memgroups:
             g.release()
         still = [m for m in mounts() if m.startswith(self.scratch + "/")]
