@@ -180,7 +180,7 @@ struct CompareEngine {
 
     /// Replaces this process with the engine; returns only by throwing.
     func exec(_ arguments: [String]) throws -> Never {
-        fflush(stdout)
+        fflush(nil)   // every C stream: nothing buffered is lost by the exec
         let argv = [python, script] + arguments
         var cargs = argv.map { strdup($0) } + [nil]
         execv(python, &cargs)
