@@ -137,6 +137,15 @@ def pids_matching(needle):
     return out
 
 
+def process_name(pid):
+    """argv[0] of a process ("" once it has gone); thinfs-mount daemons are started with that name."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return os.path.basename(f.read().split(b"\0")[0].decode(errors="replace"))
+    except OSError:
+        return ""
+
+
 def wait_gone(pids, seconds=30):
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -670,6 +679,14 @@ class Context:
                 r = subprocess.run(["umount", mp], capture_output=True)
                 if r.returncode != 0:
                     subprocess.run(["umount", "-l", mp], capture_output=True)
+        # Workload processes first (a fio job runs in a child that outlives the fio we were waiting
+        # for), so that nothing holds the mounts; the FUSE daemons then exit once unmounted.
+        for p in pids_matching(self.scratch + "/"):
+            if not process_name(p).startswith(("thinfs-mount", "fuse-overlayfs")):
+                try:
+                    os.kill(p, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         unmount_all()
         left = wait_gone(pids_matching(self.scratch + "/"), 30)
         for p in left:
@@ -772,8 +789,11 @@ def run_group(ctx, setup, group, rep, wanted):
                 g.release()
             res["memory"] = (curve[-1], {"curve_mib": curve, "accounting": g.kind if g.kind != "meminfo" else
                                          "/proc/meminfo Cached (whole machine: noisy)"})
-    finally:
-        setup.remove_all(containers)
+    except BaseException:
+        # The run stops here (an error, Ctrl-C, SIGTERM): Context.cleanup takes down every mount,
+        # daemon and process under the scratch directory, whatever state this step left them in.
+        raise
+    setup.remove_all(containers)
     return {w: v for w, v in res.items() if w in wanted}
 
 
