@@ -46,7 +46,7 @@ left_behind() {   # what a run left: mounts and processes naming the scratch dir
 # ── 1. a quick run ──
 say "thinfs compare --quick on the test image"
 t0=$(date +%s)
-timeout 900 "$THINFS" compare --image "$work/img/oci" --quick --output "$work/out" --dir "$work/scratch" \
+timeout 480 "$THINFS" compare --image "$work/img/oci" --quick --output "$work/out" --dir "$work/scratch" \
     || fail "thinfs compare --quick exited $? (its messages are above)"
 secs=$(( $(date +%s) - t0 ))
 say "the run took $secs s (budget 180 s on an idle CI machine; load now: $(cut -d' ' -f1-3 /proc/loadavg))"
