@@ -117,6 +117,7 @@ remount_cold() { "umount_$1"; drop_caches; "mount_$1"; }
 
 # ── Workloads ──
 declare -A T
+now() { date +%s.%N; }
 timed() { local key="$1"; shift; local t0 t1; t0=$(now); "$@"; t1=$(now); T[$key]=$(echo "$t1 - $t0" | bc -l); }
 # timed_cpu also records the reader's own CPU seconds (user + system) as row "<row>_cpu". On a
 # loaded machine the wall time of a page-cache read is mostly waiting for a CPU; its CPU time

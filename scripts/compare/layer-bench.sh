@@ -235,7 +235,7 @@ thinfs_unmount_all() {
             note vanished "$id"
             continue
         fi
-        run "$THINFS" umount "$mp"
+        run "$THINFS" umount --root "$R" "$mp"
     done < "$W/containers"
     wait_no_daemon
 }
