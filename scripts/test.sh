@@ -51,6 +51,11 @@ step "docker plugin"
 timeout -k 30 120 bash scripts/docker-e2e.sh || fail "docker plugin" "scripts/docker-e2e.sh exit $? (its FAILED line above names the check; 124: timed out)"
 timeout -k 30 90 bash scripts/docker-graphtest.sh || fail "docker plugin" "scripts/docker-graphtest.sh exit $? (moby's graphtest: the failed tests above are marked --- FAIL; 124: timed out)"
 
+step "thinfs compare"
+# `thinfs compare --quick` on the test image, its report checked, then a run stopped by SIGTERM
+# (scripts/compare/ci-compare.sh; under 3 minutes on an idle machine).
+timeout -k 60 600 bash scripts/compare/ci-compare.sh .build/debug/thinfs || fail "thinfs compare" "scripts/compare/ci-compare.sh exit $? (its FAILED line above says what)"
+
 step "kernel VM suite"
 # The kernel suite in a qemu guest (scripts/vm/README.md); skips loudly without qemu. It prints its
 # own table and the end of each failed test's log last.

@@ -81,18 +81,8 @@ umount_setup() {
     case "$1" in ext4|overlay) ;; *) wait_gone "${TPID[$1]}" ;; esac
 }
 
-create_files() {
-    python3 - "$1" "$2" <<'EOF'
-import os, sys
-d, n = sys.argv[1], int(sys.argv[2])
-data = os.urandom(4096)
-os.mkdir(d)
-for i in range(n):
-    fd = os.open(f"{d}/file-{i:06}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    os.write(fd, data)
-    os.close(fd)
-EOF
-}
+# compare.py's step (`thinfs compare` runs the same code): N files of 4 KiB in one new directory.
+create_files() { python3 "$(dirname "$0")/compare.py" workload create-files "$1" "$2" >/dev/null; }
 
 for s in "${SETUPS[@]}"; do echo "create-bench: setting up $s" >&2; setup "$s"; done
 

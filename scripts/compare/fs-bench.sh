@@ -117,6 +117,7 @@ remount_cold() { "umount_$1"; drop_caches; "mount_$1"; }
 
 # ── Workloads ──
 declare -A T
+now() { date +%s.%N; }
 timed() { local key="$1"; shift; local t0 t1; t0=$(now); "$@"; t1=$(now); T[$key]=$(echo "$t1 - $t0" | bc -l); }
 # timed_cpu also records the reader's own CPU seconds (user + system) as row "<row>_cpu". On a
 # loaded machine the wall time of a page-cache read is mostly waiting for a CPU; its CPU time
@@ -128,45 +129,13 @@ timed_cpu() {
     T[${key}_cpu]=$(awk '{print $1 + $2}' "$WORK/cpu.txt")
 }
 
-make_small() {
-    python3 - "$1" "$NDIRS" "$PERDIR" <<'EOF'
-import os, sys
-root, ndirs, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-data = os.urandom(4096)
-os.mkdir(root)
-for d in range(ndirs):
-    dp = f"{root}/d{d:03}"
-    os.mkdir(dp)
-    for f in range(per):
-        fd = os.open(f"{dp}/f{f:04}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(fd, data)
-        os.close(fd)
-EOF
-}
+# The workload steps are compare.py's (`thinfs compare` runs the same code); timed here from outside.
+COMPARE="$(cd "$(dirname "$0")" && pwd)/compare.py"
+make_small() { python3 "$COMPARE" workload make-tree "$1" "$NDIRS" "$PERDIR" >/dev/null; }
 # ONEDIR files of 4 KiB in one directory: the per-entry cost of a growing directory.
-make_onedir() {
-    python3 - "$1" "$ONEDIR" <<'EOF'
-import os, sys
-d, n = sys.argv[1], int(sys.argv[2])
-data = os.urandom(4096)
-os.mkdir(d)
-for i in range(n):
-    fd = os.open(f"{d}/f{i:06}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    os.write(fd, data)
-    os.close(fd)
-EOF
-}
-read_small() {
-    python3 - "$1" <<'EOF'
-import os, sys
-n = 0
-for dp, dirs, files in os.walk(sys.argv[1]):
-    for f in files:
-        with open(os.path.join(dp, f), "rb") as fh:
-            n += len(fh.read())
-EOF
-}
-stat_tree() { find "$1" -printf '%s %m %U %T@\n' > /dev/null; }
+make_onedir() { python3 "$COMPARE" workload create-files "$1" "$ONEDIR" >/dev/null; }
+read_small() { python3 "$COMPARE" workload read-tree "$1" >/dev/null; }
+stat_tree() { python3 "$COMPARE" workload stat-tree "$1" >/dev/null; }
 seq_read() { dd if="$1" of=/dev/null bs=1M status=none; }
 
 run_setup() {

@@ -159,29 +159,15 @@ gz_bytes=$(( $(stat -c %s "${blobs[0]}") + $(stat -c %s "${blobs[1]}") ))
 rm -f "$W/layers/1.tar" "$W/layers/2.tar"
 log "image: $image_name: 2 layers, $tar_bytes bytes in $tar_entries tar entries, $gz_bytes bytes gzip"
 
-# The overlay side of an import: one directory per layer, GNU tar (--xattrs, numeric owners), then
-# OCI whiteouts turned into overlayfs's: .wh.NAME -> a 0/0 character device NAME,
-# .wh..wh..opq -> trusted.overlay.opaque=y on its directory.
+# The overlay side of an import: one directory per layer, whiteouts converted to overlayfs's form
+# (.wh.NAME -> a 0/0 character device NAME, .wh..wh..opq -> trusted.overlay.opaque=y): compare.py's
+# overlay-lower step, the code `thinfs compare` builds its overlayfs lower directories with.
+COMPARE=$here/scripts/compare/compare.py
 untar_layers() {   # untar_layers DESTDIR
-    local n=0 blob dir
+    local n=0 blob
     for blob in "${blobs[@]}"; do
-        n=$((n + 1)); dir=$1/$n; mkdir -p "$dir"
-        tar --extract --gzip --file "$blob" --directory "$dir" --xattrs --xattrs-include='*' --numeric-owner \
-            --same-permissions --same-owner || die "tar -x layer $n"
-        if find "$dir" -name '.wh.*' -print -quit | grep -q .; then
-            python3 - "$dir" <<'EOF' || die "whiteouts of layer $n"
-import os, stat, sys
-for top, dirs, files in os.walk(sys.argv[1]):
-    for name in files:
-        if not name.startswith(".wh."):
-            continue
-        os.unlink(os.path.join(top, name))
-        if name == ".wh..wh..opq":
-            os.setxattr(top, "trusted.overlay.opaque", b"y")
-        else:
-            os.mknod(os.path.join(top, name[4:]), stat.S_IFCHR | 0o600, os.makedev(0, 0))
-EOF
-        fi
+        n=$((n + 1))
+        python3 "$COMPARE" workload overlay-lower "$blob" "$1/$n" >/dev/null || die "layer $n into $1/$n"
     done
 }
 lowerdir() { echo "$1/2:$1/1"; }
@@ -249,7 +235,7 @@ thinfs_unmount_all() {
             note vanished "$id"
             continue
         fi
-        run "$THINFS" umount "$mp"
+        run "$THINFS" umount --root "$R" "$mp"
     done < "$W/containers"
     wait_no_daemon
 }
@@ -321,25 +307,18 @@ mkdir -p "$W/lower/big"; sync_quiet
 t=$(now); tar --extract --file "$W/big.tar" --directory "$W/lower/big" --numeric-owner || die "untar big"; sample big.apply.overlay "$t"
 rm -f "$W/big.tar"
 bigtop=$top; top=big; LOWER="$W/lower/big:$(lowerdir "$W/lower")"
-# write4k FSYNC FILE...: in one process (so that no process start is timed), for each FILE in
-# turn: open O_RDWR, pwrite 4 KiB at the middle, optionally fsync, close; then all again. Prints the
-# milliseconds of each, first writes then second writes.
+# write4k FSYNC FILE...: for each FILE, compare.py's cow-write step (what `thinfs compare` times as
+# cow-first and cow-later): open O_RDWR, pwrite 4 KiB at the middle, optionally fsync, close; then
+# one more such write 448 KiB further on. Prints the milliseconds of the first writes, then of the
+# second writes.
 write4k() {
-    python3 - "$bigbytes" "$@" <<'EOF'
-import os, sys, time
-size, sync, files = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3:]
-out = []
-for _ in range(2):
-    for f in files:
-        t = time.perf_counter()
-        fd = os.open(f, os.O_RDWR)
-        os.pwrite(fd, b"\xa5" * 4096, size // 2)
-        if sync:
-            os.fsync(fd)
-        os.close(fd)
-        out.append((time.perf_counter() - t) * 1000)
-print(" ".join(f"{x:.3f}" for x in out))
-EOF
+    local sync=$1 f j firsts=() seconds=() a b; shift
+    for f in "$@"; do
+        j=$(python3 "$COMPARE" workload cow-write "$f" 1 "$sync") || return 1
+        read -r a b < <(python3 -c 'import json, sys; r = json.load(sys.stdin); print("%.3f %.3f" % (r["first_ms"], r["later_ms"][0]))' <<< "$j")
+        firsts+=("$a"); seconds+=("$b")
+    done
+    echo "${firsts[*]} ${seconds[*]}"
 }
 cow_round() {   # cow_round FSYNC
     local id mp d t a b c e

@@ -84,27 +84,28 @@ umount_setup() {
 }
 daemon_cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.0f", ($14 + $15) * 1000 / hz}' "/proc/$1/stat"; }
 
+# The fio jobs and their file layout are compare.py's (`thinfs compare` runs the same jobs).
+COMPARE="$(cd "$(dirname "$0")" && pwd)/compare.py"
 # Files the steps rewrite exist before the timed part (prepare), in the step's own directory.
 prepare() {
     local w="$1" d="$2"
     mkdir -p "$d"
     case "$w" in
-        rand|rewrite) fio --name=layout --directory="$d" --filename=target --rw=write --bs=1M --size=64M --end_fsync=1 >/dev/null ;;
+        rand|rewrite) python3 "$COMPARE" workload fio-layout fio-rand-write "$d" 64 >/dev/null ;;
         *) ;;
     esac
 }
 run() {
     local w="$1" d="$2"
     case "$w" in
-        seq) fio --name=seq --directory="$d" --filename=seq --rw=write --bs=1M --size=256M --end_fsync=1 >/dev/null ;;
-        rand) fio --name=rand --directory="$d" --filename=target --rw=randwrite --bs=4k --size=64M --number_ios=2000 \
-                  --randrepeat=1 --end_fsync=1 >/dev/null ;;
-        rewrite) python3 - "$d/target" <<'PY'
+        seq) python3 "$COMPARE" workload fio fio-seq-write "$d" 256 0 >/dev/null ;;
+        rand) python3 "$COMPARE" workload fio fio-rand-write "$d" 64 2000 >/dev/null ;;
+        rewrite) python3 - "$d/fio.data" <<'PY'
 import os, sys
 fd = os.open(sys.argv[1], os.O_WRONLY)
 data = os.urandom(4096)
 for i in range(200):
-    os.pwrite(fd, data, (i * 7919 % 16384) * 4096)
+    os.pwrite(fd, data, (i * 7919 % 16384) * 4096)   # within the 64 MiB file fio-layout wrote
     os.fsync(fd)
 os.close(fd)
 PY
