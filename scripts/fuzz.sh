@@ -58,7 +58,8 @@ for h in "${harnesses[@]}"; do
   result=ok
   if ((rc != 0)); then
     input=$(sed -nE 's/.*Test unit written to (.*)$/\1/p' "$log" | tail -n 1)
-    kind=$(grep -oE 'ERROR: (libFuzzer|AddressSanitizer): [a-z-]+|Fatal error[^\n]*|deadly signal|timeout|out-of-memory' "$log" | head -n 1)
+    # What went wrong, in a few words: Swift's trap message, or the sanitizer's or libFuzzer's verdict.
+    kind=$(grep -m1 -oE 'Fatal error: .{0,80}|SUMMARY: [A-Za-z]+: [a-z-]+|ERROR: libFuzzer: [a-z-]+' "$log" | sed -E 's/^SUMMARY: //; s/^ERROR: //')
     result="FAILED (${kind:-exit $rc})"
     tail -n 40 "$log" | sed 's/^/    /'
     failures+=("$h: ${kind:-exit $rc}; input ${input:+$PWD/$input} (log $PWD/$log)")

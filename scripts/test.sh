@@ -2,6 +2,7 @@
 # Sets up a fresh machine, builds, and runs every test suite.
 #   THINFS_MODEL_OPS=N   operations per randomized model run (default 3000; try 50000 on demand)
 #   THINFS_SEED=N        replay a randomized run
+#   FUZZ_SECONDS=N       seconds per fuzz harness (default 25)
 #
 # CI keeps only the end of the output, so a failed step ends the run with its name and, for the
 # Swift tests, the lines of every failed test and expectation.
@@ -50,6 +51,11 @@ step "docker plugin"
 # (4 min in all) leave each time to clean up.
 timeout -k 30 120 bash scripts/docker-e2e.sh || fail "docker plugin" "scripts/docker-e2e.sh exit $? (its FAILED line above names the check; 124: timed out)"
 timeout -k 30 90 bash scripts/docker-graphtest.sh || fail "docker plugin" "scripts/docker-graphtest.sh exit $? (moby's graphtest: the failed tests above are marked --- FAIL; 124: timed out)"
+
+step "fuzz"
+# libFuzzer harnesses (Fuzz/README.md), 25 s each after an AddressSanitizer build; the output
+# ends with each crashing harness and its saved input. FUZZ_SECONDS=N for a longer run.
+scripts/fuzz.sh || fail "fuzz" "a harness crashed or the harnesses did not build (the lines above name the harness and the input)"
 
 step "kernel VM suite"
 # The kernel suite in a qemu guest (scripts/vm/README.md); skips loudly without qemu. It prints its

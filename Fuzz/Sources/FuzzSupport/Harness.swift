@@ -74,6 +74,19 @@ func LLVMFuzzerRunDriver(_ argc: UnsafeMutablePointer<CInt>,
                          _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>>,
                          _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> CInt) -> CInt
 
+/// `THINFS_FUZZ_EXPORT=FILE`: a metadata harness writes the metadata image it built from its
+/// input to FILE (zero blocks at the end left off), for a regression test to check in.
+let exportPath = ProcessInfo.processInfo.environment["THINFS_FUZZ_EXPORT"]
+nonisolated(unsafe) var exportHandler: ((ImageMetadataStorage) -> Void)?
+
+func exportMetadata(into path: String, _ storage: ImageMetadataStorage) {
+    var image = storage.image
+    while image.count >= 4096, image.suffix(4096).allSatisfy({ $0 == 0 }) { image.removeLast(4096) }
+    FileManager.default.createFile(atPath: path, contents: Data(image))
+    FileHandle.standardError.write(Data("wrote the metadata image (\(image.count / 4096) blocks) to \(path)\n".utf8))
+    exit(0)
+}
+
 /// The harness's input handler; set once by `Harness.main` before the driver starts.
 nonisolated(unsafe) private var handler: (UnsafeRawBufferPointer) -> Void = { _ in }
 
@@ -85,6 +98,7 @@ extension Harness {
                             run: @escaping (UnsafeRawBufferPointer) -> Void) -> Never {
         writeSeedsIfAsked(seeds)
         setup()
+        if let export = exportPath { exportHandler = { exportMetadata(into: export, $0) } }
         handler = run
         var argc = CommandLine.argc
         var argv = CommandLine.unsafeArgv

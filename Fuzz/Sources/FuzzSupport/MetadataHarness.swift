@@ -50,6 +50,7 @@ public final class ImageMetadataStorage: MetadataStorage {
 /// Every error is expected; only a trap, a sanitizer report or a hang is a finding.
 public enum MetadataExercise {
     public static func run(_ storage: ImageMetadataStorage) {
+        exportHandler?(storage)
         _ = try? ThinMetadata.check(storage: storage)
         if let held = try? HeldMetadataSnapshot.read(storage: storage) {
             if let devices = try? held.devices() {
