@@ -176,15 +176,10 @@ public enum MetadataInput {
             for i in 52 ..< 60 { noHeld[i] = 0 }
             return [("reference", sb), ("needs-check", needsCheck), ("no-held-snapshot", noHeld), ("header-only", Array(sb.prefix(48)))]
         case "btree":
-            // One seed per node, as the first chunk (so each node's own bytes reach the first
-            // node's place too), and the whole set.
-            var seeds: [(String, [UInt8])] = [("all-nodes", ref.btreeNodes.flatMap { Array(ref.block($0)) })]
-            for (i, b) in ref.btreeNodes.enumerated() {
-                var chunks: [UInt8] = []
-                for (j, c) in ref.btreeNodes.enumerated() where j <= i { chunks += j == i ? trimmed(ref.block(b)) : Array(ref.block(c)) }
-                seeds.append(("nodes-0-to-\(i)", chunks))
-            }
-            return seeds
+            // All the nodes; the first alone (so that a short input edits a root); the first three.
+            let all = ref.btreeNodes.flatMap { Array(ref.block($0)) }
+            return [("all-nodes", all), ("first-node", trimmed(ref.block(ref.btreeNodes[0]))),
+                    ("first-three-nodes", Array(all.prefix(2 * 4096)) + trimmed(ref.block(ref.btreeNodes[2])))]
         case "space-map":
             let roots = Array(ref.block(0)[64 ..< 96]) + Array(ref.block(0)[192 ..< 224])
             var seeds: [(String, [UInt8])] = [("roots-only", roots)]
