@@ -2,6 +2,7 @@
 # Sets up a fresh machine, builds, and runs every test suite.
 #   THINFS_MODEL_OPS=N   operations per randomized model run (default 3000; try 50000 on demand)
 #   THINFS_SEED=N        replay a randomized run
+#   FUZZ_SECONDS=N       seconds per fuzz harness (default 25)
 #
 # CI keeps only the end of the output, so a failed step ends the run with its name and, for the
 # Swift tests, the lines of every failed test and expectation.
@@ -55,6 +56,11 @@ step "thinfs compare"
 # `thinfs compare --quick` on the test image, its report checked, then a run stopped by SIGTERM
 # (scripts/compare/ci-compare.sh; under 3 minutes on an idle machine).
 timeout -k 60 600 bash scripts/compare/ci-compare.sh .build/debug/thinfs || fail "thinfs compare" "scripts/compare/ci-compare.sh exit $? (its FAILED line above says what)"
+
+step "fuzz"
+# libFuzzer harnesses (Fuzz/README.md), 25 s each after an AddressSanitizer build; the output
+# ends with each crashing harness and its saved input. FUZZ_SECONDS=N for a longer run.
+scripts/fuzz.sh || fail "fuzz" "a harness crashed or the harnesses did not build (the lines above name the harness and the input)"
 
 step "kernel VM suite"
 # The kernel suite in a qemu guest (scripts/vm/README.md); skips loudly without qemu. It prints its

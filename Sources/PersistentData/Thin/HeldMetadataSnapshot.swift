@@ -25,7 +25,9 @@ public struct HeldMetadataSnapshot {
         guard live.heldRoot != 0 else { return nil }
         let copy = try Superblock(block: try bm.read(live.heldRoot, as: .superblock))
         // Reading never allocates: the space map only satisfies the transaction manager's type.
-        let tm = TransactionManager(bm: bm, sm: SpaceMap(nrBlocks: live.metadataNrBlocks))
+        // It is sized by the device, not by the superblock's metadata_nr_blocks: that field comes
+        // from disk, and a bogus 2^43 would ask for terabytes (a fuzz finding, FuzzFindingTests).
+        let tm = TransactionManager(bm: bm, sm: SpaceMap(nrBlocks: min(storage.nrBlocks, ThinMetadata.maxMetadataBlocks)))
         return HeldMetadataSnapshot(superblock: copy, tm: tm)
     }
 

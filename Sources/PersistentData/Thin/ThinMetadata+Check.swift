@@ -107,39 +107,48 @@ extension ThinMetadata {
 }
 
 /// Reference counts for a whole device, one byte each until a count outgrows it.
+///
+/// The counts live in pages allocated when a block of theirs is first counted: `count` comes
+/// from the superblock, before anything has confirmed it (a data space map of 2^39 blocks passes
+/// the 40-bit check), so memory must follow the references the walk finds, not that field.
 struct RefCounter {
-    private var small: [UInt8]
+    static let pageShift = 16
+    static let pageSize = 1 << pageShift
+    private var pages: [Int: [UInt8]] = [:]
     private var large: [UInt64: UInt32] = [:]
+    let count: Int
 
-    init(count: UInt64) { small = [UInt8](repeating: 0, count: Int(count)) }
-
-    var count: Int { small.count }
+    init(count: UInt64) { self.count = Int(clamping: count) }
 
     mutating func inc(_ b: UInt64) {
         let i = Int(b)
-        if small[i] < UInt8.max {
-            small[i] += 1
+        let (p, o) = (i >> Self.pageShift, i & (Self.pageSize - 1))
+        let c = pages[p]?[o] ?? 0
+        if c < UInt8.max {
+            pages[p, default: [UInt8](repeating: 0, count: Self.pageSize)][o] = c + 1
         } else {
             large[b, default: UInt32(UInt8.max)] += 1
         }
     }
 
     func get(_ b: UInt64) -> UInt32 {
-        let c = small[Int(b)]
+        let i = Int(b)
+        let c = pages[i >> Self.pageShift]?[i & (Self.pageSize - 1)] ?? 0
         return c < UInt8.max ? UInt32(c) : large[b] ?? UInt32(UInt8.max)
     }
 
     /// True when blocks [from, from + n) all have count 0 (a fast path for sparse maps).
     func allZero(from: Int, count n: Int) -> Bool {
-        small.withUnsafeBufferPointer { p in
-            var i = from
-            let end = min(from + n, p.count)
-            while i < end {
-                if p[i] != 0 { return false }
-                i += 1
+        var i = from
+        let end = min(from + n, count)
+        while i < end {
+            let pageEnd = min(end, (i >> Self.pageShift + 1) << Self.pageShift)
+            if let page = pages[i >> Self.pageShift] {
+                for j in i ..< pageEnd where page[j & (Self.pageSize - 1)] != 0 { return false }
             }
-            return true
+            i = pageEnd
         }
+        return true
     }
 }
 

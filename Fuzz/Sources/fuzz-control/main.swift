@@ -1,0 +1,9 @@
+import FuzzSupport
+
+// The control harness (Fuzz/README.md): see ControlHarness. Its seeds come from Fuzz/make-seeds.py.
+// SwiftPM links `main` to this symbol (see Harness.main); the package is built with
+// -parse-as-library, so there is no top-level code.
+@_cdecl("fuzz_control_main")
+func entry(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>) -> CInt {
+    Harness.main(setup: { ControlHarness.prepare() }, run: ControlHarness.run)
+}

@@ -1,0 +1,11 @@
+import FuzzSupport
+
+// The pool harness (Fuzz/README.md): see MetadataInput.pool.
+// SwiftPM links `main` to this symbol (see Harness.main); the package is built with
+// -parse-as-library, so there is no top-level code.
+@_cdecl("fuzz_pool_main")
+func entry(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>) -> CInt {
+    Harness.main(seeds: { MetadataInput.seeds("pool") }, setup: { _ = ReferencePool.shared }) { data in
+        MetadataExercise.run(MetadataInput.pool(data))
+    }
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer harnesses of Fuzz/ (with AddressSanitizer) and runs each for a bounded time.
+# See Fuzz/README.md for what each harness feeds and how to reproduce a crash.
+#
+#   FUZZ_SECONDS=N         seconds per harness (default 25; try 600 or more on demand)
+#   FUZZ_HARNESSES="a b"   which harnesses (default: all of them, in the order below)
+#   FUZZ_SANITIZERS=S      -sanitize= value (default fuzzer,address; "fuzzer" alone builds faster)
+#   FUZZ_NO_BUILD=1        use the binaries already built;  FUZZ_BUILD_ONLY=1: build, run nothing
+#
+# Each harness starts from its checked-in seeds (Fuzz/Corpus/<harness>, never written) and a
+# working corpus (Fuzz/.build/corpus/<harness>) that keeps what earlier runs on this machine found.
+# A crash, hang (-timeout) or out-of-memory input is saved as Fuzz/.build/artifacts/<harness>/*;
+# the run goes on with the other harnesses, then fails, its last lines naming each harness and input.
+set -euo pipefail
+cd "$(dirname "$0")/../Fuzz"
+
+all=(superblock btree space-map pool layer-tar image docker-dm control)
+read -r -a harnesses <<< "${FUZZ_HARNESSES:-${all[*]}}"
+seconds=${FUZZ_SECONDS:-25}
+sanitizers=${FUZZ_SANITIZERS:-fuzzer,address}
+bin=.build/release
+
+if [[ -z ${FUZZ_NO_BUILD:-} ]]; then
+  echo "=== fuzz.sh: building the harnesses (-sanitize=$sanitizers)"
+  start=$SECONDS
+  mkdir -p .build/logs
+  if ! swift build -c release -Xswiftc "-sanitize=$sanitizers" -Xswiftc -parse-as-library > .build/logs/build.log 2>&1; then
+    grep -E 'error:|warning:' .build/logs/build.log | head -n 40 | sed 's/^/    /'
+    echo "=== fuzz.sh: FAILED: the harnesses did not build (errors above; full log $PWD/.build/logs/build.log)" >&2
+    exit 1
+  fi
+  echo "=== fuzz.sh: built in $((SECONDS - start)) s"
+fi
+[[ -z ${FUZZ_BUILD_ONLY:-} ]] || exit 0
+
+# Swift's runtime keeps allocations for the life of the process; leak reports would be noise.
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:handle_abort=1}
+summary=()
+failures=()
+for h in "${harnesses[@]}"; do
+  exe=$bin/fuzz-$h
+  [[ -x $exe ]] || { failures+=("$h: no binary $exe (build it, or check FUZZ_HARNESSES)"); continue; }
+  work=.build/corpus/$h artifacts=.build/artifacts/$h log=.build/logs/$h.log
+  mkdir -p "$work" "$artifacts" "$(dirname "$log")"
+  echo "=== fuzz.sh: $h for $seconds s"
+  set +e
+  "$exe" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 -detect_leaks=0 \
+    -print_final_stats=1 -artifact_prefix="$artifacts/" "$work" "Corpus/$h" > "$log" 2>&1
+  rc=$?
+  set -e
+  # The last status line carries the coverage: "#123 DONE cov: 456 ft: 789 corp: 12/3Kb ..."
+  status=$(grep -E '^#[0-9]+' "$log" | tail -n 1)
+  cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<< "$status")
+  ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<< "$status")
+  corp=$(sed -nE 's/.* corp: ([0-9]+).*/\1/p' <<< "$status")
+  execs=$(sed -nE 's/^stat::number_of_executed_units: *([0-9]+)/\1/p' "$log")
+  rate=$(sed -nE 's/^stat::average_exec_per_sec: *([0-9]+)/\1/p' "$log")
+  result=ok
+  if ((rc != 0)); then
+    input=$(sed -nE 's/.*Test unit written to (.*)$/\1/p' "$log" | tail -n 1)
+    # What went wrong, in a few words: Swift's trap message, or the sanitizer's or libFuzzer's verdict.
+    kind=$(grep -m1 -oE 'Fatal error: .{0,80}|SUMMARY: [A-Za-z]+: [a-z-]+|ERROR: libFuzzer: [a-z-]+' "$log" | sed -E 's/^SUMMARY: //; s/^ERROR: //')
+    result="FAILED (${kind:-exit $rc})"
+    tail -n 40 "$log" | sed 's/^/    /'
+    failures+=("$h: ${kind:-exit $rc}; input ${input:+$PWD/$input} (log $PWD/$log)")
+  fi
+  summary+=("$(printf '%-12s %6s s %10s execs %8s execs/s  cov %6s  ft %7s  corpus %5s  %s' \
+    "$h" "$seconds" "${execs:-?}" "${rate:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$result")")
+done
+
+echo "=== fuzz.sh: summary (-sanitize=$sanitizers)"
+printf '    %s\n' "${summary[@]}"
+if ((${#failures[@]} > 0)); then
+  echo "=== fuzz.sh: FAILED: ${#failures[@]} harness(es) found a crash; reproduce with Fuzz/.build/release/fuzz-<harness> <input>:" >&2
+  for f in "${failures[@]}"; do echo "    $f" >&2; done
+  exit 1
+fi
+echo "=== fuzz.sh: no crash in ${#harnesses[@]} harness(es)"
