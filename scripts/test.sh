@@ -3,6 +3,7 @@
 #   THINFS_MODEL_OPS=N   operations per randomized model run (default 3000; try 50000 on demand)
 #   THINFS_SEED=N        replay a randomized run
 #   FUZZ_SECONDS=N       seconds per fuzz harness (default 25)
+#   THINFS_POWERCUT_CUTS=N  cut points of the power-cut replay (default 200)
 #
 # CI keeps only the end of the output, so a failed step ends the run with its name and, for the
 # Swift tests, the lines of every failed test and expectation.
@@ -61,6 +62,11 @@ step "fuzz"
 # libFuzzer harnesses (Fuzz/README.md), 25 s each after an AddressSanitizer build; the output
 # ends with each crashing harness and its saved input. FUZZ_SECONDS=N for a longer run.
 scripts/fuzz.sh || fail "fuzz" "a harness crashed or the harnesses did not build (the lines above name the harness and the input)"
+
+step "power cuts"
+# Seeded (scripts/powercut.sh, about 100 s for 200 cut points); the seed, the cut point and the failed
+# check end the output. The bound leaves it time to clean up.
+timeout -k 30 360 bash scripts/powercut.sh || fail "power cuts" "scripts/powercut.sh exit $? (124: timed out; otherwise its last lines above name the seed, the cut point and the failed check)"
 
 step "kernel VM suite"
 # The kernel suite in a qemu guest (scripts/vm/README.md); skips loudly without qemu. It prints its

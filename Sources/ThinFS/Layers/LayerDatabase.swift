@@ -125,6 +125,32 @@ final class LayerDatabase: @unchecked Sendable {
         }
     }
 
+    /// Called after every commit of this connection, once it is durable (`sqlite3_wal_hook`):
+    /// the power-cut replay copies the database's files at each such point. Setting it takes
+    /// over SQLite's auto-checkpoint (a WAL hook replaces it), so the hook checkpoints as that
+    /// does, at SQLite's default of 1000 frames, and nothing else about the database changes.
+    var afterCommit: (@Sendable () -> Void)? {
+        didSet {
+            lock.withLock {
+                guard let db else { return }
+                guard afterCommit != nil else {
+                    sqlite3_wal_autocheckpoint(db, Self.autocheckpointFrames)
+                    return
+                }
+                sqlite3_wal_hook(db, { context, handle, name, frames in
+                    if frames >= LayerDatabase.autocheckpointFrames {
+                        sqlite3_wal_checkpoint_v2(handle, name, SQLITE_CHECKPOINT_PASSIVE, nil, nil)
+                    }
+                    Unmanaged<LayerDatabase>.fromOpaque(context!).takeUnretainedValue().afterCommit?()
+                    return SQLITE_OK
+                }, Unmanaged.passUnretained(self).toOpaque())
+            }
+        }
+    }
+
+    /// SQLITE_DEFAULT_WAL_AUTOCHECKPOINT.
+    static let autocheckpointFrames: Int32 = 1000
+
     /// SQLite's version string, for `thinfs info`.
     static var libraryVersion: String { String(cString: sqlite3_libversion()) }
 }

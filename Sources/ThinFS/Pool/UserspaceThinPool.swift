@@ -60,7 +60,8 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
     public let readOnly: Bool
     let logger: Logger
 
-    let data: FileDescriptor
+    /// The data file, through the test hook when one is installed (`PoolIOHook`).
+    let data: PoolDataFile
     let md: ThinMetadata
     let metaLock = Lock()
     let epoch = ReadWriteLock()
@@ -100,7 +101,7 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
                  options: Options, readOnly: Bool, logger: Logger) {
         self.dataPath = dataPath
         self.metadataPath = metadataPath
-        self.data = data
+        self.data = PoolDataFile(fd: data, hook: PoolIOHooks.hook(dataPath: dataPath))
         self.md = md
         self.blockSize = UInt64(md.dataBlockSize) * 512
         self.options = options
@@ -152,7 +153,7 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
             try? dataFD.close()
             throw error
         }
-        let storage = try FileMetadataStorage(path: metadataPath)
+        let storage = hooked(try FileMetadataStorage(path: metadataPath), dataPath: dataPath)
         let md = try ThinMetadata.format(storage: storage, dataBlockSize: UInt32(blockSize / 512), nrDataBlocks: dataSize / blockSize)
         logger.info("created thin pool", metadata: ["pool.data": "\(dataPath)", "pool.metadata": "\(metadataPath)",
                                                     "pool.block_size": "\(blockSize)"])
@@ -187,6 +188,11 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
         return fd
     }
 
+    /// The metadata file under the test hook installed for the pool's data file, if any.
+    private static func hooked(_ storage: MetadataStorage, dataPath: String) -> MetadataStorage {
+        PoolIOHooks.hook(dataPath: dataPath).map { HookedMetadataStorage(storage, hook: $0) } ?? storage
+    }
+
     static func openFD(_ path: String, readOnly: Bool) throws -> FileDescriptor {
         do {
             return try FileDescriptor.open(FilePath(path), readOnly ? .readOnly : .readWrite, options: [.closeOnExec])
@@ -212,7 +218,7 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
         }
         let md: ThinMetadata
         do {
-            md = try ThinMetadata.open(storage: storage)
+            md = try ThinMetadata.open(storage: hooked(storage, dataPath: dataPath))
         } catch {
             try? dataFD.close()
             throw ThinPoolError.invalidConfiguration("\(metadataPath): \(error)")
