@@ -507,7 +507,9 @@ enum PowerCut {
             }
         }
         for id in created.sorted() {
-            guard let layer = try store.layer(id) else { return "layer \(id) was created before the cut and is missing" }
+            guard let layer = try store.layer(id) else {
+                return "layer \(id) was created before the cut and is missing (recovery: \(store.lastRecovery); layers: \(try store.allLayers().map(\.id)))"
+            }
             guard layer.state == .active else { return "layer \(id) was created before the cut and is \(layer.state)" }
         }
         for id in removed.sorted() where try store.layer(id) != nil {
