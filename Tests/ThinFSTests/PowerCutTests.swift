@@ -56,6 +56,9 @@ enum PowerCut {
     /// What the workload was told had happened: the promises a cut after this point must keep.
     enum Ack {
         case layerCreated(String)
+        /// `rm` was called: from here the layer may be gone (the journal finishes a delete it
+        /// finds open), until it returns.
+        case layerRemoving(String)
         case layerRemoved(String)
         /// `fsync` returned with the file holding `bytes`.
         case fileSynced(layer: String, name: String, bytes: [UInt8])
@@ -80,6 +83,7 @@ enum PowerCut {
             case .sync(let f): "fdatasync \(f.rawValue)"
             case .database(let i): "database commit #\(i)"
             case .ack(.layerCreated(let id)): "acknowledged: layer \(id) created"
+            case .ack(.layerRemoving(let id)): "layer \(id) being removed"
             case .ack(.layerRemoved(let id)): "acknowledged: layer \(id) removed"
             case .ack(.fileSynced(let layer, let name, let bytes)): "acknowledged: \(layer):/\(name) fsynced (\(bytes.count) bytes)"
             case .ack(.fileUnsettled(let layer, let name)): "\(layer):/\(name) being written"
@@ -258,11 +262,13 @@ enum PowerCut {
                 }
             } else if roll < 90, let id = containers.randomElement(using: &rng) {
                 try open.removeValue(forKey: id)?.close()
+                log.acknowledge(.layerRemoving(id))
                 #expect(try store.remove(id) == .deleted)
                 containers.removeAll { $0 == id }
                 files[id] = nil
                 log.acknowledge(.layerRemoved(id))
             } else if let id = emptyImages.randomElement(using: &rng) {
+                log.acknowledge(.layerRemoving(id))
                 #expect(try store.remove(id) == .deleted)
                 emptyImages.removeAll { $0 == id }
                 imageLayers.removeAll { $0 == id }
@@ -459,10 +465,15 @@ enum PowerCut {
 
             let at = cut < events.count ? "before event \(cut) (\(events[cut].label))" : "after the last event"
             let context = "seed \(seed), cut point \(cut) of \(events.count) \(at), \(variant) (\(applied) of \(pending.count) pages)"
+            // THINFS_POWERCUT_KEEP=DIR keeps the crash image of each failed cut point in DIR/cut-N.
+            let keep = ProcessInfo.processInfo.environment["THINFS_POWERCUT_KEEP"]
+            if let keep { _ = try Oracle.run("/bin/cp", ["-a", "--sparse=always", crash, keep + "/pending"]) }
             if let failure = check(crash: crash, acks: acks) {
+                if let keep { try fm.moveItem(atPath: keep + "/pending", toPath: keep + "/cut-\(cut)") }
                 failures.append("\(context): \(failure)")
                 if failures.count >= 3 { break }
             }
+            if let keep { try? fm.removeItem(atPath: keep + "/pending") }
             try undo.undo()
         }
         return failures
@@ -501,6 +512,7 @@ enum PowerCut {
         for a in acks {
             switch a {
             case .layerCreated(let id): created.insert(id); removed.remove(id)
+            case .layerRemoving(let id): created.remove(id); synced[id] = nil
             case .layerRemoved(let id): removed.insert(id); created.remove(id); synced[id] = nil
             case .fileSynced(let layer, let name, let bytes): synced[layer, default: [:]][name] = bytes
             case .fileUnsettled(let layer, let name): synced[layer]?[name] = nil
