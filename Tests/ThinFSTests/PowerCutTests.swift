@@ -246,7 +246,10 @@ enum PowerCut {
                     log.acknowledge(.fileSynced(layer: id, name: name, bytes: bytes))
                 } else {
                     let name = "f\(counter)"
-                    let bytes = randomBytes(Int.random(in: 1...(400 << 10), using: &rng))
+                    // Now and then a file larger than the volume's block cache holds dirty (2 MiB), so
+                    // that its write-back reaches the pool between two commits.
+                    let large = Int.random(in: 0..<8, using: &rng) == 0
+                    let bytes = randomBytes(Int.random(in: large ? (2 << 20)...(3 << 20) : 1...(400 << 10), using: &rng))
                     let a = try v.mknod(parent: v.rootInode, name: name, mode: 0o100644, rdev: 0, owner: .root)
                     try v.open(a.ino)
                     try write(v, ino: a.ino, bytes, at: 0)
