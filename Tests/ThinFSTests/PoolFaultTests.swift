@@ -89,15 +89,7 @@ struct PoolFaultTests {
 
     @Test(arguments: cases)
     func ioErrorReachesTheWriterAndCommittedDataSurvives(_ c: Case) throws {
-        // Known issue: a failed data flush leaves the transaction open, and the next commit's
-        // fdatasync (which Linux answers 0 once it has reported the error) publishes the mappings
-        // (`ThinMetadata.commit(beforeSuperblock:)`; CrashTests asserts that retry). Abandoning
-        // the transaction there fixes this case and contradicts that test: the lead decides.
-        try withKnownIssue("a failed data flush leaves the transaction open for the next commit") {
-            try check(c)
-        } when: {
-            c.file == .data && c.kind == .sync
-        }
+        try check(c)
     }
 
     func check(_ c: Case) throws {

@@ -185,9 +185,12 @@ public final class ThinMetadata {
     /// Makes every change since the last commit durable. The superblock is written last.
     ///
     /// `beforeSuperblock` runs after the metadata blocks are written and synced and before the
-    /// superblock: the caller's last chance to make durable what the new mappings point at. If
-    /// it throws, nothing is committed and nothing is lost: the blocks just written are shadow
-    /// copies no committed root reaches, and the transaction stays in memory for the next commit.
+    /// superblock: the caller's last chance to make durable what the new mappings point at (the
+    /// pool syncs its data file there). If it throws, nothing is committed, and the transaction
+    /// is abandoned as any failed change is (`fail`: roll back, needs_check, read-only). It is not
+    /// kept for a retry: Linux reports a write-back error to one fsync only and may already have
+    /// dropped the pages it could not write, so a later sync that returns 0 proves nothing, and
+    /// committing these mappings then could publish blocks whose data is lost.
     public func commit(beforeSuperblock: () throws(MetadataError) -> Void = {}) throws(MetadataError) {
         try requireWritable()
         do {
@@ -206,7 +209,7 @@ public final class ThinMetadata {
             try fail(error)
         }
         committedSuperblock = nil
-        try beforeSuperblock()
+        do { try beforeSuperblock() } catch { try fail(error) }
         do {
             let sb = MetadataBlock(location: Superblock.location)
             superblock.store(into: sb)
