@@ -61,6 +61,8 @@ func startServe(bin, root string) (snapshots.Snapshotter, func() error, error) {
 		"--log-level", level,
 		"--storage-opt", "dm.basesize=128M", "--storage-opt", "dm.loopdatasize=1G",
 		"--storage-opt", "dm.loopmetadatasize=32M", "--storage-opt", "dm.use_deferred_deletion=true")
+	// If this test binary dies (its -timeout panics), serve goes with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		return nil, nil, err
