@@ -24,7 +24,16 @@ if [[ -z ${THINFS:-} ]]; then
   THINFS=$(swift build --show-bin-path)/thinfs
 fi
 work=$(mktemp -d /tmp/thinfs-conformance.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+# The suite's directories are made in TMPDIR=$work: whatever a killed run left mounted there
+# (serve dies with the test binary) is detached before the directory goes.
+cleanup() {
+  awk -v w="$work/" 'index($5, w) == 1 { print $5 }' /proc/self/mountinfo | sort -r | while read -r m; do
+    umount -l "$(printf '%b' "$m")" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 143' TERM INT
 cp Tests/ContainerdConformance/conformance_test.go "$work/"
 started=$(date +%s)
 (cd "$work" && GOPATH=/usr/share/gocode GO111MODULE=off go test -c -o conformance.test .) \
@@ -33,7 +42,7 @@ echo "containerd-conformance: harness built in $(($(date +%s) - started)) s"
 
 log=$work/conformance.log
 set +e
-THINFS="$THINFS" "$work/conformance.test" -test.v -test.timeout "${TIMEOUT:-600s}" "$@" 2>&1 | tee "$log"
+TMPDIR=$work THINFS="$THINFS" "$work/conformance.test" -test.v -test.timeout "${TIMEOUT:-600s}" "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 echo "containerd-conformance: ran in $(($(date +%s) - started)) s"
