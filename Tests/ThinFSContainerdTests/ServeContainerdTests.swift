@@ -76,7 +76,15 @@ struct SnapshotCrashTests {
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         p.standardError = FileHandle(forWritingAtPath: log)
         try p.run()
-        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() } }
+        defer {
+            if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+            // A killed serve leaves its FUSE mounts dead: detach them.
+            let mounts = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""
+            for line in mounts.split(separator: "\n") {
+                let fields = line.split(separator: " ")
+                if fields.count > 1, fields[1].hasPrefix(root + "/") { umount2(String(fields[1]), Int32(MNT_DETACH)) }
+            }
+        }
         let deadline = Date(timeIntervalSinceNow: 30)
         while !FileManager.default.fileExists(atPath: socket), p.isRunning, Date() < deadline { usleep(50_000) }
         try #require(FileManager.default.fileExists(atPath: socket), "serve did not listen: \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")

@@ -377,11 +377,13 @@ struct SnapshotServiceTests {
         let h = try await Harness()
         let outside = h.dir.path + "/outside"
         try FileManager.default.createDirectory(atPath: outside, withIntermediateDirectories: true)
-        defer { umount2(outside, Int32(MNT_DETACH)) }
         try await h.run { c in
             let m = try await prepare(c, "a")
             let activeLayer = try #require(try h.store.snapshot("a")).layer
             try #require(mount(m[0].source, outside, nil, UInt(MS_BIND | MS_REC), nil) == 0, "bind mount: errno \(errno)")
+            // Gone before the harness stops the daemon, also when the body fails: the daemon's
+            // stop waits for every session, and this mount keeps one alive.
+            defer { umount2(outside, Int32(MNT_DETACH)) }
             // Written through the bind mount and left in the kernel's cache: the commit writes it back.
             try "before\n".write(toFile: outside + "/f", atomically: false, encoding: .utf8)
             try await commit(c, "c", key: "a")
