@@ -85,7 +85,7 @@ let package = Package(
         .target(
             name: "ThinFSContainerd",
             dependencies: [
-                "ThinFS",
+                "ThinFS", "CThinFSShims",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),

@@ -58,6 +58,14 @@ step "thinfs compare"
 # (scripts/compare/ci-compare.sh; under 3 minutes on an idle machine).
 timeout -k 60 600 bash scripts/compare/ci-compare.sh .build/debug/thinfs || fail "thinfs compare" "scripts/compare/ci-compare.sh exit $? (its FAILED line above says what)"
 
+step "containerd conformance"
+# containerd's snapshotter conformance suite against thinfs serve (Tests/ContainerdConformance,
+# ~35 s plus a ~30 s cold Go build): every subtest must pass. Skips with the reason without root,
+# /dev/fuse or the Go packages. Its last lines name the failed subtests, each with its first error;
+# the suite's own timeout (170 s) ends a hang with a goroutine dump, inside the bound.
+THINFS=$(swift build --show-bin-path)/thinfs TIMEOUT=170s timeout -k 30 240 bash scripts/containerd-conformance.sh \
+  || fail "containerd conformance" "exit $? (the failed subtests are listed above; 124: timed out)"
+
 step "fuzz"
 # libFuzzer harnesses (Fuzz/README.md), 25 s each after an AddressSanitizer build; the output
 # ends with each crashing harness and its saved input. FUZZ_SECONDS=N for a longer run.

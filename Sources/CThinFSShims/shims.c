@@ -15,3 +15,5 @@ int thinfs_zero_range(int fd, int64_t offset, int64_t length) {
 int64_t thinfs_seek_data(int fd, int64_t offset) { return lseek(fd, offset, SEEK_DATA); }
 
 int64_t thinfs_seek_hole(int fd, int64_t offset) { return lseek(fd, offset, SEEK_HOLE); }
+
+int thinfs_syncfs(int fd) { return syncfs(fd); }

@@ -1,3 +1,4 @@
+internal import CThinFSShims
 import Foundation
 import GRPCCore
 import Logging
@@ -13,13 +14,13 @@ public struct SnapshotMounter: Sendable {
     /// Mounts layer `layer` at `mountpoint` (an existing empty directory), read-only or not,
     /// and returns once the mount is ready.
     public var mount: @Sendable (_ layer: String, _ mountpoint: String, _ readOnly: Bool) throws -> Void
-    /// Unmounts `mountpoint`; true once the layer is closed (not busy).
-    public var unmount: @Sendable (_ mountpoint: String) -> Bool
+    /// Unmounts `mountpoint`; true once the layer is closed (not busy), waiting at most `timeout` seconds.
+    public var unmount: @Sendable (_ mountpoint: String, _ timeout: TimeInterval) -> Bool
     /// Whether `mountpoint` is served now.
     public var isMounted: @Sendable (_ mountpoint: String) -> Bool
 
     public init(mount: @escaping @Sendable (String, String, Bool) throws -> Void,
-                unmount: @escaping @Sendable (String) -> Bool,
+                unmount: @escaping @Sendable (String, TimeInterval) -> Bool,
                 isMounted: @escaping @Sendable (String) -> Bool) {
         self.mount = mount
         self.unmount = unmount
@@ -29,7 +30,7 @@ public struct SnapshotMounter: Sendable {
     public static func daemon(_ daemon: LayerDaemon) -> SnapshotMounter {
         SnapshotMounter(
             mount: { layer, mountpoint, readOnly in _ = try daemon.mount(layer, at: mountpoint, readOnly: readOnly) },
-            unmount: { daemon.unmount($0) },
+            unmount: { daemon.unmount($0, timeout: $1) },
             isMounted: { daemon.isServing($0) })
     }
 }
@@ -119,13 +120,33 @@ public final class SnapshotService: Snapshots.SimpleServiceProtocol, @unchecked 
         return [mount]
     }
 
-    func release(_ snapshot: LayerStore.Snapshot) {
+    /// Unmounts the snapshot's mount and waits up to `timeout` seconds for its layer to close.
+    /// True when it has (or nothing was mounted). A bind mount of it left elsewhere keeps the
+    /// FUSE session, and the layer, open: then false.
+    @discardableResult
+    func release(_ snapshot: LayerStore.Snapshot, timeout: TimeInterval = 10) -> Bool {
         let path = mountpoint(snapshot)
-        if mounter.isMounted(path), !mounter.unmount(path) {
-            logger.warning("snapshot still in use after its unmount (a bind mount of it is left)",
-                           metadata: ["snapshot": "\(snapshot.key.debugDescription)", "layer": "\(snapshot.layer)"])
+        guard mounter.isMounted(path) else { return true }
+        // The kernel's dirty pages of this filesystem, written through any of its mounts, go to
+        // the daemon now: the unmount writes them back only when it is the last mount.
+        let fd = open(path, O_RDONLY | O_DIRECTORY)
+        if fd >= 0 {
+            _ = thinfs_syncfs(fd)
+            close(fd)
         }
+        guard mounter.unmount(path, timeout) else {
+            logger.info("snapshot still in use after its unmount (a bind mount of it is left)",
+                        metadata: ["snapshot": "\(snapshot.key.debugDescription)", "layer": "\(snapshot.layer)"])
+            return false
+        }
+        return true
     }
+
+    /// How long Commit and Remove wait for an unmounted snapshot's layer to close before they
+    /// go on with the layer in use (Commit snapshots it, `LayerStore.commitSnapshot`; Remove
+    /// defers its deletion or refuses): a session ends at once when nothing else mounts it, and
+    /// never while a bind mount of it is left.
+    static let releaseTimeout: TimeInterval = 2
 
     static func info(_ s: LayerStore.Snapshot) -> Containerd_Services_Snapshots_V1_Info {
         var info = Containerd_Services_Snapshots_V1_Info()
@@ -198,8 +219,15 @@ public final class SnapshotService: Snapshots.SimpleServiceProtocol, @unchecked 
             // The checks that need no unmount first, so a refused commit leaves the mount alone.
             if try store.snapshot(name) != nil { throw LayerStore.SnapshotError.alreadyExists(key: name) }
             guard active.kind == .active else { throw LayerStore.SnapshotError.notActive(key: key, kind: active.kind) }
-            release(active)
-            _ = try store.commitSnapshot(key, as: name, labels: labels)
+            let closed = release(active, timeout: Self.releaseTimeout)
+            do {
+                _ = try store.commitSnapshot(key, as: name, labels: labels)
+            } catch LayerStore.Error.busy where !closed {
+                // The session was closing its layer as the store looked (no longer a writer, not
+                // yet free): once it has closed, the layer commits as it is.
+                release(active)
+                _ = try store.commitSnapshot(key, as: name, labels: labels)
+            }
             try? FileManager.default.removeItem(atPath: mountpoint(active))
             return Google_Protobuf_Empty()
         }
@@ -213,7 +241,8 @@ public final class SnapshotService: Snapshots.SimpleServiceProtocol, @unchecked 
             // Checked before the unmount too, so that a refused remove leaves the mount alone.
             let children = try store.snapshotChildren(key)
             guard children.isEmpty else { throw LayerStore.SnapshotError.hasChildren(key: key, children: children) }
-            release(snapshot)
+            // Without deferred deletion a layer still closing would be refused: give it the time.
+            release(snapshot, timeout: store.options.deferredDeletion ? Self.releaseTimeout : 10)
             let removal = try store.removeSnapshot(key)
             if case .deferred(let holder) = removal {
                 logger.info("snapshot removed; its layer goes once free", metadata: ["snapshot": "\(key.debugDescription)", "holder": "\(holder)"])

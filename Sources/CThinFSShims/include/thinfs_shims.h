@@ -14,3 +14,6 @@ int64_t thinfs_seek_data(int fd, int64_t offset);
 
 /// lseek(fd, offset, SEEK_HOLE): the next hole at or after offset (end of file counts as one).
 int64_t thinfs_seek_hole(int fd, int64_t offset);
+
+/// syncfs(fd): writes back the filesystem of fd, as every mount of it sees it; -1 and errno on failure.
+int thinfs_syncfs(int fd);

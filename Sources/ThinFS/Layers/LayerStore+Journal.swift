@@ -75,7 +75,9 @@ extension LayerStore {
 
     /// Creates thin device `deviceID` as a snapshot of `origin` and records `layer`, journaled.
     /// A device id the pool already has is skipped, as moby does, and the next free one tried.
-    func journaledCreate(_ layer: Layer, origin: ThinDeviceID) throws -> Layer {
+    /// `holdingStill`: the volume open read-write on `origin`, flushed and held still while the
+    /// snapshot is taken, so that the snapshot is a whole ext4 (`commitSnapshot` of a layer in use).
+    func journaledCreate(_ layer: Layer, origin: ThinDeviceID, holdingStill volume: Volume? = nil) throws -> Layer {
         var layer = layer
         var attempts = 0
         while true {
@@ -84,7 +86,12 @@ extension LayerStore {
                            [.integer(Int64(txid)), .text(layer.id), .integer(Int64(layer.deviceID)), .integer(Int64(origin))])
             Self.crashPoint("create.opened")
             do {
-                try pool.message(.createSnap(layer.deviceID, origin: origin))
+                let message = PoolMessage.createSnap(layer.deviceID, origin: origin)
+                if let volume {
+                    try volume.withFlushedState { try pool.message(message) }
+                } else {
+                    try pool.message(message)
+                }
             } catch ThinPoolError.message(.deviceIDInUse(let taken)) {
                 // "device already there": a device no layer records (containerd#4790). Skip its id.
                 try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(txid))])
