@@ -16,6 +16,7 @@ packages=(
   containerd runc docker-registry skopeo   # scripts/containerd-e2e.sh: a private containerd, a local registry
   docker.io curl golang-go golang-github-docker-docker-dev golang-github-vbatts-tar-split-dev  # Docker plugin: private dockerd, the plugin tests' HTTP client, moby's graphtest
   python3-matplotlib fio fuse-overlayfs file   # thinfs compare: its plots, I/O workloads, a setup; file(1) checks its PNGs
+  librbd-dev librados-dev ceph-mon ceph-osd ceph-common  # RBD pool backend; its test cluster (scripts/ceph)
 )
 
 missing=()
