@@ -260,3 +260,89 @@ struct RBDPoolTests {
         try pool.checkUnused()
     }
 }
+
+/// Side-by-side figures, RBD against the userspace pool, at the `ThinPoolBackend` and
+/// `BlockDevice` level (what the Volume sees): snapshot (create_snap) latency, sequential
+/// 1 MiB writes and reads, 4 KiB random writes and reads with several threads in flight.
+/// Opt-in (THINFS_RBD_BENCH=1): it prints, and checks only that the data read back is what was written.
+@Suite("RBD pool benchmark", .enabled(if: ProcessInfo.processInfo.environment["THINFS_RBD_BENCH"] == "1" && Ceph.available,
+                                      "set THINFS_RBD_BENCH=1 (and have a Ceph test cluster)"))
+struct RBDPoolBenchmark {
+    static func seconds(_ body: () throws -> Void) rethrows -> Double {
+        let start = ContinuousClock.now
+        try body()
+        let d = ContinuousClock.now - start
+        return Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+    }
+
+    static func run(_ name: String, _ pool: any ThinPoolBackend) throws {
+        let size: UInt64 = 256 << 20
+        let snapshots = 10
+        try pool.message(.createThin(1))
+        let snap = try seconds {
+            for i in 0..<snapshots { try pool.message(.createSnap(ThinDeviceID(10 + i), origin: 1)) }
+        }
+        let device = try pool.openDevice(1, size: size)
+        defer { device.close() }
+        let mib = [UInt8]((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+        let total = 128
+        let write = try seconds {
+            for i in 0..<total { try mib.withUnsafeBytes { try device.write($0, at: UInt64(i) << 20) } }
+            try device.flush()
+        }
+        var back = [UInt8](repeating: 0, count: 1 << 20)
+        var same = true
+        let read = try seconds {
+            for i in 0..<total {
+                try back.withUnsafeMutableBytes { try device.read(into: $0, at: UInt64(i) << 20) }
+                same = same && back == mib
+            }
+        }
+        #expect(same, "\(name): sequential read-back differs")
+        // 4 KiB random I/O from 8 threads (FUSE's workers), 256 requests each.
+        let threads = 8, perThread = 256
+        let failures = Mutex2()
+        func parallel(_ body: @escaping @Sendable (Int, inout SeededRandom) throws -> Void) -> Double {
+            seconds {
+                DispatchQueue.concurrentPerform(iterations: threads) { t in
+                    var rng = SeededRandom(seed: UInt64(t))
+                    do { for _ in 0..<perThread { try body(t, &rng) } } catch { failures.record("\(error)") }
+                }
+            }
+        }
+        let block = [UInt8](repeating: 0x42, count: 4096)
+        let randomWrite = parallel { _, rng in
+            let offset = UInt64.random(in: 0..<(UInt64(total) << 8), using: &rng) * 4096
+            try block.withUnsafeBytes { try device.write($0, at: offset) }
+        }
+        try device.flush()
+        let randomRead = parallel { _, rng in
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            let offset = UInt64.random(in: 0..<(UInt64(total) << 8), using: &rng) * 4096
+            try buffer.withUnsafeMutableBytes { try device.read(into: $0, at: offset) }
+        }
+        #expect(failures.all.isEmpty, "\(failures.all.prefix(3))")
+        let ops = Double(threads * perThread)
+        print(String(format: "BENCH %@: create_snap %.1f ms; seq write %.0f MiB/s; seq read %.0f MiB/s; 4K random write %.0f IOPS; 4K random read %.0f IOPS (8 threads)",
+                     name, snap / Double(snapshots) * 1000, Double(total) / write, Double(total) / read, ops / randomWrite, ops / randomRead))
+    }
+
+    final class Mutex2: @unchecked Sendable {
+        private let lock = NSLock()
+        private var errors: [String] = []
+        func record(_ e: String) { lock.lock(); errors.append(e); lock.unlock() }
+        var all: [String] { lock.lock(); defer { lock.unlock() }; return errors }
+    }
+
+    @Test func rbdAgainstUserspace() throws {
+        let dir = TempDir()
+        let userspace = try UserspaceThinPool.create(dataPath: dir.path + "/data", metadataPath: dir.path + "/metadata",
+                                                     dataSize: 2 << 30, metadataSize: 64 << 20, blockSize: 64 << 10, logger: quietLogger)
+        try Self.run("userspace", userspace)
+        try userspace.close()
+        let prefix = Ceph.uniquePrefix("bench")
+        let rbd = try RBDPoolTests.pool(prefix, imageSize: 256 << 20)
+        defer { try? RBDPoolTests.removeAll(rbd) }
+        try Self.run("rbd", rbd)
+    }
+}
