@@ -89,14 +89,14 @@ struct RBDPoolTests {
                 let id = ids.randomElement(using: &rng)!
                 let back = try read(id)
                 guard back == model[id]! else {
-                    Issue.record("device \(id) differs from the model at step \(step): first byte \(zip(back, model[id]!).firstIndex { $0 != $1 }!); \(context)")
+                    Issue.record("device \(id) differs from the model at step \(step): first byte \(String(describing: back.indices.first { back[$0] != model[id]![$0] })); \(context)")
                     return
                 }
             default:
                 continue
             }
         }
-        #expect(Set(try pool.deviceIDs()) == Set(model.keys), context)
+        #expect(Set(try pool.deviceIDs()) == Set(model.keys), "\(context)")
         for (id, bytes) in model {
             let back = try read(id)
             #expect(back == bytes, "device \(id); \(context)")

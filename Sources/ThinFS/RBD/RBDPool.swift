@@ -438,9 +438,9 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
 
 /// Throws `RBDPool.Error.call` for a negative return code (librados and librbd return -errno).
 @discardableResult
-private func check<T: BinaryInteger>(_ rc: T, _ operation: String, _ target: String) throws -> T {
+private func check<T: SignedInteger>(_ rc: T, _ operation: String, _ target: String) throws -> T {
     guard rc < 0 else { return rc }
-    throw RBDPool.Error.call(operation: operation, target: target, errno: Errno(rawValue: Int32(-rc)))
+    throw RBDPool.Error.call(operation: operation, target: target, errno: Errno(rawValue: Int32(truncatingIfNeeded: 0 - rc)))
 }
 
 /// A cluster connection and the pool's I/O context. Shut down when the last user (the pool,
