@@ -35,7 +35,7 @@ struct RBDLayerStoreTests {
         defer {
             f.tearDown()
             // What a failed test left in the cluster.
-            for image in (try? Ceph.images(prefix: prefix)) ?? [] { _ = try? Ceph.rbd(["rm", "\(Ceph.pool)/\(image)"]) }
+            for image in (try? Ceph.images(prefix: prefix)) ?? [] { _ = try? Ceph.rbd(["rm", "--no-progress", "\(Ceph.pool)/\(image)"]) }
         }
         let info = try f.run(["info"])
         #expect(info.stdout.contains("Backend: rbd") && info.stdout.contains("RBD Image Prefix: \(prefix)"), "\(info.stdout)\(info.stderr)")
@@ -49,7 +49,7 @@ struct RBDLayerStoreTests {
         let layerImage = "\(prefix)\(try f.layerDevice(top))"
         #expect(imported.contains(layerImage))
         let export = f.dir.path + "/layer.img"
-        let exported = try Ceph.rbd(["export", "\(Ceph.pool)/\(layerImage)", export])
+        let exported = try Ceph.rbd(["export", "--no-progress", "\(Ceph.pool)/\(layerImage)", export])
         #expect(exported.status == 0, "\(exported.stderr)")
         let fsck = try Oracle.run("/sbin/e2fsck", ["-fn", export])
         #expect(fsck.status == 0, "e2fsck -fn of \(layerImage):\n\(fsck.stdout)\(fsck.stderr)")

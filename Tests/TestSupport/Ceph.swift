@@ -40,9 +40,10 @@ public enum Ceph {
         "t\(getpid())-\(what)-\(UUID().uuidString.prefix(8).lowercased())-"
     }
 
-    /// The `rbd` CLI against the test cluster (`--no-progress`: it draws bars on stderr otherwise).
+    /// The `rbd` CLI against the test cluster. Commands that draw progress bars on stderr
+    /// (export, rm) want `--no-progress`; the others refuse it.
     public static func rbd(_ args: [String]) throws -> Oracle.Result {
-        try Oracle.run("/usr/bin/rbd", ["-c", confPath, "--no-progress"] + args)
+        try Oracle.run("/usr/bin/rbd", ["-c", confPath] + args)
     }
 
     /// The images of the test pool whose names start with `prefix`.

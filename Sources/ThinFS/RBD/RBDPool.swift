@@ -272,7 +272,11 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
     }
 
     public func status() throws -> PoolStatus {
-        let (total, used) = try connection.clusterUsage()
+        var (total, used) = try connection.clusterUsage()
+        // The monitors learn the cluster's capacity from ceph-mgr; a cluster without one (the
+        // test cluster: RBD I/O does not need it) reports 0 bytes. Then the capacity is unknown,
+        // and reported as `unknownCapacity` so that dm.min_free_space refuses nothing.
+        if total == 0 { total = Self.unknownCapacity; used = 0 }
         let bs = configuration.blockSize
         // RADOS keeps image headers, object maps and data on the same OSDs: the metadata counts
         // are the same space, in 4K units, so dm.min_free_space checks both against it.
@@ -281,6 +285,9 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
                           mode: readOnly ? .ro : .rw, discard: "discard_passdown", errorIfNoSpace: true, needsCheck: false,
                           metadataLowWatermark: 0, dataBlockSize: bs)
     }
+
+    /// What `status` reports as the capacity when the cluster reports none (no ceph-mgr): 1 PiB.
+    public static let unknownCapacity: UInt64 = 1 << 50
 
     func transactionID() throws -> UInt64 {
         guard let text = try connection.poolMetadata(transactionKey) else { return 0 }
