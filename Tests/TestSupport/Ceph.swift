@@ -5,17 +5,15 @@ import Glibc
 
 /// A Ceph cluster for the RBD tests (issue 16).
 ///
-/// `THINFS_CEPH_CONF` names a running one (CI's step starts it with scripts/ceph/cluster.sh and
-/// stops it, also on failure). Without it, the first test that asks starts a throw-away cluster
-/// with the same script (ceph-mon and ceph-osd as processes, memstore, 127.0.0.1) and this
-/// process stops it by PID at exit, removing its directory. When neither works (no Ceph
-/// packages, or another cluster holds the fixed ports) the tests skip, and the reason is printed.
+/// `THINFS_CEPH_CONF` names a running one: scripts/test.sh's "ceph rbd" step starts a throw-away
+/// cluster with scripts/ceph/cluster.sh (ceph-mon and ceph-osd as processes, memstore,
+/// 127.0.0.1) and stops it by PID on any exit. Without one (or without the Ceph packages) the
+/// tests skip, and the reason is printed.
 public enum Ceph {
     /// The RADOS pool the tests use.
     public static let pool = "rbd"
 
     private static let state: Result<String, Failure> = start()
-    private static let ownedDirectory = Locked<String?>(nil)
 
     public struct Failure: Error, CustomStringConvertible { public var description: String }
 
@@ -53,43 +51,23 @@ public enum Ceph {
         return r.stdout.split(separator: "\n").map(String.init).filter { $0.hasPrefix(prefix) }.sorted()
     }
 
-    static var packageRoot: URL {
-        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-    }
-
+    /// The cluster comes from outside the test process: starting one from a test's gate hung
+    /// (the suite's planning waits on the script's output), and the shell can stop it by PID on
+    /// any exit, which an atexit handler in a crashed test process cannot.
     private static func start() -> Result<String, Failure> {
         if ProcessInfo.processInfo.environment["THINFS_CEPH"] == "off" {
             return .failure(Failure(description: "THINFS_CEPH=off (scripts/test.sh runs them in its 'ceph rbd' step)"))
         }
-        if let conf = ProcessInfo.processInfo.environment["THINFS_CEPH_CONF"], !conf.isEmpty {
-            return FileManager.default.fileExists(atPath: conf) ? .success(conf) : .failure(Failure(description: "THINFS_CEPH_CONF=\(conf) does not exist"))
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/rbd") else {
+            return .failure(Failure(description: "/usr/bin/rbd is not installed (apt-get install ceph-mon ceph-osd ceph-common)"))
         }
-        for tool in ["/usr/bin/ceph-mon", "/usr/bin/ceph-osd", "/usr/bin/rbd"] where !FileManager.default.isExecutableFile(atPath: tool) {
-            return .failure(Failure(description: "\(tool) is not installed (apt-get install ceph-mon ceph-osd ceph-common)"))
+        guard let conf = ProcessInfo.processInfo.environment["THINFS_CEPH_CONF"], !conf.isEmpty else {
+            return .failure(Failure(description: "no test cluster: set THINFS_CEPH_CONF to the ceph.conf that 'scripts/ceph/cluster.sh start DIR' prints (scripts/test.sh's 'ceph rbd' step does this)"))
         }
-        guard FileManager.default.fileExists(atPath: "/usr/include/rbd/librbd.h") else {
-            return .failure(Failure(description: "librbd-dev is not installed"))
+        guard FileManager.default.fileExists(atPath: conf) else {
+            return .failure(Failure(description: "THINFS_CEPH_CONF=\(conf) does not exist"))
         }
-        let script = packageRoot.appendingPathComponent("scripts/ceph/cluster.sh").path
-        let dir = NSTemporaryDirectory() + "thinfs-ceph-\(getpid())"
-        do {
-            let r = try Oracle.run("/bin/bash", [script, "start", dir, pool])
-            guard r.status == 0 else {
-                return .failure(Failure(description: "scripts/ceph/cluster.sh start failed (\(r.status)): \(r.stderr.suffix(2000))"))
-            }
-            ownedDirectory.withLock { $0 = dir }
-            // Stopped by PID (the script reads DIR/*.pid) when the test process exits.
-            atexit { Ceph.stopOwnedCluster() }
-            return .success(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
-        } catch {
-            return .failure(Failure(description: "running \(script): \(error)"))
-        }
-    }
-
-    static func stopOwnedCluster() {
-        guard let dir = ownedDirectory.withLock({ d -> String? in defer { d = nil }; return d }) else { return }
-        let script = packageRoot.appendingPathComponent("scripts/ceph/cluster.sh").path
-        _ = try? Oracle.run("/bin/bash", [script, "stop", dir])
+        return .success(conf)
     }
 
     private static let reported = Once()
@@ -99,12 +77,5 @@ public enum Ceph {
         private let lock = NSLock()
         /// True the first time only.
         func exchange() -> Bool { lock.lock(); defer { lock.unlock() }; defer { done = true }; return !done }
-    }
-
-    final class Locked<T>: @unchecked Sendable {
-        private var value: T
-        private let lock = NSLock()
-        init(_ value: T) { self.value = value }
-        func withLock<R>(_ body: (inout T) -> R) -> R { lock.lock(); defer { lock.unlock() }; return body(&value) }
     }
 }
