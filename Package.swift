@@ -9,7 +9,7 @@
 //                           space maps, transaction manager, thin metadata
 //   CFuse CDevMapper        system libraries: a modulemap and a shim.h each;
 //   CExt2fs CArchive        exactly one Swift file imports each of them
-//   CSQLite
+//   CSQLite CRBD
 //   ThinFS                  pool backends, thin devices, (later) volume, layers, FUSE
 //   ThinFSContainerd        containerd's snapshots API (gRPC) over the layer store: its own
 //                           target so gRPC and SwiftNIO stay out of ThinFS and its tests
@@ -50,6 +50,8 @@ let package = Package(
         .systemLibrary(name: "CExt2fs", pkgConfig: "ext2fs", providers: [.apt(["libext2fs-dev"])]),
         .systemLibrary(name: "CArchive", pkgConfig: "libarchive", providers: [.apt(["libarchive-dev"])]),
         .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
+        // librbd and librados (Ceph RBD pools); Debian ships no pkg-config files for them.
+        .systemLibrary(name: "CRBD", providers: [.apt(["librbd-dev", "librados-dev"])]),
 
         // The one piece of C that Swift cannot express: the SSE4.2 crc32 instruction.
         .target(name: "CCRC32C"),
@@ -75,6 +77,7 @@ let package = Package(
                 "CArchive",
                 "CSQLite",
                 "CDevMapper",
+                "CRBD",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),

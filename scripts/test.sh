@@ -19,7 +19,8 @@ step "build";  swift build --build-tests || fail build "swift build --build-test
 step "swift test"
 log=$(mktemp /tmp/thinfs-swift-test.XXXXXX.log)
 set +e
-swift test --skip-build 2>&1 | tee "$log"
+# The RBD tests run in the 'ceph rbd' step below, against a cluster that step owns.
+THINFS_CEPH=off swift test --skip-build 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 if ((rc != 0)); then
@@ -57,6 +58,28 @@ step "thinfs compare"
 # `thinfs compare --quick` on the test image, its report checked, then a run stopped by SIGTERM
 # (scripts/compare/ci-compare.sh; under 3 minutes on an idle machine).
 timeout -k 60 600 bash scripts/compare/ci-compare.sh .build/debug/thinfs || fail "thinfs compare" "scripts/compare/ci-compare.sh exit $? (its FAILED line above says what)"
+step "ceph rbd"
+# The RBD pool backend (issue 16) against a throw-away single-node cluster (scripts/ceph/cluster.sh:
+# ceph-mon and ceph-osd on memstore, 127.0.0.1), stopped by PID and removed on any exit.
+# Budget: under 3 minutes with the cluster's start.
+ceph_dir=$(mktemp -u /tmp/thinfs-ceph.XXXXXX)
+log=$(mktemp /tmp/thinfs-ceph-rbd.XXXXXX.log)
+ceph_stop() { bash scripts/ceph/cluster.sh stop "$ceph_dir"; }
+trap ceph_stop EXIT
+ceph_conf=$(bash scripts/ceph/cluster.sh start "$ceph_dir" rbd) \
+  || fail "ceph rbd" "the test cluster did not start (scripts/ceph/cluster.sh; its log is above)"
+set +e
+THINFS_CEPH_CONF=$ceph_conf timeout 240 swift test --skip-build --filter 'RBD' 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+ceph_stop
+trap - EXIT
+if ((rc != 0)); then
+  grep -E '✘|error:|Fatal error|signal [0-9]+' "$log" | tail -n 40 | sed 's/^/    /'
+  fail "ceph rbd" "swift test --filter RBD exited $rc (timeout is 124; full log: $log)"
+fi
+grep -q 'Ceph RBD tests skipped' "$log" && fail "ceph rbd" "the RBD tests skipped although the cluster is up (see the reason above)"
+rm -f "$log"
 
 step "containerd conformance"
 # containerd's snapshotter conformance suite against thinfs serve (Tests/ContainerdConformance,

@@ -87,7 +87,10 @@ extension LayerStore {
                 let table = try kernel.poolTable()
                 files = [("Data device", table.dataDevice), ("Metadata device", table.metadataDevice)]
             }
-            if options.poolBackend != .kernel {
+            if let rbd = pool as? RBDPool {
+                files = [("RBD Pool", rbd.configuration.pool), ("RBD Image Prefix", rbd.configuration.prefix),
+                         ("RBD Config", rbd.configuration.conf ?? "(librados default)")]
+            } else if options.poolBackend != .kernel {
                 let config = try poolRoot.config()
                 files = [("Data file", config.data), ("Metadata file", config.metadata)] + files
             }
@@ -95,6 +98,7 @@ extension LayerStore {
             case .userspace: "userspace dm-thin (no libdevmapper)"
             case .loop: "kernel dm-thin on loop devices, libdevmapper \(LibDeviceMapper.libraryVersion)"
             case .kernel: "kernel dm-thin, libdevmapper \(LibDeviceMapper.libraryVersion)"
+            case .rbd: "Ceph RBD, librbd \(RBDPool.libraryVersion)"
             }
             let dataTotal = s.totalDataBlocks * s.dataBlockSize, dataUsed = s.usedDataBlocks * s.dataBlockSize
             let metaTotal = s.totalMetadataBlocks * 4096, metaUsed = s.usedMetadataBlocks * 4096

@@ -12,6 +12,8 @@ import SystemPackage
 ///                 activated at open, removed at close if idle)
 ///     kernel      dm.thinpooldev, an existing kernel pool      ROOT/store.lock
 ///                 (direct-lvm: `thinfs setup-lvm`)
+///     rbd         images in a Ceph RBD pool (RBDPool),         ROOT/store.lock (and each image's
+///                 rbd.pool / rbd.prefix                        exclusive lock while open for writing)
 ///
 /// The kernel serializes a kernel pool's messages, but the store's journal and database still
 /// need one writer, as with the userspace pool: ROOT/store.lock is that writer's flock, and a
@@ -40,6 +42,14 @@ extension LayerStore {
                 let pool = try KernelThinPool(poolName: options.thinPoolDevice ?? "", deferredRemoval: options.deferredRemoval,
                                               readOnly: readOnly, logger: logger)
                 return (pool, lock)
+            } catch {
+                try? lock.close()
+                throw error
+            }
+        case .rbd:
+            let lock = try takeStoreLock(root: root)
+            do {
+                return (try RBDPool(options.rbdConfiguration, readOnly: readOnly, logger: logger), lock)
             } catch {
                 try? lock.close()
                 throw error
@@ -90,7 +100,8 @@ extension LayerStore {
     /// The pool's name as `thinfs info` shows it: the dm name of a kernel pool; for the
     /// userspace pool, the name a loop pool of this root would have.
     public var poolName: String {
-        (pool as? KernelThinPool)?.poolName ?? Self.loopPoolNames(root: root).pool
+        if let rbd = pool as? RBDPool { return "\(rbd.configuration.pool)/\(rbd.configuration.prefix)*" }
+        return (pool as? KernelThinPool)?.poolName ?? Self.loopPoolNames(root: root).pool
     }
 
     static func storeLockPath(_ root: String) -> String { root + "/store.lock" }

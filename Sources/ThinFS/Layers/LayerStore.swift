@@ -249,7 +249,7 @@ public final class LayerStore: @unchecked Sendable {
         guard try !probe(at: root) else { throw Error.alreadyInitialized(root: root) }
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         let poolRoot = PoolRoot(path: root)
-        if options.poolBackend != .kernel {
+        if options.poolBackend != .kernel && options.poolBackend != .rbd {
             if poolRoot.hasPool {
                 let pool = try poolRoot.open(logger: logger)
                 defer { try? pool.close() }
@@ -275,6 +275,8 @@ public final class LayerStore: @unchecked Sendable {
                 throw Error.unsupported("thin pool '\(kernel.poolName)' already has thin devices (\(devices.map(String.init).joined(separator: ", "))): a layer store only adopts an empty pool; if they are left from an interrupted 'thinfs init', delete them ('thinfs kernel-pool message --pool \(kernel.poolName) \"delete ID\"') and run it again")
             }
         }
+        // An RBD store takes only a prefix nothing uses yet in its pool.
+        try (pool as? RBDPool)?.checkUnused()
         // The settings row "options" is written last: a root without it is an interrupted init.
         let db = try LayerDatabase(path: databasePath(root))
         defer { if !handedOver { db.close() } }

@@ -8,12 +8,16 @@ import Foundation
 ///
 ///     dm.thinpooldev=NAME      an existing kernel thin pool (direct-lvm: 'thinfs setup-lvm')
 ///     thinfs.backend=loop      ROOT/pool/{data,metadata} on loop devices, the kernel's dm-thin (loop-lvm)
+///     thinfs.backend=rbd       images in a Ceph RBD pool (RBDPool): rbd.pool=NAME (default rbd),
+///                              rbd.conf=PATH (a ceph.conf; default librados's search), rbd.id=NAME
+///                              (client name without 'client.'; default admin), rbd.prefix=P (image
+///                              names P<id>, so stores can share a pool; default thinfs-)
 ///     (neither)                ROOT/pool/{data,metadata}, the userspace engine (ThinFS's default)
 ///
 /// The loop and userspace backends use the same files in the same (dm-thin) format.
 public struct StorageOptions: Codable, Equatable, Sendable {
     public enum Backend: String, Codable, Sendable, CaseIterable {
-        case userspace, loop, kernel
+        case userspace, loop, kernel, rbd
     }
 
     public var baseSize: UInt64 = 10 << 30           // dm.basesize
@@ -29,6 +33,16 @@ public struct StorageOptions: Codable, Equatable, Sendable {
     public var minFreeSpacePercent: UInt64 = 10      // dm.min_free_space
     /// thinfs.backend; nil in stores made before the option existed (the userspace engine).
     public var backend: Backend?
+    public var rbdPool: String?                      // rbd.pool
+    public var rbdConf: String?                      // rbd.conf
+    public var rbdID: String?                        // rbd.id
+    public var rbdPrefix: String?                    // rbd.prefix
+
+    /// The RBD pool these options name (thinfs.backend=rbd).
+    public var rbdConfiguration: RBDPool.Configuration {
+        RBDPool.Configuration(pool: rbdPool ?? "rbd", conf: rbdConf, clientID: rbdID, prefix: rbdPrefix ?? "thinfs-",
+                              imageSize: baseSize, blockSize: blockSize)
+    }
 
     /// The engine that drives the pool (see the table above).
     public var poolBackend: Backend { thinPoolDevice != nil ? .kernel : backend ?? .userspace }
@@ -45,7 +59,7 @@ public struct StorageOptions: Codable, Equatable, Sendable {
     public static let keys = [
         "dm.basesize", "dm.loopdatasize", "dm.loopmetadatasize", "dm.blocksize", "dm.thinpooldev", "dm.fs",
         "dm.mkfsarg", "dm.mountopt", "dm.use_deferred_removal", "dm.use_deferred_deletion", "dm.min_free_space",
-        "thinfs.backend",
+        "thinfs.backend", "rbd.pool", "rbd.conf", "rbd.id", "rbd.prefix",
     ]
 
     /// Applies `KEY=VAL` options in order over the defaults.
@@ -54,6 +68,9 @@ public struct StorageOptions: Codable, Equatable, Sendable {
         for option in options { try apply(option) }
         if let device = thinPoolDevice, let backend, backend != .kernel {
             throw Error(option: "thinfs.backend", reason: "'\(backend.rawValue)' contradicts dm.thinpooldev=\(device), which names a kernel pool")
+        }
+        if backend != .rbd, let key = [("rbd.pool", rbdPool), ("rbd.conf", rbdConf), ("rbd.id", rbdID), ("rbd.prefix", rbdPrefix)].first(where: { $0.1 != nil })?.0 {
+            throw Error(option: key, reason: "applies to thinfs.backend=rbd only")
         }
         if backend == .kernel, thinPoolDevice == nil {
             throw Error(option: "thinfs.backend", reason: "'kernel' needs dm.thinpooldev=NAME, the kernel thin pool to use")
@@ -104,6 +121,21 @@ public struct StorageOptions: Codable, Equatable, Sendable {
                 throw Error(option: key, reason: "'\(value)' is not one of \(Backend.allCases.map(\.rawValue).joined(separator: ", "))")
             }
             backend = b
+        case "rbd.pool", "rbd.id", "rbd.prefix":
+            // Ceph's names: no '/' (pool/image separator) or '@' (image@snapshot).
+            guard !value.isEmpty, !value.contains("/"), !value.contains("@"), !value.contains("\0") else {
+                throw Error(option: key, reason: "'\(value)' must be a non-empty name without '/' or '@'")
+            }
+            switch key {
+            case "rbd.pool": rbdPool = value
+            case "rbd.id": rbdID = value.hasPrefix("client.") ? String(value.dropFirst(7)) : value
+            default: rbdPrefix = value
+            }
+        case "rbd.conf":
+            guard value.hasPrefix("/"), !value.contains("\0") else {
+                throw Error(option: key, reason: "'\(value)' must be an absolute path to a ceph.conf")
+            }
+            rbdConf = value
         case "dm.fs":
             switch value {
             case "ext4": filesystem = value
@@ -136,6 +168,10 @@ extension StorageOptions {
         case "dm.blocksize": ByteSize.format(blockSize)
         case "dm.thinpooldev": thinPoolDevice ?? "(none)"
         case "thinfs.backend": poolBackend.rawValue
+        case "rbd.pool": rbdPool ?? "(none)"
+        case "rbd.conf": rbdConf ?? "(none)"
+        case "rbd.id": rbdID ?? "(none)"
+        case "rbd.prefix": rbdPrefix ?? "(none)"
         case "dm.fs": filesystem
         case "dm.mkfsarg": mkfsArguments.isEmpty ? "(none)" : mkfsArguments.joined(separator: " ")
         case "dm.mountopt": mountOptions.isEmpty ? "(none)" : mountOptions.joined(separator: ",")

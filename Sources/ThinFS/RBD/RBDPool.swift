@@ -1,0 +1,763 @@
+import CRBD
+import Foundation
+import Logging
+import PersistentData
+import Synchronization
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// The only Swift file that imports CRBD. Every librbd and librados call goes through the types
+// here: `RadosConnection` owns the cluster handle and the pool's I/O context, `RBDImage` one
+// open image, `RBDBlockDevice` the I/O on it, and `RBDPool` the dm-thin message vocabulary.
+// Every return code goes through `check`, which throws with the operation and image named.
+
+/// A thin pool over a Ceph RBD pool (issue 16): dm-thin's model, one for one, at cluster scale.
+///
+///     dm-thin                         RBD (librbd, format 2 images)
+///     thin device <id>                image <prefix><id>: layering, exclusive-lock, object-map, fast-diff
+///     create_thin <id>                rbd_create4 of the store's base size (images are thin)
+///     create_snap <id> <origin>       snapshot thinfs-clone-<id> of the origin, protected, then a
+///                                     v1 clone of it named <prefix><id>
+///     delete <id>                     remove the image; see "Deletion" for one that has clones
+///     set_transaction_id              the pool's rbd metadata key thinfs.<prefix>transaction_id
+///     commit                          flush every image this process has open
+///     thin device status, thin_ls     rbd_diff_iterate2 extents (fast with object-map/fast-diff)
+///
+/// ## Why v1 (protected) clones
+/// A v2 clone needs no protection step but requires `ceph osd set-require-min-compat-client
+/// mimic` on the whole cluster, a setting a shared cluster's other clients may not allow.
+/// v1 clones work with every client; the price is one `snap protect` (a monitor round, tens of
+/// ms with `paxos propose interval = 0.05`) per snapshot, and the rule below for deletion.
+///
+/// ## Deletion
+/// dm-thin deletes an origin whose snapshots live on; Ceph refuses to remove an image whose
+/// snapshot still has clones (they read through it). So `delete` of such an image renames it
+/// to `<prefix>deleted-<id>-<uuid>` (it is no longer thin device <id>, and the id is free for
+/// reuse) and removes its snapshots that have no clones; when the last clone of a renamed image
+/// goes, the clone's `delete` removes the parent's snapshot and then the parent itself, up the
+/// chain. Nothing a clone reads is ever removed; nothing unreachable is kept.
+///
+/// ## Exclusive lock
+/// A device opened for writing takes the image's exclusive lock explicitly
+/// (`rbd_lock_acquire`), and holds it until its last opener in this process closes it. Another
+/// client's writes (another host's store) then fail at once with EROFS instead of the lock
+/// moving between them, and its `openDevice` fails naming the holder. When a holder dies, Ceph
+/// lets another client take the lock after `osd client watch timeout` (blocklisting the dead one).
+///
+/// ## Concurrency
+/// librbd is thread-safe for I/O on one image handle; this pool serializes its management
+/// sequences (snapshot, protect, clone; open-or-share a handle) under `state`. Lock order: a
+/// caller's locks (the store's, a volume's), then `state`; librbd's own locks are innermost.
+public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
+    public struct Configuration: Codable, Equatable, Sendable {
+        /// rbd.pool: the RADOS pool holding the images.
+        public var pool: String
+        /// rbd.conf: a ceph.conf path; nil for librados's default search (/etc/ceph/ceph.conf).
+        public var conf: String?
+        /// rbd.id: the client name without `client.` (default `admin`).
+        public var clientID: String?
+        /// rbd.prefix: image names are `<prefix><id>`, so several stores can share one pool.
+        public var prefix: String
+        /// The size `create_thin` gives a new image (dm.basesize); `openDevice` grows it as asked.
+        public var imageSize: UInt64
+        /// The unit of `status` and `deviceDetails` counts (dm.blocksize): RBD has no pool blocks.
+        public var blockSize: UInt64
+
+        public init(pool: String = "rbd", conf: String? = nil, clientID: String? = nil, prefix: String = "thinfs-",
+                    imageSize: UInt64 = 10 << 30, blockSize: UInt64 = 64 << 10) {
+            self.pool = pool
+            self.conf = conf
+            self.clientID = clientID
+            self.prefix = prefix
+            self.imageSize = imageSize
+            self.blockSize = blockSize
+        }
+    }
+
+    public enum Error: Swift.Error, CustomStringConvertible, Sendable {
+        /// A librados or librbd call failed; `target` names the cluster, pool or image.
+        case call(operation: String, target: String, errno: Errno)
+        /// Another client holds the image's exclusive lock (another host's store writing it).
+        case lockedByAnotherClient(image: String, holders: [String])
+        /// `thinfs init` found images or a transaction id under the prefix already.
+        case prefixInUse(pool: String, prefix: String, images: [String], transactionID: UInt64)
+
+        public var description: String {
+            switch self {
+            case .call(let op, let target, let e): "\(op) \(target): \(e)"
+            case .lockedByAnotherClient(let image, let holders):
+                "rbd image \(image) is locked exclusively by \(holders.isEmpty ? "another client" : holders.joined(separator: ", ")) (another host writing it?); stop that writer, or wait for Ceph to expire a dead one's lock (osd client watch timeout)"
+            case .prefixInUse(let pool, let prefix, let images, let tx):
+                "rbd pool \(pool) already holds images with prefix '\(prefix)' (\(images.prefix(5).joined(separator: ", "))\(images.count > 5 ? ", ..." : ""); transaction id \(tx)): give this store its own rbd.prefix, or remove them ('rbd rm')"
+            }
+        }
+
+        public var errno: Errno {
+            switch self {
+            case .call(_, _, let e): e
+            case .lockedByAnotherClient: .readOnlyFileSystem
+            case .prefixInUse: .fileExists
+            }
+        }
+    }
+
+    public let configuration: Configuration
+    public let readOnly: Bool
+    let connection: RadosConnection
+    let logger: Logger
+    /// Images this process has open, shared by their openers, with the open count.
+    private let state = Mutex<[ThinDeviceID: (image: RBDImage, opens: Int)]>([:])
+
+    /// Connects to the cluster (`rbd.conf`, `rbd.id`) and opens `rbd.pool`.
+    public init(_ configuration: Configuration, readOnly: Bool = false,
+                logger: Logger = Logger(label: "thinfs.rbd-pool")) throws {
+        guard !configuration.prefix.isEmpty, !configuration.prefix.contains("/"), !configuration.prefix.contains("@") else {
+            throw ThinPoolError.invalidConfiguration("rbd.prefix '\(configuration.prefix)' must be non-empty, without '/' or '@'")
+        }
+        self.configuration = configuration
+        self.readOnly = readOnly
+        self.logger = logger
+        connection = try RadosConnection(conf: configuration.conf, clientID: configuration.clientID, pool: configuration.pool)
+    }
+
+    deinit {
+        state.withLock { $0.removeAll() }
+    }
+
+    /// librbd's version, as `rbd --version` numbers it (major.minor.extra of the librbd API).
+    public static var libraryVersion: String {
+        var major: Int32 = 0, minor: Int32 = 0, extra: Int32 = 0
+        rbd_version(&major, &minor, &extra)
+        return "\(major).\(minor).\(extra)"
+    }
+
+    // MARK: Names
+
+    public func imageName(_ id: ThinDeviceID) -> String { "\(configuration.prefix)\(id)" }
+    /// `pool/image`, as the rbd CLI names an image.
+    public func spec(_ id: ThinDeviceID) -> String { "\(configuration.pool)/\(imageName(id))" }
+    static func cloneSnapshot(_ child: ThinDeviceID) -> String { "thinfs-clone-\(child)" }
+    var deletedPrefix: String { configuration.prefix + "deleted-" }
+    var transactionKey: String { "thinfs.\(configuration.prefix)transaction_id" }
+
+    /// The device id an image name stands for, or nil for another store's (or a renamed) image.
+    func deviceID(ofImage name: String) -> ThinDeviceID? {
+        guard name.hasPrefix(configuration.prefix) else { return nil }
+        let digits = name.dropFirst(configuration.prefix.count)
+        guard !digits.isEmpty, digits.allSatisfy(\.isASCII), digits.allSatisfy(\.isNumber), let v = ThinDeviceID(digits) else { return nil }
+        return v
+    }
+
+    // MARK: ThinPoolBackend
+
+    public func message(_ message: PoolMessage) throws {
+        if readOnly { throw ThinPoolError.readOnly("rbd pool \(configuration.pool) is open read-only: '\(message)' refused") }
+        switch message {
+        case .createThin(let id): try createThin(id)
+        case .createSnap(let id, let origin): try createSnap(id, origin: origin)
+        case .delete(let id): try delete(id)
+        case .setTransactionID(let current, let new):
+            let actual = try transactionID()
+            guard actual == current else { throw ThinPoolError.message(.transactionIDMismatch(current: actual, given: current)) }
+            try connection.setPoolMetadata(transactionKey, String(new))
+        case .reserveMetadataSnap, .releaseMetadataSnap:
+            throw ThinPoolError.invalidConfiguration("'\(message)': an RBD pool has no dm-thin metadata to hold; its reads are consistent as they are")
+        }
+    }
+
+    private func createThin(_ id: ThinDeviceID) throws {
+        let name = imageName(id)
+        try state.withLock { _ in
+            let rc = withImageOptions { opts in rbd_create4(connection.io, name, configuration.imageSize, opts) }
+            if rc == -EEXIST { throw ThinPoolError.message(.deviceIDInUse(id)) }
+            try check(rc, "rbd_create4", spec(id))
+            logger.debug("created rbd image", metadata: ["thin.id": "\(id)", "rbd.image": "\(name)"])
+        }
+    }
+
+    private func createSnap(_ id: ThinDeviceID, origin: ThinDeviceID) throws {
+        let name = imageName(id), originName = imageName(origin), snap = Self.cloneSnapshot(id)
+        try state.withLock { open in
+            guard try !connection.imageExists(name) else { throw ThinPoolError.message(.deviceIDInUse(id)) }
+            // The origin's own handle when this process has it open: it holds the exclusive
+            // lock, and flushing it first is what suspending the origin is to dm-thin (no write
+            // in flight may land after the snapshot).
+            let image: RBDImage
+            if let shared = open[origin]?.image {
+                image = shared
+                try image.flush()
+            } else {
+                do { image = try RBDImage(connection: connection, name: originName, readOnly: false) } catch let e as Error {
+                    if case .call(_, _, .noSuchFileOrDirectory) = e { throw ThinPoolError.message(.unknownOrigin(origin)) }
+                    throw e
+                }
+            }
+            // A snapshot left by an interrupted create_snap of the same child id is reused.
+            var exists = false
+            try check(rbd_snap_exists(image.handle, snap, &exists), "rbd_snap_exists", "\(originName)@\(snap)")
+            if !exists { try check(rbd_snap_create(image.handle, snap), "rbd_snap_create", "\(originName)@\(snap)") }
+            var protected: Int32 = 0
+            try check(rbd_snap_is_protected(image.handle, snap, &protected), "rbd_snap_is_protected", "\(originName)@\(snap)")
+            if protected == 0 { try check(rbd_snap_protect(image.handle, snap), "rbd_snap_protect", "\(originName)@\(snap)") }
+            let rc = withImageOptions { opts in
+                rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_CLONE_FORMAT), 1)
+                return rbd_clone3(connection.io, originName, snap, connection.io, name, opts)
+            }
+            if rc == -EEXIST { throw ThinPoolError.message(.deviceIDInUse(id)) }
+            try check(rc, "rbd_clone3", "\(configuration.pool)/\(originName)@\(snap) to \(name)")
+            logger.debug("cloned rbd image", metadata: ["thin.id": "\(id)", "thin.origin": "\(origin)", "rbd.image": "\(name)"])
+        }
+    }
+
+    /// Format 2 with layering, exclusive-lock, object-map and fast-diff (the last two make
+    /// `rbd_diff_iterate2`, so device status and usage, cheap).
+    private func withImageOptions(_ body: (rbd_image_options_t) -> Int32) -> Int32 {
+        var opts: rbd_image_options_t?
+        rbd_image_options_create(&opts)
+        defer { rbd_image_options_destroy(opts) }
+        let features = UInt64(RBD_FEATURE_LAYERING | RBD_FEATURE_EXCLUSIVE_LOCK | RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF)
+        rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_FORMAT), 2)
+        rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_FEATURES), features)
+        return body(opts!)
+    }
+
+    private func delete(_ id: ThinDeviceID) throws {
+        let name = imageName(id)
+        try state.withLock { open in
+            if let n = open[id]?.opens, n > 0 { throw ThinPoolError.deviceBusy(id, openCount: n) }
+            guard try connection.imageExists(name) else { throw ThinPoolError.message(.unknownDevice(id)) }
+            if let holder = try externalUseLocked(name) {
+                throw ThinPoolError.io(operation: "delete (\(holder))", path: spec(id), errno: .resourceBusy)
+            }
+            try removeOrRetire(name, deviceID: id)
+        }
+    }
+
+    /// Removes image `name`, or renames it to a deleted-image name if clones still read
+    /// through its snapshots; then lets its parent go if that was the parent's last clone.
+    private func removeOrRetire(_ name: String, deviceID id: ThinDeviceID?) throws {
+        let image = try RBDImage(connection: connection, name: name, readOnly: false)
+        let parent = try image.parent()
+        var kept = 0
+        for snap in try image.snapshots() {
+            if try image.children(of: snap).isEmpty {
+                try image.removeSnapshot(snap)
+            } else {
+                kept += 1
+            }
+        }
+        image.close()
+        if kept == 0 {
+            try check(rbd_remove(connection.io, name), "rbd_remove", "\(configuration.pool)/\(name)")
+            logger.debug("removed rbd image", metadata: ["rbd.image": "\(name)"])
+        } else {
+            let retired = "\(deletedPrefix)\(id.map(String.init) ?? "x")-\(UUID().uuidString.lowercased())"
+            try check(rbd_rename(connection.io, name, retired), "rbd_rename", "\(configuration.pool)/\(name) to \(retired)")
+            logger.debug("retired rbd image with clones", metadata: ["rbd.image": "\(name)", "rbd.retired": "\(retired)", "rbd.snapshots": "\(kept)"])
+        }
+        guard let parent else { return }
+        // This image was a clone: drop the parent's snapshot it read through, and a retired
+        // parent once nothing reads through it any more.
+        let parentImage = try RBDImage(connection: connection, name: parent.image, readOnly: false)
+        if try parentImage.children(of: parent.snapshot).isEmpty {
+            try parentImage.removeSnapshot(parent.snapshot)
+        }
+        let left = try parentImage.snapshots().count
+        parentImage.close()
+        if left == 0, parent.image.hasPrefix(deletedPrefix) {
+            try removeOrRetire(parent.image, deviceID: nil)
+        }
+    }
+
+    public func status() throws -> PoolStatus {
+        var (total, used) = try connection.clusterUsage()
+        // The monitors learn the cluster's capacity from ceph-mgr; a cluster without one (the
+        // test cluster: RBD I/O does not need it) reports 0 bytes. Then the capacity is unknown,
+        // and reported as `unknownCapacity` so that dm.min_free_space refuses nothing.
+        if total == 0 { total = Self.unknownCapacity; used = 0 }
+        let bs = configuration.blockSize
+        // RADOS keeps image headers, object maps and data on the same OSDs: the metadata counts
+        // are the same space, in 4K units, so dm.min_free_space checks both against it.
+        return PoolStatus(transactionID: try transactionID(), usedMetadataBlocks: used / 4096, totalMetadataBlocks: total / 4096,
+                          usedDataBlocks: used / bs, totalDataBlocks: total / bs, heldMetadataRoot: nil,
+                          mode: readOnly ? .ro : .rw, discard: "discard_passdown", errorIfNoSpace: true, needsCheck: false,
+                          metadataLowWatermark: 0, dataBlockSize: bs)
+    }
+
+    /// What `status` reports as the capacity when the cluster reports none (no ceph-mgr): 1 PiB.
+    public static let unknownCapacity: UInt64 = 1 << 50
+
+    func transactionID() throws -> UInt64 {
+        guard let text = try connection.poolMetadata(transactionKey) else { return 0 }
+        guard let v = UInt64(text) else {
+            throw ThinPoolError.invalidConfiguration("rbd pool \(configuration.pool): metadata \(transactionKey) is '\(text)', not a number")
+        }
+        return v
+    }
+
+    /// Mapped sectors and the highest one, counting what a clone reads from its parents, as a
+    /// dm-thin snapshot maps its origin's blocks.
+    public func deviceStatus(_ id: ThinDeviceID) throws -> ThinDeviceStatus {
+        let extents = try withImage(id) { try $0.allocatedExtents(includeParent: true) }
+        let mapped = extents.reduce(0) { $0 + $1.length }
+        let highest = extents.map { $0.offset + $0.length }.max().map { $0 / 512 - 1 }
+        return ThinDeviceStatus(mappedSectors: mapped / 512, highestMappedSector: highest)
+    }
+
+    /// Opens image `id` (sharing this process's handle). A writable open takes the exclusive
+    /// lock; `size` grows an image that is smaller (never shrinks one). `ThinDevice.maximumSize`
+    /// means "as large as it is" (`thinfs dev read`).
+    public func openDevice(_ id: ThinDeviceID, size: UInt64) throws -> BlockDevice {
+        try state.withLock { open in
+            let image: RBDImage
+            if let shared = open[id]?.image {
+                image = shared
+            } else {
+                do {
+                    image = try RBDImage(connection: connection, name: imageName(id), readOnly: readOnly)
+                } catch Error.call(_, _, .noSuchFileOrDirectory) {
+                    throw ThinPoolError.message(.unknownDevice(id))
+                }
+                if !readOnly { try image.acquireExclusiveLock() }
+            }
+            var current = try image.size()
+            if size != ThinDevice.maximumSize, size > current {
+                guard !readOnly else { throw ThinPoolError.readOnly("rbd image \(image.name) is \(current) bytes, \(size) asked, and the pool is read-only") }
+                try check(rbd_resize(image.handle, size), "rbd_resize", "\(configuration.pool)/\(image.name)")
+                current = size
+            }
+            open[id, default: (image, 0)].opens += 1
+            return RBDBlockDevice(image: image, size: size == ThinDevice.maximumSize ? current : size,
+                                  freeSpace: { [weak self] in try self?.status().freeDataBytes },
+                                  onClose: { [weak self] in self?.released(id) })
+        }
+    }
+
+    private func released(_ id: ThinDeviceID) {
+        let image: RBDImage? = state.withLock { open in
+            guard var entry = open[id] else { return nil }
+            entry.opens -= 1
+            if entry.opens > 0 { open[id] = entry; return nil }
+            open[id] = nil
+            return entry.image
+        }
+        // Closing flushes and releases the exclusive lock.
+        image?.close()
+    }
+
+    public func deviceExists(_ id: ThinDeviceID) throws -> Bool { try connection.imageExists(imageName(id)) }
+
+    public func deviceIDs() throws -> [ThinDeviceID] {
+        try connection.imageNames().compactMap(deviceID(ofImage:)).sorted()
+    }
+
+    /// Images under other names that this store's prefix owns: retired parents still read by clones.
+    public func retiredImages() throws -> [String] { try connection.imageNames().filter { $0.hasPrefix(deletedPrefix) }.sorted() }
+
+    public func deviceDetails() throws -> [ThinDeviceID: DeviceDetails] {
+        var result: [ThinDeviceID: DeviceDetails] = [:]
+        let bs = configuration.blockSize
+        for id in try deviceIDs() {
+            let (blocks, created) = try withImage(id) { image in
+                (Self.blocks(of: try image.allocatedExtents(includeParent: true), blockSize: bs).count, try image.createTimestamp())
+            }
+            result[id] = DeviceDetails(mappedBlocks: UInt64(blocks), transactionID: 0, creationTime: UInt32(truncatingIfNeeded: created),
+                                       snapshottedTime: UInt32(truncatingIfNeeded: created))
+        }
+        return result
+    }
+
+    /// The blocks each image holds itself (not what a clone reads from its parent). RADOS objects
+    /// are never shared between images (a clone copies an object up on its first write), so
+    /// every block is numbered apart, image by image: thin_ls's SHARED is always 0 here.
+    public func mappedDataBlocks() throws -> [ThinDeviceID: [UInt64]] {
+        var result: [ThinDeviceID: [UInt64]] = [:]
+        for (index, id) in try deviceIDs().enumerated() {
+            let own = try withImage(id) { try $0.allocatedExtents(includeParent: false) }
+            result[id] = Self.blocks(of: own, blockSize: configuration.blockSize).map { UInt64(index) << 40 | $0 }
+        }
+        return result
+    }
+
+    static func blocks(of extents: [(offset: UInt64, length: UInt64)], blockSize: UInt64) -> [UInt64] {
+        var blocks: [UInt64] = []
+        for e in extents where e.length > 0 {
+            var b = e.offset / blockSize
+            let end = (e.offset + e.length - 1) / blockSize
+            while b <= end {
+                if blocks.last != b { blocks.append(b) }
+                b += 1
+            }
+        }
+        return blocks
+    }
+
+    /// Another client watching the image (another host's store has it open).
+    public func externalUse(_ id: ThinDeviceID) throws -> String? {
+        try state.withLock { _ in try externalUseLocked(imageName(id)) }
+    }
+
+    private func externalUseLocked(_ name: String) throws -> String? {
+        guard try connection.imageExists(name) else { return nil }
+        let image = try RBDImage(connection: connection, name: name, readOnly: true)
+        defer { image.close() }
+        let ours = connection.instanceID
+        let others = try image.watchers().filter { $0.id != ours }
+        guard !others.isEmpty else { return nil }
+        return "rbd image \(configuration.pool)/\(name) is open by \(others.map { "client.\($0.id) at \($0.address)" }.joined(separator: ", "))"
+    }
+
+    public func commit() throws {
+        let images = state.withLock { $0.values.map(\.image) }
+        for image in images { try image.flush() }
+    }
+
+    public func resize(dataBytes: UInt64) throws {
+        throw ThinPoolError.invalidConfiguration("an RBD pool grows with its cluster (add OSDs, raise the pool's quota); 'thinfs pool resize' does not apply")
+    }
+
+    public func close() throws { try commit() }
+
+    /// Runs `body` on image `id`: this process's handle if open, else a read-only one for the call.
+    private func withImage<T>(_ id: ThinDeviceID, _ body: (RBDImage) throws -> T) throws -> T {
+        if let shared = state.withLock({ $0[id]?.image }) { return try body(shared) }
+        let image: RBDImage
+        do {
+            image = try RBDImage(connection: connection, name: imageName(id), readOnly: true)
+        } catch Error.call(_, _, .noSuchFileOrDirectory) {
+            throw ThinPoolError.message(.unknownDevice(id))
+        }
+        defer { image.close() }
+        return try body(image)
+    }
+
+    /// The store's check at `thinfs init`: nothing under this prefix yet.
+    public func checkUnused() throws {
+        let names = try connection.imageNames().filter { $0.hasPrefix(configuration.prefix) }
+        let tx = try transactionID()
+        guard names.isEmpty, tx == 0 else {
+            throw Error.prefixInUse(pool: configuration.pool, prefix: configuration.prefix, images: names.sorted(), transactionID: tx)
+        }
+    }
+}
+
+/// Throws `RBDPool.Error.call` for a negative return code (librados and librbd return -errno).
+@discardableResult
+private func check<T: SignedInteger>(_ rc: T, _ operation: String, _ target: String) throws -> T {
+    guard rc < 0 else { return rc }
+    throw RBDPool.Error.call(operation: operation, target: target, errno: Errno(rawValue: Int32(truncatingIfNeeded: 0 - rc)))
+}
+
+/// A cluster connection and the pool's I/O context. Shut down when the last user (the pool,
+/// its images, their devices) lets go.
+final class RadosConnection: @unchecked Sendable {
+    let cluster: rados_t
+    let io: rados_ioctx_t
+    let pool: String
+    let instanceID: UInt64
+
+    init(conf: String?, clientID: String?, pool: String) throws {
+        var cluster: rados_t?
+        let name = "client.\(clientID ?? "admin")"
+        try check(rados_create2(&cluster, "ceph", name, 0), "rados_create2", name)
+        guard let cluster else { throw RBDPool.Error.call(operation: "rados_create2", target: name, errno: .ioError) }
+        var connected = false
+        defer { if !connected { rados_shutdown(cluster) } }
+        try check(rados_conf_read_file(cluster, conf), "rados_conf_read_file", conf ?? "the default ceph.conf")
+        // A cluster that is down fails the connection after this long instead of hanging.
+        rados_conf_set(cluster, "client_mount_timeout", "15")
+        rados_conf_set(cluster, "rados_osd_op_timeout", "30")
+        rados_conf_set(cluster, "rados_mon_op_timeout", "15")
+        // BlockDevice.discard promises zeros where it unmapped; librbd by default skips the part
+        // of a discard that does not cover whole objects (4 MiB), leaving the old bytes there.
+        rados_conf_set(cluster, "rbd_skip_partial_discard", "false")
+        try check(rados_connect(cluster), "rados_connect", "the cluster of \(conf ?? "the default ceph.conf") as \(name)")
+        var io: rados_ioctx_t?
+        try check(rados_ioctx_create(cluster, pool, &io), "rados_ioctx_create", "pool \(pool)")
+        connected = true
+        self.cluster = cluster
+        self.io = io!
+        self.pool = pool
+        self.instanceID = rados_get_instance_id(cluster)
+    }
+
+    deinit {
+        rados_ioctx_destroy(io)
+        rados_shutdown(cluster)
+    }
+
+    func imageNames() throws -> [String] {
+        var max = 64
+        while true {
+            var specs = [rbd_image_spec_t](repeating: rbd_image_spec_t(), count: max)
+            let rc = rbd_list2(io, &specs, &max)
+            if rc == -ERANGE { continue }
+            try check(rc, "rbd_list2", "pool \(pool)")
+            defer { rbd_image_spec_list_cleanup(&specs, max) }
+            return specs.prefix(max).map { String(cString: $0.name) }
+        }
+    }
+
+    func imageExists(_ name: String) throws -> Bool {
+        var image: rbd_image_t?
+        let rc = rbd_open_read_only(io, name, &image, nil)
+        if rc == -ENOENT { return false }
+        try check(rc, "rbd_open_read_only", "\(pool)/\(name)")
+        rbd_close(image)
+        return true
+    }
+
+    func poolMetadata(_ key: String) throws -> String? {
+        var length = 64
+        while true {
+            var buffer = [CChar](repeating: 0, count: length)
+            let rc = rbd_pool_metadata_get(io, key, &buffer, &length)
+            if rc == -ENOENT { return nil }
+            if rc == -ERANGE { continue }
+            try check(rc, "rbd_pool_metadata_get", "pool \(pool) key \(key)")
+            return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        }
+    }
+
+    func setPoolMetadata(_ key: String, _ value: String) throws {
+        try check(rbd_pool_metadata_set(io, key, value), "rbd_pool_metadata_set", "pool \(pool) key \(key)")
+    }
+
+    /// The cluster's raw capacity and use, in bytes.
+    func clusterUsage() throws -> (total: UInt64, used: UInt64) {
+        var stat = rados_cluster_stat_t()
+        try check(rados_cluster_stat(cluster, &stat), "rados_cluster_stat", "pool \(pool)")
+        return (stat.kb * 1024, stat.kb_used * 1024)
+    }
+}
+
+/// One open image. librbd allows concurrent I/O on a handle from many threads.
+final class RBDImage: @unchecked Sendable {
+    let connection: RadosConnection
+    let name: String
+    private let closed = Mutex(false)
+    let handle: rbd_image_t
+    var target: String { "\(connection.pool)/\(name)" }
+
+    init(connection: RadosConnection, name: String, readOnly: Bool) throws {
+        var image: rbd_image_t?
+        let rc = readOnly ? rbd_open_read_only(connection.io, name, &image, nil) : rbd_open(connection.io, name, &image, nil)
+        try check(rc, readOnly ? "rbd_open_read_only" : "rbd_open", "\(connection.pool)/\(name)")
+        self.connection = connection
+        self.name = name
+        self.handle = image!
+    }
+
+    deinit { close() }
+
+    /// Flushes and closes (releasing the exclusive lock). Idempotent.
+    func close() {
+        let first = closed.withLock { c -> Bool in defer { c = true }; return !c }
+        if first { rbd_close(handle) }
+    }
+
+    func size() throws -> UInt64 {
+        var size: UInt64 = 0
+        try check(rbd_get_size(handle, &size), "rbd_get_size", target)
+        return size
+    }
+
+    func flush() throws { try check(rbd_flush(handle), "rbd_flush", target) }
+
+    /// Takes the exclusive lock for this handle; refuses, naming the holder, when another
+    /// client holds it explicitly (librbd's EROFS) or will not give it up (EBUSY).
+    func acquireExclusiveLock() throws {
+        let rc = rbd_lock_acquire(handle, RBD_LOCK_MODE_EXCLUSIVE)
+        if rc == -EROFS || rc == -EBUSY {
+            throw RBDPool.Error.lockedByAnotherClient(image: target, holders: (try? lockOwners()) ?? [])
+        }
+        try check(rc, "rbd_lock_acquire", target)
+    }
+
+    func lockOwners() throws -> [String] {
+        var mode = RBD_LOCK_MODE_EXCLUSIVE
+        var max = 8
+        var owners = [UnsafeMutablePointer<CChar>?](repeating: nil, count: max)
+        let rc = rbd_lock_get_owners(handle, &mode, &owners, &max)
+        if rc == -ENOENT { return [] }
+        try check(rc, "rbd_lock_get_owners", target)
+        defer { rbd_lock_get_owners_cleanup(&owners, max) }
+        return owners.prefix(max).compactMap { $0.map { String(cString: $0) } }
+    }
+
+    struct Watcher { var id: UInt64; var address: String }
+
+    func watchers() throws -> [Watcher] {
+        var max = 16
+        while true {
+            var list = [rbd_image_watcher_t](repeating: rbd_image_watcher_t(), count: max)
+            let rc = rbd_watchers_list(handle, &list, &max)
+            if rc == -ERANGE { continue }
+            try check(rc, "rbd_watchers_list", target)
+            defer { rbd_watchers_list_cleanup(&list, max) }
+            return list.prefix(max).map { Watcher(id: UInt64(bitPattern: $0.id), address: $0.addr.map { String(cString: $0) } ?? "?") }
+        }
+    }
+
+    func snapshots() throws -> [String] {
+        var max: Int32 = 16
+        while true {
+            var snaps = [rbd_snap_info_t](repeating: rbd_snap_info_t(), count: Int(max) + 1)
+            let rc = rbd_snap_list(handle, &snaps, &max)
+            if rc == -ERANGE { continue }
+            let n = try check(rc, "rbd_snap_list", target)
+            defer { rbd_snap_list_end(&snaps) }
+            return snaps.prefix(Int(n)).map { String(cString: $0.name) }
+        }
+    }
+
+    /// The clones of snapshot `snap` (image names).
+    func children(of snap: String) throws -> [String] {
+        try check(rbd_snap_set(handle, snap), "rbd_snap_set", "\(target)@\(snap)")
+        defer { rbd_snap_set(handle, nil) }
+        var max = 16
+        while true {
+            var specs = [rbd_linked_image_spec_t](repeating: rbd_linked_image_spec_t(), count: max)
+            let rc = rbd_list_children3(handle, &specs, &max)
+            if rc == -ERANGE { continue }
+            try check(rc, "rbd_list_children3", "\(target)@\(snap)")
+            defer { rbd_linked_image_spec_list_cleanup(&specs, max) }
+            return specs.prefix(max).map { String(cString: $0.image_name) }
+        }
+    }
+
+    func removeSnapshot(_ snap: String) throws {
+        var protected: Int32 = 0
+        try check(rbd_snap_is_protected(handle, snap, &protected), "rbd_snap_is_protected", "\(target)@\(snap)")
+        if protected != 0 { try check(rbd_snap_unprotect(handle, snap), "rbd_snap_unprotect", "\(target)@\(snap)") }
+        try check(rbd_snap_remove(handle, snap), "rbd_snap_remove", "\(target)@\(snap)")
+    }
+
+    /// The image and snapshot this clone reads through, or nil for an image that is no clone.
+    func parent() throws -> (image: String, snapshot: String)? {
+        var image = rbd_linked_image_spec_t()
+        var snap = rbd_snap_spec_t()
+        let rc = rbd_get_parent(handle, &image, &snap)
+        if rc == -ENOENT { return nil }
+        try check(rc, "rbd_get_parent", target)
+        defer { rbd_linked_image_spec_cleanup(&image); rbd_snap_spec_cleanup(&snap) }
+        return (String(cString: image.image_name), String(cString: snap.name))
+    }
+
+    func createTimestamp() throws -> Int {
+        var ts = timespec()
+        try check(rbd_get_create_timestamp(handle, &ts), "rbd_get_create_timestamp", target)
+        return ts.tv_sec
+    }
+
+    /// The allocated extents, merged where they touch.
+    func allocatedExtents(includeParent: Bool) throws -> [(offset: UInt64, length: UInt64)] {
+        final class Box { var extents: [(offset: UInt64, length: UInt64)] = [] }
+        let box = Box()
+        let size = try size()
+        let rc = withExtendedLifetime(box) {
+            rbd_diff_iterate2(handle, nil, 0, size, includeParent ? 1 : 0, 0, { offset, length, exists, arg in
+                let box = Unmanaged<Box>.fromOpaque(arg!).takeUnretainedValue()
+                guard exists != 0 else { return 0 }
+                if let last = box.extents.last, last.offset + last.length == offset {
+                    box.extents[box.extents.count - 1].length += UInt64(length)
+                } else {
+                    box.extents.append((offset, UInt64(length)))
+                }
+                return 0
+            }, Unmanaged.passUnretained(box).toOpaque())
+        }
+        try check(rc, "rbd_diff_iterate2", target)
+        return box.extents
+    }
+
+    /// Runs one AIO request and waits for it. Requests from several threads (FUSE's workers)
+    /// are in flight together; librbd splits each into its objects' RADOS ops itself.
+    func aio(_ operation: String, offset: UInt64, length: Int, _ submit: (rbd_completion_t) -> Int32) throws -> Int {
+        var completion: rbd_completion_t?
+        try check(rbd_aio_create_completion(nil, nil, &completion), "rbd_aio_create_completion", target)
+        defer { rbd_aio_release(completion) }
+        let where_ = "\(target) at \(offset)+\(length)"
+        do {
+            try check(submit(completion!), operation, where_)
+        } catch let e as RBDPool.Error {
+            throw ThinPoolError.io(operation: operation, path: where_, errno: e.errno)
+        }
+        rbd_aio_wait_for_complete(completion)
+        let rv = rbd_aio_get_return_value(completion)
+        if rv < 0 { throw ThinPoolError.io(operation: operation, path: where_, errno: Errno(rawValue: Int32(-rv))) }
+        return rv
+    }
+}
+
+/// An open RBD image as a block device: what the Volume reads and writes ext4 through.
+final class RBDBlockDevice: BlockDevice, @unchecked Sendable {
+    let image: RBDImage
+    let size: UInt64
+    private let closed = Atomic(false)
+    private let onClose: @Sendable () -> Void
+    private let poolFreeSpace: @Sendable () throws -> UInt64?
+
+    init(image: RBDImage, size: UInt64, freeSpace: @escaping @Sendable () throws -> UInt64?, onClose: @escaping @Sendable () -> Void) {
+        self.image = image
+        self.size = size
+        self.poolFreeSpace = freeSpace
+        self.onClose = onClose
+    }
+
+    deinit { close() }
+
+    func close() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        onClose()
+    }
+
+    private func checkOpen(_ operation: String, _ offset: UInt64, _ length: Int) throws {
+        if closed.load(ordering: .relaxed) {
+            throw ThinPoolError.io(operation: operation, path: image.target, errno: .badFileDescriptor)
+        }
+        if offset > size || UInt64(length) > size - offset {
+            throw ThinPoolError.io(operation: "\(operation) at \(offset)+\(length) beyond the device's \(size) bytes", path: image.target, errno: .invalidArgument)
+        }
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try checkOpen("read", offset, buffer.count)
+        guard buffer.count > 0 else { return }
+        let n = try image.aio("rbd_aio_read", offset: offset, length: buffer.count) { c in
+            rbd_aio_read(image.handle, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
+        }
+        // Past the image's end (a smaller image than the device asked for): zeros.
+        if n < buffer.count { UnsafeMutableRawBufferPointer(rebasing: buffer[n...]).initializeMemory(as: UInt8.self, repeating: 0) }
+    }
+
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try checkOpen("write", offset, buffer.count)
+        guard buffer.count > 0 else { return }
+        _ = try image.aio("rbd_aio_write", offset: offset, length: buffer.count) { c in
+            rbd_aio_write(image.handle, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
+        }
+    }
+
+    func discard(offset: UInt64, length: UInt64) throws {
+        try checkOpen("discard", offset, 0)
+        let length = min(length, size - offset)
+        guard length > 0 else { return }
+        _ = try image.aio("rbd_aio_discard", offset: offset, length: Int(length)) { c in
+            rbd_aio_discard(image.handle, offset, length, c)
+        }
+    }
+
+    /// A real flush: librbd's cache (if on) written back and the OSDs' acks for every write.
+    func flush() throws {
+        try checkOpen("flush", 0, 0)
+        _ = try image.aio("rbd_aio_flush", offset: 0, length: 0) { c in rbd_aio_flush(image.handle, c) }
+    }
+
+    func freeSpace() throws -> PoolFreeSpace? {
+        guard let free = try poolFreeSpace() else { return nil }
+        return PoolFreeSpace(free: free, forFileData: free)
+    }
+}

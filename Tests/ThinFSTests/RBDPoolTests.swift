@@ -1,0 +1,354 @@
+import Foundation
+import PersistentData
+import SystemPackage
+import TestSupport
+import Testing
+@testable import ThinFS
+
+/// `RBDPool` against a real (throw-away, single-node) Ceph cluster: the dm-thin message
+/// vocabulary over RBD images, snapshots and clones, the Volume over an image (e2fsck judges
+/// it), deletion of an origin whose clones live on, and the exclusive lock between two clients.
+/// Each test uses its own rbd.prefix, so they share the cluster.
+@Suite("RBD pool", .enabled(if: Ceph.available, "needs the Ceph packages and a test cluster (the reason is printed)"))
+struct RBDPoolTests {
+    static let blockSize = 64 << 10
+
+    static func pool(_ prefix: String, imageSize: UInt64 = 8 << 20) throws -> RBDPool {
+        try RBDPool(.init(pool: Ceph.pool, conf: Ceph.confPath, prefix: prefix, imageSize: imageSize, blockSize: UInt64(blockSize)),
+                    logger: quietLogger)
+    }
+
+    /// Deletes every device left under the pool's prefix, and checks nothing (not even a
+    /// retired parent) is left in the cluster.
+    static func removeAll(_ pool: RBDPool, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        // Clones before their origins is not needed (deletion retires origins), but any order must work.
+        for id in try pool.deviceIDs() { try pool.message(.delete(id)) }
+        #expect(try Ceph.images(prefix: pool.configuration.prefix) == [], sourceLocation: sourceLocation)
+    }
+
+    /// The pool-level model test of the userspace engine (PoolModelTests), against RBD: random
+    /// create_thin, create_snap, delete, writes and block discards, each device's bytes checked
+    /// against an independent model, and the device set against the pool's.
+    @Test func randomOperationsMatchTheModel() throws {
+        let seed = UInt64(ProcessInfo.processInfo.environment["THINFS_SEED"] ?? "") ?? UInt64.random(in: 0...UInt64.max)
+        let context = "seed \(seed) (rerun with THINFS_SEED=\(seed))"
+        print("RBDPoolTests: \(context)")
+        var rng = SeededRandom(seed: seed)
+        let prefix = Ceph.uniquePrefix("model")
+        let size = 24 * Self.blockSize
+        let pool = try Self.pool(prefix, imageSize: UInt64(size))
+        var model: [ThinDeviceID: [UInt8]] = [:]
+        var nextID: ThinDeviceID = 1
+        let operations = Int(ProcessInfo.processInfo.environment["THINFS_RBD_MODEL_OPS"] ?? "") ?? 150
+
+        func read(_ id: ThinDeviceID) throws -> [UInt8] {
+            let device = try pool.openDevice(id, size: UInt64(size))
+            defer { device.close() }
+            var bytes = [UInt8](repeating: 0xee, count: size)
+            try bytes.withUnsafeMutableBytes { try device.read(into: $0, at: 0) }
+            return bytes
+        }
+
+        for step in 0..<operations {
+            let ids = model.keys.sorted()
+            let roll = Int.random(in: 0..<100, using: &rng)
+            switch roll {
+            case 0..<8 where ids.count < 6:
+                try pool.message(.createThin(nextID))
+                model[nextID] = [UInt8](repeating: 0, count: size)
+                nextID += 1
+            case 8..<20 where !ids.isEmpty && ids.count < 6:
+                let origin = ids.randomElement(using: &rng)!
+                try pool.message(.createSnap(nextID, origin: origin))
+                model[nextID] = model[origin]
+                nextID += 1
+            case 20..<28 where ids.count > 1:
+                let id = ids.randomElement(using: &rng)!
+                try pool.message(.delete(id))
+                model[id] = nil
+            case 28..<85 where !ids.isEmpty:
+                let id = ids.randomElement(using: &rng)!
+                let offset = Int.random(in: 0..<(size - 1), using: &rng)
+                let length = Int.random(in: 1...min(3 * Self.blockSize, size - offset), using: &rng)
+                let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &rng) }
+                let device = try pool.openDevice(id, size: UInt64(size))
+                try bytes.withUnsafeBytes { try device.write($0, at: UInt64(offset)) }
+                if Bool.random(using: &rng) { try device.flush() }
+                device.close()
+                model[id]!.replaceSubrange(offset..<offset + length, with: bytes)
+            case 85..<90 where !ids.isEmpty:
+                // Whole blocks (librbd zeroes exactly the range; the model's unit is the block).
+                let id = ids.randomElement(using: &rng)!
+                let first = Int.random(in: 0..<24, using: &rng), count = Int.random(in: 1...min(4, 24 - first), using: &rng)
+                let device = try pool.openDevice(id, size: UInt64(size))
+                try device.discard(offset: UInt64(first * Self.blockSize), length: UInt64(count * Self.blockSize))
+                device.close()
+                model[id]!.replaceSubrange(first * Self.blockSize..<(first + count) * Self.blockSize,
+                                           with: [UInt8](repeating: 0, count: count * Self.blockSize))
+            case 90..<100 where !ids.isEmpty:
+                let id = ids.randomElement(using: &rng)!
+                let back = try read(id)
+                guard back == model[id]! else {
+                    Issue.record("device \(id) differs from the model at step \(step): first byte \(String(describing: back.indices.first { back[$0] != model[id]![$0] })); \(context)")
+                    return
+                }
+            default:
+                continue
+            }
+        }
+        #expect(Set(try pool.deviceIDs()) == Set(model.keys), "\(context)")
+        for (id, bytes) in model {
+            let back = try read(id)
+            #expect(back == bytes, "device \(id); \(context)")
+        }
+        // Status counts what each device maps, its parents' data included (dm-thin's view).
+        for (id, bytes) in model {
+            let status = try pool.deviceStatus(id)
+            let allZero = bytes.allSatisfy { $0 == 0 }
+            if !allZero { #expect(status.mappedSectors > 0, "device \(id) has data but maps nothing; \(context)") }
+        }
+        try Self.removeAll(pool)
+    }
+
+    /// A chain of layers, one clone per layer: each sees its own writes and its parents' data,
+    /// never a child's.
+    @Test func snapshotPerLayer() throws {
+        let prefix = Ceph.uniquePrefix("chain")
+        let pool = try Self.pool(prefix)
+        defer { try? Self.removeAll(pool) }
+        try pool.message(.createThin(1))
+        let layers = 6
+        for layer in 1...layers {
+            let id = ThinDeviceID(layer)
+            if layer > 1 { try pool.message(.createSnap(id, origin: id - 1)) }
+            let device = try pool.openDevice(id, size: 8 << 20)
+            // Layer n writes its number at block n; later layers must still see blocks 1..<n.
+            try [UInt8](repeating: UInt8(layer), count: Self.blockSize).withUnsafeBytes { try device.write($0, at: UInt64(layer * Self.blockSize)) }
+            try device.flush()
+            device.close()
+        }
+        for layer in 1...layers {
+            let device = try pool.openDevice(ThinDeviceID(layer), size: 8 << 20)
+            defer { device.close() }
+            for block in 1...layers {
+                var bytes = [UInt8](repeating: 0xee, count: Self.blockSize)
+                try bytes.withUnsafeMutableBytes { try device.read(into: $0, at: UInt64(block * Self.blockSize)) }
+                let expected: UInt8 = block <= layer ? UInt8(block) : 0
+                #expect(bytes.allSatisfy { $0 == expected }, "layer \(layer) block \(block)")
+            }
+        }
+        let details = try pool.deviceDetails()
+        #expect(details.keys.sorted() == (1...ThinDeviceID(layers)).map { $0 })
+        // dm-thin's view: a layer maps its parents' blocks too (how much more depends on the
+        // object store's extent reporting: memstore reports whole extents from offset 0).
+        for layer in 1...layers {
+            #expect(details[ThinDeviceID(layer)].map { $0.mappedBlocks >= UInt64(layer) } == true, "\(String(describing: details[ThinDeviceID(layer)]))")
+        }
+        // Each layer's own objects hold its own block: its first write copied the parent's object up.
+        let own = try pool.mappedDataBlocks()
+        for layer in 1...layers {
+            #expect(own[ThinDeviceID(layer)]?.contains { $0 & 0xff_ffff_ffff == UInt64(layer) } == true, "layer \(layer): \(String(describing: own[ThinDeviceID(layer)]))")
+        }
+    }
+
+    /// dm-thin deletes an origin whose snapshots live on; Ceph cannot remove it while clones
+    /// read through it. The origin is retired (renamed) and goes with its last clone.
+    @Test func deletingAnOriginWithClonesRetiresIt() throws {
+        let prefix = Ceph.uniquePrefix("retire")
+        let pool = try Self.pool(prefix)
+        try pool.message(.createThin(1))
+        let device = try pool.openDevice(1, size: 8 << 20)
+        try [UInt8](repeating: 0x5a, count: 4096).withUnsafeBytes { try device.write($0, at: 0) }
+        device.close()
+        try pool.message(.createSnap(2, origin: 1))
+        try pool.message(.createSnap(3, origin: 2))
+        try pool.message(.delete(1))
+        try pool.message(.delete(2))
+        #expect(try pool.deviceIDs() == [3])
+        #expect(try pool.retiredImages().count == 2)
+        #expect(throws: ThinPoolError.self) { try pool.message(.delete(1)) }
+        // The id is free again: a new device 1 is a new, empty image.
+        try pool.message(.createThin(1))
+        let reused = try pool.openDevice(1, size: 8 << 20)
+        var fresh = [UInt8](repeating: 0xee, count: 4096)
+        try fresh.withUnsafeMutableBytes { try reused.read(into: $0, at: 0) }
+        reused.close()
+        #expect(fresh.allSatisfy { $0 == 0 })
+        // The grandchild still reads the retired origin's data.
+        let clone = try pool.openDevice(3, size: 8 << 20)
+        var bytes = [UInt8](repeating: 0, count: 4096)
+        try bytes.withUnsafeMutableBytes { try clone.read(into: $0, at: 0) }
+        clone.close()
+        #expect(bytes.allSatisfy { $0 == 0x5a })
+        try pool.message(.delete(3))
+        #expect(try pool.retiredImages() == [])
+        try pool.message(.delete(1))
+        #expect(try Ceph.images(prefix: prefix) == [])
+    }
+
+    /// ext4 through the Volume on an image, exported and checked by e2fsck, and a clone of it.
+    @Test func volumeOverAnImagePassesE2fsck() throws {
+        let prefix = Ceph.uniquePrefix("volume")
+        let dir = TempDir()
+        let pool = try Self.pool(prefix, imageSize: 64 << 20)
+        defer { try? Self.removeAll(pool) }
+        try pool.message(.createThin(1))
+        _ = try DeviceFormatter(logger: quietLogger).format(pool: pool, id: 1, size: 64 << 20, scratchDirectory: dir.path)
+        try pool.message(.createSnap(2, origin: 1))
+        let text = Array("written through the Volume into an RBD clone\n".utf8)
+        do {
+            let volume = try Volume(device: try pool.openDevice(2, size: 64 << 20), readOnly: false, logger: quietLogger)
+            let owner = Owner(uid: 0, gid: 0)
+            let etc = try volume.mkdir(parent: volume.rootInode, name: "etc", mode: 0o755, owner: owner)
+            let file = try volume.mknod(parent: etc.ino, name: "motd", mode: 0o100644, rdev: 0, owner: owner)
+            _ = try text.withUnsafeBytes { try volume.write(file.ino, at: 0, from: $0) }
+            let big = try volume.mknod(parent: volume.rootInode, name: "big", mode: 0o100644, rdev: 0, owner: owner)
+            let chunk = [UInt8](repeating: 0xab, count: 1 << 20)
+            for i in 0..<8 { _ = try chunk.withUnsafeBytes { try volume.write(big.ino, at: UInt64(i) << 20, from: $0) } }
+            try volume.close()
+        }
+        for id: ThinDeviceID in [1, 2] {
+            let image = dir.path + "/export-\(id).img"
+            let target = try FileBlockDevice.create(path: FilePath(image), size: 64 << 20)
+            let device = try pool.openDevice(id, size: 64 << 20)
+            try device.copy(to: target, length: 64 << 20)
+            device.close()
+            let fsck = try Oracle.run("/sbin/e2fsck", ["-fn", image])
+            #expect(fsck.status == 0, "e2fsck -fn of device \(id):\n\(fsck.stdout)\(fsck.stderr)")
+            let cat = try Oracle.run("/sbin/debugfs", ["-R", "cat /etc/motd", image])
+            #expect(cat.stdout == (id == 2 ? String(decoding: text, as: UTF8.self) : ""), "device \(id): \(cat.stderr)")
+        }
+    }
+
+    /// Two clients (two hosts' stores): the writer holds the exclusive lock; the other's open
+    /// for writing is refused naming the holder, it sees the use, and cannot delete the image.
+    /// Once the writer lets go, the other takes over and reads the flushed data.
+    @Test func exclusiveLockBetweenTwoClients() throws {
+        let prefix = Ceph.uniquePrefix("lock")
+        let a = try Self.pool(prefix), b = try Self.pool(prefix)
+        defer { try? Self.removeAll(a) }
+        try a.message(.createThin(1))
+        let writer = try a.openDevice(1, size: 8 << 20)
+        try [UInt8](repeating: 7, count: 4096).withUnsafeBytes { try writer.write($0, at: 0) }
+        try writer.flush()
+        do {
+            let second = try b.openDevice(1, size: 8 << 20)
+            second.close()
+            Issue.record("a second client opened an image the first holds for writing")
+        } catch let error as RBDPool.Error {
+            guard case .lockedByAnotherClient(let image, let holders) = error else { throw error }
+            #expect(image == "\(Ceph.pool)/\(prefix)1")
+            #expect(!holders.isEmpty, "\(error)")
+            #expect("\(error)".contains("locked exclusively by"))
+        }
+        let use = try b.externalUse(1)
+        #expect(use?.contains("open by client.") == true, "\(String(describing: use))")
+        #expect(throws: ThinPoolError.self) { try b.message(.delete(1)) }
+        writer.close()
+        let taken = try b.openDevice(1, size: 8 << 20)
+        var bytes = [UInt8](repeating: 0, count: 4096)
+        try bytes.withUnsafeMutableBytes { try taken.read(into: $0, at: 0) }
+        taken.close()
+        #expect(bytes.allSatisfy { $0 == 7 })
+    }
+
+    /// The transaction id lives in the cluster (pool metadata under the prefix), checked like
+    /// dm-thin's set_transaction_id.
+    @Test func transactionID() throws {
+        let prefix = Ceph.uniquePrefix("tx")
+        let pool = try Self.pool(prefix)
+        #expect(try pool.status().transactionID == 0)
+        try pool.message(.setTransactionID(current: 0, new: 1))
+        #expect(try Self.pool(prefix).status().transactionID == 1)
+        #expect(throws: ThinPoolError.self) { try pool.message(.setTransactionID(current: 0, new: 2)) }
+        #expect(throws: RBDPool.Error.self) { try pool.checkUnused() }
+        try pool.message(.setTransactionID(current: 1, new: 0))
+        try pool.checkUnused()
+    }
+}
+
+/// Side-by-side figures, RBD against the userspace pool, at the `ThinPoolBackend` and
+/// `BlockDevice` level (what the Volume sees): snapshot (create_snap) latency, sequential
+/// 1 MiB writes and reads, 4 KiB random writes and reads with several threads in flight.
+/// Opt-in (THINFS_RBD_BENCH=1): it prints, and checks only that the data read back is what was written.
+@Suite("RBD pool benchmark", .enabled(if: ProcessInfo.processInfo.environment["THINFS_RBD_BENCH"] == "1" && Ceph.available,
+                                      "set THINFS_RBD_BENCH=1 (and have a Ceph test cluster)"))
+struct RBDPoolBenchmark {
+    static func seconds(_ body: () throws -> Void) rethrows -> Double {
+        let start = ContinuousClock.now
+        try body()
+        let d = ContinuousClock.now - start
+        return Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+    }
+
+    static func run(_ name: String, _ pool: any ThinPoolBackend) throws {
+        let size: UInt64 = 256 << 20
+        let snapshots = 10
+        try pool.message(.createThin(1))
+        let snap = try seconds {
+            for i in 0..<snapshots { try pool.message(.createSnap(ThinDeviceID(10 + i), origin: 1)) }
+        }
+        let device = try pool.openDevice(1, size: size)
+        defer { device.close() }
+        let mib = [UInt8]((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+        let total = 128
+        let write = try seconds {
+            for i in 0..<total { try mib.withUnsafeBytes { try device.write($0, at: UInt64(i) << 20) } }
+            try device.flush()
+        }
+        var back = [UInt8](repeating: 0, count: 1 << 20)
+        let read = try seconds {
+            for i in 0..<total { try back.withUnsafeMutableBytes { try device.read(into: $0, at: UInt64(i) << 20) } }
+        }
+        // Checked outside the timing (a debug build's array compare costs more than the read).
+        for i in [0, total / 2, total - 1] {
+            try back.withUnsafeMutableBytes { try device.read(into: $0, at: UInt64(i) << 20) }
+            #expect(back == mib, "\(name): sequential read-back of MiB \(i) differs")
+        }
+        // 4 KiB random I/O from 8 threads (FUSE's workers), 256 requests each.
+        let threads = 8, perThread = 256
+        let failures = Mutex2()
+        func parallel(_ body: @escaping @Sendable (Int, inout SeededRandom) throws -> Void) -> Double {
+            seconds {
+                DispatchQueue.concurrentPerform(iterations: threads) { t in
+                    var rng = SeededRandom(seed: UInt64(t))
+                    do { for _ in 0..<perThread { try body(t, &rng) } } catch { failures.record("\(error)") }
+                }
+            }
+        }
+        let block = [UInt8](repeating: 0x42, count: 4096)
+        let randomWrite = parallel { _, rng in
+            let offset = UInt64.random(in: 0..<(UInt64(total) << 8), using: &rng) * 4096
+            try block.withUnsafeBytes { try device.write($0, at: offset) }
+        }
+        try device.flush()
+        let randomRead = parallel { _, rng in
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            let offset = UInt64.random(in: 0..<(UInt64(total) << 8), using: &rng) * 4096
+            try buffer.withUnsafeMutableBytes { try device.read(into: $0, at: offset) }
+        }
+        #expect(failures.all.isEmpty, "\(failures.all.prefix(3))")
+        let ops = Double(threads * perThread)
+        print(String(format: "BENCH %@: create_snap %.1f ms; seq write %.0f MiB/s; seq read %.0f MiB/s; 4K random write %.0f IOPS; 4K random read %.0f IOPS (8 threads)",
+                     name, snap / Double(snapshots) * 1000, Double(total) / write, Double(total) / read, ops / randomWrite, ops / randomRead))
+    }
+
+    final class Mutex2: @unchecked Sendable {
+        private let lock = NSLock()
+        private var errors: [String] = []
+        func record(_ e: String) { lock.lock(); errors.append(e); lock.unlock() }
+        var all: [String] { lock.lock(); defer { lock.unlock() }; return errors }
+    }
+
+    @Test func rbdAgainstUserspace() throws {
+        let dir = TempDir()
+        let userspace = try UserspaceThinPool.create(dataPath: dir.path + "/data", metadataPath: dir.path + "/metadata",
+                                                     dataSize: 2 << 30, metadataSize: 64 << 20, blockSize: 64 << 10, logger: quietLogger)
+        try Self.run("userspace", userspace)
+        try userspace.close()
+        let prefix = Ceph.uniquePrefix("bench")
+        let rbd = try RBDPoolTests.pool(prefix, imageSize: 256 << 20)
+        defer { try? RBDPoolTests.removeAll(rbd) }
+        try Self.run("rbd", rbd)
+    }
+}
