@@ -3,6 +3,7 @@
 # See Fuzz/README.md for what each harness feeds and how to reproduce a crash.
 #
 #   FUZZ_SECONDS=N         seconds per harness (default 25; try 600 or more on demand)
+#   FUZZ_SEED=N            libFuzzer's -seed (default 1, so that CI repeats a run; 0 = a new random seed)
 #   FUZZ_HARNESSES="a b"   which harnesses (default: all of them, in the order below)
 #   FUZZ_SANITIZERS=S      -sanitize= value (default fuzzer,address; "fuzzer" alone builds faster)
 #   FUZZ_NO_BUILD=1        use the binaries already built;  FUZZ_BUILD_ONLY=1: build, run nothing
@@ -17,6 +18,7 @@ cd "$(dirname "$0")/../Fuzz"
 all=(superblock btree space-map pool layer-tar image docker-dm control)
 read -r -a harnesses <<< "${FUZZ_HARNESSES:-${all[*]}}"
 seconds=${FUZZ_SECONDS:-25}
+seed=${FUZZ_SEED:-1}
 sanitizers=${FUZZ_SANITIZERS:-fuzzer,address}
 bin=.build/release
 
@@ -44,7 +46,7 @@ for h in "${harnesses[@]}"; do
   mkdir -p "$work" "$artifacts" "$(dirname "$log")"
   echo "=== fuzz.sh: $h for $seconds s"
   set +e
-  "$exe" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 -detect_leaks=0 \
+  "$exe" -seed="$seed" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 -detect_leaks=0 \
     -print_final_stats=1 -artifact_prefix="$artifacts/" "$work" "Corpus/$h" > "$log" 2>&1
   rc=$?
   set -e

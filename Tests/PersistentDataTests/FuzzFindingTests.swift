@@ -50,4 +50,37 @@ import Testing
         #expect(!report.isClean)
         #expect(report.errors.contains { $0.contains("data space-map") && $0.contains("beyond") }, "\(report)")
     }
+
+    /// The data space map's nr_blocks is close to 2^64: opening the metadata rounded it up to
+    /// whole bitmaps with `nr_blocks + entriesPerBitmap - 1`, which overflowed (fuzz-superblock in
+    /// CI: "Swift runtime failure: arithmetic overflow" in SpaceMapStore.loadData). Now it is
+    /// refused as inconsistent metadata.
+    @Test func openingAHugeDataSpaceMapDoesNotOverflow() throws {
+        let dir = TempDir()
+        let storage = try Self.storage("data-space-map-nr-blocks-overflow.img", in: dir)
+        do {
+            let report = try ThinMetadata.check(storage: storage)
+            #expect(!report.isClean, "\(report)")
+        } catch let error as MetadataError {
+            #expect("\(error)".contains("space"), "\(error)")
+        }
+    }
+
+    /// A btree node of the held snapshot leads back to itself: the recursive walk of its
+    /// mappings never ended and overflowed the stack (fuzz-btree in CI: "AddressSanitizer:
+    /// stack-overflow" in BTree.forEach). Now a walk deeper than any real tree throws.
+    @Test func aBtreeCycleEndsInAnError() throws {
+        let dir = TempDir()
+        let storage = try Self.storage("held-snapshot-btree-cycle.img", in: dir)
+        let held = try #require(try HeldMetadataSnapshot.read(storage: storage))
+        var errors: [String] = []
+        for id in try held.devices().keys.sorted() {
+            do {
+                try held.mappings(id) { _, _ in true }
+            } catch let error as MetadataError {
+                errors.append("\(error)")
+            }
+        }
+        #expect(errors.contains { $0.contains("levels deep") }, "\(errors)")
+    }
 }

@@ -69,7 +69,10 @@ public struct BTree<Value: BTreeValue> {
     public func lookupSharing(_ root: UInt64, _ key: UInt64) throws(MetadataError) -> (value: Value, pathShared: Bool)? {
         var location = root
         var shared = false
+        var depth = 0
         while true {
+            try checkDepth(depth, at: location)
+            depth += 1
             let n = try node(location)
             if tm.refCount(location) > 1 { shared = true }
             let i = BTreeNode.lowerBound(n, key)
@@ -86,6 +89,25 @@ public struct BTree<Value: BTreeValue> {
     @discardableResult
     public func forEach(_ root: UInt64, from: UInt64 = 0,
                         _ body: (UInt64, Value) throws -> Bool) throws -> Bool {
+        try forEach(root, from: from, depth: 0, body)
+    }
+
+    /// A node on disk can point back at one of its ancestors: walks count their depth, and
+    /// one past any tree 64-bit keys can fill ends in an error, not a stack overflow (found by
+    /// fuzz-btree) or a lookup that never ends. Nodes dm-thin writes are at least a third full
+    /// (the root aside), so every real tree is far shallower.
+    static var maxDepth: Int { 64 }
+
+    func checkDepth(_ depth: Int, at location: UInt64) throws(MetadataError) {
+        guard depth < Self.maxDepth else {
+            throw .inconsistent(block: location, tree: name,
+                                reason: "the tree is more than \(Self.maxDepth) levels deep: a node leads back to an ancestor")
+        }
+    }
+
+    private func forEach(_ root: UInt64, from: UInt64, depth: Int,
+                         _ body: (UInt64, Value) throws -> Bool) throws -> Bool {
+        try checkDepth(depth, at: root)
         let n = try node(root)
         let c = BTreeNode.count(n)
         if BTreeNode.isLeaf(n) {
@@ -99,7 +121,7 @@ public struct BTree<Value: BTreeValue> {
         }
         var i = max(0, BTreeNode.lowerBound(n, from))
         while i < c {
-            if !(try forEach(child(n, i), from: from, body)) { return false }
+            if !(try forEach(child(n, i), from: from, depth: depth + 1, body)) { return false }
             i += 1
         }
         return true
@@ -107,6 +129,7 @@ public struct BTree<Value: BTreeValue> {
 
     /// Visits every node block of the tree (each shared subtree once per path).
     public func forEachNode(_ root: UInt64, _ body: (MetadataBlock, _ depth: Int) throws -> Void, depth: Int = 0) throws {
+        try checkDepth(depth, at: root)
         let n = try node(root)
         try body(n, depth)
         if !BTreeNode.isLeaf(n) {

@@ -173,7 +173,7 @@ public final class SpaceMapStore {
     static func loadData(root: SpaceMapRoot, tm: TransactionManager) throws(MetadataError) -> SpaceMapStore {
         // nr_blocks comes from disk: compare it with the bitmaps the index really
         // has before sizing anything by it (2^50 blocks would ask for petabytes).
-        let needed = (root.nrBlocks + UInt64(SpaceMap.entriesPerBitmap) - 1) / UInt64(SpaceMap.entriesPerBitmap)
+        let needed = SpaceMap.bitmapsNeeded(root.nrBlocks)
         var found: [UInt64: IndexEntry] = [:]
         do {
             try BTree<IndexEntry>(tm: tm, name: "data space-map index").forEach(root.bitmapRoot) { key, e in

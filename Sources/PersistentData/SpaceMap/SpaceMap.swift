@@ -48,7 +48,14 @@ public final class SpaceMap {
         self.committed = [UInt64](repeating: 0, count: (nrWords + 1) / 2)
     }
 
-    public var nrBitmaps: Int { Int((nrBlocks + UInt64(Self.entriesPerBitmap) - 1) / UInt64(Self.entriesPerBitmap)) }
+    public var nrBitmaps: Int { Int(Self.bitmapsNeeded(nrBlocks)) }
+
+    /// The bitmaps that `nrBlocks` entries take: rounded up without `nrBlocks + per - 1`, which
+    /// overflows for a count near 2^64 read from a damaged superblock (found by fuzz-superblock).
+    public static func bitmapsNeeded(_ nrBlocks: UInt64) -> UInt64 {
+        let per = UInt64(entriesPerBitmap)
+        return nrBlocks / per + (nrBlocks % per == 0 ? 0 : 1)
+    }
     public var nrFree: UInt64 { nrBlocks - nrAllocated }
     /// Blocks referenced by the last commit and free now: `allocate` may not hand them out
     /// before the next commit (the rule above), so they are free but not yet allocatable.

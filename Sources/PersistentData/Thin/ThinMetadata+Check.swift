@@ -520,7 +520,7 @@ struct MetadataChecker {
     private mutating func checkDataSpaceMap(_ root: SpaceMapRoot) -> SpaceMap? {
         guard let index = walk(root.bitmapRoot, .dataIndex, from: "the data space-map root") else { return nil }
         // nr_blocks comes from disk: size nothing by it until the index agrees with it.
-        let needed = (root.nrBlocks + UInt64(SpaceMap.entriesPerBitmap) - 1) / UInt64(SpaceMap.entriesPerBitmap)
+        let needed = SpaceMap.bitmapsNeeded(root.nrBlocks)
         let nrIndexEntries = index.items.reduce(0) { n, item in if case .index = item { n + 1 } else { n } }
         guard needed == UInt64(nrIndexEntries) else {
             error("data space map: \(root.nrBlocks) blocks need \(needed) bitmaps, its index tree has \(nrIndexEntries)")
