@@ -148,8 +148,8 @@ struct FileDataWriteBackTests {
             if sent != e.bytes {
                 failures += 1
                 if failures <= 5 {
-                    Issue.record("write \(e.call) to \(files[e.file].name), block \(e.block) (physical \(p)): "
-                                 + (sent == nil ? "not sent as file data before the write returned" : "sent with other bytes"))
+                    let what = sent == nil ? "not sent as file data before the write returned" : "sent with other bytes"
+                    Issue.record("write \(e.call) to \(files[e.file].name), block \(e.block) (physical \(p)): \(what)")
                 }
             }
         }
