@@ -2035,6 +2035,11 @@ private final class ChannelState {
     private var order: [UInt64] = []
     private var next = 0
     private var dirtyCount = 0
+    /// The cached blocks whose `fileData` is set, always `blocks.filter { $0.value.fileData }.keys`:
+    /// `writeBackFileData` visits them and the written file's blocks, not the whole cache (a
+    /// filter of every cached block on each 4 KiB write was a quarter of a create's time, and grew
+    /// with the cache). Kept by `setFileData` and by every removal of an entry.
+    private var fileDataBlocks = Set<UInt64>()
     private var blockSize = 0
     static let capacity = 1024
     /// Set by `Volume.write` around its libext2fs file writes: the blocks written meanwhile are
@@ -2059,6 +2064,7 @@ private final class ChannelState {
             try writeBack()
             for e in blocks.values { e.data.deallocate() }
             blocks.removeAll()
+            fileDataBlocks.removeAll()
             order.removeAll()
             next = 0
             blockSize = size
@@ -2172,10 +2178,13 @@ private final class ChannelState {
                     data.formUnion(blocks.keys.filter { $0 >= run.start && $0 < run.start + run.count })
                 }
             }
-            for (b, e) in blocks where e.fileData != data.contains(b) { blocks[b]!.fileData = !e.fileData }
-            defer { for b in data where blocks[b] != nil { blocks[b]!.fileData = false } }
+            // Only blocks marked since the last call can carry the mark (every call ends with none):
+            // those outside `runs` are metadata.
+            for b in fileDataBlocks where !data.contains(b) { setFileData(b, false) }
+            for b in data { setFileData(b, true) }
+            defer { for b in data { setFileData(b, false) } }
             do {
-                try writeBack(onlyFileData: true)
+                try writeBack(only: data)
             } catch {
                 for b in data where blocks[b]?.dirty == true { drop(b) }
                 throw error
@@ -2228,9 +2237,17 @@ private final class ChannelState {
         try? device.discard(offset: run.start * bs, length: run.count * bs)
     }
 
+    /// Sets the `fileData` mark of cached block `b`, keeping `fileDataBlocks`.
+    private func setFileData(_ b: UInt64, _ value: Bool) {
+        guard blocks[b] != nil, blocks[b]!.fileData != value else { return }
+        blocks[b]!.fileData = value
+        if value { fileDataBlocks.insert(b) } else { fileDataBlocks.remove(b) }
+    }
+
     /// Removes block `b` from the cache, dirty or not.
     private func drop(_ b: UInt64) {
         guard let e = blocks.removeValue(forKey: b) else { return }
+        fileDataBlocks.remove(b)
         if e.dirty { dirtyCount -= 1 }
         e.data.deallocate()
         if let i = order.firstIndex(of: b) { order.remove(at: i); if next >= order.count { next = 0 } }
@@ -2260,8 +2277,8 @@ private final class ChannelState {
             e.data.copyMemory(from: data, byteCount: blockSize)
             if dirty && !e.dirty { dirtyCount += 1 }
             e.dirty = e.dirty || dirty
-            if dirty { e.fileData = fileDataMode }
             blocks[block] = e
+            if dirty { setFileData(block, fileDataMode) }
         } else {
             // Round-robin replacement; a dirty victim is written back first, with all the others.
             if order.count >= Self.capacity, blocks[order[next]]?.dirty == true, !writeBackUnlessFailing() {
@@ -2278,13 +2295,15 @@ private final class ChannelState {
                 order.append(block)
             } else {
                 if let old = blocks.removeValue(forKey: order[next]) { old.data.deallocate() }
+                fileDataBlocks.remove(order[next])
                 order[next] = block
                 next = (next + 1) % order.count
             }
             let copy = UnsafeMutableRawPointer.allocate(byteCount: blockSize, alignment: 64)
             copy.copyMemory(from: data, byteCount: blockSize)
-            blocks[block] = Entry(data: copy, dirty: dirty, fileData: dirty && fileDataMode)
+            blocks[block] = Entry(data: copy, dirty: dirty)
             if dirty { dirtyCount += 1 }
+            setFileData(block, dirty && fileDataMode)
         }
         // Write back early, but the block is safely cached either way: a failure here (the device
         // full) leaves the dirty blocks for the next write-back, and fails only a later insert
@@ -2294,11 +2313,11 @@ private final class ChannelState {
 
     /// Writes the dirty blocks in block order, one pwrite per contiguous run of one kind (file
     /// data or metadata, up to 1 MiB). A run that fails stays dirty and the others are still
-    /// tried; the first error is thrown. `onlyFileData`: the file-data blocks only.
-    private func writeBack(onlyFileData: Bool = false) throws {
+    /// tried; the first error is thrown. `only`: those of these cached blocks only.
+    private func writeBack(only: Set<UInt64>? = nil) throws {
         guard dirtyCount > 0 else { return }
         var failure: Error?
-        let dirty = blocks.filter { $0.value.dirty && (!onlyFileData || $0.value.fileData) }.keys.sorted()
+        let dirty = only.map { $0.filter { blocks[$0]!.dirty }.sorted() } ?? blocks.filter { $0.value.dirty }.keys.sorted()
         let maxRun = max(1, (1 << 20) / blockSize)
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: maxRun * blockSize, alignment: 4096)
         defer { buffer.deallocate() }
@@ -2328,7 +2347,10 @@ private final class ChannelState {
     /// back, every block is clean: give the memory back by dropping the blocks past `capacity`.
     private func shrinkToCapacity() {
         guard dirtyCount == 0, order.count > Self.capacity else { return }
-        for b in order[Self.capacity...] { blocks.removeValue(forKey: b)?.data.deallocate() }
+        for b in order[Self.capacity...] {
+            blocks.removeValue(forKey: b)?.data.deallocate()
+            fileDataBlocks.remove(b)
+        }
         order.removeSubrange(Self.capacity...)
         if next >= order.count { next = 0 }
     }
