@@ -4,6 +4,9 @@
 #
 #   FUZZ_SECONDS=N         seconds per harness (default 25; try 600 or more on demand)
 #   FUZZ_SEED=N            libFuzzer's -seed (default 1, so that CI repeats a run; 0 = a new random seed)
+#   FUZZ_STRICT=1          a crash found by exploration fails the run too (by default only the replay of
+#                          the checked-in corpus, which holds every earlier finding, decides the exit
+#                          status; new findings are listed at the end for someone to fix and check in)
 #   FUZZ_HARNESSES="a b"   which harnesses (default: all of them, in the order below)
 #   FUZZ_SANITIZERS=S      -sanitize= value (default fuzzer,address; "fuzzer" alone builds faster)
 #   FUZZ_NO_BUILD=1        use the binaries already built;  FUZZ_BUILD_ONLY=1: build, run nothing
@@ -39,11 +42,25 @@ fi
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:handle_abort=1}
 summary=()
 failures=()
+findings=()
 for h in "${harnesses[@]}"; do
   exe=$bin/fuzz-$h
   [[ -x $exe ]] || { failures+=("$h: no binary $exe (build it, or check FUZZ_HARNESSES)"); continue; }
   work=.build/corpus/$h artifacts=.build/artifacts/$h log=.build/logs/$h.log
   mkdir -p "$work" "$artifacts" "$(dirname "$log")"
+  # The checked-in corpus first, once each: the seeds and every earlier finding (regressions).
+  echo "=== fuzz.sh: $h: replaying Corpus/$h"
+  set +e
+  "$exe" -runs=0 -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 -detect_leaks=0 \
+    -artifact_prefix="$artifacts/replay-" "Corpus/$h" > "$log.replay" 2>&1
+  replay=$?
+  set -e
+  if ((replay != 0)); then
+    kind=$(grep -m1 -oE 'Fatal error: .{0,80}|Swift runtime failure: .{0,60}|SUMMARY: [A-Za-z]+: [a-z-]+|ERROR: libFuzzer: [a-z-]+' "$log.replay" | sed -E 's/^SUMMARY: //; s/^ERROR: //' || true)
+    input=$(grep -oE 'Running: .*' "$log.replay" | tail -n 1 | sed 's/^Running: //' || true)
+    tail -n 30 "$log.replay" | sed 's/^/    /'
+    failures+=("$h: a checked-in input crashes: ${kind:-exit $replay}; ${input:+input $PWD/$input }(log $PWD/$log.replay)")
+  fi
   echo "=== fuzz.sh: $h for $seconds s"
   set +e
   "$exe" -seed="$seed" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 -detect_leaks=0 \
@@ -51,7 +68,7 @@ for h in "${harnesses[@]}"; do
   rc=$?
   set -e
   # The last status line carries the coverage: "#123 DONE cov: 456 ft: 789 corp: 12/3Kb ..."
-  status=$(grep -E '^#[0-9]+' "$log" | tail -n 1)
+  status=$(grep -E '^#[0-9]+' "$log" | tail -n 1 || true)
   cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<< "$status")
   ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<< "$status")
   corp=$(sed -nE 's/.* corp: ([0-9]+).*/\1/p' <<< "$status")
@@ -61,10 +78,10 @@ for h in "${harnesses[@]}"; do
   if ((rc != 0)); then
     input=$(sed -nE 's/.*Test unit written to (.*)$/\1/p' "$log" | tail -n 1)
     # What went wrong, in a few words: Swift's trap message, or the sanitizer's or libFuzzer's verdict.
-    kind=$(grep -m1 -oE 'Fatal error: .{0,80}|SUMMARY: [A-Za-z]+: [a-z-]+|ERROR: libFuzzer: [a-z-]+' "$log" | sed -E 's/^SUMMARY: //; s/^ERROR: //')
+    kind=$(grep -m1 -oE 'Fatal error: .{0,80}|SUMMARY: [A-Za-z]+: [a-z-]+|ERROR: libFuzzer: [a-z-]+' "$log" | sed -E 's/^SUMMARY: //; s/^ERROR: //' || true)
     result="FAILED (${kind:-exit $rc})"
     tail -n 40 "$log" | sed 's/^/    /'
-    failures+=("$h: ${kind:-exit $rc}; input ${input:+$PWD/$input} (log $PWD/$log)")
+    findings+=("$h: ${kind:-exit $rc}; input ${input:+$PWD/$input} (log $PWD/$log)")
   fi
   summary+=("$(printf '%-12s %6s s %10s execs %8s execs/s  cov %6s  ft %7s  corpus %5s  %s' \
     "$h" "$seconds" "${execs:-?}" "${rate:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$result")")
@@ -72,9 +89,14 @@ done
 
 echo "=== fuzz.sh: summary (-sanitize=$sanitizers)"
 printf '    %s\n' "${summary[@]}"
+if ((${#findings[@]} > 0)); then
+  echo "=== fuzz.sh: NEW FINDINGS: ${#findings[@]} harness(es) found a crash while exploring; reproduce with Fuzz/.build/release/fuzz-<harness> <input>, fix, and add the input to Fuzz/Corpus/<harness>:" >&2
+  for f in "${findings[@]}"; do echo "    $f" >&2; done
+  [[ -n ${FUZZ_STRICT:-} ]] && failures+=("${findings[@]}")
+fi
 if ((${#failures[@]} > 0)); then
-  echo "=== fuzz.sh: FAILED: ${#failures[@]} harness(es) found a crash; reproduce with Fuzz/.build/release/fuzz-<harness> <input>:" >&2
+  echo "=== fuzz.sh: FAILED: ${#failures[@]} failure(s); reproduce with Fuzz/.build/release/fuzz-<harness> <input>:" >&2
   for f in "${failures[@]}"; do echo "    $f" >&2; done
   exit 1
 fi
-echo "=== fuzz.sh: no crash in ${#harnesses[@]} harness(es)"
+echo "=== fuzz.sh: every checked-in input of ${#harnesses[@]} harness(es) runs clean${findings:+ (new findings above)}"

@@ -56,7 +56,10 @@ extension ThinMetadata {
             }
             try mappingTree.forEach(root) { vblock, v in
                 let bt = BlockTime(packed: v)
-                if let r = run, r.origin + r.length == vblock, r.data + r.length == bt.block, r.time == bt.time {
+                // Block numbers come from disk: one near 2^64 must end the run, not overflow it
+                // (fuzz-btree found `origin + length` trapping in CI).
+                if let r = run, r.origin.addingReportingOverflow(r.length) == (vblock, false),
+                   r.data.addingReportingOverflow(r.length) == (bt.block, false), r.time == bt.time {
                     run!.length += 1
                 } else {
                     flush()
