@@ -90,8 +90,10 @@ THINFS=$(swift build --show-bin-path)/thinfs TIMEOUT=170s timeout -k 30 240 bash
   || fail "containerd conformance" "exit $? (the failed subtests are listed above; 124: timed out)"
 
 step "fuzz"
-# libFuzzer harnesses (Fuzz/README.md), 25 s each after an AddressSanitizer build; the output
-# ends with each crashing harness and its saved input. FUZZ_SECONDS=N for a longer run.
+# libFuzzer harnesses (Fuzz/README.md) after an AddressSanitizer build: each replays its checked-in
+# corpus (seeds and every earlier finding), which must run clean, then explores for 25 s with
+# -seed=1; crashes found exploring are listed as NEW FINDINGS at the end (FUZZ_STRICT=1 makes them
+# fail the step). The output ends with each crashing harness and its saved input.
 scripts/fuzz.sh || fail "fuzz" "a harness crashed or the harnesses did not build (the lines above name the harness and the input)"
 
 step "power cuts"
