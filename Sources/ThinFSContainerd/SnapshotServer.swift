@@ -26,11 +26,7 @@ public final class SnapshotServer: Sendable {
     /// left by a daemon that died is replaced; any other file there is an error.
     public static func start(service: SnapshotService, socketPath: String) async throws -> SnapshotServer {
         try LayerStore.validate(socketPath, what: "socket path")
-        var st = stat()
-        if lstat(socketPath, &st) == 0 {
-            guard st.st_mode & S_IFMT == S_IFSOCK else { throw Error.socketInUse(path: socketPath) }
-            unlink(socketPath)
-        }
+        guard ServiceSocket.removeStale(at: socketPath) else { throw Error.socketInUse(path: socketPath) }
         let server = GRPCServer(transport: .http2NIOPosix(address: .unixDomainSocket(path: socketPath),
                                                           transportSecurity: .plaintext),
                                 services: [service])

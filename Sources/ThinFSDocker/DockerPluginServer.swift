@@ -32,11 +32,7 @@ public final class DockerPluginServer: Sendable {
     /// left by a server that died is replaced; any other file there is an error.
     public static func start(plugin: GraphDriverPlugin, socketPath: String) throws -> DockerPluginServer {
         try LayerStore.validate(socketPath, what: "socket path")
-        var st = stat()
-        if lstat(socketPath, &st) == 0 {
-            guard st.st_mode & S_IFMT == S_IFSOCK else { throw Error.socketInUse(path: socketPath) }
-            unlink(socketPath)
-        }
+        guard ServiceSocket.removeStale(at: socketPath) else { throw Error.socketInUse(path: socketPath) }
         try FileManager.default.createDirectory(atPath: (socketPath as NSString).deletingLastPathComponent,
                                                 withIntermediateDirectories: true)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
