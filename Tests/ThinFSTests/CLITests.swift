@@ -128,6 +128,22 @@ struct CLITests {
         }
     }
 
+    /// An explicit `--data`/`--metadata` whose directory does not exist is a typo, not a request
+    /// for a directory tree: the error names the missing directory and nothing is made, neither
+    /// that directory nor the root. (It used to `mkdir -p` the path.)
+    @Test func poolCreateOnAMissingDirectoryNamesItAndMakesNothing() throws {
+        let dir = TempDir()
+        for flag in ["--data", "--metadata"] {
+            let missing = dir.path + "/nonexistent/sub"
+            let r = try CLI.run(["pool", "create", "--root", dir.path + "/store", flag, missing + "/file",
+                                 "--data-size", "1G", "--metadata-size", "16M"])
+            #expect(r.status != 0, "\(flag) into a missing directory succeeded")
+            #expect(r.stderr.contains("\(missing): no such directory"), "\(flag): \(r.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: dir.path + "/nonexistent"), "\(flag): the directory was made")
+            #expect(!FileManager.default.fileExists(atPath: dir.path + "/store"), "\(flag): the root was made")
+        }
+    }
+
     /// `thinfs umount` of something that is not a mount names it and touches no store.
     @Test(.enabled(if: CLI.available)) func umountOfANonMountSaysSo() throws {
         let dir = TempDir()

@@ -64,7 +64,18 @@ public struct PoolRoot: Sendable {
         try refuseExisting()
         let dataPath = absolute(data ?? defaultDataPath)
         let metadataPath = absolute(metadata ?? defaultMetadataPath)
-        for p in [dataPath, metadataPath] {
+        // The defaults live under the root, which is ours to make. An explicit path's directory
+        // must exist already: a missing one is a typo, and `mkdir -p` of it would bury the pool
+        // somewhere the user never meant.
+        let paths = [(data, dataPath), (metadata, metadataPath)]
+        for (given, p) in paths where given != nil {
+            let directory = (p as NSString).deletingLastPathComponent
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
+                throw ThinPoolError.invalidConfiguration("\(directory): no such directory (for \(p)); make it first, or leave the option out for the default under \(path)")
+            }
+        }
+        for (given, p) in paths where given == nil {
             try FileManager.default.createDirectory(atPath: (p as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         }
         let pool = try UserspaceThinPool.create(dataPath: dataPath, metadataPath: metadataPath, dataSize: dataSize,
