@@ -2,8 +2,9 @@
 # docker-e2e.sh: a private dockerd 20.10 (its own data-root, exec-root, socket, pidfile and
 # managed containerd) with ThinFS as its graphdriver plugin (`thinfs serve --docker-plugin`):
 # load the test image, run containers that read and write, docker diff/commit/run of the commit,
-# rm -f of a running container, rmi, docker info's devicemapper pairs, --storage-opt size=, and
-# a dockerd restart that keeps the images. Everything it starts is stopped by PID; what dockerd
+# rm -f of a running container, rmi, docker info's devicemapper pairs, --storage-opt size=,
+# `thinfs layer resize` of a running container, a second dockerd refused, and a dockerd restart
+# that keeps the images. Everything it starts is stopped by PID; what dockerd
 # writes outside its own directories (/etc/docker/key.json) is removed if it was not there.
 #
 # Needs root, /dev/fuse, dockerd/docker/containerd/runc (docker.io), busybox-static (the test
@@ -23,7 +24,7 @@ work=$(mktemp -d /tmp/thinfs-docker-e2e.XXXXXX)
 dsock=$work/docker.sock
 key_existed=no; [ -e /etc/docker/key.json ] && key_existed=yes
 etc_existed=no; [ -d /etc/docker ] && etc_existed=yes
-serve_pid=""; dockerd_pid=""
+serve_pid=""; dockerd_pid=""; second_pid=""
 D() { docker -H "unix://$dsock" "$@"; }
 
 stop_pid() {  # stop_pid PID: SIGTERM, then SIGKILL after 30 s
@@ -36,6 +37,7 @@ stop_pid() {  # stop_pid PID: SIGTERM, then SIGKILL after 30 s
 }
 cleanup() {
     set +e
+    stop_pid "$second_pid"
     stop_pid "$dockerd_pid"
     stop_pid "$serve_pid"
     # Anything still mounted under the scratch directory (a failed step's leftovers), innermost first.
@@ -113,6 +115,37 @@ out=$(D run --rm --network none --storage-opt size=2G thinfs-test:latest busybox
 kb=$(echo "$out" | awk 'END {print $(NF-4)}')
 [ "${kb:-0}" -gt 1800000 ] && [ "${kb:-0}" -le 2097152 ] || fail "df in a size=2G container: $out"
 echo "docker-e2e: ok: --storage-opt size=2G gives a ${kb} KiB filesystem"
+
+# thinfs layer resize of a running container: its filesystem grows under it, no remount.
+D run -d --name grow --network none thinfs-test:latest sh -c 'echo kept > /kept; sleep 300' >/dev/null || fail "run -d grow"
+device=$(D inspect -f '{{.GraphDriver.Data.DeviceName}}' grow) || fail "inspect grow"
+layer=${device##*:}   # DeviceName is ROOT:LAYER; Docker's layer ids have no colon
+df_kb() { D exec grow busybox df -k / | awk 'END {print $(NF-4)}'; }
+for i in $(seq 50); do D exec grow cat /kept >/dev/null 2>&1 && break; sleep 0.1; done
+kb_before=$(df_kb); sums_before=$(D exec grow busybox md5sum /bin/busybox /kept /etc/motd) || fail "md5sum in grow"
+"$THINFS" layer resize --root "$work/thinfs" "$layer" 3G >/dev/null || fail "thinfs layer resize $layer 3G"
+kb_after=$(df_kb)
+[ "${kb_after:-0}" -gt 2800000 ] && [ "${kb_after:-0}" -le 3145728 ] && [ "${kb_after:-0}" -gt "${kb_before:-0}" ] ||
+    fail "df in the running container after thinfs layer resize 3G: ${kb_before} KiB -> ${kb_after} KiB"
+[ "$(D exec grow busybox md5sum /bin/busybox /kept /etc/motd)" = "$sums_before" ] || fail "files changed across the resize"
+D exec grow sh -c 'busybox dd if=/dev/zero of=/after bs=1M count=32 2>/dev/null && busybox sync' || fail "write after the resize"
+echo "docker-e2e: ok: thinfs layer resize of a running container: df ${kb_before} KiB -> ${kb_after} KiB, files intact"
+shrink=$("$THINFS" layer resize --root "$work/thinfs" "$layer" 2G 2>&1) && fail "a shrink was accepted"
+expect "a shrink is refused naming both sizes" "$shrink" "3G"
+
+# A second dockerd (another data-root) on the same plugin: refused with a clear error, and it exits.
+dockerd --experimental --iptables=false --ip-masq=false --bridge=none \
+    --data-root "$work/docker2" --exec-root "$work/exec2" --pidfile "$work/docker2.pid" -H "unix://$work/docker2.sock" \
+    --storage-driver "$name" >"$work/dockerd2.log" 2>&1 &
+second_pid=$!
+for i in $(seq 200); do kill -0 $second_pid 2>/dev/null || break; sleep 0.1; done
+kill -0 $second_pid 2>/dev/null && { stop_pid $second_pid; fail "a second dockerd started on the plugin: $(tail -5 "$work/dockerd2.log")"; }
+second_pid=""
+expect "a second dockerd is refused" "$(cat "$work/dockerd2.log")" "second dockerd"
+# Its managed containerd goes with it; one left behind is stopped here (by its pid file).
+[ -f "$work/exec2/containerd/containerd.pid" ] && stop_pid "$(cat "$work/exec2/containerd/containerd.pid")"
+expect "the first dockerd still runs its container" "$(D exec grow cat /kept)" "kept"
+D rm -f grow >/dev/null || fail "rm -f grow"
 
 D rm c1 >/dev/null || fail "rm c1"
 D rmi committed:1 >/dev/null || fail "docker rmi"

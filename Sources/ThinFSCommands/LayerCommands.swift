@@ -28,7 +28,7 @@ struct LayerCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "layer",
         abstract: "Create, remove, list and fill layers.",
-        subcommands: [Create.self, CreateRW.self, Remove.self, List.self, ApplyDiff.self, Diff.self]
+        subcommands: [Create.self, CreateRW.self, Resize.self, Remove.self, List.self, ApplyDiff.self, Diff.self]
     )
 
     struct Create: ParsableCommand {
@@ -51,6 +51,18 @@ struct LayerCommand: ParsableCommand {
         func run() throws {
             _ = options.poolRoot
             try StoreAccess.run(root: options.root, LayerRequest(.createRW, layer: id, parent: parent, size: size?.bytes))
+        }
+    }
+
+    struct Resize: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Grow a layer's thin device and filesystem, also while it is mounted and in use (no remount). Shrinking is refused.")
+        @OptionGroup var options: RootOptions
+        @Argument(help: "The layer's id.") var id: String
+        @Argument(help: "The new size (20G, 512M, ...): at least its current size.") var size: Size
+        func run() throws {
+            _ = options.poolRoot
+            try StoreAccess.run(root: options.root, LayerRequest(.resize, layer: id, size: size.bytes))
         }
     }
 

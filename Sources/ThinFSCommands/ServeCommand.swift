@@ -137,7 +137,8 @@ public struct ServeCommand: ParsableCommand {
             }
             let store = try LayerStore.open(root: root, logger: Logger(label: "thinfs.layers"))
             do {
-                try store.options.checkUnchanged(by: storageOptions, root: root)
+                // A bigger dm.basesize grows the base device, as dockerd's devicemapper did at start.
+                if let size = try store.options.checkUnchanged(by: storageOptions, root: root) { try store.growBase(to: size) }
             } catch {
                 try? store.close()
                 throw error

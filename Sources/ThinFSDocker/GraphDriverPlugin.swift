@@ -64,7 +64,7 @@ public final class GraphDriverPlugin: @unchecked Sendable {
             case .badRequest(let m, let why): "\(m): bad request: \(why)"
             case .notInitialized(let m): "\(m): the driver is not initialized (GraphDriver.Init first)"
             case .homeInUse(let home, let requested, let mounted):
-                "the plugin serves a dockerd whose home is \(home), with \(mounted) layer(s) mounted; a second dockerd (home \(requested)) cannot share it: stop the first, or run another 'thinfs serve --docker-plugin' with its own root"
+                "the plugin serves a dockerd whose home is \(home) (\(mounted) layer(s) mounted); a second dockerd (home \(requested)) cannot share it: stop the first (its shutdown releases the plugin), or run another 'thinfs serve --docker-plugin NAME' with its own root and name; if the first was killed, restart the plugin"
             case .notMounted(let id): "layer \(id) is not mounted (Put without a Get)"
             case .parentMismatch(let id, let given, let stored):
                 "layer \(id): parent \(given.isEmpty ? "(none)" : given) was given, but its parent is \(stored.isEmpty ? "(none)" : stored)"
@@ -243,13 +243,17 @@ public final class GraphDriverPlugin: @unchecked Sendable {
             throw Error.badRequest(method: "GraphDriver.Init", reason: "Home \(requested.debugDescription) is not an absolute path")
         }
         try LayerStore.validate(requested, what: "Home")
-        try store.options.checkUnchanged(by: options, root: store.root)
-        try FileManager.default.createDirectory(atPath: requested + "/mnt", withIntermediateDirectories: true)
+        // One dockerd per plugin, from its Init to its Cleanup (its shutdown): a second one
+        // would mix its layers with the first's and unmount them at its own shutdown. The same
+        // Home again is the same dockerd restarted (after a crash, with no Cleanup).
         let canonical = URL(fileURLWithPath: requested).resolvingSymlinksInPath().path
-        if let home, home != canonical, !gets.isEmpty {
+        if let home, home != canonical {
             throw Error.homeInUse(home: home, requested: canonical, mounted: gets.count)
         }
-        home = canonical
+        // A bigger dm.basesize grows the base device, as devicemapper's did at dockerd's start.
+        if let size = try store.options.checkUnchanged(by: options, root: store.root) { try store.growBase(to: size) }
+        try FileManager.default.createDirectory(atPath: requested + "/mnt", withIntermediateDirectories: true)
+        home = URL(fileURLWithPath: requested).resolvingSymlinksInPath().path
         logger.info("initialized for dockerd", metadata: ["home": "\(canonical)", "options": "\(options)"])
     }
 
@@ -308,6 +312,8 @@ public final class GraphDriverPlugin: @unchecked Sendable {
             rmdir(entry.path)
         }
         gets = [:]
+        // dockerd's shutdown: another dockerd may Init now.
+        home = nil
         let deleted = try store.cleanup()
         if !deleted.isEmpty { logger.info("deferred deletions done", metadata: ["layers": "\(deleted)"]) }
     }

@@ -209,7 +209,8 @@ struct ServeTests {
 
         let shrink = try Binaries.run("thinfs", ["serve", "--root", root, "--storage-opt", "dm.basesize=64M"])
         #expect(shrink.status != 0)
-        #expect(shrink.stderr.contains("dm.basesize") && shrink.stderr.contains(root), "\(shrink.stderr)")
+        #expect(shrink.stderr.contains("dm.basesize") && shrink.stderr.contains(root) && shrink.stderr.contains("128M")
+                && shrink.stderr.contains("64M"), "\(shrink.stderr)")
         let deletion = try Binaries.run("thinfs", ["serve", "--root", root, "--storage-opt", "dm.use_deferred_deletion=false"])
         #expect(deletion.status != 0 && deletion.stderr.contains("dm.use_deferred_deletion"), "\(deletion.stderr)")
         let unknown = try Binaries.run("thinfs", ["serve", "--root", root, "--storage-opt", "dm.nosuchkey=1"])
@@ -219,6 +220,39 @@ struct ServeTests {
         defer { again.tearDown() }
         try again.waitReady()
         #expect(try again.stop(SIGTERM) == .exited(0), "\(again.log)")
+
+        // A bigger dm.basesize grows the base device, as dockerd's devicemapper did: layers made
+        // from the base afterwards have the new size; one made before keeps its own.
+        let old = try Binaries.run("thinfs", ["layer", "create", "old", "--root", root])
+        #expect(old.status == 0, "\(old.stderr)")
+        let grown = try ServeProcess(root: root, arguments: ["--storage-opt", "dm.basesize=256M"])
+        defer { grown.tearDown() }
+        try grown.waitReady()
+        let made = try Binaries.run("thinfs", ["layer", "create", "new", "--root", root])
+        #expect(made.status == 0, "\(made.stderr)")
+        let grownInfo = try Binaries.run("thinfs", ["info", "--root", root])
+        #expect(grownInfo.stdout.contains("Base Device Size: 268.44 MB"), "\(grownInfo.stdout)")
+        let listing = try Binaries.run("thinfs", ["layer", "ls", "--json", "--root", root])
+        let rows = try JSONSerialization.jsonObject(with: Data(listing.stdout.utf8)) as? [[String: Any]] ?? []
+        let sizes = Dictionary(uniqueKeysWithValues: rows.compactMap { row in (row["id"] as? String).map { ($0, row["size"] as? Int) } })
+        #expect(sizes["old"] == 128 << 20 && sizes["new"] == 256 << 20, "\(listing.stdout)")
+        #expect(try grown.stop(SIGTERM) == .exited(0), "\(grown.log)")
+        // The base device's filesystem has grown with it: e2fsck and dumpe2fs judge the new layer's.
+        let image = dir.path + "/new.img"
+        let device = rows.first { $0["id"] as? String == "new" }?["deviceID"] as? Int ?? -1
+        let export = try LayerFixture.shell("\(Binaries.path("thinfs")) dev read --root \(root) \(device) --length 256M > \(image)")
+        #expect(export.status == 0, "\(export.stderr)")
+        let fsck = try LayerFixture.shell("/sbin/e2fsck -fn \(image)")
+        #expect(fsck.status == 0, "e2fsck: \(fsck.stdout)\(fsck.stderr)")
+        let header = try LayerFixture.shell("/sbin/dumpe2fs -h \(image)").stdout
+        func field(_ name: String) -> UInt64? {
+            header.split(separator: "\n").first { $0.hasPrefix(name + ":") }
+                .flatMap { UInt64($0.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) }
+        }
+        #expect(field("Block count").flatMap { c in field("Block size").map { c * $0 } } == 256 << 20, "\(header)")
+        // The smaller size, now refused against the grown base.
+        let smaller = try Binaries.run("thinfs", ["serve", "--root", root, "--storage-opt", "dm.basesize=128M"])
+        #expect(smaller.status != 0 && smaller.stderr.contains("256M") && smaller.stderr.contains("128M"), "\(smaller.stderr)")
     }
 }
 

@@ -119,8 +119,11 @@ struct GraphDriverPluginTests {
         let unknown = try h.call("GraphDriver.Init", #"{"Home":"\#(h.home)","Opts":["dm.basesize=64M","dm.bogus=1"]}"#)
         #expect(unknown.status == 500)
         #expect(unknown.err?.contains("dm.bogus") == true, "\(unknown.err ?? "")")
-        let changed = try h.call("GraphDriver.Init", #"{"Home":"\#(h.home)","Opts":["dm.basesize=20G"]}"#)
+        // dm.basesize only grows (`baseSizeGrowsOnly`); another option may not change at all.
+        let changed = try h.call("GraphDriver.Init", #"{"Home":"\#(h.home)","Opts":["dm.basesize=32M"]}"#)
         #expect(changed.err?.contains("dm.basesize") == true, "\(changed.err ?? "")")
+        let blocks = try h.call("GraphDriver.Init", #"{"Home":"\#(h.home)","Opts":["dm.blocksize=128K"]}"#)
+        #expect(blocks.err?.contains("dm.blocksize") == true, "\(blocks.err ?? "")")
         let relative = try h.call("GraphDriver.Init", #"{"Home":"relative/home","Opts":null}"#)
         #expect(relative.err?.contains("relative/home") == true)
 
@@ -333,12 +336,64 @@ struct GraphDriverPluginTests {
         #expect(!FileManager.default.fileExists(atPath: "/tmp/evil"))
         #expect(try h.store.allLayers().isEmpty)
 
+        // A second dockerd is refused from the first one's Init on, with nothing mounted too
+        // (it would mix its layers with the first's), and nothing of it is made.
+        let other = h.dir.path + "/other/thinfs"
+        let idle = try h.call("GraphDriver.Init", #"{"Home":"\#(other)","Opts":[]}"#)
+        #expect(idle.status == 500 && idle.err?.contains("second dockerd") == true && idle.err?.contains(h.home) == true,
+                "\(idle.status) \(idle.err ?? "")")
+        #expect(!FileManager.default.fileExists(atPath: other))
         try h.ok("GraphDriver.Create", #"{"ID":"one"}"#)
         let dir = try #require(try h.ok("GraphDriver.Get", #"{"ID":"one"}"#)["Dir"] as? String)
-        let second = try h.call("GraphDriver.Init", #"{"Home":"\#(h.dir.path)/other/thinfs","Opts":[]}"#)
+        let second = try h.call("GraphDriver.Init", #"{"Home":"\#(other)","Opts":[]}"#)
         #expect(second.err?.contains("second dockerd") == true, "\(second.err ?? "")")
+        // The same dockerd again (restarted after a crash, no Cleanup) is the same Home: accepted.
+        try h.initialize()
         try h.ok("GraphDriver.Cleanup")
         #expect(!Host.isMounted(dir))
         try h.ok("GraphDriver.Remove", #"{"ID":"one"}"#)
+        // The first dockerd's shutdown (Cleanup) lets another one in.
+        try h.ok("GraphDriver.Init", #"{"Home":"\#(other)","Opts":[]}"#)
+        #expect(FileManager.default.fileExists(atPath: other + "/mnt"))
+    }
+
+    /// A bigger dm.basesize at Init grows the base device, as devicemapper's did: a layer made
+    /// from the base afterwards has the new size (GetMetadata, and statvfs of its mount), one
+    /// made before keeps its own, and Status shows the new Base Device Size. A smaller one is
+    /// refused naming both sizes, and changes nothing.
+    @Test func baseSizeGrowsOnly() throws {
+        let h = try PluginHarness()
+        var down = false
+        defer { if !down { h.shutDown() } }
+        try h.initialize()
+        try h.ok("GraphDriver.Create", #"{"ID":"before"}"#)
+        try h.initialize(["dm.basesize=160M"])
+        try h.ok("GraphDriver.Create", #"{"ID":"after"}"#)
+        func deviceSize(_ id: String) throws -> String? {
+            (try h.ok("GraphDriver.GetMetadata", #"{"ID":"\#(id)"}"#)["Metadata"] as? [String: Any])?["DeviceSize"] as? String
+        }
+        #expect(try deviceSize("before") == String(64 << 20))
+        #expect(try deviceSize("after") == String(160 << 20))
+        let status = try #require(try h.ok("GraphDriver.Status")["Status"] as? [[String]])
+        #expect(status.contains(["Base Device Size", ByteSize.human(160 << 20)]), "\(status)")
+        for (id, size) in [("before", UInt64(64 << 20)), ("after", UInt64(160 << 20))] {
+            let dir = try #require(try h.ok("GraphDriver.Get", #"{"ID":"\#(id)"}"#)["Dir"] as? String)
+            var st = statvfs()
+            #expect(statvfs(dir, &st) == 0)
+            let bytes = UInt64(st.f_blocks) * UInt64(st.f_frsize)
+            #expect(bytes > size - size / 8 && bytes <= size, "layer \(id)'s filesystem is \(bytes) bytes, not about \(size)")
+            try h.ok("GraphDriver.Put", #"{"ID":"\#(id)"}"#)
+        }
+        let shrink = try h.call("GraphDriver.Init", #"{"Home":"\#(h.home)","Opts":["dm.basesize=64M"]}"#)
+        #expect(shrink.status == 500 && shrink.err?.contains("dm.basesize") == true && shrink.err?.contains("160M") == true
+                && shrink.err?.contains("64M") == true, "\(shrink.err ?? "")")
+        #expect(h.store.base.size == 160 << 20)
+        try h.ok("GraphDriver.Cleanup")
+        // The grown base is the store's from now on: it opens with it.
+        h.shutDown()
+        down = true
+        let reopened = try LayerStore.open(root: h.dir.path + "/store", logger: quietLogger)
+        defer { try? reopened.close() }
+        #expect(reopened.base.size == 160 << 20 && reopened.options.baseSize == 160 << 20)
     }
 }

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import PersistentData
+import Synchronization
 import SystemPackage
 
 /// The layer store: Docker's devicemapper graphdriver model over a thin pool.
@@ -79,12 +80,16 @@ public final class LayerStore: @unchecked Sendable {
     public let root: String
     public let poolRoot: PoolRoot
     public let pool: any ThinPoolBackend
-    public let options: StorageOptions
+    /// The store's options and base device. Both change only when a bigger dm.basesize grows
+    /// the base (`growBase`); they have a lock of their own, so that reading them never waits
+    /// behind a long store operation.
+    let settings: Mutex<(options: StorageOptions, base: Base)>
+    public var options: StorageOptions { settings.withLock { $0.options } }
     /// A store over a pool ThinFS did not make (`initializeReadOnly`): nothing in it changes.
     public let readOnly: Bool
     /// ROOT/store.lock, held while the store is open over a kernel pool.
     let storeLock: FileDescriptor?
-    public let base: Base
+    public var base: Base { settings.withLock { $0.base } }
     /// Every volume this process has open on the pool; commits flush them all first.
     public let volumes: VolumeGroup
     let db: LayerDatabase
@@ -151,8 +156,7 @@ public final class LayerStore: @unchecked Sendable {
         self.storeLock = storeLock
         self.readOnly = readOnly
         self.db = db
-        self.options = options
-        self.base = base
+        self.settings = Mutex((options, base))
         self.logger = logger
         self.volumes = VolumeGroup(pool: pool, logger: logger)
     }
@@ -179,6 +183,10 @@ public final class LayerStore: @unchecked Sendable {
         case baseMismatch(root: String, expected: String, found: String)
         case unsupported(String)
         case sizeTooSmall(String, size: UInt64, minimum: UInt64)
+        /// `thinfs layer resize` to less than the layer's size.
+        case shrinkRefused(String, size: UInt64, current: UInt64)
+        /// dm.basesize smaller than the base device a store already has.
+        case baseShrinkRefused(root: String, size: UInt64, current: UInt64)
         case noFreeDeviceID
         case readOnlyStore(root: String, operation: String)
         case kernelMount(String, reason: String)
@@ -219,6 +227,10 @@ public final class LayerStore: @unchecked Sendable {
             case .unsupported(let what): what
             case .sizeTooSmall(let id, let size, let minimum):
                 "layer \(id): size \(ByteSize.human(size)) is smaller than its parent's filesystem (\(ByteSize.human(minimum))); layers can only grow"
+            case .shrinkRefused(let id, let size, let current):
+                "layer \(id) is \(ByteSize.format(current)) (\(current) bytes); it cannot shrink to \(ByteSize.format(size)) (\(size) bytes): a layer's filesystem only grows"
+            case .baseShrinkRefused(let root, let size, let current):
+                "the store at \(root) has a base device of \(ByteSize.format(current)) (\(current) bytes); dm.basesize=\(ByteSize.format(size)) (\(size) bytes) would shrink it: the base size only grows (as with devicemapper)"
             case .noFreeDeviceID: "no free thin device id below 2^24"
             case .readOnlyStore(let root, let operation):
                 "the store at \(root) is read-only (an imported pool ThinFS did not make): \(operation) is refused"

@@ -188,7 +188,12 @@ extension StorageOptions {
     /// start-up options cannot change them. A key given with the stored value is accepted; one
     /// with another value is refused, naming the key and both values, as dockerd refused a
     /// dm.basesize smaller than its base device. Invalid options are refused as by `init`.
-    public func checkUnchanged(by given: [String], root: String) throws(Error) {
+    ///
+    /// dm.basesize alone may grow, as devicemapper's did: a bigger one is returned, for the
+    /// caller to grow the base device with (`LayerStore.growBase`); a smaller one is refused,
+    /// naming both sizes.
+    @discardableResult
+    public func checkUnchanged(by given: [String], root: String) throws(Error) -> UInt64? {
         let parsed = try StorageOptions(parsing: given)
         var keys: [String] = []
         for option in given {
@@ -196,8 +201,17 @@ extension StorageOptions {
             let key = option[..<eq].lowercased().trimmingCharacters(in: .whitespaces)
             if !keys.contains(key) { keys.append(key) }
         }
+        var grownBase: UInt64?
         for key in keys where parsed.shown(key) != shown(key) {
+            if key == "dm.basesize" {
+                guard parsed.baseSize > baseSize else {
+                    throw Error(option: key, reason: "the store at \(root) has a base device of \(ByteSize.format(baseSize)) (\(baseSize) bytes); it cannot shrink to \(ByteSize.format(parsed.baseSize)) (\(parsed.baseSize) bytes): the base size only grows")
+                }
+                grownBase = parsed.baseSize
+                continue
+            }
             throw Error(option: key, reason: "the store at \(root) was made with \(key)=\(shown(key)); it cannot change to \(parsed.shown(key)) (options are fixed when a store is made: start without it, or make a new store in another root)")
         }
+        return grownBase
     }
 }

@@ -30,6 +30,9 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     private let lock = Lock()
     private var fs: ext2_filsys?
     private let channelName: String
+    /// Counts the reopenings of `fs` (`growFilesystem`): a read planned on an earlier handle is
+    /// redone under the lock, as after a block free, since its block numbers came from there.
+    private var handleEpoch: UInt64 = 0
     /// Open handles per inode, and inodes whose last link went while open (freed on the last release).
     private var openCounts: [UInt64: Int] = [:]
     private var orphans: Set<UInt64> = []
@@ -53,28 +56,66 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         self.isReadOnly = readOnly
         self.logger = logger
         channelName = ChannelRegistry.shared.register(device)
+        do {
+            fs = try Self.openHandle(channelName, readOnly: readOnly)
+        } catch {
+            ChannelRegistry.shared.unregister(channelName)
+            throw error
+        }
+    }
+
+    /// Opens the ext4 on the device registered as `channelName`.
+    private static func openHandle(_ channelName: String, readOnly: Bool) throws(VolumeError) -> ext2_filsys {
         var handle: ext2_filsys?
         var flags = EXT2_FLAG_64BITS | EXT2_FLAG_SKIP_MMP
         if !readOnly { flags |= EXT2_FLAG_RW }
         let rc = ext2fs_open2(channelName, nil, flags, 0, 0, blockDeviceIOManager, &handle)
         guard rc == 0, let handle else {
-            ChannelRegistry.shared.unregister(channelName)
             throw VolumeError(Self.errno(rc), "the device holds no ext4 filesystem libext2fs can open (\(Self.message(rc)))")
         }
-        fs = handle
         // Modes come from callers; libext2fs must not mask them.
         handle.pointee.umask = 0
         if !readOnly {
             let rb = ext2fs_read_bitmaps(handle)
             guard rb == 0 else {
-                ext2fs_close_free(&fs)
-                ChannelRegistry.shared.unregister(channelName)
+                var opened: ext2_filsys? = handle
+                ext2fs_close_free(&opened)
                 throw VolumeError(Self.errno(rb), "cannot read the allocation bitmaps (\(Self.message(rb)))")
             }
             // Unlocked file reads must learn of every block freed while their device reads ran.
             ext2fs_set_block_alloc_stats_callback(handle, countBlockFree, nil)
             ext2fs_set_block_alloc_stats_range_callback(handle, countBlockRangeFree, nil)
         }
+        return handle
+    }
+
+    /// Lets `body` change the filesystem under this open volume (`thinfs layer resize` of a
+    /// mounted layer: resize2fs grows it), then opens it again. libext2fs's state is written
+    /// and the handle closed first, so `body` sees the whole filesystem on the device; the
+    /// volume's lock is held throughout, so every FUSE request waits, and none fails. What the
+    /// volume keeps about inodes (open counts, unlinked-but-open inodes, generations) stays:
+    /// growing an ext4 keeps every inode's number. The directory cache goes (it is rebuilt as
+    /// directories are read again), and reads planned on the old handle are redone
+    /// (`handleEpoch`), since resize2fs may move blocks to make room for new group descriptors.
+    /// If `body` fails, the filesystem is opened again as it is.
+    public func reopen(around body: () throws -> Void) throws {
+        lock.lock()
+        defer { lock.unlock() }
+        guard fs != nil else { throw VolumeError(.badFileDescriptor, "the volume is closed") }
+        directories.removeAll()
+        handleEpoch &+= 1
+        let rc = ext2fs_close_free(&fs)
+        var failure: Swift.Error? = rc == 0 ? nil : VolumeError(Self.errno(rc), "closing the filesystem (\(Self.message(rc)))")
+        if failure == nil {
+            do { try body() } catch { failure = error }
+        }
+        do {
+            fs = try Self.openHandle(channelName, readOnly: isReadOnly)
+        } catch {
+            logger.error("the filesystem could not be opened again; the volume answers EBADF", metadata: ["error": "\(error)"])
+            throw failure ?? error
+        }
+        if let failure { throw failure }
     }
 
     deinit { try? close() }
@@ -878,7 +919,9 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         }
         if runs.length == 0 { return 0 }
         try execute(runs, ino, offset, buffer)
-        let stillValid = try withFS { fs throws(VolumeError) in channelState(fs.pointee.io).freeGeneration == runs.generation }
+        let stillValid = try withFS { fs throws(VolumeError) in
+            handleEpoch == runs.epoch && channelState(fs.pointee.io).freeGeneration == runs.generation
+        }
         if stillValid { return runs.length }
         // A block was freed while the device reads ran: map and read again, all under the lock.
         return try withFS { fs throws(VolumeError) -> Int in
@@ -904,6 +947,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         /// The bytes the read returns (the request, clamped to the file size).
         var length = 0
         var generation: UInt64 = 0
+        var epoch: UInt64 = 0
         var device: BlockDevice?
     }
 
@@ -913,7 +957,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     private func planExtentRead(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large, _ offset: UInt64,
                                 _ count: Int) throws(VolumeError) -> ReadPlan? {
         let channel = channelState(fs.pointee.io)
-        var plan = ReadPlan(generation: channel.freeGeneration, device: channel.device)
+        var plan = ReadPlan(generation: channel.freeGeneration, epoch: handleEpoch, device: channel.device)
         let size = fileSize(inode)
         guard offset < size, count > 0 else { return plan }
         let end = min(offset + UInt64(count), size)

@@ -1,5 +1,6 @@
 import Logging
 import PersistentData
+import Synchronization
 
 /// Volumes on several thin devices of one pool, in one process, committed together.
 ///
@@ -37,10 +38,10 @@ public final class VolumeGroup: @unchecked Sendable {
         public let volume: Volume
         public let deviceID: ThinDeviceID
         let key: Int
-        let device: BlockDevice
+        let device: MemberDevice
         weak var group: VolumeGroup?
 
-        init(volume: Volume, deviceID: ThinDeviceID, key: Int, device: BlockDevice, group: VolumeGroup) {
+        init(volume: Volume, deviceID: ThinDeviceID, key: Int, device: MemberDevice, group: VolumeGroup) {
             self.volume = volume
             self.deviceID = deviceID
             self.key = key
@@ -54,6 +55,25 @@ public final class VolumeGroup: @unchecked Sendable {
             self.group = nil
             try group.leave(self)
         }
+
+        /// Grows the open volume's device to `size` and its filesystem with it, with no close:
+        /// the volume is held still (`Volume.reopen`) while `resize` grows the ext4 on the
+        /// bigger device, which it gets uncommitted (the group's commit after makes it durable
+        /// with every other member's state). The device is opened again at the new size (the
+        /// kernel pool reloads its table); the old opening stays open until the member closes,
+        /// for reads planned on it without the volume's lock.
+        public func grow(to size: UInt64, resize: (BlockDevice) throws -> Void) throws {
+            guard let group else { throw VolumeError(.badFileDescriptor, "the volume on thin device \(deviceID) is closed") }
+            let bigger = try group.pool.openDevice(deviceID, size: size)
+            var handedOver = false
+            defer { if !handedOver { bigger.close() } }
+            try volume.reopen {
+                try resize(MemberDevice(bigger))
+                device.replace(with: bigger)
+                handedOver = true
+            }
+            try group.commit()
+        }
     }
 
     /// Opens the ext4 on thin device `id` as a member of the group.
@@ -65,10 +85,11 @@ public final class VolumeGroup: @unchecked Sendable {
                 nextKey += 1
                 return nextKey
             }
-            let volume = try Volume(device: MemberDevice(device), readOnly: readOnly, logger: logger,
+            let member = MemberDevice(device)
+            let volume = try Volume(device: member, readOnly: readOnly, logger: logger,
                                     commit: { [weak self] in try self?.commit() })
             lock.withLock { members.append((key, volume)) }
-            return Member(volume: volume, deviceID: id, key: key, device: device, group: self)
+            return Member(volume: volume, deviceID: id, key: key, device: member, group: self)
         } catch {
             device.close()
             throw error
@@ -111,7 +132,7 @@ public final class VolumeGroup: @unchecked Sendable {
     }
 
     fileprivate func leave(_ member: Member) throws {
-        defer { member.device.close() }
+        defer { member.device.closeAll() }
         // Closing writes libext2fs's last state; the commit makes it durable with everyone else's.
         var failure: Error?
         do { try member.volume.close() } catch { failure = error }
@@ -142,10 +163,23 @@ public final class VolumeGroup: @unchecked Sendable {
     }
 }
 
-/// A thin device as a group member sees it: `flush` does not commit (the group does).
-private final class MemberDevice: BlockDevice, @unchecked Sendable {
-    let base: BlockDevice
-    init(_ base: BlockDevice) { self.base = base }
+/// A thin device as a group member sees it: `flush` does not commit (the group does). Also what
+/// a resize is handed (`Member.grow`, `LayerStore.growFilesystem`), for the same reason.
+///
+/// A member's device can grow (`replace`): I/O goes to the newest opening, and the earlier ones
+/// stay open until `closeAll`, so that a read that took one just before cannot find it closed.
+final class MemberDevice: BlockDevice, @unchecked Sendable {
+    private let openings: Mutex<[BlockDevice]>
+    init(_ base: BlockDevice) { openings = Mutex([base]) }
+    var base: BlockDevice { openings.withLock { $0[$0.count - 1] } }
+
+    func replace(with bigger: BlockDevice) { openings.withLock { $0.append(bigger) } }
+
+    /// Closes every opening, newest first.
+    func closeAll() {
+        for device in openings.withLock({ $0.reversed() }) { device.close() }
+    }
+
     var size: UInt64 { base.size }
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws { try base.read(into: buffer, at: offset) }
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws { try base.write(buffer, at: offset) }

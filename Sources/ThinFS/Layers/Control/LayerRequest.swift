@@ -5,7 +5,7 @@ import Foundation
 /// `ROOT/control.sock` when it is not: the store has exactly one writer, so requests go to it.
 public struct LayerRequest: Codable, Equatable, Sendable {
     public enum Operation: String, Codable, Sendable {
-        case create, createRW = "create-rw", remove = "rm", list = "ls", info, cleanup
+        case create, createRW = "create-rw", resize, remove = "rm", list = "ls", info, cleanup
         case applyDiff = "apply-diff", diff, mount, importImage = "image-import"
         case kernelMount = "kernel-mount", kernelUnmount = "kernel-umount"
     }

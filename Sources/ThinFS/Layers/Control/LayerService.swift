@@ -60,6 +60,9 @@ public struct LayerService: Sendable {
         case .createRW:
             let layer = try store.createContainerLayer(try need(r.layer, "layer id"), parent: try need(r.parent, "parent"), size: r.size)
             return "\(layer.id)\n"
+        case .resize:
+            let layer = try store.resizeLayer(try need(r.layer, "layer id"), to: try need(r.size, "size"))
+            return "\(layer.id) \(layer.size)\n"
         case .remove:
             let id = try need(r.layer, "layer id")
             switch try store.remove(id) {
