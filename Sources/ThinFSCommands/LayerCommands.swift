@@ -172,7 +172,7 @@ struct ImageCommand: ParsableCommand {
             _ = options.poolRoot
             let terminal = isatty(STDERR_FILENO) == 1
             let progress: @Sendable (LayerStore.ImportProgress) -> Void = { p in
-                let line = "layers \(p.layersDone)/\(p.layers) (\(p.reused) reused), \(ByteSize.human(p.bytesDone)), \(ByteSize.human(UInt64(p.rate)))/s"
+                let line = "layers \(p.layersDone)/\(p.layers) (\(p.reused) reused\(p.adopted > 0 ? ", \(p.adopted) from the cluster" : "")), \(ByteSize.human(p.bytesDone)), \(ByteSize.human(UInt64(p.rate)))/s"
                 if terminal {
                     let width = 30, filled = p.layers == 0 ? width : width * p.layersDone / p.layers
                     let bar = String(repeating: "#", count: filled) + String(repeating: "-", count: width - filled)

@@ -10,7 +10,7 @@ public struct ThinFSCommand: ParsableCommand {
         abstract: "Container layers in dm-thin snapshots, served through FUSE.",
         version: ThinFSVersion.string,
         subcommands: [InitCommand.self, ServeCommand.self, LayerCommand.self, ImageCommand.self, MountCommand.self, UmountCommand.self,
-                      InfoCommand.self, CleanupCommand.self, PoolCommand.self, DevCommand.self, BenchCommand.self, CompareCommand.self, SetupLVMCommand.self, KernelPoolCommand.self, ImportDockerCommand.self]
+                      InfoCommand.self, CleanupCommand.self, PoolCommand.self, DevCommand.self, BenchCommand.self, CompareCommand.self, SetupLVMCommand.self, KernelPoolCommand.self, ImportDockerCommand.self, ClusterCommand.self]
     )
 
     public init() {}

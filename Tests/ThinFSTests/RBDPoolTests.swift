@@ -252,6 +252,69 @@ struct RBDPoolTests {
         #expect(bytes.allSatisfy { $0 == 7 })
     }
 
+    /// The layer catalogue between two stores (two clients, two prefixes, one catalogue object):
+    /// A publishes an image, B adopts it (an alias: no image of B's made), clones it from the
+    /// shared snapshot and reads A's bytes; A's delete is refused naming B while B uses it, B's
+    /// delete of the alias leaves A's image; then A's delete removes it. `rados` lists the omap.
+    @Test func catalogueSharesALayerBetweenTwoStores() throws {
+        let catalogue = "thinfs-catalogue-\(UUID().uuidString.prefix(8).lowercased())"
+        let prefixA = Ceph.uniquePrefix("cata"), prefixB = Ceph.uniquePrefix("catb")
+        func pool(_ prefix: String) throws -> RBDPool {
+            try RBDPool(.init(pool: Ceph.pool, conf: Ceph.confPath, prefix: prefix, imageSize: 8 << 20,
+                              blockSize: UInt64(Self.blockSize), catalogue: catalogue), logger: quietLogger)
+        }
+        let a = try pool(prefixA), b = try pool(prefixB)
+        defer {
+            try? Self.removeAll(b)
+            try? Self.removeAll(a)
+            _ = try? Oracle.run("/usr/bin/rados", ["-c", Ceph.confPath, "-p", Ceph.pool, "rm", catalogue])
+        }
+        try a.message(.createThin(1))
+        let writer = try a.openDevice(1, size: 8 << 20)
+        try [UInt8](repeating: 0x42, count: 8192).withUnsafeBytes { try writer.write($0, at: 4096) }
+        writer.close()
+        #expect(try a.publishLayer(1, chainID: "sha256:aaaa", size: 8 << 20, uuid: "u", parent: nil))
+        // Published once: a second publisher (B with its own copy) keeps its copy to itself.
+        #expect(try b.sharedLayers().map(\.chainID) == ["sha256:aaaa"])
+        let keys = try Oracle.run("/usr/bin/rados", ["-c", Ceph.confPath, "-p", Ceph.pool, "listomapkeys", catalogue]).stdout
+        #expect(keys.contains("layer.sha256:aaaa") && keys.contains("image.\(prefixA)1"), "\(keys)")
+
+        let adopted = try b.adoptLayer("sha256:aaaa", as: 5)
+        #expect(adopted.image == "\(prefixA)1" && adopted.host == prefixA)
+        #expect(try b.deviceIDs() == [5])
+        #expect(try Ceph.images(prefix: prefixB) == [])
+        #expect(try a.sharedLayers().first?.users == [prefixB: RBDPool.hostname])
+        // A fresh pool object (B's next process) finds the alias in the catalogue.
+        #expect(try pool(prefixB).imageName(5) == "\(prefixA)1")
+
+        try b.message(.createSnap(6, origin: 5))
+        #expect(try Ceph.images(prefix: prefixB) == ["\(prefixB)6"])
+        let clone = try b.openDevice(6, size: 8 << 20)
+        var bytes = [UInt8](repeating: 0, count: 8192)
+        try bytes.withUnsafeMutableBytes { try clone.read(into: $0, at: 4096) }
+        clone.close()
+        #expect(bytes.allSatisfy { $0 == 0x42 })
+
+        do {
+            try a.checkDeletable(1)
+            Issue.record("A may delete a layer B uses")
+        } catch let error as RBDPool.CatalogueError {
+            guard case .inUse(_, let users) = error else { throw error }
+            #expect(users.count == 1 && users[0].contains(prefixB), "\(error)")
+        }
+        #expect(throws: RBDPool.CatalogueError.self) { try a.message(.delete(1)) }
+        #expect(try Ceph.images(prefix: prefixA) == ["\(prefixA)1"])
+
+        try b.message(.delete(6))
+        try b.message(.delete(5))
+        #expect(try b.deviceIDs() == [])
+        #expect(try Ceph.images(prefix: prefixA) == ["\(prefixA)1"])
+        #expect(try a.sharedLayers().first?.users == [:])
+        try a.message(.delete(1))
+        #expect(try Ceph.images(prefix: prefixA) == [])
+        #expect(try a.sharedLayers().isEmpty)
+    }
+
     /// The transaction id lives in the cluster (pool metadata under the prefix), checked like
     /// dm-thin's set_transaction_id.
     @Test func transactionID() throws {

@@ -203,12 +203,17 @@ extension LayerStore {
             if let existing, existing.state != .applying {
                 guard existing.state == .active else { throw Error.deleted(id) }
                 done.reused += 1
+            } else if try adoptShared(id, parent: parent) {
+                // Another host imported it into the cluster: used as it is, nothing unpacked.
+                done.reused += 1
+                done.adopted += 1
             } else {
                 // The blob's digest and its DiffID against the config, before anything is written.
                 _ = try source.verify(entry)
                 try createImageLayer(id, parent: parent, what: "image import") { volume in
                     _ = try LayerApplier(volume: volume, logger: logger).apply(path: entry.path)
                 }
+                publishShared(id)
             }
             done.layersDone += 1
             done.bytesDone += UInt64((try? FileManager.default.attributesOfItem(atPath: entry.path)[.size] as? NSNumber)??.uint64Value ?? 0)
@@ -227,6 +232,8 @@ extension LayerStore {
         public var layers: Int
         public var layersDone = 0
         public var reused = 0
+        /// Of the reused layers, those another host had imported into the cluster (RBD catalogue).
+        public var adopted = 0
         public var bytesDone: UInt64 = 0
         public var elapsed: TimeInterval = 0
         public var rate: Double { elapsed > 0 ? Double(bytesDone) / elapsed : 0 }

@@ -116,6 +116,8 @@ extension LayerStore {
 
     /// Deletes `layer`'s thin device and its record, journaled.
     func journaledDelete(_ layer: Layer) throws {
+        // A shared layer another host uses is refused before anything is journaled.
+        try (pool as? RBDPool)?.checkDeletable(layer.deviceID)
         let txid = try transactionID + 1
         try db.execute("INSERT INTO journal(txid, op, layer, device_id, origin) VALUES(?, 'delete', ?, ?, NULL)",
                        [.integer(Int64(txid)), .text(layer.id), .integer(Int64(layer.deviceID))])

@@ -56,6 +56,7 @@ extension LayerStore {
                 }
             }
             logger.info("created layer", metadata: ["layer": "\(id)", "thin.id": "\(created.deviceID)", "parent": "\(parent ?? "<base>")"])
+            publishContainer(created)
             return created
         }
     }
@@ -104,7 +105,15 @@ extension LayerStore {
                 return .deferred(holder: holder)
             }
             defer { exclusive.release() }
-            try journaledDelete(layer)
+            do {
+                try journaledDelete(layer)
+            } catch let e as RBDPool.CatalogueError {
+                // Another host still uses this shared layer: deferred like a busy one, or refused.
+                guard case .inUse = e, options.deferredDeletion else { throw e }
+                try db.execute("UPDATE layers SET state = 'deleted' WHERE id = ?", [.text(id)])
+                logger.info("deferred the deletion of a layer another host uses", metadata: ["layer": "\(id)", "reason": "\(e)"])
+                return .deferred(holder: "\(e)")
+            }
             logger.info("deleted layer", metadata: ["layer": "\(id)", "thin.id": "\(layer.deviceID)"])
             return .deleted
         }
@@ -119,7 +128,11 @@ extension LayerStore {
             for layer in try allLayers() where layer.state == .deleted {
                 guard let exclusive = try claim(layer) else { continue }
                 defer { exclusive.release() }
-                try journaledDelete(layer)
+                do {
+                    try journaledDelete(layer)
+                } catch RBDPool.CatalogueError.inUse {
+                    continue   // another host still uses it: it waits, as a busy layer does
+                }
                 deleted.append(layer.id)
                 logger.info("deleted a deferred-deleted layer", metadata: ["layer": "\(layer.id)", "thin.id": "\(layer.deviceID)"])
             }

@@ -11,7 +11,9 @@ import Foundation
 ///     thinfs.backend=rbd       images in a Ceph RBD pool (RBDPool): rbd.pool=NAME (default rbd),
 ///                              rbd.conf=PATH (a ceph.conf; default librados's search), rbd.id=NAME
 ///                              (client name without 'client.'; default admin), rbd.prefix=P (image
-///                              names P<id>, so stores can share a pool; default thinfs-)
+///                              names P<id>, so stores can share a pool; default thinfs-),
+///                              rbd.catalogue=NAME (the RADOS object of a layer catalogue: stores
+///                              on several hosts with the same one share image layers; default none)
 ///     (neither)                ROOT/pool/{data,metadata}, the userspace engine (ThinFS's default)
 ///
 /// The loop and userspace backends use the same files in the same (dm-thin) format.
@@ -37,11 +39,12 @@ public struct StorageOptions: Codable, Equatable, Sendable {
     public var rbdConf: String?                      // rbd.conf
     public var rbdID: String?                        // rbd.id
     public var rbdPrefix: String?                    // rbd.prefix
+    public var rbdCatalogue: String?                 // rbd.catalogue
 
     /// The RBD pool these options name (thinfs.backend=rbd).
     public var rbdConfiguration: RBDPool.Configuration {
         RBDPool.Configuration(pool: rbdPool ?? "rbd", conf: rbdConf, clientID: rbdID, prefix: rbdPrefix ?? "thinfs-",
-                              imageSize: baseSize, blockSize: blockSize)
+                              imageSize: baseSize, blockSize: blockSize, catalogue: rbdCatalogue)
     }
 
     /// The engine that drives the pool (see the table above).
@@ -59,7 +62,7 @@ public struct StorageOptions: Codable, Equatable, Sendable {
     public static let keys = [
         "dm.basesize", "dm.loopdatasize", "dm.loopmetadatasize", "dm.blocksize", "dm.thinpooldev", "dm.fs",
         "dm.mkfsarg", "dm.mountopt", "dm.use_deferred_removal", "dm.use_deferred_deletion", "dm.min_free_space",
-        "thinfs.backend", "rbd.pool", "rbd.conf", "rbd.id", "rbd.prefix",
+        "thinfs.backend", "rbd.pool", "rbd.conf", "rbd.id", "rbd.prefix", "rbd.catalogue",
     ]
 
     /// Applies `KEY=VAL` options in order over the defaults.
@@ -69,7 +72,7 @@ public struct StorageOptions: Codable, Equatable, Sendable {
         if let device = thinPoolDevice, let backend, backend != .kernel {
             throw Error(option: "thinfs.backend", reason: "'\(backend.rawValue)' contradicts dm.thinpooldev=\(device), which names a kernel pool")
         }
-        if backend != .rbd, let key = [("rbd.pool", rbdPool), ("rbd.conf", rbdConf), ("rbd.id", rbdID), ("rbd.prefix", rbdPrefix)].first(where: { $0.1 != nil })?.0 {
+        if backend != .rbd, let key = [("rbd.pool", rbdPool), ("rbd.conf", rbdConf), ("rbd.id", rbdID), ("rbd.prefix", rbdPrefix), ("rbd.catalogue", rbdCatalogue)].first(where: { $0.1 != nil })?.0 {
             throw Error(option: key, reason: "applies to thinfs.backend=rbd only")
         }
         if backend == .kernel, thinPoolDevice == nil {
@@ -121,7 +124,7 @@ public struct StorageOptions: Codable, Equatable, Sendable {
                 throw Error(option: key, reason: "'\(value)' is not one of \(Backend.allCases.map(\.rawValue).joined(separator: ", "))")
             }
             backend = b
-        case "rbd.pool", "rbd.id", "rbd.prefix":
+        case "rbd.pool", "rbd.id", "rbd.prefix", "rbd.catalogue":
             // Ceph's names: no '/' (pool/image separator) or '@' (image@snapshot).
             guard !value.isEmpty, !value.contains("/"), !value.contains("@"), !value.contains("\0") else {
                 throw Error(option: key, reason: "'\(value)' must be a non-empty name without '/' or '@'")
@@ -129,6 +132,7 @@ public struct StorageOptions: Codable, Equatable, Sendable {
             switch key {
             case "rbd.pool": rbdPool = value
             case "rbd.id": rbdID = value.hasPrefix("client.") ? String(value.dropFirst(7)) : value
+            case "rbd.catalogue": rbdCatalogue = value
             default: rbdPrefix = value
             }
         case "rbd.conf":
@@ -172,6 +176,7 @@ extension StorageOptions {
         case "rbd.conf": rbdConf ?? "(none)"
         case "rbd.id": rbdID ?? "(none)"
         case "rbd.prefix": rbdPrefix ?? "(none)"
+        case "rbd.catalogue": rbdCatalogue ?? "(none)"
         case "dm.fs": filesystem
         case "dm.mkfsarg": mkfsArguments.isEmpty ? "(none)" : mkfsArguments.joined(separator: " ")
         case "dm.mountopt": mountOptions.isEmpty ? "(none)" : mountOptions.joined(separator: ",")

@@ -8,8 +8,8 @@ import SystemPackage
 import Glibc
 #endif
 
-// The only Swift file that imports CRBD. Every librbd and librados call goes through the types
-// here: `RadosConnection` owns the cluster handle and the pool's I/O context, `RBDImage` one
+// With RBDPool+Catalogue.swift (the layer catalogue shared between hosts), the only Swift
+// files that import CRBD. Every librbd and librados call goes through the types here: `RadosConnection` owns the cluster handle and the pool's I/O context, `RBDImage` one
 // open image, `RBDBlockDevice` the I/O on it, and `RBDPool` the dm-thin message vocabulary.
 // Every return code goes through `check`, which throws with the operation and image named.
 
@@ -64,15 +64,19 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         public var imageSize: UInt64
         /// The unit of `status` and `deviceDetails` counts (dm.blocksize): RBD has no pool blocks.
         public var blockSize: UInt64
+        /// rbd.catalogue: the RADOS object, in `pool`, of the layer catalogue that stores sharing
+        /// image layers between hosts have in common (RBDPool+Catalogue.swift); nil: no sharing.
+        public var catalogue: String?
 
         public init(pool: String = "rbd", conf: String? = nil, clientID: String? = nil, prefix: String = "thinfs-",
-                    imageSize: UInt64 = 10 << 30, blockSize: UInt64 = 64 << 10) {
+                    imageSize: UInt64 = 10 << 30, blockSize: UInt64 = 64 << 10, catalogue: String? = nil) {
             self.pool = pool
             self.conf = conf
             self.clientID = clientID
             self.prefix = prefix
             self.imageSize = imageSize
             self.blockSize = blockSize
+            self.catalogue = catalogue
         }
     }
 
@@ -109,6 +113,9 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
     let logger: Logger
     /// Images this process has open, shared by their openers, with the open count.
     private let state = Mutex<[ThinDeviceID: (image: RBDImage, opens: Int)]>([:])
+    /// Device ids of this store that name another store's image (a shared layer adopted, a
+    /// container taken over), from the catalogue. Lock order: `state`, then this.
+    let aliases = Mutex<[ThinDeviceID: String]>([:])
 
     /// Connects to the cluster (`rbd.conf`, `rbd.id`) and opens `rbd.pool`.
     public init(_ configuration: Configuration, readOnly: Bool = false,
@@ -120,6 +127,8 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         self.readOnly = readOnly
         self.logger = logger
         connection = try RadosConnection(conf: configuration.conf, clientID: configuration.clientID, pool: configuration.pool)
+        let loaded = try loadAliases()
+        aliases.withLock { $0 = loaded }
     }
 
     deinit {
@@ -135,10 +144,12 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
 
     // MARK: Names
 
-    public func imageName(_ id: ThinDeviceID) -> String { "\(configuration.prefix)\(id)" }
+    public func imageName(_ id: ThinDeviceID) -> String { aliases.withLock { $0[id] } ?? "\(configuration.prefix)\(id)" }
     /// `pool/image`, as the rbd CLI names an image.
     public func spec(_ id: ThinDeviceID) -> String { "\(configuration.pool)/\(imageName(id))" }
-    static func cloneSnapshot(_ child: ThinDeviceID) -> String { "thinfs-clone-\(child)" }
+    /// Named by the clone's image, not only its id: another store's clones of a shared image
+    /// would collide on the id alone.
+    func cloneSnapshot(_ child: ThinDeviceID) -> String { "thinfs-clone-\(configuration.prefix)\(child)" }
     var deletedPrefix: String { configuration.prefix + "deleted-" }
     var transactionKey: String { "thinfs.\(configuration.prefix)transaction_id" }
 
@@ -178,14 +189,23 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
     }
 
     private func createSnap(_ id: ThinDeviceID, origin: ThinDeviceID) throws {
-        let name = imageName(id), originName = imageName(origin), snap = Self.cloneSnapshot(id)
+        let name = imageName(id), originName = imageName(origin)
+        // Another store's image (a shared layer) is cloned from the snapshot its owner made
+        // and protected when it published it: this store never opens it for writing.
+        let viaShared = deviceID(ofImage: originName) != origin
+        let snap = viaShared ? Self.sharedSnapshot : cloneSnapshot(id)
         try state.withLock { open in
             guard try !connection.imageExists(name) else { throw ThinPoolError.message(.deviceIDInUse(id)) }
             // The origin's own handle when this process has it open: it holds the exclusive
             // lock, and flushing it first is what suspending the origin is to dm-thin (no write
             // in flight may land after the snapshot).
             let image: RBDImage
-            if let shared = open[origin]?.image {
+            if viaShared {
+                do { image = try RBDImage(connection: connection, name: originName, readOnly: true) } catch let e as Error {
+                    if case .call(_, _, .noSuchFileOrDirectory) = e { throw ThinPoolError.message(.unknownOrigin(origin)) }
+                    throw e
+                }
+            } else if let shared = open[origin]?.image {
                 image = shared
                 try image.flush()
             } else {
@@ -195,12 +215,16 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
                 }
             }
             // A snapshot left by an interrupted create_snap of the same child id is reused.
-            var exists = false
-            try check(rbd_snap_exists(image.handle, snap, &exists), "rbd_snap_exists", "\(originName)@\(snap)")
-            if !exists { try check(rbd_snap_create(image.handle, snap), "rbd_snap_create", "\(originName)@\(snap)") }
-            var protected: Int32 = 0
-            try check(rbd_snap_is_protected(image.handle, snap, &protected), "rbd_snap_is_protected", "\(originName)@\(snap)")
-            if protected == 0 { try check(rbd_snap_protect(image.handle, snap), "rbd_snap_protect", "\(originName)@\(snap)") }
+            if !viaShared {
+                var exists = false
+                try check(rbd_snap_exists(image.handle, snap, &exists), "rbd_snap_exists", "\(originName)@\(snap)")
+                if !exists { try check(rbd_snap_create(image.handle, snap), "rbd_snap_create", "\(originName)@\(snap)") }
+                var protected: Int32 = 0
+                try check(rbd_snap_is_protected(image.handle, snap, &protected), "rbd_snap_is_protected", "\(originName)@\(snap)")
+                if protected == 0 { try check(rbd_snap_protect(image.handle, snap), "rbd_snap_protect", "\(originName)@\(snap)") }
+            } else {
+                image.close()
+            }
             let rc = withImageOptions { opts in
                 rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_CLONE_FORMAT), 1)
                 return rbd_clone3(connection.io, originName, snap, connection.io, name, opts)
@@ -228,9 +252,11 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         try state.withLock { open in
             if let n = open[id]?.opens, n > 0 { throw ThinPoolError.deviceBusy(id, openCount: n) }
             guard try connection.imageExists(name) else { throw ThinPoolError.message(.unknownDevice(id)) }
-            if let holder = try externalUseLocked(name) {
+            if let holder = try externalUseLocked(name), deviceID(ofImage: name) == id {
                 throw ThinPoolError.io(operation: "delete (\(holder))", path: spec(id), errno: .resourceBusy)
             }
+            // A shared layer's alias goes, its image stays; one another store uses is refused.
+            guard try unpublishForDelete(id, image: name) else { return }
             try removeOrRetire(name, deviceID: id)
         }
     }
@@ -261,7 +287,9 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         // This image was a clone: drop the parent's snapshot it read through, and a retired
         // parent once nothing reads through it any more.
         let parentImage = try RBDImage(connection: connection, name: parent.image, readOnly: false)
-        if try parentImage.children(of: parent.snapshot).isEmpty {
+        // A published layer's shared snapshot stays while it is published: other stores clone it.
+        let keep = try parent.snapshot == Self.sharedSnapshot && imageRecord(parent.image) != nil
+        if !keep, try parentImage.children(of: parent.snapshot).isEmpty {
             try parentImage.removeSnapshot(parent.snapshot)
         }
         let left = try parentImage.snapshots().count
@@ -315,12 +343,20 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
             if let shared = open[id]?.image {
                 image = shared
             } else {
+                let name = imageName(id)
+                // A container another store took over is that store's to write now.
+                if !readOnly { try checkOwned(name) }
                 do {
-                    image = try RBDImage(connection: connection, name: imageName(id), readOnly: readOnly)
+                    image = try RBDImage(connection: connection, name: name, readOnly: readOnly)
                 } catch Error.call(_, _, .noSuchFileOrDirectory) {
                     throw ThinPoolError.message(.unknownDevice(id))
                 }
-                if !readOnly { try image.acquireExclusiveLock() }
+                if !readOnly {
+                    do { try image.acquireExclusiveLock() } catch {
+                        image.close()
+                        throw error
+                    }
+                }
             }
             var current = try image.size()
             if size != ThinDevice.maximumSize, size > current {
@@ -333,6 +369,14 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
                                   freeSpace: { [weak self] in try self?.status().freeDataBytes },
                                   onClose: { [weak self] in self?.released(id) })
         }
+    }
+
+    /// Registers `image`, opened (and locked) by `takeOver`, as device `id`'s open handle.
+    func adoptOpen(_ id: ThinDeviceID, image: RBDImage) throws -> BlockDevice {
+        let size = try image.size()
+        state.withLock { open in open[id] = (image, (open[id]?.opens ?? 0) + 1) }
+        return RBDBlockDevice(image: image, size: size, freeSpace: { [weak self] in try self?.status().freeDataBytes },
+                              onClose: { [weak self] in self?.released(id) })
     }
 
     private func released(_ id: ThinDeviceID) {
@@ -349,8 +393,12 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
 
     public func deviceExists(_ id: ThinDeviceID) throws -> Bool { try connection.imageExists(imageName(id)) }
 
+    /// This store's images, and its aliases whose image exists.
     public func deviceIDs() throws -> [ThinDeviceID] {
-        try connection.imageNames().compactMap(deviceID(ofImage:)).sorted()
+        let names = try connection.imageNames()
+        let present = Set(names)
+        let aliased = aliases.withLock { $0 }.filter { present.contains($0.value) }.map(\.key)
+        return (names.compactMap(deviceID(ofImage:)) + aliased).sorted()
     }
 
     /// Images under other names that this store's prefix owns: retired parents still read by clones.
@@ -445,7 +493,7 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
 
 /// Throws `RBDPool.Error.call` for a negative return code (librados and librbd return -errno).
 @discardableResult
-private func check<T: SignedInteger>(_ rc: T, _ operation: String, _ target: String) throws -> T {
+func check<T: SignedInteger>(_ rc: T, _ operation: String, _ target: String) throws -> T {
     guard rc < 0 else { return rc }
     throw RBDPool.Error.call(operation: operation, target: target, errno: Errno(rawValue: Int32(truncatingIfNeeded: 0 - rc)))
 }

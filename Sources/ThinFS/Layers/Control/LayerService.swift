@@ -36,6 +36,10 @@ public struct LayerService: Sendable {
             return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
         case let error as VolumeError:
             return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
+        case let error as RBDPool.CatalogueError:
+            return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
+        case let error as RBDPool.Error:
+            return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
         default:
             return LayerResponse(error: "\(error)", errno: EIO)
         }
@@ -104,6 +108,25 @@ public struct LayerService: Sendable {
             return "\(node)\n"
         case .kernelUnmount:
             return try store.unmountFromKernel(try need(r.mountpoint, "mount point")) + "\n"
+        case .clusterList:
+            let (layers, containers) = try store.catalogue()
+            if r.json == true {
+                struct Listing: Codable { var layers: [RBDPool.SharedLayer]; var containers: [RBDPool.SharedContainer] }
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                return String(decoding: try encoder.encode(Listing(layers: layers, containers: containers)), as: UTF8.self) + "\n"
+            }
+            var out = "LAYER\tIMAGE\tOWNER\tUSERS\n"
+            for l in layers {
+                let users = (l.users ?? [:]).keys.sorted().joined(separator: ",")
+                out += "\(l.chainID)\t\(l.image)\t\(l.host)@\(l.hostname)\t\(users.isEmpty ? "-" : users)\n"
+            }
+            out += "CONTAINER\tIMAGE\tWRITER\tPARENT\n"
+            for c in containers { out += "\(c.layer)\t\(c.image)\t\(c.host)@\(c.hostname)\t\(c.parent)\n" }
+            return out
+        case .takeOver:
+            let layer = try store.takeOver(container: try need(r.layer, "layer id"), from: try need(r.name, "store (rbd.prefix) to take it from"))
+            return "\(layer.id)\n"
         }
     }
 }
