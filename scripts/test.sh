@@ -61,7 +61,8 @@ timeout -k 60 600 bash scripts/compare/ci-compare.sh .build/debug/thinfs || fail
 step "ceph rbd"
 # The RBD pool backend (issue 16) against a throw-away single-node cluster (scripts/ceph/cluster.sh:
 # ceph-mon and ceph-osd on memstore, 127.0.0.1), stopped by PID and removed on any exit.
-# Budget: under 3 minutes with the cluster's start.
+# Budget: under 3 minutes with the cluster's start. Includes "RBD two hosts" (two stores, one
+# catalogue: shared layers, the exclusive lock, SIGKILL then takeover; ~25-40 s, run alongside).
 ceph_dir=$(mktemp -u /tmp/thinfs-ceph.XXXXXX)
 log=$(mktemp /tmp/thinfs-ceph-rbd.XXXXXX.log)
 ceph_stop() { bash scripts/ceph/cluster.sh stop "$ceph_dir"; }
