@@ -76,6 +76,8 @@ extension LayerStore {
             if let holder = try busyHolder(id) {
                 throw Error.busy(id, holder: "\(holder.description); a read-write open needs it unused")
             }
+            // New content replaces the layer's device: not one other hosts read (a shared layer).
+            try (pool as? RBDPool)?.checkDeletable(layer.deviceID)
             let busy = try holdBusy(id, what: what, readOnly: false)
             do {
                 let scratch = try journaledScratch(of: layer)

@@ -283,8 +283,7 @@ extension LayerStore {
                     // Whichever device the layer's row does not name is the one to go (see the table).
                     let switched = try layer(entry.layer)?.deviceID == entry.deviceID
                     let loser = switched ? entry.origin : entry.deviceID
-                    if let loser, try pool.deviceExists(loser) {
-                        try pool.message(.delete(loser))
+                    if let loser, try pool.deviceExists(loser), try deleteUnlessShared(loser) {
                         try pool.commit()
                     }
                     if switched { report.rolledForward.append(entry.layer) } else { report.rolledBack.append(entry.layer) }
@@ -327,7 +326,7 @@ extension LayerStore {
         let inPool = try pool.deviceIDs()
         var changed = false
         for id in inPool where !owned.contains(id) {
-            try pool.message(.delete(id))
+            guard try deleteUnlessShared(id) else { continue }
             report.orphanDevices.append(id)
             changed = true
         }

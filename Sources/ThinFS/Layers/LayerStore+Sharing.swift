@@ -61,6 +61,18 @@ extension LayerStore {
         }
     }
 
+    /// Deletes device `id` for recovery (an orphan, a replaced device). A shared image another
+    /// host still uses is kept and logged instead: a refusal must not stop the store opening.
+    func deleteUnlessShared(_ id: ThinDeviceID) throws -> Bool {
+        do {
+            try pool.message(.delete(id))
+            return true
+        } catch let error as RBDPool.CatalogueError {
+            logger.warning("kept a device another host still uses; it goes once they let go", metadata: ["thin.id": "\(id)", "reason": "\(error)"])
+            return false
+        }
+    }
+
     /// What the cluster's catalogue holds: image layers (with the stores using them) and containers.
     public func catalogue() throws -> (layers: [RBDPool.SharedLayer], containers: [RBDPool.SharedContainer]) {
         guard let rbd = sharingPool else { throw RBDPool.CatalogueError.notConfigured(pool: (pool as? RBDPool)?.configuration.pool ?? "(not rbd)") }
