@@ -45,6 +45,23 @@ struct LayerStoreTests {
         }
     }
 
+    /// rbd.catalogue (issue 16) reaches the RBD pool's configuration; it is refused with another
+    /// backend and as a name Ceph could not take, naming the option.
+    @Test func rbdCatalogueOption() throws {
+        let o = try StorageOptions(parsing: ["thinfs.backend=rbd", "rbd.prefix=host-a-", "rbd.catalogue=layers"])
+        #expect(o.rbdConfiguration.catalogue == "layers" && o.rbdConfiguration.prefix == "host-a-")
+        #expect(try StorageOptions(parsing: ["thinfs.backend=rbd"]).rbdConfiguration.catalogue == nil)
+        for (options, message) in [(["rbd.catalogue=layers"], "rbd.catalogue: applies to thinfs.backend=rbd only"),
+                                   (["thinfs.backend=rbd", "rbd.catalogue=a/b"], "rbd.catalogue: 'a/b' must be a non-empty name")] {
+            do {
+                _ = try StorageOptions(parsing: options)
+                Issue.record("\(options) accepted")
+            } catch { #expect("\(error)".contains(message), "\(options): \(error)") }
+        }
+        // A store keeps it: another value at 'thinfs serve' is refused.
+        #expect(throws: StorageOptions.Error.self) { try o.checkUnchanged(by: ["thinfs.backend=rbd", "rbd.catalogue=other"], root: "/r") }
+    }
+
     @Test func initCreatesTheBaseDeviceAndReopenVerifiesIt() throws {
         let dir = TempDir()
         let store = try LayerStore.initialize(root: dir.path, options: Self.options(), logger: quietLogger)
