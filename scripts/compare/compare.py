@@ -62,7 +62,7 @@ WORKLOADS = {
 }
 
 QUICK = dict(reps=1, fio_seq_mib=16, fio_rand_mib=16, fio_rand_ios=256, tree_files=200, create_files=300,
-             big_mib=16, start_containers=5, space_containers=3, space_mib=2, memory_containers=3)
+             big_mib=16, start_containers=3, space_containers=3, space_mib=2, memory_containers=3)
 FULL = dict(reps=5, fio_seq_mib=256, fio_rand_mib=64, fio_rand_ios=4000, tree_files=4000, create_files=10000,
             big_mib=512, start_containers=20, space_containers=10, space_mib=16, memory_containers=8)
 
