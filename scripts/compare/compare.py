@@ -1185,6 +1185,7 @@ def machine_info(ctx):
         "versions": {
             "thinfs": first([ctx.thinfs, "--version"]), "fio": first(["fio", "--version"]),
             "fuse-overlayfs": first(["fuse-overlayfs", "--version"]), "tar": first(["tar", "--version"]),
+            "containerd": first(["containerd", "--version"]), "runc": first(["runc", "--version"]),
             "python3": sys.version.split()[0], "matplotlib": mpl,
         },
     }
