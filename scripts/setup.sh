@@ -17,6 +17,7 @@ packages=(
   docker.io curl golang-go golang-github-docker-docker-dev golang-github-vbatts-tar-split-dev  # Docker plugin: private dockerd, the plugin tests' HTTP client, moby's graphtest
   python3-matplotlib fio fuse-overlayfs file   # thinfs compare: its plots, I/O workloads, a setup; file(1) checks its PNGs
   golang-github-containerd-containerd-dev   # containerd's snapshotter conformance suite (Tests/ContainerdConformance)
+  debootstrap                   # scripts/compare/make-rootfs-image.sh: the debootstrap-sized image of thinfs compare's containerd figures
   librbd-dev librados-dev ceph-mon ceph-osd ceph-common  # RBD pool backend; its test cluster (scripts/ceph)
 )
 

@@ -19,11 +19,13 @@ struct CompareCommand: ParsableCommand {
         discussion: """
         Every setup is built from the image's layers plus a workload layer that compare makes (a tree of \
         small files and one large file). Setups: thinfs (FUSE on the userspace pool), thinfs-kernel (where \
-        a kernel pool exists), overlayfs, fuse-overlayfs, and containerd's snapshotters; one the host cannot \
-        run is skipped with the reason in the report. Workloads: fio sequential and random reads and writes, \
-        untar, file creation, stat and read of a tree cold and warm, the first write into a large image \
-        file, container start, disk space and page cache of N containers. The setups are interleaved round \
-        by round; the report gives the median, the range and the ratio to overlayfs.
+        a kernel pool exists), overlayfs, fuse-overlayfs, and containerd-overlayfs and containerd-thinfs (one \
+        private containerd, its overlayfs snapshotter and thinfs serve as its proxy snapshotter, containers by \
+        ctr run); one the host cannot run is skipped with the reason in the report. Workloads: fio sequential \
+        and random reads and writes, untar, file creation, stat and read of a tree cold and warm, the first \
+        write into a large image file, image unpack, container start, disk space and page cache of N \
+        containers. The setups are interleaved round by round; the report gives the median, the range and \
+        the ratio to overlayfs (containerd-thinfs: to containerd-overlayfs).
 
         Output: DIR/report.md, DIR/report.html (self-contained), DIR/*.png (matplotlib) and \
         DIR/results.json (every raw figure; pass it to --baseline of a later run for a before/after column). \

@@ -367,4 +367,27 @@ struct FUSEServerUnitTests {
         #expect(entries[1].mountPoint == "/tmp/with space" && entries[1].type == "fuse.thinfs" && entries[1].source == "thinfs:/r:1")
         #expect(entries[1].device == .init(major: 0, minor: 77))
     }
+
+    /// /proc/self/mountinfo is a seq_file: one read(2) returns about a page. Foundation's
+    /// String(contentsOfFile:) stopped after that first read, so with a few dozen overlay mounts on
+    /// the machine the later entries (layer-bench's last container) were missing, and `thinfs
+    /// umount` called a mounted FUSE layer "not a mount point". The kernel's own mount(2) is the
+    /// oracle: every tmpfs mounted here must be in the table, however long the table is.
+    @Test func mountTableSeesEveryMountOfALongTable() throws {
+        let dir = TempDir()
+        var mounted: [String] = []
+        defer { for p in mounted.reversed() { umount2(p, 0) } }
+        for i in 0..<48 {
+            let p = dir.path + "/a-long-mount-point-name-so-that-the-table-passes-a-page-\(i)"
+            try #require(mkdir(p, 0o755) == 0)
+            try #require(mount("tmpfs", p, "tmpfs", 0, "size=64k") == 0, "mount tmpfs on \(p): errno \(errno)")
+            mounted.append(p)
+        }
+        let bytes = MountTable.current().reduce(0) { $0 + $1.mountPoint.utf8.count }
+        #expect(bytes > 3 * 4096, "the table's mount points alone span more than three pages")
+        let table = MountTable.current()
+        for p in mounted {
+            #expect(table.entry(at: p)?.type == "tmpfs", "\(p) is mounted but missing from MountTable.current()")
+        }
+    }
 }

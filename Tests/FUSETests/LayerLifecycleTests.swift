@@ -388,7 +388,7 @@ final class LayerFixture: @unchecked Sendable {
     }
 
     func expectNoLeaks() throws {
-        let mounts = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""
+        let mounts = Host.procFile("/proc/mounts") ?? ""
         for d in [dir.path] + publicDirectories.withLock({ $0 }) { #expect(!mounts.contains(d), "a mount under \(d) is left") }
         #expect(daemons().isEmpty)
         let locks = (try? FileManager.default.contentsOfDirectory(atPath: root + "/locks")) ?? []
@@ -403,7 +403,7 @@ final class LayerFixture: @unchecked Sendable {
         _ = eventually(10) { daemons().isEmpty }
         for pid in daemons() { kill(pid, SIGKILL) }
         // Only once nothing is mounted there: removing a live mount's directory would remove its files.
-        let mounts = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""
+        let mounts = Host.procFile("/proc/mounts") ?? ""
         for d in publicDirectories.withLock({ $0 }) where !mounts.contains(d) { try? FileManager.default.removeItem(atPath: d) }
     }
 }

@@ -263,7 +263,7 @@ extension LayerFixture {
 enum FUSESource {
     /// The source /proc/mounts shows for the mount at `path`.
     static func at(_ path: String) -> String? {
-        guard let text = try? String(contentsOfFile: "/proc/mounts", encoding: .utf8) else { return nil }
+        guard let text = Host.procFile("/proc/mounts") else { return nil }
         var source: String?
         for line in text.split(separator: "\n") {
             let fields = line.split(separator: " ")

@@ -57,6 +57,23 @@ struct ServeSupportTests {
         #expect(LockHolders.flockHolders(of: path) == [getpid()])
     }
 
+    /// /proc/locks is a seq_file like mountinfo: a lock listed after the first page must be found
+    /// too (Foundation's String(contentsOfFile:) read one page of it).
+    @Test func procLocksFindsAFlockPastTheFirstPage() throws {
+        let dir = TempDir()
+        var fds: [Int32] = []
+        defer { for fd in fds { close(fd) } }
+        // Each /proc/locks line is about 50 bytes: 300 locks span several pages.
+        for i in 0..<300 {
+            let fd = open(dir.path + "/held-\(i)", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+            try #require(fd >= 0, "open: errno \(errno)")
+            fds.append(fd)
+            try #require(flock(fd, LOCK_EX) == 0)
+        }
+        let missing = (0..<300).filter { LockHolders.flockHolders(of: dir.path + "/held-\($0)") != [getpid()] }
+        #expect(missing.isEmpty, "\(missing.count) of our 300 flocks not found in /proc/locks")
+    }
+
     @Test(arguments: [false, true]) func notifySendsTheStateToNotifySocket(abstract: Bool) throws {
         let name = "thinfs-notify-test-\(UUID().uuidString.prefix(8))"
         let path = abstract ? "@" + name : "/tmp/" + name + ".sock"

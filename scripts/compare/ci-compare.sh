@@ -9,7 +9,11 @@
 #    results.json parses and has a figure for every setup that ran x every workload; the report
 #    gives a reason for every setup it skipped; nothing is left mounted, running or in the scratch
 #    directory.
-# 2. SIGTERM in the middle of a run: exit 143, and no mount, daemon, scratch file or report left.
+#    When containerd, ctr, runc and containerd-shim-runc-v2 are installed, the containerd setups
+#    (containerd-overlayfs, containerd-thinfs) must have run too, with every workload.
+# 2. SIGTERM in the middle of a run: exit 143, and no mount, daemon, scratch file or report left;
+#    with containerd installed, also SIGTERM while containerd-thinfs has a container running: no
+#    containerd, shim, thinfs serve, mount or cgroup of the run left.
 # Skips (exit 0, saying why) without root, /dev/fuse or Debian's python3-matplotlib.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,6 +36,8 @@ cleanup() {
 trap cleanup EXIT
 scripts/make-test-image.sh "$work/img" >/dev/null
 mkdir "$work/scratch"
+containerd_tools=1
+for t in containerd ctr runc containerd-shim-runc-v2; do command -v $t >/dev/null || { containerd_tools=""; say "no $t: the containerd setups are not required"; }; done
 
 left_behind() {   # what a run left: mounts and processes naming the scratch directory, files in it
     awk -v w="$work/scratch/" 'index($2, w) == 1 { print "mounted: " $2 }' /proc/mounts
@@ -53,15 +59,15 @@ say "the run took $secs s (budget 180 s on an idle CI machine; load now: $(cut -
 left=$(left_behind)
 [ -z "$left" ] || fail "compare left behind: $left"
 
-$PY - "$work/out" "$($PY scripts/compare/compare.py --list)" <<'EOF' || fail "the report check (above)"
+$PY - "$work/out" "$($PY scripts/compare/compare.py --list)" "$containerd_tools" <<'EOF' || fail "the report check (above)"
 import json, os, struct, subprocess, sys, zlib
-out, catalog = sys.argv[1], json.loads(sys.argv[2])
+out, catalog, containerd = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "1"
 errors = []
 res = json.load(open(os.path.join(out, "results.json")))
 md = open(os.path.join(out, "report.md")).read()
 page = open(os.path.join(out, "report.html")).read()
 ran = [s for s, v in res["setups"].items() if v["status"] == "ran"]
-for s in ("thinfs", "overlayfs", "fuse-overlayfs"):
+for s in ("thinfs", "overlayfs", "fuse-overlayfs") + (("containerd-overlayfs", "containerd-thinfs") if containerd else ()):
     if s not in ran:
         errors.append(f"setup {s} did not run: {res['setups'].get(s)}")
 for s, v in res["setups"].items():
@@ -81,7 +87,9 @@ for w in catalog["workloads"]:
         if not v or not all(isinstance(x, (int, float)) for x in v):
             errors.append(f"results.json has no figure for {s} x {w}")
         if s != "overlayfs" and "ratio" not in res["summary"].get(w, {}).get(s, {}):
-            errors.append(f"results.json has no ratio to overlayfs for {s} x {w}")
+            errors.append(f"results.json has no ratio to its reference for {s} x {w}")
+if "containerd-thinfs" in ran and res["summary"]["start"]["containerd-thinfs"].get("reference") != "containerd-overlayfs":
+    errors.append("containerd-thinfs is not compared with containerd-overlayfs: " + str(res["summary"]["start"]["containerd-thinfs"]))
 if "data:image/png;base64," not in page or "src=\"http" in page:
     errors.append("report.html is not self-contained (the plots are not embedded)")
 for name, (w, h) in catalog["plots"].items():
@@ -132,4 +140,27 @@ rc=0; wait $pid || rc=$?
 left=$(left_behind)
 [ -z "$left" ] || fail "after SIGTERM compare left behind: $left"
 [ ! -e "$work/out-term" ] || fail "after SIGTERM a partial report is left in $work/out-term: $(ls "$work/out-term")"
+
+if [ -n "$containerd_tools" ]; then
+    say "SIGTERM while containerd-thinfs runs a container"
+    cgroups_before=$(ls -d /sys/fs/cgroup/thinfs-compare-* /sys/fs/cgroup/*/thinfs-compare-* 2>/dev/null || true)
+    "$THINFS" compare --image "$work/img/oci" --quick --setups containerd-thinfs --workloads seq-write \
+        --output "$work/out-term2" --dir "$work/scratch" > "$work/term2.log" 2>&1 &
+    pid=$!
+    # A container's rootfs, mounted by the shim under the private containerd's state directory.
+    for _ in $(seq 1200); do
+        grep -q " $work/scratch/.*/io.containerd.runtime.v2.task/.*/rootfs " /proc/mounts && break
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.1
+    done
+    grep -q " $work/scratch/.*/rootfs " /proc/mounts || fail "no container rootfs appeared within 120 s: $(tail -5 "$work/term2.log")"
+    kill -TERM $pid
+    rc=0; wait $pid || rc=$?
+    [ $rc = 143 ] || fail "after SIGTERM (containerd) compare exited $rc, expected 143: $(tail -5 "$work/term2.log")"
+    left=$(left_behind)
+    [ -z "$left" ] || fail "after SIGTERM compare left behind (containerd): $left"
+    cgroups_after=$(ls -d /sys/fs/cgroup/thinfs-compare-* /sys/fs/cgroup/*/thinfs-compare-* 2>/dev/null || true)
+    [ "$cgroups_after" = "$cgroups_before" ] || fail "after SIGTERM (containerd) cgroups left: $cgroups_after"
+    [ ! -e "$work/out-term2" ] || fail "after SIGTERM (containerd) a partial report is left in $work/out-term2"
+fi
 say "passed"

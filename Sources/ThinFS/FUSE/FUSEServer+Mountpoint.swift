@@ -199,7 +199,7 @@ struct MountTable {
     var entries: [Entry]
 
     static func current() -> [Entry] {
-        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+        guard let text = ProcFile.read("/proc/self/mountinfo") else { return [] }
         return parse(text)
     }
 

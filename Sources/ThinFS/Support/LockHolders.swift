@@ -15,7 +15,7 @@ public enum LockHolders {
     public static func flockHolders(of path: String) -> [pid_t] {
         var st = stat()
         guard stat(path, &st) == 0,
-              let text = try? String(contentsOfFile: "/proc/locks", encoding: .utf8) else { return [] }
+              let text = ProcFile.read("/proc/locks") else { return [] }
         let dev = UInt64(st.st_dev)
         // glibc's gnu_dev_major/gnu_dev_minor (macros Swift cannot import).
         let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt64(0xfff))

@@ -158,7 +158,7 @@ struct MachineInfo: Codable {
     /// /proc/self/mounts that contains it (proc(5)).
     static func fileSystemType(of path: String) -> String {
         let real = (path as NSString).resolvingSymlinksInPath
-        guard let mounts = try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8) else { return "unknown" }
+        guard let mounts = ProcFile.read("/proc/self/mounts") else { return "unknown" }
         var best: (mountPoint: String, type: String)?
         for line in mounts.split(separator: "\n") {
             let fields = line.split(separator: " ")
