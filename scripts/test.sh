@@ -102,6 +102,13 @@ step "power cuts"
 # check end the output. The bound leaves it time to clean up.
 timeout -k 30 360 bash scripts/powercut.sh || fail "power cuts" "scripts/powercut.sh exit $? (124: timed out; otherwise its last lines above name the seed, the cut point and the failed check)"
 
+step "rootless"
+# A fresh uid without root runs init, image import, create-rw and mount on the userspace pool
+# through fusermount3; the kernel backends are refused and device nodes are inert (nodev), each
+# saying why; thin_check and e2fsck clean (scripts/rootless.sh, about 30 s; skips with the reason
+# without root, /dev/fuse or a tool). Its last line names the failed check.
+timeout -k 30 180 bash scripts/rootless.sh || fail "rootless" "scripts/rootless.sh exit $? (124: timed out; otherwise its FAILED line above names the check)"
+
 step "kernel VM suite"
 # The kernel suite in a qemu guest (scripts/vm/README.md); skips loudly without qemu. It prints its
 # own table and the end of each failed test's log last.

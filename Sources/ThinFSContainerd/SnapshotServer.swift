@@ -27,13 +27,18 @@ public final class SnapshotServer: Sendable {
     public static func start(service: SnapshotService, socketPath: String) async throws -> SnapshotServer {
         try LayerStore.validate(socketPath, what: "socket path")
         guard ServiceSocket.removeStale(at: socketPath) else { throw Error.socketInUse(path: socketPath) }
-        let server = GRPCServer(transport: .http2NIOPosix(address: .unixDomainSocket(path: socketPath),
+        // Only its owner may connect (containerd runs as root), whatever the umask.
+        let staging = try ServiceSocket.Staging(for: socketPath)
+        defer { staging.discard() }
+        let server = GRPCServer(transport: .http2NIOPosix(address: .unixDomainSocket(path: staging.path),
                                                           transportSecurity: .plaintext),
                                 services: [service])
         let task = Task { try await server.serve() }
         do {
             _ = try await server.listeningAddress
+            try staging.publish()
         } catch {
+            server.beginGracefulShutdown()
             task.cancel()
             throw Error.notListening(path: socketPath, reason: "\(error)")
         }

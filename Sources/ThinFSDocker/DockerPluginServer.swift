@@ -35,7 +35,11 @@ public final class DockerPluginServer: Sendable {
         guard ServiceSocket.removeStale(at: socketPath) else { throw Error.socketInUse(path: socketPath) }
         try FileManager.default.createDirectory(atPath: (socketPath as NSString).deletingLastPathComponent,
                                                 withIntermediateDirectories: true)
+        // Only its owner may connect (dockerd runs as root), whatever the umask.
+        let staging = try ServiceSocket.Staging(for: socketPath)
+        defer { staging.discard() }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        var bound: Channel?
         do {
             let channel = try ServerBootstrap(group: group)
                 .serverChannelOption(ChannelOptions.backlog, value: 64)
@@ -45,9 +49,12 @@ public final class DockerPluginServer: Sendable {
                         try channel.pipeline.syncOperations.addHandler(PluginHTTPHandler(plugin: plugin))
                     }
                 }
-                .bind(unixDomainSocketPath: socketPath).wait()
+                .bind(unixDomainSocketPath: staging.path).wait()
+            bound = channel
+            try staging.publish()
             return DockerPluginServer(socketPath: socketPath, plugin: plugin, group: group, channel: channel)
         } catch {
+            try? bound?.close().wait()
             try? group.syncShutdownGracefully()
             throw Error.notListening(path: socketPath, reason: "\(error)")
         }

@@ -82,6 +82,57 @@ struct ControlSocketTests {
         try f.expectNoLeaks()
     }
 
+    /// Layer ids that try to leave the store (`../`, absolute, a slash, `..`) are refused by
+    /// every operation that takes one, naming the id, before any file is touched: the root's
+    /// tree, its parent's and /tmp are as they were, and no layer is made or removed.
+    @Test func namesThatTryToLeaveTheRootAreRefusedBeforeAnyFileIsTouched() throws {
+        let (f, mnt) = try started()
+        defer { f.tearDown() }
+        let tar = f.dir.path + "/empty.tar"
+        #expect(try LayerFixture.shell("tar -cf \(tar) -T /dev/null").status == 0)
+        let out = f.dir.path + "/out.tar"
+        let other = f.mountpoint("other")
+        func tree(_ path: String) -> [String] {
+            // SQLite's journal comes and goes with every transaction.
+            ((FileManager.default.enumerator(atPath: path)?.allObjects as? [String]) ?? []).filter { !$0.contains("layers.db-") }.sorted()
+        }
+        // First: layer ls makes each layer's lock file.
+        let layers = try f.run(["layer", "ls"]).stdout
+        let before = (root: tree(f.root), dir: tree(f.dir.path))
+        #expect(!FileManager.default.fileExists(atPath: "/tmp/evil"))
+
+        for id in ["../evil", "/tmp/evil", "a/b", "..", "../../../../tmp/evil", "./x"] {
+            let requests = [
+                #"{"operation":"create","layer":"\#(id)"}"#,
+                #"{"operation":"create-rw","layer":"\#(id)","parent":"img"}"#,
+                #"{"operation":"create-rw","layer":"z","parent":"\#(id)"}"#,
+                #"{"operation":"rm","layer":"\#(id)"}"#,
+                #"{"operation":"mount","layer":"\#(id)","mountpoint":"\#(other)"}"#,
+                #"{"operation":"diff","layer":"\#(id)","path":"\#(out)"}"#,
+                #"{"operation":"apply-diff","layer":"\#(id)","path":"\#(tar)"}"#,
+            ]
+            for line in requests {
+                let client = try RawClient(f.root + "/control.sock")
+                client.send(Array((line + "\n").utf8))
+                guard let answer = client.answer(seconds: 30) else {
+                    Issue.record("no answer to \(line)")
+                    continue
+                }
+                #expect(answer.error?.contains(id) == true, "\(line): \(answer)")
+            }
+        }
+        #expect(tree(f.root) == before.root, "the root changed")
+        #expect(tree(f.dir.path) == before.dir, "the root's parent changed")
+        #expect(!FileManager.default.fileExists(atPath: "/tmp/evil"))
+        #expect(!FileManager.default.fileExists(atPath: out), "a diff was written")
+        #expect(!Host.isMounted(other))
+        #expect(try f.run(["layer", "ls"]).stdout == layers)
+
+        try f.ok(["umount", mnt])
+        try f.waitForDaemons()
+        try f.expectNoLeaks()
+    }
+
     /// A connection that never sends its request (a hung or stopped client) must not keep the
     /// daemon, and the pool's lock, past the last unmount.
     @Test func idleConnectionsDoNotKeepTheDaemonAlive() throws {

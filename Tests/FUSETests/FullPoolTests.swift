@@ -70,4 +70,102 @@ struct FullPoolTests {
         try f.waitForDaemons()
         try f.expectNoLeaks()
     }
+
+    /// Writes 1 MiB chunks into `path` until an error or `limit` MiB, then fsyncs and closes:
+    /// the first call that failed and its errno (the writeback cache may defer the error from
+    /// write(2) to fsync(2) or close(2)), or nil.
+    static func fill(_ path: String, limit: Int) throws -> (call: String, errno: Int32)? {
+        let chunk = [UInt8](repeating: 0x5a, count: 1 << 20)
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        try #require(fd >= 0, "open \(path): \(String(cString: strerror(errno)))")
+        var failure: (call: String, errno: Int32)?
+        for _ in 0..<limit {
+            let n = chunk.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+            if n < 0 { failure = ("write", errno); break }
+        }
+        if fsync(fd) != 0, failure == nil { failure = ("fsync", errno) }
+        if close(fd) != 0, failure == nil { failure = ("close", errno) }
+        return failure
+    }
+
+    /// ENOSPC, then growth (issue 14), with `dm.min_free_space` unset (Docker's 10%), 0 and 20%
+    /// (a 192M pool: the 16 MiB file data cannot take is under 10% of it, so a full pool is below
+    /// both minimums):
+    /// the writer that fills the pool hears ENOSPC, not EIO; while the pool is full a create is
+    /// refused naming dm.min_free_space (with 0 it is not: a snapshot takes no data block);
+    /// after `thinfs pool resize` the same container writes again and a new one is created,
+    /// mounted and written; what was written reads back, and e2fsck -fn and thin_check are clean.
+    @Test(arguments: [nil, "0", "20%"] as [String?])
+    func enospcThenPoolResizeMakesEverythingWorkAgain(minFreeSpace: String?) throws {
+        var options = ["dm.basesize=256M", "dm.loopdatasize=192M", "dm.loopmetadatasize=32M"]
+        if let minFreeSpace { options.append("dm.min_free_space=\(minFreeSpace)") }
+        let f = try LayerFixture(deferredDeletion: false, options: options)
+        defer { f.tearDown() }
+        try f.ok(["layer", "create", "img"])
+        try f.ok(["layer", "create-rw", "c1", "--parent", "img"])
+        let mnt = f.mountpoint("c1")
+        try f.ok(["mount", "c1", mnt])
+        let reported = try #require(try Self.fill(mnt + "/big", limit: 256), "256 MiB went into a 192M pool with no error")
+        #expect(reported.errno == ENOSPC, "\(reported.call) failed with \(String(cString: strerror(reported.errno))), not ENOSPC")
+        try f.ok(["umount", mnt])
+        try f.waitForDaemons()
+
+        let full = try f.run(["layer", "create-rw", "c2", "--parent", "img"])
+        if minFreeSpace == "0" {
+            #expect(full.status == 0, "with dm.min_free_space=0 a create on a full pool was refused: \(full.stderr)")
+            try f.ok(["layer", "rm", "c2"])
+        } else {
+            #expect(full.status != 0 && full.stderr.contains("dm.min_free_space"),
+                    "a create on a full pool with dm.min_free_space=\(minFreeSpace ?? "(unset)"): \(full.status) \(full.stderr)")
+        }
+
+        let grown = try f.run(["pool", "resize", "--data-size", "384M"])
+        #expect(grown.status == 0, "pool resize: \(grown.stderr)")
+        try f.ok(["layer", "create-rw", "c2", "--parent", "img"])
+        let mnt2 = f.mountpoint("c2")
+        try f.ok(["mount", "c1", mnt])
+        try f.ok(["mount", "c2", mnt2])
+        let after = (0..<(24 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 5) }
+        for path in [mnt + "/after", mnt2 + "/after"] {
+            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            try #require(fd >= 0, "open \(path) after the resize: \(String(cString: strerror(errno)))")
+            let wrote = after.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+            let synced = fsync(fd) == 0 ? 0 : errno
+            let closed = close(fd) == 0 ? 0 : errno
+            #expect(wrote == after.count && synced == 0 && closed == 0,
+                    "\(path) after the resize: wrote \(wrote), fsync \(synced), close \(closed)")
+        }
+        try f.ok(["umount", mnt])
+        try f.ok(["umount", mnt2])
+        try f.waitForDaemons()
+        #expect(try Oracle.check(f.metadata))
+
+        let image = f.dir.path + "/fsck.img"
+        for id in ["c1", "c2"] {
+            let device = try f.layerDevice(id)
+            let export = try LayerFixture.shell("\(Binaries.path("thinfs")) dev read --root \(f.root) \(device) --length 256M > \(image)")
+            #expect(export.status == 0, "\(export.stderr)")
+            let fsck = try LayerFixture.shell("/sbin/e2fsck -fn \(image)")
+            let clean = fsck.status == 0 && !fsck.stdout.contains("Fix? no")
+            if id == "c1" {
+                // Known bug (found by this test): the file whose write hit ENOSPC keeps blocks it
+                // does not hold: "Inode 12, i_blocks is 381758, should be 380936" and "Block
+                // bitmap differences: -(261733--262143)" (marked in use, in no extent), in every
+                // run and with each dm.min_free_space. The older test above removes the file
+                // before it checks, which frees them. When it is fixed, this known issue stops
+                // being recorded and the test fails: then make this an #expect again.
+                withKnownIssue("a write that hits ENOSPC leaves blocks allocated in the bitmap that the file's extents do not hold") {
+                    #expect(clean, "e2fsck -fn of \(id): \(fsck.stdout)\(fsck.stderr)")
+                }
+            } else {
+                #expect(clean, "e2fsck -fn of \(id): \(fsck.stdout)\(fsck.stderr)")
+            }
+        }
+        unlink(image)
+        try f.ok(["mount", "c1", mnt, "--ro"])
+        #expect(Sys.readFile(mnt + "/after") == after, "c1's file written after the resize reads back different")
+        try f.ok(["umount", mnt])
+        try f.waitForDaemons()
+        try f.expectNoLeaks()
+    }
 }

@@ -42,6 +42,12 @@ final class MemoryVolume: FileSystemVolume, Sendable {
     let isReadOnly: Bool
     private let state = Mutex(State())
 
+    /// A lookup of this name signals `lookupArrived`, then waits until `lookupRelease` is
+    /// signalled: a request the server has read and not answered yet.
+    let heldLookup = Mutex<String?>(nil)
+    let lookupArrived = DispatchSemaphore(value: 0)
+    let lookupRelease = DispatchSemaphore(value: 0)
+
     static let modifying: Set = ["setattr", "mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename", "write",
                                  "fallocate", "setxattr", "removexattr"]
 
@@ -137,7 +143,11 @@ final class MemoryVolume: FileSystemVolume, Sendable {
     // MARK: FileSystemVolume
 
     func lookup(parent: UInt64, name: String) throws(VolumeError) -> FileAttributes {
-        try with("lookup") { s throws(VolumeError) in try Self.node(s, try Self.child(s, parent, name)).attributes }
+        if heldLookup.withLock({ $0 }) == name {
+            lookupArrived.signal()
+            lookupRelease.wait()
+        }
+        return try with("lookup") { s throws(VolumeError) in try Self.node(s, try Self.child(s, parent, name)).attributes }
     }
 
     func getattr(_ ino: UInt64) throws(VolumeError) -> FileAttributes {

@@ -287,6 +287,7 @@ final class ServeProcess {
     }
 
     let process = Process()
+    let root: String
     let logPath: String
     let notifyPath: String
     private let notifyFD: Int32
@@ -294,7 +295,9 @@ final class ServeProcess {
     var isRunning: Bool { process.isRunning }
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
-    init(root: String, arguments: [String] = []) throws {
+    /// `umask`: serve starts under this umask (through sh, which execs it: the pid is serve's).
+    init(root: String, arguments: [String] = [], umask: mode_t? = nil) throws {
+        self.root = root
         let id = UUID().uuidString.prefix(8)
         logPath = NSTemporaryDirectory() + "thinfs-serve-\(id).log"
         // sun_path holds 108 bytes: a short path in /tmp.
@@ -311,8 +314,14 @@ final class ServeProcess {
         }
         guard rc == 0 else { throw LayerFixture.Failure("bind \(notifyPath): errno \(errno)") }
         _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-        process.executableURL = URL(fileURLWithPath: Binaries.path("thinfs"))
-        process.arguments = ["serve", "--root", root, "--log-level", "info"] + arguments
+        let command = [Binaries.path("thinfs"), "serve", "--root", root, "--log-level", "info"] + arguments
+        if let umask {
+            process.executableURL = URL(fileURLWithPath: "/bin/sh")
+            process.arguments = ["-c", "umask \(String(umask, radix: 8)) && exec \"$@\"", "sh"] + command
+        } else {
+            process.executableURL = URL(fileURLWithPath: command[0])
+            process.arguments = Array(command.dropFirst())
+        }
         var environment = ProcessInfo.processInfo.environment
         environment["NOTIFY_SOCKET"] = notifyPath
         process.environment = environment
@@ -334,7 +343,6 @@ final class ServeProcess {
                 let message = String(decoding: buffer[0..<n], as: UTF8.self)
                 if message.split(separator: "\n").contains("READY=1") {
                     #expect(message.contains("MAINPID=\(pid)"), "\(message)")
-                    let root = process.arguments![2]
                     #expect(ControlProbe.accepts(LayerFixture.controlSocket(root)), "READY=1 before the control socket accepts")
                     return
                 }

@@ -97,15 +97,7 @@ extension FUSEServer {
         let lexical = URL(fileURLWithPath: path).standardizedFileURL.path
         if MountTable.current().contains(where: { $0.mountPoint == lexical }) { throw .busy(lexical) }
         var st = stat()
-        guard stat(path, &st) == 0 else {
-            let e = Errno(rawValue: errno)
-            switch e {
-            case .noSuchFileOrDirectory: throw .mountpointMissing(path)
-            case .socketNotConnected: throw .deadMount(path)  // ENOTCONN: a FUSE mount with no daemon
-            case .notDirectory: throw .notADirectory(path)
-            default: throw .mountpointInaccessible(path, e)
-            }
-        }
+        guard stat(path, &st) == 0 else { throw statFailure(path, Errno(rawValue: errno)) }
         guard st.st_mode & S_IFMT == S_IFDIR else { throw .notADirectory(path) }
         guard let resolved = realpath(path, nil) else { throw .mountpointInaccessible(path, Errno(rawValue: errno)) }
         let canonical = String(cString: resolved)
@@ -122,6 +114,18 @@ extension FUSEServer {
             }
         }
         return canonical
+    }
+
+    /// What a failed stat(2) of a mount point means.
+    static func statFailure(_ path: String, _ e: Errno) -> Error {
+        switch e {
+        case .noSuchFileOrDirectory: .mountpointMissing(path)
+        // ENOTCONN: a FUSE mount with no daemon; ECONNABORTED: a request the kernel ended when
+        // it aborted the connection (fuse_abort_conn). Either way the mount is dead.
+        case .socketNotConnected, .connectionAbort: .deadMount(path)
+        case .notDirectory: .notADirectory(path)
+        default: .mountpointInaccessible(path, e)
+        }
     }
 
     /// Unmounts from outside the session, as `umount` would: the kernel first writes back
