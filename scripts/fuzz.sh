@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../Fuzz"
 
-all=(superblock btree space-map pool layer-tar image docker-dm control)
+all=(superblock btree space-map pool layer-tar image docker-dm control containerd docker-plugin)
 read -r -a harnesses <<< "${FUZZ_HARNESSES:-${all[*]}}"
 seconds=${FUZZ_SECONDS:-25}
 seed=${FUZZ_SEED:-1}
