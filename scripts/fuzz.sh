@@ -2,7 +2,7 @@
 # Builds the libFuzzer harnesses of Fuzz/ (with AddressSanitizer) and runs each for a bounded time.
 # See Fuzz/README.md for what each harness feeds and how to reproduce a crash.
 #
-#   FUZZ_SECONDS=N         seconds per harness (default 25; try 600 or more on demand)
+#   FUZZ_SECONDS=N         seconds per harness (default 20, ten harnesses; try 600 or more on demand)
 #   FUZZ_SEED=N            libFuzzer's -seed (default 1, so that CI repeats a run; 0 = a new random seed)
 #   FUZZ_STRICT=1          a crash found by exploration fails the run too (by default only the replay of
 #                          the checked-in corpus, which holds every earlier finding, decides the exit
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/../Fuzz"
 
 all=(superblock btree space-map pool layer-tar image docker-dm control containerd docker-plugin)
 read -r -a harnesses <<< "${FUZZ_HARNESSES:-${all[*]}}"
-seconds=${FUZZ_SECONDS:-25}
+seconds=${FUZZ_SECONDS:-20}
 seed=${FUZZ_SEED:-1}
 sanitizers=${FUZZ_SANITIZERS:-fuzzer,address}
 bin=.build/release
