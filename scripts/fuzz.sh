@@ -39,7 +39,11 @@ fi
 [[ -z ${FUZZ_BUILD_ONLY:-} ]] || exit 0
 
 # Swift's runtime keeps allocations for the life of the process; leak reports would be noise.
-export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:handle_abort=1}
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:handle_abort=1:handle_sigill=1}
+# A Swift trap on a thread other than the fuzzer's (a socket server's) is SIGILL: with Swift's own
+# backtracer on, ASan reported the backtracer's memory reads (stack-buffer-underflow in
+# CrashHandlerLinux.cpp) instead; off, ASan's handler prints the trap ("Swift runtime failure: ...").
+export SWIFT_BACKTRACE=${SWIFT_BACKTRACE:-enable=no}
 summary=()
 failures=()
 findings=()
@@ -78,7 +82,7 @@ for h in "${harnesses[@]}"; do
   if ((rc != 0)); then
     input=$(sed -nE 's/.*Test unit written to (.*)$/\1/p' "$log" | tail -n 1)
     # What went wrong, in a few words: Swift's trap message, or the sanitizer's or libFuzzer's verdict.
-    kind=$(grep -m1 -oE 'Fatal error: .{0,80}|SUMMARY: [A-Za-z]+: [a-z-]+|ERROR: libFuzzer: [a-z-]+' "$log" | sed -E 's/^SUMMARY: //; s/^ERROR: //' || true)
+    kind=$(grep -m1 -oE 'Fatal error: .{0,80}|Swift runtime failure: .{0,60}|SUMMARY: [A-Za-z]+: [a-z-]+|ERROR: libFuzzer: [a-z-]+' "$log" | sed -E 's/^SUMMARY: //; s/^ERROR: //' || true)
     result="FAILED (${kind:-exit $rc})"
     tail -n 40 "$log" | sed 's/^/    /'
     findings+=("$h: ${kind:-exit $rc}; input ${input:+$PWD/$input} (log $PWD/$log)")
