@@ -97,6 +97,8 @@ public enum DockerPluginHarness {
         var done = 0
         while done < request.count {
             let n = request.withUnsafeBytes { send(fd, $0.baseAddress! + done, request.count - done, Int32(MSG_NOSIGNAL)) }
+            // libFuzzer's -timeout alarm (SIGALRM, every second) interrupts a blocked call.
+            if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }  // the server answered early (a bad request) and closed
             done += n
         }
@@ -104,6 +106,7 @@ public enum DockerPluginHarness {
         var chunk = [UInt8](repeating: 0, count: 65536)
         while true {
             let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }
             response += chunk[0 ..< n]
         }
