@@ -27,6 +27,9 @@ let package = Package(
         .executable(name: "thinfs-mount", targets: ["thinfs-mount"]),
         .library(name: "ThinFS", targets: ["ThinFS"]),
         .library(name: "PersistentData", targets: ["PersistentData"]),
+        // For Fuzz/ (a package of its own): the containerd and Docker plugin harnesses.
+        .library(name: "ThinFSContainerd", targets: ["ThinFSContainerd"]),
+        .library(name: "ThinFSDocker", targets: ["ThinFSDocker"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),

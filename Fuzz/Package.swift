@@ -7,13 +7,16 @@
 // checkout's directory name varies (and may clash with this package's own, "fuzz").
 import PackageDescription
 
-let harnesses = ["superblock", "btree", "space-map", "pool", "layer-tar", "image", "docker-dm", "control"]
+let harnesses = ["superblock", "btree", "space-map", "pool", "layer-tar", "image", "docker-dm", "control", "containerd", "docker-plugin"]
 
 let package = Package(
     name: "ThinFSFuzz",
     dependencies: [
         .package(path: "ThinFS"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        // The containerd harness builds the generated messages and calls the service directly.
+        .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
+        .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
     ],
     targets: [
         .target(
@@ -21,7 +24,11 @@ let package = Package(
             dependencies: [
                 .product(name: "PersistentData", package: "ThinFS"),
                 .product(name: "ThinFS", package: "ThinFS"),
+                .product(name: "ThinFSContainerd", package: "ThinFS"),
+                .product(name: "ThinFSDocker", package: "ThinFS"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]
         ),
     ] + harnesses.map {

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Writes the seed corpora of the harnesses whose inputs are files: layer-tar, image, docker-dm and
-control (the metadata harnesses write their own: see make-seeds.sh). Python's tarfile, json and
+"""Writes the seed corpora of the harnesses whose inputs are files: layer-tar, image, docker-dm,
+control and docker-plugin (the metadata harnesses and containerd write their own: see make-seeds.sh). Python's tarfile, json and
 hashlib are an independent writer of what ThinFS reads. Deterministic: running it again gives the
 same bytes.
 
@@ -153,10 +153,43 @@ def control_seeds():
     yield "dotdot", b'{"operation":"create","layer":"../../etc","parent":"img"}\n'
 
 
+def docker_plugin_seeds():
+    """Requests as dockerd's graphdriver proxy (moby daemon/graphdriver/proxy.go) sends them:
+    METHOD?QUERY newline BODY, several in a bundle. The harness has layers img and ctr (on img)."""
+    def req(method, body=None, raw=None):
+        return (method, raw if raw is not None else json.dumps(body).encode())
+    c = lambda i, p="", **kw: dict({"ID": i, "Parent": p, "MountLabel": "", "StorageOpt": None}, **kw)
+    layer = tar([d("etc"), reg("etc/hostname", b"plugin\n"), reg("etc/.wh.gone")])
+    seeds = {
+        "activate": [req("Plugin.Activate", raw=b"")],
+        "capabilities-status": [req("GraphDriver.Capabilities", {}), req("GraphDriver.Status", {})],
+        "create-image": [req("GraphDriver.Create", c("l1", "img")), req("GraphDriver.Exists", {"ID": "l1"}),
+                         req("GraphDriver.GetMetadata", {"ID": "l1"})],
+        "create-rw-size": [req("GraphDriver.CreateReadWrite", c("c1", "img", StorageOpt={"size": "32M"}))],
+        "create-rw-bad-option": [req("GraphDriver.CreateReadWrite", c("c2", "img", StorageOpt={"size": "lots", "dm.x": "1"}))],
+        "create-rw-init": [req("GraphDriver.Create", c("l2")), req("GraphDriver.CreateReadWrite", c("l2-init", "l2")),
+                           req("GraphDriver.CreateReadWrite", c("c3", "l2-init"))],
+        "remove": [req("GraphDriver.Remove", {"ID": "ctr"}), req("GraphDriver.Remove", {"ID": "img"}),
+                   req("GraphDriver.Exists", {"ID": "ctr"})],
+        "get-put": [req("GraphDriver.Get", {"ID": "ctr", "MountLabel": ""}), req("GraphDriver.Put", {"ID": "ctr"})],
+        "apply-diff": [("GraphDriver.ApplyDiff?id=ctr&parent=img", layer), req("GraphDriver.DiffSize", {"ID": "ctr", "Parent": "img"})],
+        "apply-diff-bad-parent": [("GraphDriver.ApplyDiff?id=ctr&parent=other", layer)],
+        "diff-changes": [req("GraphDriver.Changes", {"ID": "ctr", "Parent": "img"}), req("GraphDriver.Diff", {"ID": "ctr", "Parent": ""}),
+                         req("GraphDriver.Diff", {"ID": "ctr", "Parent": "nope"})],
+        "cleanup": [req("GraphDriver.Cleanup", {})],
+        "bad-json": [req("GraphDriver.Create", raw=b'{"ID":7}'), req("GraphDriver.Remove", raw=b"{"),
+                     req("GraphDriver.Exists", {"ID": "../etc"}), req("GraphDriver.Nope", {})],
+        "init": [req("GraphDriver.Init", {"Home": "/var/lib/docker/thinfs", "Opts": ["dm.basesize=16M"]})],
+    }
+    for name, requests in seeds.items():
+        yield name, bundle(requests)
+
+
 def main():
     out = sys.argv[1]
     for harness, seeds in (("layer-tar", layer_tar_seeds()), ("image", image_seeds()),
-                           ("docker-dm", docker_dm_seeds()), ("control", control_seeds())):
+                           ("docker-dm", docker_dm_seeds()), ("control", control_seeds()),
+                           ("docker-plugin", docker_plugin_seeds())):
         os.makedirs(os.path.join(out, harness), exist_ok=True)
         for name, data in seeds:
             with open(os.path.join(out, harness, name), "wb") as f:

@@ -2,7 +2,7 @@
 # Sets up a fresh machine, builds, and runs every test suite.
 #   THINFS_MODEL_OPS=N   operations per randomized model run (default 3000; try 50000 on demand)
 #   THINFS_SEED=N        replay a randomized run
-#   FUZZ_SECONDS=N       seconds per fuzz harness (default 25)
+#   FUZZ_SECONDS=N       seconds per fuzz harness (default 20)
 #   THINFS_POWERCUT_CUTS=N  cut points of the power-cut replay (default 200)
 #
 # CI keeps only the end of the output, so a failed step ends the run with its name and, for the
@@ -92,7 +92,7 @@ THINFS=$(swift build --show-bin-path)/thinfs TIMEOUT=170s timeout -k 30 240 bash
 
 step "fuzz"
 # libFuzzer harnesses (Fuzz/README.md) after an AddressSanitizer build: each replays its checked-in
-# corpus (seeds and every earlier finding), which must run clean, then explores for 25 s with
+# corpus (seeds and every earlier finding), which must run clean, then explores for 20 s with
 # -seed=1; crashes found exploring are listed as NEW FINDINGS at the end (FUZZ_STRICT=1 makes them
 # fail the step). The output ends with each crashing harness and its saved input.
 scripts/fuzz.sh || fail "fuzz" "a harness crashed or the harnesses did not build (the lines above name the harness and the input)"

@@ -224,6 +224,21 @@ struct GraphDriverPluginTests {
         #expect(try h.store.allLayers().map(\.id).sorted() == ["c1", "c1-init"])
     }
 
+    /// `--storage-opt size=16777215T` (2^64 - 2^40 bytes) parses, but no thin device is that
+    /// large: the old code trapped storing it (Int64(size) while growing the filesystem) and took
+    /// the daemon down (fuzz-docker-plugin's input, Fuzz/Corpus/docker-plugin/regression-storage-opt-size-2-64).
+    @Test func aSizeNoThinDeviceCanHaveIsAnError() throws {
+        let h = try PluginHarness()
+        defer { h.shutDown() }
+        try h.initialize()
+        try h.ok("GraphDriver.Create", #"{"ID":"img"}"#)
+        let a = try h.call("GraphDriver.CreateReadWrite", #"{"ID":"c9","Parent":"img","StorageOpt":{"size":"16777215T"}}"#)
+        #expect(a.status == 500 && a.err?.contains("size of layer c9") == true && a.err?.contains("18446742974197923840") == true,
+                "\(a.status) \(a.err ?? "")")
+        #expect(try h.store.allLayers().map(\.id) == ["img"])
+        try h.ok("GraphDriver.Status")
+    }
+
     /// ApplyDiff of a tar (streamed, chunked), then a child changed through its mount: Changes
     /// and DiffSize say what changed, Diff's tar has it with a whiteout, and GNU tar reads it.
     @Test func applyDiffDiffChangesDiffSize() throws {

@@ -112,6 +112,27 @@ struct LayerStoreInputTests {
         #expect(try Data(contentsOf: URL(fileURLWithPath: db)) == damaged, "the damaged database was written to")
         #expect(try Oracle.check(metadata))
     }
+
+    /// A container size above what a thin device can be (`ThinDevice.maximumSize`, Int64.max:
+    /// layers.db keeps sizes as SQLite's signed integers). Growing the filesystem recorded it with
+    /// `Int64(size)`, which trapped ("Not enough bits to represent the passed value"), taking the
+    /// daemon and every mount it serves with it: the control socket's create-rw `size` and
+    /// Docker's `--storage-opt size=16777215T` reach it. Now refused before anything is made.
+    // The largest multiple of 4K, and the first one above Int64.max.
+    @Test(arguments: [UInt64.max - 4095, UInt64(1) << 63])
+    func aSizeNoThinDeviceCanHaveIsRefused(size: UInt64) throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path, options: LayerStoreTests.options(), logger: quietLogger)
+        defer { try? store.close() }
+        _ = try store.createImageLayer("img", parent: nil)
+        let devices = try store.pool.deviceIDs()
+        #expect(throws: LayerStore.Error.invalidArgument(what: "size of layer c", value: "\(size)",
+                                                         reason: "above the largest a thin device can have (\(ThinDevice.maximumSize) bytes)")) {
+            _ = try store.createContainerLayer("c", parent: "img", size: size)
+        }
+        #expect(try store.layer("c") == nil)
+        #expect(try store.pool.deviceIDs() == devices)
+    }
 }
 
 /// `thinfs init` and `thinfs pool create` on bad input: an error is printed and the exit status

@@ -38,6 +38,12 @@ extension LayerStore {
                 origin = (base.deviceID, base.size, base.uuid)
             }
             if let size, size < origin.size { throw Error.sizeTooSmall(id, size: size, minimum: origin.size) }
+            // A size from a socket (create-rw's size, Docker's --storage-opt size=) is stored as
+            // SQLite's signed integer and handed to the pool: past Int64.max, Int64(size) traps.
+            if let size, size > ThinDevice.maximumSize {
+                throw Error.invalidArgument(what: "size of layer \(id)", value: "\(size)",
+                                            reason: "above the largest a thin device can have (\(ThinDevice.maximumSize) bytes)")
+            }
             if let size, size % 4096 != 0 {
                 throw Error.unsupported("layer \(id): size \(size) must be a multiple of 4K")
             }
