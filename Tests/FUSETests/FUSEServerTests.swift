@@ -384,7 +384,8 @@ struct FUSEServerUnitTests {
             mounted.append(p)
         }
         let bytes = MountTable.current().reduce(0) { $0 + $1.mountPoint.utf8.count }
-        #expect(bytes > 3 * 4096, "the table's mount points alone span more than three pages")
+        // One read(2) of a seq_file returns about a page; the mount points alone must pass that.
+        #expect(bytes > 4096, "the table's mount points alone span more than a page")
         let table = MountTable.current()
         for p in mounted {
             #expect(table.entry(at: p)?.type == "tmpfs", "\(p) is mounted but missing from MountTable.current()")

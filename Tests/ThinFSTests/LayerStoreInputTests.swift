@@ -133,6 +133,22 @@ struct LayerStoreInputTests {
         #expect(try store.layer("c") == nil)
         #expect(try store.pool.deviceIDs() == devices)
     }
+
+    /// `layer resize` (the control socket's `resize`) takes the same size and stores it the same
+    /// way: past the largest thin device it is refused, naming the layer, and the layer keeps its size.
+    @Test(arguments: [UInt64.max - 4095, UInt64(Int64.max) + 4097])
+    func aResizeNoThinDeviceCanHaveIsRefused(size: UInt64) throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path, options: LayerStoreTests.options(), logger: quietLogger)
+        defer { try? store.close() }
+        _ = try store.createImageLayer("img", parent: nil)
+        let before = try store.createContainerLayer("c", parent: "img", size: nil).size
+        #expect(throws: LayerStore.Error.invalidArgument(what: "size of layer c", value: "\(size)",
+                                                         reason: "above the largest a thin device can have (\(ThinDevice.maximumSize) bytes)")) {
+            _ = try store.resizeLayer("c", to: size)
+        }
+        #expect(try store.layer("c")?.size == before)
+    }
 }
 
 /// `thinfs init` and `thinfs pool create` on bad input: an error is printed and the exit status

@@ -50,6 +50,11 @@ extension LayerStore {
             var layer = try liveLayer(id)
             guard size >= layer.size else { throw Error.shrinkRefused(id, size: size, current: layer.size) }
             guard size % 4096 == 0 else { throw Error.unsupported("layer \(id): size \(size) must be a multiple of 4K") }
+            // As in create: the size is stored as SQLite's signed integer, and Int64(size) traps past Int64.max.
+            guard size <= ThinDevice.maximumSize else {
+                throw Error.invalidArgument(what: "size of layer \(id)", value: "\(size)",
+                                            reason: "above the largest a thin device can have (\(ThinDevice.maximumSize) bytes)")
+            }
             if let child = try children(of: id).first { throw Error.parentFrozen(id, child: child.id) }
             if let writer = openWriters[id] {
                 try db.execute("UPDATE layers SET size = ? WHERE id = ?", [.integer(Int64(size)), .text(layer.id)])
