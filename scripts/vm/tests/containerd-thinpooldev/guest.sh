@@ -98,19 +98,27 @@ pools=""
 echo "$pools" > $CTP/pools
 lvm < $CTP/lvm.cmds > $CTP/lvm.log 2>&1 || { cat $CTP/lvm.log; vm_fail "lvcreate of the pools"; }
 for p in $pools srv dm; do pool_target "$VG-$p" >/dev/null; done
-lvs $VG | head -5
+lvs $VG | sed -n 1,4p   # (sed reads to the end: head would SIGPIPE lvs under pipefail)
 
 ##############################################################################################
 step "1. containerd's snapshotter conformance suite against thinfs serve on kernel pools"
 cp conformance.test /tmp/conformance.test    # not from 9p: each page fault would be a 9p read
 # A failure here is reported at the end: parts 2-4 run anyway.
 conformance_failed=""
-# host-prepare's THINFS_VM_CONFORMANCE_RUN (a go test -run pattern under TestThinFS/) narrows the
-# suite for a quick trial; by default every subtest runs.
+# Every subtest but 128LayersMount by default: under TCG that one alone takes about half an hour
+# (128 snapshots, each mounted, walked and committed: 15 s a layer here with the host loaded, 69 s
+# in all on the host). host-prepare's THINFS_VM_CONFORMANCE_RUN (a go test -run pattern under
+# TestThinFS/, or 'all') chooses otherwise.
 run=$(cat conformance-run 2>/dev/null || true)
+skip="" expect=$((n - 1))
+case $run in
+  "") pattern='TestThinFS/[A-Z]'; skip=128LayersMount; expect=$((n - 2)) ;;   # (go 1.19 has no -test.skip)
+  all) pattern='TestThinFS/'; run="" ;;
+  *) pattern="TestThinFS/($run)\$" ;;
+esac
 rc=0
 TMPDIR=$CTC THINFS=$(command -v thinfs) THINFS_POOL_HOOK=$T/pool-hook.sh CTP_STATE=$CTP \
-  /tmp/conformance.test -test.v -test.timeout 2400s ${run:+-test.run "TestThinFS/($run)\$"} > $T/conformance.log 2>&1 || rc=$?
+  /tmp/conformance.test -test.v -test.timeout 2400s -test.run "$pattern" > $T/conformance.log 2>&1 || rc=$?
 sed -n 's/^ *\(--- [A-Z]*: TestThinFS\/.*\)/\1/p' $T/conformance.log
 step "conformance suite done (exit $rc)"
 touch $CTP/released; cp $CTP/released $T/released; cat $T/released
@@ -123,12 +131,12 @@ if [ $rc != 0 ]; then
     echo "FAILED $name: $(awk -v t="TestThinFS/$name" '$1 == "===" { cur = $3; next } cur == t && /^    [a-z_]+\.go:[0-9]+: / { print; exit }' $T/conformance.log)"
   done
   conformance_failed="the conformance suite failed (exit $rc; the FAILED lines above, conformance.log)"
-elif [ -z "$run" ] && { [ "$skipped" != "Rename " ] || [ "$passed" != $((n - 1)) ]; }; then
-  conformance_failed="$passed of $n subtests passed and [$skipped] skipped; on the host all pass but Rename, which the suite skips"
+elif [ -z "$run" ] && { [ "$skipped" != "Rename " ] || [ "$passed" != $expect ]; }; then
+  conformance_failed="$passed of $n subtests passed and [$skipped] skipped${skip:+ ($skip not run)}; on the host all pass but Rename, which the suite skips"
 elif [ "$(wc -l < $CTP/released)" != "$ran" ]; then
   conformance_failed="pool-hook.sh released $(wc -l < $CTP/released) pools for $ran subtests"
 else
-  echo "conformance: $passed passed, [$skipped] skipped by the suite${run:+ (only /$run/)}, every pool checked after its subtest"
+  echo "conformance: $passed passed, [$skipped] skipped by the suite${run:+ (only /$run/)}${skip:+ ($skip not run)}, every pool checked after its subtest"
 fi
 [ -z "$conformance_failed" ] || echo "FAIL (reported at the end): $conformance_failed"
 
@@ -138,6 +146,7 @@ if ! grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts; then
   vm_run mount -t cgroup2 cgroup2 /sys/fs/cgroup
   cgroup_mounted=1
 fi
+: > $T/serve.log
 thinfs serve --root $R --containerd-socket $SOCK --log-level info \
   --storage-opt dm.thinpooldev=/dev/mapper/$VG-srv --storage-opt dm.basesize=128M \
   --storage-opt dm.use_deferred_removal=true --storage-opt dm.use_deferred_deletion=true > $T/serve.log 2>&1 &
@@ -287,7 +296,10 @@ umount $D/k
 echo "pool $VG-dm devices: [$(pool_devs $VG-dm)]"
 step "3b. removed"
 remove_all devmapper run2
-echo "pool $VG-dm devices after removal: [$(pool_devs $VG-dm)]; thin devices active: [$(active_thins)]"
+# containerd's devmapper deletes a snapshot's thin device with the snapshot (async_remove off).
+devs=$(pool_devs $VG-dm)
+echo "pool $VG-dm devices after removal: [$devs]; thin devices active: [$(active_thins)]"
+[ -z "$devs" ] || vm_fail "devmapper: $VG-dm still holds devices [$devs] after every snapshot went"
 
 stop_pid $containerd_pid; containerd_pid=""
 # Each shim exits once its task is deleted; give the last one a moment.
