@@ -57,17 +57,24 @@ func startServe(bin, root string) (snapshots.Snapshotter, func() error, error) {
 	if level == "" {
 		level = "warning"
 	}
-	cmd := exec.Command(bin, "serve", "--root", filepath.Join(root, "store"), "--containerd-socket", sock,
-		"--log-level", level,
-		"--storage-opt", "dm.basesize=128M", "--storage-opt", "dm.loopdatasize=1G",
-		"--storage-opt", "dm.loopmetadatasize=32M", "--storage-opt", "dm.use_deferred_deletion=true")
+	args := []string{"serve", "--root", filepath.Join(root, "store"), "--containerd-socket", sock, "--log-level", level}
+	pool, err := poolOptions(root)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, opt := range append([]string{"dm.basesize=128M", "dm.use_deferred_deletion=true"}, pool...) {
+		args = append(args, "--storage-opt", opt)
+	}
+	cmd := exec.Command(bin, args...)
 	// If this test binary dies (its -timeout panics), serve goes with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
+		releasePool(root)
 		return nil, nil, err
 	}
 	if err := cmd.Start(); err != nil {
+		releasePool(root)
 		return nil, nil, err
 	}
 	// serve's log lines, each marked with the subtest's directory (the subtests run in parallel).
@@ -96,11 +103,13 @@ func startServe(bin, root string) (snapshots.Snapshotter, func() error, error) {
 		select {
 		case err := <-exited:
 			unmountUnder(suiteDir)
+			releasePool(root)
 			return nil, nil, fmt.Errorf("thinfs serve exited before its socket accepted: %v", err)
 		default:
 		}
 		if time.Now().After(deadline) {
 			kill()
+			releasePool(root)
 			return nil, nil, fmt.Errorf("thinfs serve: %s did not accept within %v", sock, startTimeout)
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -110,6 +119,7 @@ func startServe(bin, root string) (snapshots.Snapshotter, func() error, error) {
 	}))
 	if err != nil {
 		kill()
+		releasePool(root)
 		return nil, nil, err
 	}
 	sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "thinfs")
@@ -135,12 +145,53 @@ func startServe(bin, root string) (snapshots.Snapshotter, func() error, error) {
 		if left := unmountUnder(suiteDir); len(left) > 0 {
 			problems = append(problems, fmt.Sprintf("mounts left after thinfs serve exited: %s", strings.Join(left, ", ")))
 		}
+		if err := releasePool(root); err != nil {
+			problems = append(problems, err.Error())
+		}
 		if len(problems) > 0 {
 			return fmt.Errorf("%s", strings.Join(problems, "; "))
 		}
 		return nil
 	}
 	return sn, cleanup, nil
+}
+
+// poolOptions gives the storage options of root's pool. By default each subtest's store makes its
+// own userspace pool in its root (1 GiB of sparse data). With THINFS_POOL_HOOK set (the kernel-pool
+// run in the qemu guest: scripts/vm/tests/containerd-thinpooldev), `HOOK prepare ROOT` hands the
+// subtest a pool of its own and prints its options, one per line (dm.thinpooldev=...): a kernel
+// pool is adopted by one store only, and the subtests run in parallel.
+func poolOptions(root string) ([]string, error) {
+	hook := os.Getenv("THINFS_POOL_HOOK")
+	if hook == "" {
+		return []string{"dm.loopdatasize=1G", "dm.loopmetadatasize=32M"}, nil
+	}
+	var stderr strings.Builder
+	cmd := exec.Command(hook, "prepare", root)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("%s prepare %s: %v: %s", hook, root, err, strings.TrimSpace(stderr.String()))
+	}
+	opts := strings.Fields(string(out))
+	if len(opts) == 0 {
+		return nil, fmt.Errorf("%s prepare %s printed no storage options", hook, root)
+	}
+	return opts, nil
+}
+
+// releasePool runs `HOOK release ROOT` once serve has exited: the hook checks what serve left in
+// the pool (thin_check, and the store's devices against the pool's) and fails the subtest if
+// that is wrong.
+func releasePool(root string) error {
+	hook := os.Getenv("THINFS_POOL_HOOK")
+	if hook == "" {
+		return nil
+	}
+	if out, err := exec.Command(hook, "release", root).CombinedOutput(); err != nil {
+		return fmt.Errorf("%s release %s: %v: %s", hook, root, err, strings.TrimSpace(string(out)))
+	}
+	return nil
 }
 
 // copyPrefixed copies r to w line by line, each line after prefix.

@@ -133,6 +133,29 @@ struct VolumeTests {
         }
     }
 
+    /// A directory made where a removed one was reuses its inode number, and FUSE names inodes by
+    /// number and generation: with the same generation, a kernel still holding the removed
+    /// directory's inode (marked dead by rmdir) takes the new directory for it, and every lookup,
+    /// create and readdir in it fails with ENOENT. containerd's conformance suite hit this in the
+    /// qemu guest (128LayersMount: RemoveAll then Mkdir of /ONLYME, then a create in it).
+    /// The kernel's ext4 and fuse2fs give every new inode a new generation.
+    @Test func reusedDirectoryInodeGetsANewGeneration() throws {
+        try withImage { v, _ in
+            let root = v.rootInode
+            let first = try v.mkdir(parent: root, name: "d", mode: 0o755, owner: .root)
+            _ = try v.mknod(parent: first.ino, name: "f", mode: 0o100644, rdev: 0, owner: .root)
+            try v.unlink(parent: first.ino, name: "f")
+            try v.rmdir(parent: root, name: "d")
+            let second = try v.mkdir(parent: root, name: "d", mode: 0o755, owner: .root)
+            try #require(second.ino == first.ino, "libext2fs did not reuse inode \(first.ino): the test proves nothing")
+            #expect(second.generation != first.generation, "directory inode \(second.ino) reused with generation \(second.generation)")
+            #expect(try v.getattr(second.ino).generation == second.generation)
+            // The directory still works (its block's checksum is seeded by the generation).
+            let f = try v.mknod(parent: second.ino, name: "g", mode: 0o100644, rdev: 0, owner: .root)
+            #expect(try v.lookup(parent: second.ino, name: "g").ino == f.ino)
+        }
+    }
+
     @Test func attributesXattrsAndSparseFiles() throws {
         try withImage { v, _ in
             let root = v.rootInode

@@ -93,6 +93,13 @@ for b in "${binaries[@]}"; do
   [[ -e $b ]] || { echo "build-initramfs: $b is missing on the host (run scripts/setup.sh)" >&2; exit 1; }
   copy_elf "$b"
 done
+# containerd, ctr, its runc shim and runc (with libseccomp), for containerd-thinpooldev: containerd
+# with thinfs serve and with its own devmapper snapshotter on the guest's kernel pools. Debian's
+# Go binaries come stripped: about 92 MB together.
+for b in /usr/bin/containerd /usr/bin/ctr /usr/bin/containerd-shim-runc-v2 /usr/sbin/runc; do
+  [[ -e $b ]] || { echo "build-initramfs: $b is missing on the host (run scripts/setup.sh)" >&2; exit 1; }
+  copy_elf "$b"
+done
 # dmeventd dlopens its thin plugin through this symlink; take the target and its closure.
 copy_path /usr/lib/x86_64-linux-gnu/libdevmapper-event-lvm2thin.so
 copy_elf "$(readlink -f /usr/lib/x86_64-linux-gnu/libdevmapper-event-lvm2thin.so)"

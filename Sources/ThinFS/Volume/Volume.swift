@@ -1239,9 +1239,43 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             let group = Self.newGroup(try readInode(fs, parent), owner)
             inode.i_mode = UInt16(0o040000 | (mode & 0o7777) | (group.setgidDirectory ? 0o2000 : 0))
             Self.setOwner(&inode, uid: owner.uid, gid: group.gid)
-            // i_generation stays as ext2fs_mkdir set it: with metadata_csum it seeds the directory block's checksum.
-            return try finishNewEntry(fs, ino, &inode, parent: parent)
+            // A generation of its own, as the kernel's ext4 gives every new inode (ext2fs_mkdir
+            // gives none): the inode number is often a removed directory's, and FUSE tells inodes
+            // apart by number and generation. A kernel still holding the removed directory (dead
+            // since rmdir) would take this one for it and answer ENOENT inside it.
+            inode.i_generation = nextGeneration
+            nextGeneration &+= 1
+            // With metadata_csum the generation seeds the directory block's checksum: the block
+            // ext2fs_mkdir wrote is read under the old one and written back under the new one,
+            // as fuse2fs's mkdir does.
+            let sealed = try readNewDirectoryBlock(fs, ino, &inode)
+            defer { sealed?.buffer.deallocate() }
+            let attributes = try finishNewEntry(fs, ino, &inode, parent: parent)
+            if let sealed {
+                try check(ext2fs_write_dir_block4(fs, sealed.physical, sealed.buffer.baseAddress, 0, ext2_ino_t(ino)),
+                          "writing block 0 of new directory \(ino)")
+            }
+            return attributes
         }
+    }
+
+    /// Block 0 of a directory ext2fs_mkdir just made, read and checked under its current
+    /// generation, when its checksum depends on the generation (metadata_csum, not inline).
+    private func readNewDirectoryBlock(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large)
+        throws(VolumeError) -> (physical: blk64_t, buffer: UnsafeMutableRawBufferPointer)? {
+        guard ext2fs_has_feature_metadata_csum(fs.pointee.super) != 0, inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0 else {
+            return nil
+        }
+        let physical = try directoryBlock(fs, ino, &inode, 0)
+        guard physical != 0 else { throw VolumeError(.ioError, "new directory \(ino) has no block 0") }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(fs.pointee.blocksize), alignment: 8)
+        do throws(VolumeError) {
+            try check(ext2fs_read_dir_block4(fs, physical, buffer.baseAddress, 0, ext2_ino_t(ino)), "reading block 0 of new directory \(ino)")
+        } catch {
+            buffer.deallocate()
+            throw error
+        }
+        return (physical, buffer)
     }
 
     /// For entries libext2fs created (ext2fs_mkdir, ext2fs_symlink): room for nanosecond times,
