@@ -76,6 +76,11 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         // Modes come from callers; libext2fs must not mask them.
         handle.pointee.umask = 0
         if !readOnly {
+            // As kernel ext4 in normal operation: the primary superblock and descriptors only.
+            // Otherwise every flush that changed a free count rewrote the backup copies in the
+            // sparse groups too, each in a pool block of its own (mapped anew under atomic
+            // commit); e2fsck reads them only when the primary is damaged.
+            handle.pointee.flags |= EXT2_FLAG_MASTER_SB_ONLY
             let rb = ext2fs_read_bitmaps(handle)
             guard rb == 0 else {
                 var opened: ext2_filsys? = handle
@@ -191,6 +196,12 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// write-backs and shrinks once they succeed).
     var cachedBlockCounts: (total: Int, dirty: Int) {
         get throws(VolumeError) { try withFS { fs throws(VolumeError) in channelState(fs.pointee.io).counts } }
+    }
+
+    /// The writes libext2fs and the bulk path have sent the block cache since the volume opened
+    /// (for tests: a write's cost follows its requests, not its blocks).
+    var channelWriteCount: Int {
+        get throws(VolumeError) { try withFS { fs throws(VolumeError) in channelState(fs.pointee.io).writeCalls } }
     }
 
     /// The directory cache's hits, directory builds and entries (tests).
@@ -1542,8 +1553,15 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             let channel = channelState(fs.pointee.io)
             var file: ext2_file_t?
             var done = 0
+            let extentMapped = inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0 && inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0
+                && fs.pointee.cluster_ratio_bits == 0
             do throws(VolumeError) {
-                if endWhole > firstWhole {
+                // An overwrite (a database page, a rewrite) has every whole block mapped and
+                // written already: then nothing to allocate, and no inode to store for it.
+                var whole: [(logical: UInt64, count: UInt64, physical: UInt64?)] = []
+                if endWhole > firstWhole && extentMapped { whole = try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) }
+                if endWhole > firstWhole && (whole.isEmpty || whole.contains { $0.physical == nil }) {
+                    whole = []
                     let rc = withUnsafeMutablePointer(to: &inode) {
                         $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
                             ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
@@ -1580,8 +1598,6 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                     try check(ext2fs_file_close(opened), "closing inode \(ino)")
                     done = max(done, at + count)
                 }
-                let extentMapped = inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0 && inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0
-                    && fs.pointee.cluster_ratio_bits == 0
                 if endWhole > firstWhole && extentMapped {
                     // The bulk path: the whole blocks, allocated above, go to the device in runs of
                     // physically consecutive blocks, one channel write each (which updates the cached
@@ -1590,14 +1606,19 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                     // the lock, as before: a pool commit cannot come between the allocation and the
                     // data, and no block being written can be freed and given to another file meanwhile.
                     let head = Int(firstWhole * bs - offset)
-                    try writeThroughFile(0, head)
-                    // Read again: the head's write may have changed the extent tree.
-                    inode = try readInode(fs, ino)
+                    if head > 0 {
+                        try writeThroughFile(0, head)
+                        // Read again: the head's write may have changed the extent tree.
+                        inode = try readInode(fs, ino)
+                        whole = []
+                    }
                     // Unwritten (preallocated) extents in the range: fio and databases preallocate,
                     // and libext2fs would convert them a block at a time (ext2fs_extent_set_bmap, a
                     // leaf checksum per block). Release them and allocate initialized blocks in their
                     // place, two extent operations per run; the data written below fills them.
-                    for run in try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) where run.physical == nil {
+                    if whole.isEmpty { whole = try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) }
+                    let unwritten = whole.filter { $0.physical == nil }
+                    for run in unwritten {
                         let last = run.logical + run.count - 1
                         let punched = withUnsafeMutablePointer(to: &inode) {
                             $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, run.logical, last) }
@@ -1612,7 +1633,8 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
                         try writeInode(fs, ino, &inode)
                         try check(allocated, "allocating blocks \(run.logical)...\(last) of inode \(ino)")
                     }
-                    for run in try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) {
+                    if !unwritten.isEmpty { whole = try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) }
+                    for run in whole {
                         let at = Int(run.logical * bs - offset), count = Int(run.count * bs)
                         guard let physical = run.physical else {
                             // Still unwritten (not expected after the above): libext2fs converts it.
@@ -2035,9 +2057,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// Writes libext2fs's dirty state (inode and block caches, bitmaps, superblock) and flushes the device.
     public func fsync(_ ino: UInt64?) throws(VolumeError) {
         guard !isReadOnly else { return }
-        try withFS { fs throws(VolumeError) in
-            try check(ext2fs_flush(fs), "flushing the filesystem")
-        }
+        try withFS { fs throws(VolumeError) in try flushFilesystem(fs) }
         guard let commitHook else { return }
         do { try commitHook() } catch { throw VolumeError(.ioError, "committing the pool: \(error)") }
     }
@@ -2048,10 +2068,30 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     public func withFlushedState<T>(_ body: () throws -> T) throws -> T {
         lock.lock()
         defer { lock.unlock() }
-        if let fs, !isReadOnly {
-            try check(ext2fs_flush(fs), "flushing the filesystem")
-        }
+        if let fs, !isReadOnly { try flushFilesystem(fs) }
         return try body()
+    }
+
+    /// libext2fs's dirty state to the device, then one flush of the device (on a thin device, a
+    /// pool commit).
+    ///
+    /// Not `ext2fs_flush`, which writes the superblock, every group descriptor block and the
+    /// backup superblocks even when none of them changed (for its `s_wtime`), and flushes the
+    /// channel twice, before and after the primary superblock: through `thinfs-mount`, two pool
+    /// commits per fsync, each mapping those blocks anew under atomic commit. Here the superblock
+    /// and descriptors are written only when libext2fs marked them dirty (every allocation and
+    /// free does, through its alloc stats), with libext2fs's own flushes off, and the channel is
+    /// flushed once after them. That flush orders nothing less: a pool commit makes all that was
+    /// written before it durable at once, and a crash before it leaves the last commit whole; on a
+    /// device without atomic commit ext4 has no journal here, so no write order made a crash
+    /// between the two flushes safe either.
+    private func flushFilesystem(_ fs: ext2_filsys) throws(VolumeError) {
+        if fs.pointee.flags & (EXT2_FLAG_DIRTY | EXT2_FLAG_BB_DIRTY | EXT2_FLAG_IB_DIRTY) != 0 {
+            try check(ext2fs_flush2(fs, EXT2_FLAG_FLUSH_NO_SYNC), "flushing the filesystem")
+        }
+        do { try channelState(fs.pointee.io).flush() } catch {
+            throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "flushing the device: \(error)")
+        }
     }
 }
 
@@ -2192,6 +2232,7 @@ private final class ChannelState {
 
     func write(_ block: UInt64, _ count: Int32, _ data: UnsafeRawPointer, _ r: (offset: UInt64, length: Int)) throws {
         try lock.withLock {
+            writeCalls += 1
             discardFreedRun()
             if count == 1, r.length == blockSize, blockSize > 0 {
                 try insert(block, data, dirty: true)
@@ -2271,6 +2312,8 @@ private final class ChannelState {
     }
 
     var counts: (total: Int, dirty: Int) { lock.withLock { (order.count, dirtyCount) } }
+    /// Calls of `write` (see `Volume.channelWriteCount`).
+    private(set) var writeCalls = 0
 
     /// Writes back every dirty block without flushing the device.
     func writeBackDirty() throws {
