@@ -134,6 +134,27 @@ struct LayerStoreInputTests {
         #expect(try store.pool.deviceIDs() == devices)
     }
 
+    /// A snapshot key in layers.db is hex. A damaged one (a byte below '0' or past 'f') made
+    /// `unhex` compute `c - 48` below zero, which traps: a damaged database took down the daemon
+    /// at its first List. Now it is called corrupt, naming the database.
+    @Test func aDamagedSnapshotKeyIsACorruptDatabase() throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path, options: LayerStoreTests.options(), logger: quietLogger)
+        _ = try store.createSnapshot("k", parent: nil, readOnly: false, labels: [:])
+        try store.close()
+        let db = try LayerDatabase(path: dir.path + "/layers.db")
+        try db.execute("UPDATE snapshots SET key = ?", [.text("!!zz")])
+        db.close()
+        let reopened = try LayerStore.open(root: dir.path, logger: quietLogger)
+        defer { try? reopened.close() }
+        do {
+            _ = try reopened.allSnapshots()
+            Issue.record("a snapshot with a damaged key was listed")
+        } catch {
+            #expect("\(error)".contains("\(dir.path)/layers.db is corrupt"), "\(error)")
+        }
+    }
+
     /// `layer resize` (the control socket's `resize`) takes the same size and stores it the same
     /// way: past the largest thin device it is refused, naming the layer, and the layer keeps its size.
     @Test(arguments: [UInt64.max - 4095, UInt64(Int64.max) + 4097])

@@ -80,15 +80,33 @@ extension LayerStore {
         key.utf8.map { String(format: "%02x", $0) }.joined()
     }
 
-    static func unhex(_ text: String) -> String {
+    /// The key `hex` wrote, or nil when `text` is not hex of an even length (a damaged row: disk
+    /// data, so it never reaches arithmetic that could trap).
+    static func unhex(_ text: String) -> String? {
+        let digits = Array(text.utf8)
+        guard digits.count % 2 == 0 else { return nil }
+        func nibble(_ c: UInt8) -> UInt8? {
+            switch c {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): c - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): c - UInt8(ascii: "a") + 10
+            default: nil
+            }
+        }
         var bytes: [UInt8] = []
-        bytes.reserveCapacity(text.utf8.count / 2)
-        var iterator = text.utf8.makeIterator()
-        while let high = iterator.next(), let low = iterator.next() {
-            func nibble(_ c: UInt8) -> UInt8 { c >= 97 ? c - 87 : c - 48 }
-            bytes.append(nibble(high) << 4 | nibble(low))
+        bytes.reserveCapacity(digits.count / 2)
+        for i in stride(from: 0, to: digits.count, by: 2) {
+            guard let high = nibble(digits[i]), let low = nibble(digits[i + 1]) else { return nil }
+            bytes.append(high << 4 | low)
         }
         return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// `unhex` of a key column, or the corrupt-database error naming the column.
+    private func storedKey(_ text: String?, column: String) throws -> String {
+        guard let key = Self.unhex(text ?? "") else {
+            throw Error.corruptDatabase(path: Self.databasePath(root), reason: "snapshots.\(column) \((text ?? "").debugDescription) is not a hex-encoded key")
+        }
+        return key
     }
 
     static func validateLabels(_ labels: [String: String], key: String) throws {
@@ -106,13 +124,14 @@ extension LayerStore {
     }
 
     func decodeSnapshot(_ row: LayerDatabase.Row) throws -> Snapshot {
-        let key = Self.unhex(row[0].text ?? "")
+        let key = try storedKey(row[0].text, column: "key")
         let labelText = row[4].text ?? "{}"
         guard let labels = try? JSONDecoder().decode([String: String].self, from: Data(labelText.utf8)),
               let kind = Snapshot.Kind(rawValue: row[3].text ?? "") else {
             throw Error.corruptDatabase(path: Self.databasePath(root), reason: "snapshot \(key.debugDescription): unreadable row")
         }
-        return Snapshot(key: key, layer: row[1].text ?? "", parent: row[2].text.map(Self.unhex), kind: kind, labels: labels,
+        let parent = try row[2].text.map { try storedKey($0, column: "parent") }
+        return Snapshot(key: key, layer: row[1].text ?? "", parent: parent, kind: kind, labels: labels,
                         created: Date(timeIntervalSince1970: Double(row[5].integer ?? 0) / 1e9),
                         updated: Date(timeIntervalSince1970: Double(row[6].integer ?? 0) / 1e9))
     }
@@ -132,7 +151,7 @@ extension LayerStore {
 
     /// The keys of the snapshots whose parent is `key`.
     public func snapshotChildren(_ key: String) throws -> [String] {
-        try db.query("SELECT key FROM snapshots WHERE parent = ?", [.text(Self.hex(key))]).map { Self.unhex($0[0].text ?? "") }
+        try db.query("SELECT key FROM snapshots WHERE parent = ?", [.text(Self.hex(key))]).map { try storedKey($0[0].text, column: "key") }
     }
 
     /// Prepare (read-write, `.active`) or View (`readOnly`, `.view`): a new layer from `parent`'s (a committed snapshot)
