@@ -156,6 +156,23 @@ struct VolumeTests {
         }
     }
 
+    /// As for directories: ext2fs_symlink gives the inode no generation, so a symlink made where a
+    /// removed one was had the same FUSE (nodeid, generation), and a kernel still holding the
+    /// removed one could take the new one for it. Fast (in the inode) and slow (a block) targets.
+    @Test(arguments: ["t", String(repeating: "long/", count: 20)])
+    func reusedSymlinkInodeGetsANewGeneration(target: String) throws {
+        try withImage { v, _ in
+            let root = v.rootInode
+            let first = try v.symlink(parent: root, name: "s", target: target, owner: .root)
+            try v.unlink(parent: root, name: "s")
+            let second = try v.symlink(parent: root, name: "s", target: target + "2", owner: .root)
+            try #require(second.ino == first.ino, "libext2fs did not reuse inode \(first.ino): the test proves nothing")
+            #expect(second.generation != first.generation, "symlink inode \(second.ino) reused with generation \(second.generation)")
+            #expect(try v.getattr(second.ino).generation == second.generation)
+            #expect(try v.readlink(second.ino) == target + "2")
+        }
+    }
+
     @Test func attributesXattrsAndSparseFiles() throws {
         try withImage { v, _ in
             let root = v.rootInode

@@ -1322,6 +1322,10 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             }
             var inode = try readInode(fs, ino)
             Self.setOwner(&inode, uid: owner.uid, gid: Self.newGroup(try readInode(fs, parent), owner).gid)
+            // A generation of its own, as mkdir gives (ext2fs_symlink gives none): FUSE tells a
+            // reused inode number apart by it. No block of a symlink is checksummed with it.
+            inode.i_generation = nextGeneration
+            nextGeneration &+= 1
             return try finishNewEntry(fs, ino, &inode, parent: parent)
         }
     }
