@@ -150,11 +150,13 @@ struct FullPoolTests {
             if id == "c1" {
                 // Known bug (found by this test): the file whose write hit ENOSPC keeps blocks it
                 // does not hold: "Inode 12, i_blocks is 381758, should be 380936" and "Block
-                // bitmap differences: -(261733--262143)" (marked in use, in no extent), in every
-                // run and with each dm.min_free_space. The older test above removes the file
-                // before it checks, which frees them. When it is fixed, this known issue stops
-                // being recorded and the test fails: then make this an #expect again.
-                withKnownIssue("a write that hits ENOSPC leaves blocks allocated in the bitmap that the file's extents do not hold") {
+                // bitmap differences: -(261733--262143)" (marked in use, in no extent), with each
+                // dm.min_free_space. The older test above removes the file before it checks, which
+                // frees them. Intermittent: most runs show it, and CI's run of the unset case did
+                // not (where the write stops decides whether a half-filled extent is left). When
+                // it is fixed, make this an #expect again.
+                withKnownIssue("a write that hits ENOSPC leaves blocks allocated in the bitmap that the file's extents do not hold",
+                               isIntermittent: true) {
                     #expect(clean, "e2fsck -fn of \(id): \(fsck.stdout)\(fsck.stderr)")
                 }
             } else {

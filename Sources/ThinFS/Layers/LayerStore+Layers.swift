@@ -232,21 +232,40 @@ extension LayerStore {
     /// Who holds `id` busy, or nil if nobody. Holder files of dead processes are ignored. On a
     /// kernel pool, a device opened outside ThinFS (a kernel mount) is busy too.
     public func busyHolder(_ id: String) throws -> Holder? {
-        if let probe = try tryLockExclusive(id) {
-            probe.release()
-            guard let layer = try layer(id), let use = try pool.externalUse(layer.deviceID) else { return nil }
-            return Holder(pid: 0, what: use, readOnly: false)
+        // A lock held with no live record is usually a moment's: a process that any thread of the
+        // holder is spawning keeps a copy of every descriptor, the lock's too, until its exec
+        // closes the close-on-exec ones (e2fsck, a mount helper, a test's curl), or a holder has
+        // just unlinked its record and is about to close. It is waited out, for at most about
+        // 0.4 s, before the layer is called busy for it.
+        var wait: useconds_t = 5_000
+        for attempt in 0...Self.unrecordedHolderRetries {
+            if let probe = try tryLockExclusive(id) {
+                probe.release()
+                guard let layer = try layer(id), let use = try pool.externalUse(layer.deviceID) else { return nil }
+                return Holder(pid: 0, what: use, readOnly: false)
+            }
+            let holders = liveHolders(id)
+            // Read-write holders first: they are what blocks a snapshot.
+            if let holder = holders.first(where: { !$0.readOnly }) ?? holders.first { return holder }
+            if attempt < Self.unrecordedHolderRetries {
+                usleep(wait)
+                wait = min(wait * 2, 80_000)
+            }
         }
+        return Holder(pid: 0, what: "a process that did not say who it is", readOnly: true)
+    }
+
+    static let unrecordedHolderRetries = 8
+
+    /// The holder records of `id` whose processes are alive.
+    private func liveHolders(_ id: String) -> [Holder] {
         let prefix = "\(id).holder."
         let names = (try? FileManager.default.contentsOfDirectory(atPath: locksDirectory)) ?? []
-        let holders = names.filter { $0.hasPrefix(prefix) }.compactMap { name -> Holder? in
+        return names.filter { $0.hasPrefix(prefix) }.compactMap { name -> Holder? in
             guard let data = FileManager.default.contents(atPath: locksDirectory + "/" + name),
                   let h = try? JSONDecoder().decode(Holder.self, from: data), kill(h.pid, 0) == 0 else { return nil }
             return h
         }
-        // Read-write holders first: they are what blocks a snapshot.
-        // No live record: a holder that has just unlinked its record and is about to close.
-        return holders.first { !$0.readOnly } ?? holders.first ?? Holder(pid: 0, what: "a process that did not say who it is", readOnly: true)
     }
 
     /// Removes the holder records (`holdBusy`) of processes that are gone: a daemon killed with
