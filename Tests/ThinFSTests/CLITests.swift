@@ -142,6 +142,10 @@ struct CLITests {
             #expect(!FileManager.default.fileExists(atPath: dir.path + "/nonexistent"), "\(flag): the directory was made")
             #expect(!FileManager.default.fileExists(atPath: dir.path + "/store"), "\(flag): the root was made")
         }
+        // Under the root is ours to make, as the VM suite's userspace-to-kernel does.
+        let inside = try CLI.run(["pool", "create", "--root", dir.path + "/r", "--data", dir.path + "/r/d/data",
+                                  "--metadata", dir.path + "/r/meta", "--data-size", "1G", "--metadata-size", "16M"])
+        #expect(inside.status == 0, "paths under a root that does not exist yet: \(inside.stderr)")
     }
 
     /// `thinfs umount` of something that is not a mount names it and touches no store.

@@ -68,14 +68,17 @@ public struct PoolRoot: Sendable {
         // must exist already: a missing one is a typo, and `mkdir -p` of it would bury the pool
         // somewhere the user never meant.
         let paths = [(data, dataPath), (metadata, metadataPath)]
+        let root = absolute(path)
         for (given, p) in paths where given != nil {
             let directory = (p as NSString).deletingLastPathComponent
+            // The root, and what is under it, are ours to make.
+            if directory == root || directory.hasPrefix(root + "/") { continue }
             var isDirectory: ObjCBool = false
             guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
                 throw ThinPoolError.invalidConfiguration("\(directory): no such directory (for \(p)); make it first, or leave the option out for the default under \(path)")
             }
         }
-        for (given, p) in paths where given == nil {
+        for (given, p) in paths where given == nil || { let d = ($0 as NSString).deletingLastPathComponent; return d == root || d.hasPrefix(root + "/") }(p) {
             try FileManager.default.createDirectory(atPath: (p as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         }
         let pool = try UserspaceThinPool.create(dataPath: dataPath, metadataPath: metadataPath, dataSize: dataSize,
