@@ -64,22 +64,24 @@ public struct PoolRoot: Sendable {
         try refuseExisting()
         let dataPath = absolute(data ?? defaultDataPath)
         let metadataPath = absolute(metadata ?? defaultMetadataPath)
-        // The defaults live under the root, which is ours to make. An explicit path's directory
-        // must exist already: a missing one is a typo, and `mkdir -p` of it would bury the pool
-        // somewhere the user never meant.
-        let paths = [(data, dataPath), (metadata, metadataPath)]
+        // The root, and what is under it, are ours to make (the defaults live there). Elsewhere an
+        // explicit path's directory must exist already: a missing one is a typo, and `mkdir -p` of
+        // it would bury the pool somewhere the user never meant.
         let root = absolute(path)
-        for (given, p) in paths where given != nil {
+        var toMake: [String] = []
+        for p in [dataPath, metadataPath] {
             let directory = (p as NSString).deletingLastPathComponent
-            // The root, and what is under it, are ours to make.
-            if directory == root || directory.hasPrefix(root + "/") { continue }
+            if directory == root || directory.hasPrefix(root + "/") {
+                toMake.append(directory)
+                continue
+            }
             var isDirectory: ObjCBool = false
             guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
                 throw ThinPoolError.invalidConfiguration("\(directory): no such directory (for \(p)); make it first, or leave the option out for the default under \(path)")
             }
         }
-        for (given, p) in paths where given == nil || { let d = ($0 as NSString).deletingLastPathComponent; return d == root || d.hasPrefix(root + "/") }(p) {
-            try FileManager.default.createDirectory(atPath: (p as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        for directory in toMake {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         }
         let pool = try UserspaceThinPool.create(dataPath: dataPath, metadataPath: metadataPath, dataSize: dataSize,
                                                 metadataSize: metadataSize, blockSize: blockSize, options: options, logger: logger)
