@@ -33,18 +33,7 @@ struct DeadMountTests {
         // Stopped, the daemon reads no request: the lookup waits in the kernel.
         kill(daemon, SIGSTOP)
         let target = mnt + "/never-looked-up"
-        let outcome = Locked<Result<String, FUSEServer.Error>?>(nil)
-        let done = DispatchSemaphore(value: 0)
-        Thread {
-            let result: Result<String, FUSEServer.Error>
-            do throws(FUSEServer.Error) {
-                result = .success(try FUSEServer.checkMountpoint(target, allowNonEmpty: true))
-            } catch {
-                result = .failure(error)
-            }
-            outcome.withLock { $0 = result }
-            done.signal()
-        }.start()
+        let (outcome, done) = Self.checkMountpointOnAThread(target)
         // The request is queued once one of our threads waits for its answer.
         let waiting = eventually(10) { Self.threadsWaitingForFUSE() > 0 }
         #expect(waiting, "no thread of the test waits in request_wait_answer")
@@ -86,18 +75,7 @@ struct DeadMountTests {
         volume.heldLookup.withLock { $0 = "below" }
 
         let target = m.path + "/below"
-        let outcome = Locked<Result<String, FUSEServer.Error>?>(nil)
-        let done = DispatchSemaphore(value: 0)
-        Thread {
-            let result: Result<String, FUSEServer.Error>
-            do throws(FUSEServer.Error) {
-                result = .success(try FUSEServer.checkMountpoint(target, allowNonEmpty: true))
-            } catch {
-                result = .failure(error)
-            }
-            outcome.withLock { $0 = result }
-            done.signal()
-        }.start()
+        let (outcome, done) = Self.checkMountpointOnAThread(target)
         try #require(volume.lookupArrived.wait(timeout: .now() + 10) == .success, "the lookup of 'below' never reached the server")
         #expect(FUSEServer.abortConnection(device: entry.device), "could not abort the connection through \(connections)")
         let returned = done.wait(timeout: .now() + 10) == .success
@@ -123,6 +101,24 @@ struct DeadMountTests {
                 continue
             }
         }
+    }
+
+    /// `FUSEServer.checkMountpoint(target)` on a thread of its own (its stat may wait in the
+    /// kernel for the daemon): its result once `done` is signalled.
+    static func checkMountpointOnAThread(_ target: String) -> (outcome: Locked<Result<String, FUSEServer.Error>?>, done: DispatchSemaphore) {
+        let outcome = Locked<Result<String, FUSEServer.Error>?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            let result: Result<String, FUSEServer.Error>
+            do throws(FUSEServer.Error) {
+                result = .success(try FUSEServer.checkMountpoint(target, allowNonEmpty: true))
+            } catch {
+                result = .failure(error)
+            }
+            outcome.withLock { $0 = result }
+            done.signal()
+        }.start()
+        return (outcome, done)
     }
 
     /// Threads of this process in the kernel's wait for a FUSE answer (/proc/self/task/*/wchan).

@@ -51,12 +51,9 @@ struct FullPoolTests {
 
         try f.ok(["umount", mnt])
         try f.waitForDaemons()
-        let image = f.dir.path + "/c1.img"
-        let export = try LayerFixture.shell("\(Binaries.path("thinfs")) dev read --root \(f.root) \(device) --length 512M > \(image)")
-        #expect(export.status == 0, "\(export.stderr)")
         // -n answers every question "no"; a clean filesystem asks none (e2fsck exits 0 even for
         // a wrong free-blocks count, so its questions are checked too).
-        let fsck = try LayerFixture.shell("/sbin/e2fsck -fn \(image)")
+        let fsck = try LayerFixture.checkFilesystem(root: f.root, device: device, length: "512M", image: f.dir.path + "/c1.img").fsck
         #expect(fsck.status == 0 && !fsck.stdout.contains("Fix? no"), "e2fsck -fn: \(fsck.stdout)\(fsck.stderr)")
         #expect(try Oracle.check(f.metadata))
 
@@ -140,12 +137,8 @@ struct FullPoolTests {
         try f.waitForDaemons()
         #expect(try Oracle.check(f.metadata))
 
-        let image = f.dir.path + "/fsck.img"
         for id in ["c1", "c2"] {
-            let device = try f.layerDevice(id)
-            let export = try LayerFixture.shell("\(Binaries.path("thinfs")) dev read --root \(f.root) \(device) --length 256M > \(image)")
-            #expect(export.status == 0, "\(export.stderr)")
-            let fsck = try LayerFixture.shell("/sbin/e2fsck -fn \(image)")
+            let fsck = try f.checkFilesystem(id, length: "256M").fsck
             let clean = fsck.status == 0 && !fsck.stdout.contains("Fix? no")
             if id == "c1" {
                 // Known bug (found by this test): the file whose write hit ENOSPC keeps blocks it
@@ -163,7 +156,6 @@ struct FullPoolTests {
                 #expect(clean, "e2fsck -fn of \(id): \(fsck.stdout)\(fsck.stderr)")
             }
         }
-        unlink(image)
         try f.ok(["mount", "c1", mnt, "--ro"])
         #expect(Sys.readFile(mnt + "/after") == after, "c1's file written after the resize reads back different")
         try f.ok(["umount", mnt])

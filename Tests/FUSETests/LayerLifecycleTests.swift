@@ -107,18 +107,9 @@ struct LayerLifecycleTests {
         #expect(Sys.readFile(mnt + "/etc/passwd") != nil)   // the image's files are still there
         try f.ok(["umount", mnt])
         try f.waitForDaemons()
-        let device = try f.layerDevice("big")
-        let image = f.dir.path + "/big.img"
-        let export = try LayerFixture.shell("\(Binaries.path("thinfs")) dev read --root \(f.root) \(device) --length 768M > \(image)")
-        #expect(export.status == 0, "\(export.stderr)")
-        let fsck = try LayerFixture.shell("/sbin/e2fsck -fn \(image)")
+        let (fsck, fsBytes) = try f.checkFilesystem("big", length: "768M")
         #expect(fsck.status == 0, "e2fsck: \(fsck.stdout)\(fsck.stderr)")
-        let header = try LayerFixture.shell("/sbin/dumpe2fs -h \(image)").stdout
-        func field(_ name: String) -> UInt64? {
-            header.split(separator: "\n").first { $0.hasPrefix(name + ":") }
-                .flatMap { UInt64($0.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) }
-        }
-        #expect(field("Block count").flatMap { c in field("Block size").map { c * $0 } } == 768 << 20, "\(header)")
+        #expect(fsBytes == 768 << 20, "the filesystem has \(String(describing: fsBytes)) bytes")
         try f.expectNoLeaks()
     }
 
@@ -302,6 +293,28 @@ final class LayerFixture: @unchecked Sendable {
     }
 
     static func shell(_ command: String) throws -> Oracle.Result { try Oracle.run("/bin/sh", ["-c", command]) }
+
+    /// Thin device `device` of the store at `root` (its first `length`, a size such as "256M")
+    /// copied out with `thinfs dev read` (no daemon may hold the pool) to `image`, which is
+    /// removed afterwards; then `e2fsck -fn` of the copy, and its filesystem's size in bytes by
+    /// dumpe2fs (block count × block size). A failed copy is recorded as an issue.
+    static func checkFilesystem(root: String, device: some BinaryInteger, length: String, image: String) throws -> (fsck: Oracle.Result, bytes: UInt64?) {
+        defer { unlink(image) }
+        let export = try shell("\(Binaries.path("thinfs")) dev read --root \(root) \(device) --length \(length) > \(image)")
+        #expect(export.status == 0, "dev read \(device): \(export.stderr)")
+        let fsck = try shell("/sbin/e2fsck -fn \(image)")
+        let header = try shell("/sbin/dumpe2fs -h \(image)").stdout
+        func field(_ name: String) -> UInt64? {
+            header.split(separator: "\n").first { $0.hasPrefix(name + ":") }
+                .flatMap { UInt64($0.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) }
+        }
+        return (fsck, field("Block count").flatMap { c in field("Block size").map { c * $0 } })
+    }
+
+    /// `checkFilesystem` of layer `id` of this fixture's store.
+    func checkFilesystem(_ id: String, length: String) throws -> (fsck: Oracle.Result, bytes: UInt64?) {
+        try Self.checkFilesystem(root: root, device: try layerDevice(id), length: length, image: dir.path + "/\(id).img")
+    }
 
     /// Builds the two-layer test image (scripts/make-test-image.sh) and imports its OCI layout.
     func importImage() throws -> String {

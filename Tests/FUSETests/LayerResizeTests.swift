@@ -81,21 +81,6 @@ struct LayerResizeTests {
         return UInt64(st.f_blocks) * UInt64(st.f_frsize)
     }
 
-    /// e2fsck -fn of layer `id`'s device exported at `size`, and its block count in bytes.
-    static func check(_ f: LayerFixture, _ id: String, size: String) throws -> (fsck: Oracle.Result, bytes: UInt64?) {
-        let image = f.dir.path + "/\(id).img"
-        defer { unlink(image) }
-        let export = try LayerFixture.shell("\(Binaries.path("thinfs")) dev read --root \(f.root) \(try f.layerDevice(id)) --length \(size) > \(image)")
-        #expect(export.status == 0, "\(export.stderr)")
-        let fsck = try LayerFixture.shell("/sbin/e2fsck -fn \(image)")
-        let header = try LayerFixture.shell("/sbin/dumpe2fs -h \(image)").stdout
-        func field(_ name: String) -> UInt64? {
-            header.split(separator: "\n").first { $0.hasPrefix(name + ":") }
-                .flatMap { UInt64($0.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) }
-        }
-        return (fsck, field("Block count").flatMap { c in field("Block size").map { c * $0 } })
-    }
-
     /// A container mounted through the daemon, with a file open for writing, an open file
     /// already unlinked, and a writer appending, grows from 256M to 768M through the control
     /// socket: statvfs shows the new size at once, the writer goes on past the old size, and
@@ -176,7 +161,7 @@ struct LayerResizeTests {
         try f.ok(["umount", mnt])
         try f.waitForDaemons()
         #expect(try Oracle.check(f.metadata))
-        let grown = try Self.check(f, "c1", size: "768M")
+        let grown = try f.checkFilesystem("c1", length: "768M")
         #expect(grown.fsck.status == 0, "e2fsck: \(grown.fsck.stdout)\(grown.fsck.stderr)")
         #expect(grown.bytes == 768 << 20)
 
@@ -184,7 +169,7 @@ struct LayerResizeTests {
         try f.ok(["layer", "create-rw", "c2", "--parent", top])
         try f.ok(["layer", "resize", "c2", "512M"])
         #expect(try f.listing("c2")["size"] as? Int == 512 << 20)
-        let offline = try Self.check(f, "c2", size: "512M")
+        let offline = try f.checkFilesystem("c2", length: "512M")
         #expect(offline.fsck.status == 0, "e2fsck: \(offline.fsck.stdout)\(offline.fsck.stderr)")
         #expect(offline.bytes == 512 << 20)
         #expect(try Oracle.check(f.metadata))

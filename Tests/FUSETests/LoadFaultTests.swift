@@ -205,13 +205,9 @@ struct LoadFaultTests {
 
     /// `e2fsck -fn` of every device, read out of the pool (no daemon may run).
     static func expectCleanFilesystems(_ f: LayerFixture, devices: Set<UInt32>) throws {
-        let image = f.dir.path + "/fsck.img"
-        defer { unlink(image) }
         for device in devices.sorted() {
-            let export = try LayerFixture.shell("\(Binaries.path("thinfs")) dev read --root \(f.root) \(device) --length \(deviceBytes) > \(image)")
-            #expect(export.status == 0, "dev read \(device): \(export.stderr)")
             // A clean filesystem asks no question; e2fsck -n exits 0 for some it answers "no".
-            let fsck = try LayerFixture.shell("/sbin/e2fsck -fn \(image)")
+            let fsck = try LayerFixture.checkFilesystem(root: f.root, device: device, length: "\(deviceBytes)", image: f.dir.path + "/fsck.img").fsck
             #expect(fsck.status == 0 && !fsck.stdout.contains("Fix? no"), "e2fsck -fn of device \(device): \(fsck.stdout)\(fsck.stderr)")
         }
     }

@@ -126,11 +126,7 @@ struct ServeTests {
         #expect(try serve.stop(SIGTERM) == .exited(0), "\(serve.log)")
 
         #expect(try Oracle.check(f.metadata))
-        let device = try f.layerDevice("c1")
-        let image = f.dir.path + "/c1.img"
-        let export = try LayerFixture.shell("\(Binaries.path("thinfs")) dev read --root \(f.root) \(device) --length 256M > \(image)")
-        #expect(export.status == 0, "\(export.stderr)")
-        let fsck = try Oracle.run("/sbin/e2fsck", ["-fn", image])
+        let fsck = try f.checkFilesystem("c1", length: "256M").fsck
         #expect(fsck.status == 0, "e2fsck: \(fsck.stdout)\(fsck.stderr)")
         try f.expectNoLeaks()
     }
@@ -238,18 +234,10 @@ struct ServeTests {
         #expect(sizes["old"] == 128 << 20 && sizes["new"] == 256 << 20, "\(listing.stdout)")
         #expect(try grown.stop(SIGTERM) == .exited(0), "\(grown.log)")
         // The base device's filesystem has grown with it: e2fsck and dumpe2fs judge the new layer's.
-        let image = dir.path + "/new.img"
         let device = rows.first { $0["id"] as? String == "new" }?["deviceID"] as? Int ?? -1
-        let export = try LayerFixture.shell("\(Binaries.path("thinfs")) dev read --root \(root) \(device) --length 256M > \(image)")
-        #expect(export.status == 0, "\(export.stderr)")
-        let fsck = try LayerFixture.shell("/sbin/e2fsck -fn \(image)")
+        let (fsck, bytes) = try LayerFixture.checkFilesystem(root: root, device: device, length: "256M", image: dir.path + "/new.img")
         #expect(fsck.status == 0, "e2fsck: \(fsck.stdout)\(fsck.stderr)")
-        let header = try LayerFixture.shell("/sbin/dumpe2fs -h \(image)").stdout
-        func field(_ name: String) -> UInt64? {
-            header.split(separator: "\n").first { $0.hasPrefix(name + ":") }
-                .flatMap { UInt64($0.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) }
-        }
-        #expect(field("Block count").flatMap { c in field("Block size").map { c * $0 } } == 256 << 20, "\(header)")
+        #expect(bytes == 256 << 20, "the new layer's filesystem has \(String(describing: bytes)) bytes")
         // The smaller size, now refused against the grown base.
         let smaller = try Binaries.run("thinfs", ["serve", "--root", root, "--storage-opt", "dm.basesize=128M"])
         #expect(smaller.status != 0 && smaller.stderr.contains("256M") && smaller.stderr.contains("128M"), "\(smaller.stderr)")
