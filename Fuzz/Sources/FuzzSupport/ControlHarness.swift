@@ -53,32 +53,11 @@ public enum ControlHarness {
         let s = setup
         // The decoder on its own, as the listener calls it.
         _ = try? LayerRequest.decode(Data(data.prefix { $0 != 10 }))
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { Harness.setupFailed("socket", CocoaError(.fileWriteUnknown)) }
+        let fd = Harness.connect(unixSocket: s.socket)
         defer { close(fd) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            for (i, b) in s.socket.utf8.enumerated() { raw[i] = b }
-        }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard rc == 0 else { Harness.setupFailed("connect \(s.socket)", CocoaError(.fileReadUnknown)) }
-        var done = 0
-        while done < data.count {
-            let n = send(fd, data.baseAddress! + done, data.count - done, Int32(MSG_NOSIGNAL))
-            if n <= 0 { break }  // the daemon answered early (a line too long) and closed
-            done += n
-        }
+        Harness.send(fd, data)
         shutdown(fd, Int32(SHUT_WR))
-        var response = [UInt8]()
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            if n <= 0 { break }
-            response += chunk[0 ..< n]
-        }
+        let response = Harness.receiveAll(fd)
         // Every request gets exactly one answer line, and it decodes.
         if !response.isEmpty, (try? JSONDecoder().decode(LayerResponse.self, from: Data(response))) == nil {
             FileHandle.standardError.write(Data("the control socket answered with something that is not a response: \(String(decoding: response, as: UTF8.self))\n".utf8))

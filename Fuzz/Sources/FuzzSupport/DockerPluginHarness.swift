@@ -80,37 +80,12 @@ public enum DockerPluginHarness {
 
     /// Sends one POST on a connection of its own and returns everything the server wrote back.
     static func exchange(_ s: Setup, uri: String, body: [UInt8]) -> [UInt8] {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { Harness.setupFailed("socket", CocoaError(.fileWriteUnknown)) }
+        let fd = Harness.connect(unixSocket: s.socket)
         defer { close(fd) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            for (i, b) in s.socket.utf8.enumerated() { raw[i] = b }
-        }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard rc == 0 else { Harness.setupFailed("connect \(s.socket)", CocoaError(.fileReadUnknown)) }
         let head = "POST \(uri) HTTP/1.1\r\nHost: plugin\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\nConnection: close\r\n\r\n"
         let request = Array(head.utf8) + body
-        var done = 0
-        while done < request.count {
-            let n = request.withUnsafeBytes { send(fd, $0.baseAddress! + done, request.count - done, Int32(MSG_NOSIGNAL)) }
-            // libFuzzer's -timeout alarm (SIGALRM, every second) interrupts a blocked call.
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }  // the server answered early (a bad request) and closed
-            done += n
-        }
-        var response = [UInt8]()
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
-            response += chunk[0 ..< n]
-        }
-        return response
+        request.withUnsafeBytes { Harness.send(fd, $0) }
+        return Harness.receiveAll(fd)
     }
 
     public static func run(_ data: UnsafeRawBufferPointer) {

@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// What every harness shares: the libFuzzer entry points call `Harness.run`, and
 /// `THINFS_FUZZ_WRITE_SEEDS=DIR` makes a harness binary write its seed corpus to DIR and exit
@@ -107,5 +110,55 @@ extension Harness {
             return 0
         }
         exit(rc)
+    }
+}
+
+// MARK: - Unix sockets, for the harnesses that talk to a server
+
+extension Harness {
+    /// A stream socket connected to the unix socket at `path`. The server is the harness's own,
+    /// so a failure is a setup failure.
+    static func connect(unixSocket path: String) -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { setupFailed("socket", CocoaError(.fileWriteUnknown)) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in path.utf8.enumerated() { raw[i] = b }
+        }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else {
+            close(fd)
+            setupFailed("connect \(path)", CocoaError(.fileReadUnknown))
+        }
+        return fd
+    }
+
+    /// Sends `bytes` until all are sent or the server closes (it may answer early, a bad request,
+    /// and close). libFuzzer's -timeout alarm (SIGALRM, every second) interrupts a blocked call:
+    /// EINTR is retried.
+    static func send(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) {
+        var done = 0
+        while done < bytes.count {
+            let n = Glibc.send(fd, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            done += n
+        }
+    }
+
+    /// Everything the server writes until it closes, retrying EINTR as `send` does.
+    static func receiveAll(_ fd: Int32) -> [UInt8] {
+        var response = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            response += chunk[0 ..< n]
+        }
+        return response
     }
 }
