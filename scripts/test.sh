@@ -10,8 +10,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { echo "=== test.sh: $1"; }
-fail() { echo "=== test.sh: FAILED at step '$1'${2:+: $2}" >&2; exit 1; }
+# Each step's time is printed when it ends, and all of them in a summary at the end of the run (on
+# failure too, just before the FAILED line, which stays last).
+current="" current_start=$SECONDS times=()
+step_done() {
+  [[ -n $current ]] || return 0
+  local took=$((SECONDS - current_start))
+  echo "=== test.sh: $current ${1:-done} ($took s)"
+  times+=("$(printf '%-24s %5d s%s' "$current" "$took" "${1:+  $1}")")
+  current=""
+}
+time_summary() { echo "=== test.sh: time per step (total $SECONDS s)"; printf '    %s\n' "${times[@]}"; }
+step() { step_done; current=$1 current_start=$SECONDS; echo "=== test.sh: $1"; }
+fail() { step_done FAILED; time_summary; echo "=== test.sh: FAILED at step '$1'${2:+: $2}" >&2; exit 1; }
 
 step "setup";  scripts/setup.sh || fail setup "scripts/setup.sh could not install the packages"
 step "build";  swift build --build-tests || fail build "swift build --build-tests failed (the compiler's errors are above)"
@@ -113,4 +124,6 @@ step "kernel VM suite"
 # The kernel suite in a qemu guest (scripts/vm/README.md); skips loudly without qemu. It prints its
 # own table and the end of each failed test's log last.
 bash scripts/vm/suite.sh || fail "kernel VM suite" "exit $? (the table above names the failed tests)"
-step "all steps passed"
+step_done
+time_summary
+echo "=== test.sh: all steps passed"
