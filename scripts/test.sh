@@ -123,7 +123,9 @@ timeout -k 30 180 bash scripts/rootless.sh || fail "rootless" "scripts/rootless.
 step "kernel VM suite"
 # The kernel suite in a qemu guest (scripts/vm/README.md); skips loudly without qemu. It prints its
 # own table and the end of each failed test's log last.
-bash scripts/vm/suite.sh || fail "kernel VM suite" "exit $? (the table above names the failed tests)"
+# --bin: the binaries every other step used; without it suite.sh runs `swift build --product`, which
+# recompiled SwiftProtobuf and relinked thinfs after the --build-tests build (18 s in ci-run7b).
+bash scripts/vm/suite.sh --bin "$(swift build --show-bin-path)" || fail "kernel VM suite" "exit $? (the table above names the failed tests)"
 step_done
 time_summary
 echo "=== test.sh: all steps passed"
