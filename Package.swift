@@ -148,3 +148,14 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// Fuzz/ (scripts/fuzz.sh) sets THINFS_FUZZ_SANITIZE, e.g. "fuzzer,address", to instrument our own
+// Swift modules only: -Xswiftc would also instrument gRPC, SwiftNIO, swift-protobuf and
+// swift-crypto, whose coverage the harnesses do not aim at and whose sanitizer build was most of
+// the fuzz step's time. Every regular target gets it, so new modules are covered without a change
+// here. Without the variable (every other build) the package is as above.
+if let sanitize = Context.environment["THINFS_FUZZ_SANITIZE"], !sanitize.isEmpty {
+    for target in package.targets where target.type == .regular {
+        target.swiftSettings = (target.swiftSettings ?? []) + [.unsafeFlags(["-sanitize=\(sanitize)"])]
+    }
+}

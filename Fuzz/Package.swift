@@ -7,6 +7,12 @@
 // checkout's directory name varies (and may clash with this package's own, "fuzz").
 import PackageDescription
 
+// scripts/fuzz.sh sets THINFS_FUZZ_SANITIZE (e.g. "fuzzer,address"). Only our own code is
+// instrumented: FuzzSupport and the harnesses here, and the main package's modules through the same
+// variable (its Package.swift); the dependencies (gRPC, SwiftNIO, swift-protobuf, swift-crypto,
+// swift-log) build plainly. The executables link the sanitizers' runtimes (libFuzzer's among them).
+let sanitize = Context.environment["THINFS_FUZZ_SANITIZE"].flatMap { $0.isEmpty ? nil : ["-sanitize=\($0)"] } ?? []
+
 let harnesses = ["superblock", "btree", "space-map", "pool", "layer-tar", "image", "docker-dm", "control", "containerd", "docker-plugin"]
 
 let package = Package(
@@ -29,15 +35,17 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
-            ]
+            ],
+            swiftSettings: [.unsafeFlags(sanitize)]
         ),
     ] + harnesses.map {
         .executableTarget(
             name: "fuzz-\($0)",
             dependencies: ["FuzzSupport"],
+            swiftSettings: [.unsafeFlags(sanitize + ["-parse-as-library"])],
             // The toolchain's lld: gold (the default) stops with an internal error
             // (dwarf_reader.cc format_file_lineno) on these AddressSanitizer objects.
-            linkerSettings: [.unsafeFlags(["-use-ld=lld"])]
+            linkerSettings: [.unsafeFlags(["-use-ld=lld"] + sanitize)]
         )
     },
     swiftLanguageModes: [.v6]
