@@ -10,6 +10,7 @@
 //   CFuse CDevMapper        system libraries: a modulemap and a shim.h each;
 //   CExt2fs CArchive        exactly one Swift file imports each of them
 //   CSQLite CRBD
+//   CRE2                    RE2 (C++) behind a C API, for containerd's filter patterns
 //   ThinFS                  pool backends, thin devices, (later) volume, layers, FUSE
 //   ThinFSContainerd        containerd's snapshots API (gRPC) over the layer store: its own
 //                           target so gRPC and SwiftNIO stay out of ThinFS and its tests
@@ -60,6 +61,9 @@ let package = Package(
         .target(name: "CCRC32C"),
         // Wrappers for libc calls the Glibc module hides (fallocate needs _GNU_SOURCE).
         .target(name: "CThinFSShims"),
+        // RE2 (C++) behind a C API: the regular expressions of containerd's filters, in Go's syntax
+        // and with RE2's linear-time matching. Debian's libre2-dev.
+        .target(name: "CRE2", linkerSettings: [.linkedLibrary("re2")]),
 
         .target(
             name: "PersistentData",
@@ -91,7 +95,7 @@ let package = Package(
         .target(
             name: "ThinFSContainerd",
             dependencies: [
-                "ThinFS", "CThinFSShims",
+                "ThinFS", "CThinFSShims", "CRE2",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),

@@ -11,6 +11,7 @@ packages=(
   libarchive-dev                # layer tars
   thin-provisioning-tools       # thin_check / thin_dump / thin_restore: the metadata oracle
   libsqlite3-dev                # layer store metadata
+  libre2-dev                    # containerd filter patterns (~=), Go regexp syntax, linear time
   busybox-static zstd           # test images (a busybox rootfs, zstd layers); the VM initramfs
   qemu-system-x86               # the kernel test guest (scripts/vm)
   containerd runc docker-registry skopeo   # scripts/containerd-e2e.sh: a private containerd, a local registry

@@ -27,7 +27,7 @@ public struct SnapshotFilter: Sendable {
         var path: [String]
         var op: Operator
         var value: String
-        var regex: NSRegularExpression?
+        var regex: RE2Pattern?
     }
 
     /// Alternatives (OR) of conjunctions (AND).
@@ -60,7 +60,7 @@ public struct SnapshotFilter: Sendable {
         case .notEqual: return value != selector.value
         case .matches:
             guard let value, let regex = selector.regex else { return false }
-            return regex.firstMatch(in: value, range: NSRange(value.startIndex..., in: value)) != nil
+            return regex.matches(value)
         }
     }
 
@@ -107,9 +107,9 @@ public struct SnapshotFilter: Sendable {
             }
             skipSpace()
             let value = try self.value()
-            var regex: NSRegularExpression?
+            var regex: RE2Pattern?
             if op == .matches {
-                do { regex = try NSRegularExpression(pattern: value) } catch { throw self.error("bad regular expression \(value.debugDescription)") }
+                do { regex = try RE2Pattern(value) } catch { throw self.error("bad regular expression \(value.debugDescription): \(error.reason)") }
             }
             return Selector(path: path, op: op, value: value, regex: regex)
         }

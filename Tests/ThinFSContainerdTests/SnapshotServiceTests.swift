@@ -2,6 +2,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import SwiftProtobuf
+import Synchronization
 import TestSupport
 import Testing
 import ThinFS
@@ -489,6 +490,36 @@ struct SnapshotFilterTests {
         #expect(throws: SnapshotFilter.Error.self) { try SnapshotFilter(parsing: ["name==a b"]) }
         #expect(throws: SnapshotFilter.Error.self) { try SnapshotFilter(parsing: ["==a"]) }
         #expect(throws: SnapshotFilter.Error.self) { try SnapshotFilter(parsing: ["name~=("]) }
+    }
+
+    /// `~=` compiles its pattern as containerd does, with Go's regexp: RE2's syntax (Perl classes and
+    /// flags accepted, backreferences refused, as `regexp.Compile` refuses them).
+    @Test func patternsHaveGoSyntax() throws {
+        let s = Self.snapshot("layer-42", labels: ["tag": "Release"])
+        #expect(try SnapshotFilter(parsing: [#"name~=^layer-\d+$"#]).matches(s))
+        #expect(try SnapshotFilter(parsing: ["labels.tag~=(?i)^release$"]).matches(s))
+        #expect(try SnapshotFilter(parsing: ["name~=yer"]).matches(s))            // unanchored, as MatchString
+        #expect(!(try SnapshotFilter(parsing: ["name~=^yer"]).matches(s)))
+        #expect(throws: SnapshotFilter.Error.self) { try SnapshotFilter(parsing: [#"name~=(a)\1"#]) }
+        #expect(throws: SnapshotFilter.Error.self) { try SnapshotFilter(parsing: ["name~=a(?=b)"]) }  // no lookahead in Go
+    }
+
+    /// A client's pattern can't make a List request take exponential time: `(a+)+$` against 40 a's
+    /// and a "!" is 2^40 steps for a backtracking engine, and linear for RE2. The match runs on its
+    /// own thread so that a backtracking engine fails the test at the deadline instead of hanging it.
+    @Test func matchingIsLinearInTheText() async throws {
+        let s = Self.snapshot(String(repeating: "a", count: 40) + "!")
+        let filter = try SnapshotFilter(parsing: ["name~=(a+)+$", "name~=(a|aa)*b"])
+        let finished = Mutex<Bool?>(nil)
+        let thread = Thread {
+            let result = filter.matches(s)   // outside the lock, which the waiting loop polls
+            finished.withLock { $0 = result }
+        }
+        thread.start()
+        let deadline = ContinuousClock.now + .seconds(10)
+        while finished.withLock({ $0 }) == nil, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        let result = try #require(finished.withLock { $0 }, "the match did not finish within 10 s")
+        #expect(!result)
     }
 }
 
