@@ -8,10 +8,19 @@
 //   PersistentData          dm-thin's on-disk metadata: block manager, btrees,
 //                           space maps, transaction manager, thin metadata
 //   CFuse CDevMapper        system libraries: a modulemap and a shim.h each;
-//   CExt2fs CArchive        exactly one Swift file imports each of them
+//   CExt2fs CArchive        exactly one Swift module imports each of them
 //   CSQLite CRBD
 //   CRE2                    RE2 (C++) behind a C API, for containerd's filter patterns
-//   ThinFS                  pool backends, thin devices, (later) volume, layers, FUSE
+//   ThinFSCore              what the volume, the FUSE server and the pool share: BlockDevice,
+//                           ThinPoolError, the FileSystemVolume API and its value types, Lock,
+//                           /proc readers (ProcFile, MountTable). No C library.
+//   ThinFSExt4              ext4 through libext2fs over a BlockDevice (`Volume`): the only
+//                           module importing CExt2fs
+//   ThinFSFUSE              the FUSE server over any FileSystemVolume: the only module importing
+//                           CFuse. Knows nothing of ext4, so it sits beside ThinFSExt4, not above.
+//   ThinFS                  pool backends, thin devices, volume groups, layers, the daemon; it
+//                           re-exports the three above, so its users import ThinFS alone.
+//                           Cross-module internals are `package`, not `public`.
 //   ThinFSContainerd        containerd's snapshots API (gRPC) over the layer store: its own
 //                           target so gRPC and SwiftNIO stay out of ThinFS and its tests
 //   ThinFSDocker            Docker's graphdriver plugin protocol (JSON over HTTP, SwiftNIO's
@@ -75,12 +84,41 @@ let package = Package(
             swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
         ),
         .target(
-            name: "ThinFS",
+            name: "ThinFSCore",
             dependencies: [
                 "PersistentData",
                 "CThinFSShims",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .target(
+            name: "ThinFSExt4",
+            dependencies: [
+                "ThinFSCore",
                 "CExt2fs",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            // libext2fs reports errors through com_err (error_message); its pkg-config file leaves it to the caller.
+            linkerSettings: [.linkedLibrary("com_err")]
+        ),
+        .target(
+            name: "ThinFSFUSE",
+            dependencies: [
+                "ThinFSCore",
                 "CFuse",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .target(
+            name: "ThinFS",
+            dependencies: [
+                "PersistentData",
+                "ThinFSCore",
+                "ThinFSExt4",
+                "ThinFSFUSE",
+                "CThinFSShims",
                 "CArchive",
                 "CSQLite",
                 "CDevMapper",
@@ -88,9 +126,7 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
-            ],
-            // libext2fs reports errors through com_err (error_message); its pkg-config file leaves it to the caller.
-            linkerSettings: [.linkedLibrary("com_err")]
+            ]
         ),
         .target(
             name: "ThinFSContainerd",
@@ -134,7 +170,7 @@ let package = Package(
         .testTarget(name: "PersistentDataTests", dependencies: ["PersistentData", "TestSupport"], exclude: ["Fixtures"]),
         .testTarget(
             name: "ThinFSTests",
-            dependencies: ["ThinFS", "PersistentData", "ThinFSCommands", "TestSupport"]
+            dependencies: ["ThinFS", "ThinFSCore", "ThinFSExt4", "ThinFSFUSE", "PersistentData", "ThinFSCommands", "TestSupport"]
         ),
         .testTarget(
             name: "ThinFSContainerdTests",
@@ -148,7 +184,7 @@ let package = Package(
         ),
         .testTarget(name: "ThinFSDockerTests", dependencies: ["ThinFS", "ThinFSDocker", "TestSupport"]),
         // Privileged: real FUSE mounts (needs /dev/fuse and root); each test is gated on both.
-        .testTarget(name: "FUSETests", dependencies: ["ThinFS", "PersistentData", "TestSupport"], path: "Tests/FUSETests"),
+        .testTarget(name: "FUSETests", dependencies: ["ThinFS", "ThinFSCore", "ThinFSExt4", "ThinFSFUSE", "PersistentData", "TestSupport"], path: "Tests/FUSETests"),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -3,6 +3,7 @@ import SystemPackage
 import TestSupport
 import Testing
 @testable import ThinFS
+@testable import ThinFSFUSE
 #if canImport(Glibc)
 import Glibc
 #endif

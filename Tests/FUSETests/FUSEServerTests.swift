@@ -3,6 +3,8 @@ import SystemPackage
 import TestSupport
 import Testing
 @testable import ThinFS
+@testable import ThinFSFUSE
+@testable import ThinFSCore
 #if canImport(Glibc)
 import Glibc
 #endif

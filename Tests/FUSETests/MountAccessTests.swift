@@ -2,6 +2,7 @@ import Foundation
 import TestSupport
 import Testing
 @testable import ThinFS
+@testable import ThinFSFUSE
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -4,6 +4,7 @@ import SystemPackage
 import TestSupport
 import Testing
 @testable import ThinFS
+@testable import ThinFSExt4
 
 /// The volume's directory cache (name → inode per directory): its own rules, then whether a
 /// volume that serves lookups from it ever answers differently from the disk.

@@ -4,6 +4,7 @@ import PersistentData
 import TestSupport
 import Testing
 @testable import ThinFS
+@testable import ThinFSExt4
 
 @Suite("Pool limits and bad input")
 struct PoolLimitTests {

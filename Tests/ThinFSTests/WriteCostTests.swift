@@ -3,6 +3,7 @@ import SystemPackage
 import TestSupport
 import Testing
 @testable import ThinFS
+@testable import ThinFSExt4
 
 /// A file device that counts what reaches it: flushes, and the 4 KiB blocks each write touched.
 private final class CountingDevice: BlockDevice, @unchecked Sendable {

@@ -1,9 +1,10 @@
-import CFuse
+internal import CFuse
 import Dispatch
 import Foundation
 import Logging
 import Synchronization
 import SystemPackage
+import ThinFSCore
 #if canImport(Glibc)
 import Glibc
 #endif

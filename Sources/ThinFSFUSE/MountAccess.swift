@@ -1,4 +1,5 @@
 import Foundation
+import ThinFSCore
 #if canImport(Glibc)
 import Glibc
 #endif

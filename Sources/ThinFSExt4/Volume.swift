@@ -1,7 +1,8 @@
-import CExt2fs
+internal import CExt2fs
 import Foundation
 import Logging
 import SystemPackage
+import ThinFSCore
 
 /// An ext4 filesystem on any `BlockDevice`, read and written in userspace
 /// through libext2fs. This is the only file that imports CExt2fs.
@@ -274,7 +275,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return Timestamp(seconds: seconds, nanoseconds: seconds == low || seconds == high ? 0 : t.nanoseconds)
     }
 
-    static func now() -> Timestamp {
+    package static func now() -> Timestamp {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         return Timestamp(seconds: Int64(ts.tv_sec), nanoseconds: UInt32(ts.tv_nsec))
@@ -346,13 +347,13 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return t == 0o020000 || t == 0o060000
     }
 
-    static func makedev(major: UInt32, minor: UInt32) -> UInt64 {
+    package static func makedev(major: UInt32, minor: UInt32) -> UInt64 {
         // glibc's encoding of dev_t.
         (UInt64(major & 0xfff) << 8) | (UInt64(major & ~0xfff) << 32) | UInt64(minor & 0xff) | (UInt64(minor & ~0xff) << 12)
     }
 
-    static func major(_ dev: UInt64) -> UInt32 { UInt32(((dev >> 8) & 0xfff) | ((dev >> 32) & ~0xfff)) }
-    static func minor(_ dev: UInt64) -> UInt32 { UInt32((dev & 0xff) | ((dev >> 12) & ~0xff)) }
+    package static func major(_ dev: UInt64) -> UInt32 { UInt32(((dev >> 8) & 0xfff) | ((dev >> 32) & ~0xfff)) }
+    package static func minor(_ dev: UInt64) -> UInt32 { UInt32((dev & 0xff) | ((dev >> 12) & ~0xff)) }
 
     static func fileType(_ mode: UInt32) -> Int32 {
         switch mode & 0o170000 {

@@ -126,7 +126,7 @@ public final class FileBlockDevice: BlockDevice {
 
 extension FileDescriptor {
     /// pread until the buffer is full; bytes past end of file read as zeros.
-    func readFully(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, path: String) throws {
+    package func readFully(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, path: String) throws {
         var done = 0
         while done < buffer.count {
             let n: Int
@@ -145,7 +145,7 @@ extension FileDescriptor {
     }
 
     /// pwrite until every byte is written.
-    func writeFully(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, path: String) throws {
+    package func writeFully(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, path: String) throws {
         var done = 0
         while done < buffer.count {
             do {
@@ -157,7 +157,7 @@ extension FileDescriptor {
         }
     }
 
-    func dataSync(path: String) throws {
+    package func dataSync(path: String) throws {
         while fdatasync(rawValue) != 0 {
             if errno == EINTR { continue }
             throw ThinPoolError.io(operation: "fdatasync", path: path, errno: Errno(rawValue: errno))
@@ -165,14 +165,14 @@ extension FileDescriptor {
     }
 
     /// fallocate(PUNCH_HOLE | KEEP_SIZE): returns the range to the file system.
-    func punchHole(offset: UInt64, length: UInt64, path: String) throws {
+    package func punchHole(offset: UInt64, length: UInt64, path: String) throws {
         if thinfs_punch_hole(rawValue, Int64(offset), Int64(length)) != 0 {
             throw ThinPoolError.io(operation: "fallocate(PUNCH_HOLE)", path: path, errno: Errno(rawValue: errno))
         }
     }
 
     /// fallocate(ZERO_RANGE | KEEP_SIZE), or zeros written where the file system lacks it.
-    func zeroRange(offset: UInt64, length: UInt64, path: String) throws {
+    package func zeroRange(offset: UInt64, length: UInt64, path: String) throws {
         if thinfs_zero_range(rawValue, Int64(offset), Int64(length)) == 0 { return }
         guard errno == EOPNOTSUPP || errno == ENOSYS else {
             throw ThinPoolError.io(operation: "fallocate(ZERO_RANGE)", path: path, errno: Errno(rawValue: errno))
@@ -188,7 +188,7 @@ extension FileDescriptor {
         }
     }
 
-    func truncate(to size: UInt64, path: String) throws {
+    package func truncate(to size: UInt64, path: String) throws {
         if ftruncate(rawValue, off_t(size)) != 0 {
             throw ThinPoolError.io(operation: "ftruncate", path: path, errno: Errno(rawValue: errno))
         }
