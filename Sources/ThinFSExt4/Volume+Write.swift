@@ -1,0 +1,380 @@
+internal import CExt2fs
+import Foundation
+import Logging
+import SystemPackage
+import ThinFSCore
+
+// The write path: write, fallocate and seek.
+
+extension Volume {
+    public func write(_ ino: UInt64, at offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(VolumeError) -> Int {
+        try requireWritable("write")
+        do {
+            return try writeOnce(ino, at: offset, from: buffer)
+        } catch where error.errno == .noSpace && device.spaceFreedAtCommit {
+            // A thin pool hands out the blocks freed since its last commit (an rm just now) only
+            // after the next one; dm-thin commits when it runs out of data space for the same
+            // reason. A commit is consistent once the filesystem is flushed: fsync does both.
+            logger.debug("out of space with space freed since the last commit: committing, then writing again", metadata: ["ino": "\(ino)"])
+            guard (try? fsync(nil)) != nil else { throw error }
+            return try writeOnce(ino, at: offset, from: buffer)
+        }
+    }
+
+    func writeOnce(_ ino: UInt64, at offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(VolumeError) -> Int {
+        try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            guard UInt32(inode.i_mode) & 0o170000 == 0o100000 else {
+                throw VolumeError(UInt32(inode.i_mode) & 0o170000 == 0o040000 ? .isDirectory : .invalidArgument, "write to inode \(ino), not a regular file")
+            }
+            guard buffer.count > 0 else { return 0 }
+            // Allocate the blocks the write covers whole in one go: ext2fs_file_write would allocate
+            // them one at a time, searching the bitmap from its goal each time, which dominated
+            // sequential writes. Only whole blocks: a partially written new block must read zeros
+            // elsewhere, which ext2fs_file_write guarantees for blocks it allocates itself.
+            let bs = UInt64(fs.pointee.blocksize)
+            let firstWhole = (offset + bs - 1) / bs, endWhole = (offset + UInt64(buffer.count)) / bs
+            let sizeBefore = fileSize(inode)
+            let channel = channelState(fs.pointee.io)
+            var file: ext2_file_t?
+            var done = 0
+            let extentMapped = inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0 && inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0
+                && fs.pointee.cluster_ratio_bits == 0
+            do throws(VolumeError) {
+                // An overwrite (a database page, a rewrite) has every whole block mapped and
+                // written already: then nothing to allocate, and no inode to store for it.
+                var whole: [(logical: UInt64, count: UInt64, physical: UInt64?)] = []
+                if endWhole > firstWhole && extentMapped { whole = try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) }
+                if endWhole > firstWhole && (whole.isEmpty || whole.contains { $0.physical == nil }) {
+                    whole = []
+                    let rc = withUnsafeMutablePointer(to: &inode) {
+                        $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                            ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
+                                             ~0, firstWhole, endWhole - firstWhole)
+                        }
+                    }
+                    // What fallocate got done is in `inode` (its extents, i_blocks): store it even if it
+                    // failed part-way (zeroing new blocks on a full pool), so the failure path below
+                    // releases a consistent allocation.
+                    try writeInode(fs, ino, &inode)
+                    try check(rc, "allocating blocks \(firstWhole)..<\(endWhole) of inode \(ino)")
+                }
+                // The blocks libext2fs writes from here to the last close are the file's data, and
+                // the inode table and extent blocks that go with it (see `fileDataMode`).
+                channel.fileDataMode = true
+                defer { channel.fileDataMode = false }
+                /// `count` bytes of the request from `at` (a request offset) through libext2fs's file
+                /// I/O, a block at a time: partial blocks, unwritten extents, inline and block-mapped files.
+                func writeThroughFile(_ at: Int, _ count: Int) throws(VolumeError) {
+                    guard count > 0 else { return }
+                    let opened = try openFile(fs, ino, write: true)
+                    file = opened
+                    try check(ext2fs_file_llseek(opened, offset + UInt64(at), EXT2_SEEK_SET, nil), "seeking inode \(ino) to \(offset + UInt64(at))")
+                    var written = 0
+                    while written < count {
+                        var wrote: UInt32 = 0
+                        let want = UInt32(min(count - written, 1 << 30))
+                        try check(ext2fs_file_write(opened, buffer.baseAddress! + at + written, want, &wrote),
+                                  "writing inode \(ino) at \(offset + UInt64(at + written))")
+                        if wrote == 0 { throw VolumeError(.noSpace, "writing inode \(ino): no progress") }
+                        written += Int(wrote)
+                    }
+                    file = nil
+                    try check(ext2fs_file_close(opened), "closing inode \(ino)")
+                    done = max(done, at + count)
+                }
+                if endWhole > firstWhole && extentMapped {
+                    // The bulk path: the whole blocks, allocated above, go to the device in runs of
+                    // physically consecutive blocks, one channel write each (which updates the cached
+                    // copies of those blocks, so the cache stays coherent), instead of a block at a
+                    // time through ext2fs_file_write with a bmap and an inode write per block. Under
+                    // the lock, as before: a pool commit cannot come between the allocation and the
+                    // data, and no block being written can be freed and given to another file meanwhile.
+                    let head = Int(firstWhole * bs - offset)
+                    if head > 0 {
+                        try writeThroughFile(0, head)
+                        // Read again: the head's write may have changed the extent tree.
+                        inode = try readInode(fs, ino)
+                        whole = []
+                    }
+                    // Unwritten (preallocated) extents in the range: fio and databases preallocate,
+                    // and libext2fs would convert them a block at a time (ext2fs_extent_set_bmap, a
+                    // leaf checksum per block). Release them and allocate initialized blocks in their
+                    // place, two extent operations per run; the data written below fills them.
+                    if whole.isEmpty { whole = try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) }
+                    let unwritten = whole.filter { $0.physical == nil }
+                    for run in unwritten {
+                        let last = run.logical + run.count - 1
+                        let punched = withUnsafeMutablePointer(to: &inode) {
+                            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, run.logical, last) }
+                        }
+                        try check(punched, "releasing the unwritten blocks \(run.logical)...\(last) of inode \(ino)")
+                        let allocated = withUnsafeMutablePointer(to: &inode) {
+                            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                                ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
+                                                 ~0, run.logical, run.count)
+                            }
+                        }
+                        try writeInode(fs, ino, &inode)
+                        try check(allocated, "allocating blocks \(run.logical)...\(last) of inode \(ino)")
+                    }
+                    if !unwritten.isEmpty { whole = try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) }
+                    for run in whole {
+                        let at = Int(run.logical * bs - offset), count = Int(run.count * bs)
+                        guard let physical = run.physical else {
+                            // Still unwritten (not expected after the above): libext2fs converts it.
+                            try writeThroughFile(at, count)
+                            continue
+                        }
+                        var block = physical, from = at, left = run.count
+                        while left > 0 {
+                            let n = min(left, 8192)   // at most 32 MiB in one pwrite
+                            try check(io_channel_write_blk64(fs.pointee.io, blk64_t(block), Int32(n), buffer.baseAddress! + from),
+                                      "writing inode \(ino) at \(offset + UInt64(from))")
+                            block += n
+                            from += Int(n * bs)
+                            left -= n
+                        }
+                        done = max(done, at + count)
+                    }
+                    // The size grows once for the whole blocks (the tail below may grow it further).
+                    inode = try readInode(fs, ino)
+                    if endWhole * bs > fileSize(inode) {
+                        let rc = withUnsafeMutablePointer(to: &inode) {
+                            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_inode_size_set(fs, $0, ext2_off64_t(endWhole * bs)) }
+                        }
+                        try check(rc, "setting the size of inode \(ino)")
+                        try writeInode(fs, ino, &inode)
+                    }
+                    try writeThroughFile(Int(endWhole * bs - offset), buffer.count - Int(endWhole * bs - offset))
+                } else {
+                    try writeThroughFile(0, buffer.count)
+                }
+                channel.fileDataMode = false
+                // The data goes to the device before the write returns: a pool out of space fails
+                // this write, at write(2), rather than a write-back after it was acknowledged.
+                do {
+                    try channel.writeBackFileData(dataBlocks(fs, ino, offset, buffer.count))
+                } catch {
+                    throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "writing inode \(ino) at \(offset): \(error)")
+                }
+            } catch {
+                if let file {
+                    channel.fileDataMode = true
+                    ext2fs_file_close(file)
+                }
+                channel.fileDataMode = false
+                defer {
+                    // What this write left in the file's blocks reaches the device now or never
+                    // (the blocks released above are gone from the cache already): a block the
+                    // device refuses must not be written back later, after the caller heard ENOSPC.
+                    try? channel.writeBackFileData(dataBlocks(fs, ino, offset, buffer.count))
+                }
+                // A failed write does not extend the file: ext2fs_file_write has already set the
+                // size to what it copied, but the block it was flushing when it failed may never
+                // have reached the device, and the caller is told nothing was written.
+                restoreSize(fs, ino, to: sizeBefore)
+                releaseBeyondEOF(fs, ino, through: (offset + UInt64(buffer.count) - 1) / bs)
+                throw error
+            }
+            inode = try readInode(fs, ino)
+            let t = Self.now()
+            setTimes(&inode, mtime: t, ctime: t)
+            // Writing clears set-user-ID (and set-group-ID with group execute), as the kernel does for unprivileged writers.
+            try writeInode(fs, ino, &inode)
+            return done
+        }
+    }
+
+    /// The device blocks holding bytes `offset..<offset + count` of inode `ino`, as runs: where
+    /// `write` put the file's data. Empty for files that are not extent-mapped (their data is
+    /// then written back as metadata is).
+    func dataBlocks(_ fs: ext2_filsys, _ ino: UInt64, _ offset: UInt64, _ count: Int) -> [(start: UInt64, count: UInt64)] {
+        guard count > 0, var inode = try? readInode(fs, ino), inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0,
+              inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0 else { return [] }
+        let bs = UInt64(fs.pointee.blocksize)
+        let runs = (try? mapRuns(fs, ino, &inode, first: offset / bs, last: (offset + UInt64(count) - 1) / bs)) ?? []
+        return runs.compactMap { run in run.physical.map { (start: $0, count: run.count) } }
+    }
+
+    /// Shrinks a file a failed write extended back to its size before the write: the size goes
+    /// back, the tail of its last block is zeroed, and the blocks past it are released
+    /// (`ext2fs_file_set_size2`, a truncate). Best effort, like `releaseBeyondEOF`.
+    func restoreSize(_ fs: ext2_filsys, _ ino: UInt64, to size: UInt64) {
+        guard let inode = try? readInode(fs, ino), fileSize(inode) > size,
+              let file = try? openFile(fs, ino, write: true) else { return }
+        let rc = ext2fs_file_set_size2(file, ext2_off64_t(size))
+        let closed = ext2fs_file_close(file)
+        if rc != 0 || closed != 0 {
+            logger.warning("could not shrink a file back after a failed write",
+                           metadata: ["ino": "\(ino)", "size": "\(size)", "error": "\(rc != 0 ? rc : closed)"])
+        }
+    }
+
+    /// A write that failed part-way (the device full: a thin pool out of data space) leaves the
+    /// blocks reserved for it still mapped and initialized past the end of the file, which
+    /// e2fsck rejects ("end of extent exceeds allowed value"; the kernel would have left them
+    /// unwritten). Unmaps them, up to block `last`, the last one the write covered. Preallocated
+    /// blocks there (fallocate KEEP_SIZE) go too: a failed write may lose a preallocation, never
+    /// data. Best effort: the write's own error is what the caller reports.
+    func releaseBeyondEOF(_ fs: ext2_filsys, _ ino: UInt64, through last: UInt64) {
+        guard var inode = try? readInode(fs, ino) else { return }
+        let bs = UInt64(fs.pointee.blocksize)
+        let size = fileSize(inode)
+        let end = (size + bs - 1) / bs
+        guard end <= last else { return }
+        let rc = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, end, last) }
+        }
+        if rc != 0 {
+            logger.warning("could not release the blocks a failed write reserved past the end of the file",
+                           metadata: ["ino": "\(ino)", "blocks": "\(end)...\(last)", "error": "\(rc)"])
+        }
+    }
+
+    public func fallocate(_ ino: UInt64, mode: FallocateMode, offset: UInt64, length: UInt64) throws(VolumeError) {
+        try requireWritable("fallocate")
+        guard length > 0 else { throw VolumeError(.invalidArgument, "fallocate of zero bytes") }
+        try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            guard UInt32(inode.i_mode) & 0o170000 == 0o100000 else { throw VolumeError(.operationNotSupportedByDevice, "fallocate of inode \(ino), not a regular file") }
+            let bs = UInt64(fs.pointee.blocksize)
+            let size = fileSize(inode)
+            if mode.contains(.zeroRange) {
+                guard mode.subtracting([.zeroRange, .keepSize]).isEmpty else {
+                    throw VolumeError(.notSupported, "fallocate mode \(mode.rawValue): ZERO_RANGE takes only KEEP_SIZE")
+                }
+                try zeroRangeMode(fs, ino, &inode, offset: offset, length: length, keepSize: mode.contains(.keepSize))
+            } else if mode.contains(.punchHole) {
+                guard mode.contains(.keepSize) else { throw VolumeError(.notSupported, "PUNCH_HOLE needs KEEP_SIZE") }
+                // Zero partial blocks at the edges; release the whole blocks between.
+                let end = min(offset + length, size)
+                guard offset < end else { return }
+                let firstWhole = (offset + bs - 1) / bs, endWhole = end / bs
+                try zeroRange(fs, ino, offset, min(end, firstWhole * bs))
+                if endWhole * bs > offset && endWhole * bs < end { try zeroRange(fs, ino, max(offset, endWhole * bs), end) }
+                if firstWhole < endWhole {
+                    // Zeroing an edge may have mapped or converted a block: punch the inode as it is now.
+                    inode = try readInode(fs, ino)
+                    let rc = withUnsafeMutablePointer(to: &inode) {
+                        $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                            ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, firstWhole, endWhole - 1)
+                        }
+                    }
+                    try check(rc, "punching blocks \(firstWhole)..<\(endWhole) of inode \(ino)")
+                    inode = try readInode(fs, ino)
+                }
+            } else {
+                guard mode.rawValue & ~FallocateMode.keepSize.rawValue == 0 else {
+                    throw VolumeError(.notSupported, "fallocate mode \(mode.rawValue)")
+                }
+                let first = offset / bs, last = (offset + length - 1) / bs
+                let rc = withUnsafeMutablePointer(to: &inode) {
+                    $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                        ext2fs_fallocate(fs, EXT2_FALLOCATE_INIT_BEYOND_EOF | EXT2_FALLOCATE_FORCE_UNINIT, ext2_ino_t(ino), $0, ~0, first, last - first + 1)
+                    }
+                }
+                try check(rc, "allocating \(length) bytes at \(offset) in inode \(ino)")
+                try writeInode(fs, ino, &inode)
+                if !mode.contains(.keepSize) && offset + length > size {
+                    let file = try openFile(fs, ino, write: true)
+                    let sr = ext2fs_file_set_size2(file, ext2_off64_t(offset + length))
+                    ext2fs_file_close(file)
+                    try check(sr, "extending inode \(ino)")
+                }
+                inode = try readInode(fs, ino)
+            }
+            let t = Self.now()
+            setTimes(&inode, mtime: t, ctime: t)
+            try writeInode(fs, ino, &inode)
+        }
+    }
+
+    /// FALLOC_FL_ZERO_RANGE, as ext4 does it: the range reads as zeros and stays allocated.
+    /// Partial blocks at its edges are written with zeros; the whole blocks between are released
+    /// and mapped again as unwritten extents (what ext4 converts them to), so no zeros are written
+    /// and a thin pool gives back their space. Blocks past the end of the file are preallocated
+    /// unwritten; without KEEP_SIZE the file grows to the end of the range. `inode` is read again
+    /// afterwards.
+    func zeroRangeMode(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large,
+                               offset: UInt64, length: UInt64, keepSize: Bool) throws(VolumeError) {
+        let bs = UInt64(fs.pointee.blocksize)
+        let size = fileSize(inode)
+        let end = offset + length
+        let firstWhole = (offset + bs - 1) / bs, endWhole = end / bs
+        // Bytes past the end of the file are zeros already (and hidden under KEEP_SIZE).
+        let headEnd = min(end, firstWhole * bs), tailStart = max(headEnd, endWhole * bs)
+        try zeroRange(fs, ino, offset, min(headEnd, size))
+        try zeroRange(fs, ino, tailStart, min(end, size))
+        if firstWhole < endWhole {
+            // Zeroing an edge may have mapped or converted a block: punch the inode as it is now.
+            inode = try readInode(fs, ino)
+            let rc = withUnsafeMutablePointer(to: &inode) {
+                $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                    ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, firstWhole, endWhole - 1)
+                }
+            }
+            try check(rc, "releasing blocks \(firstWhole)..<\(endWhole) of inode \(ino) to zero them")
+        }
+        // The same allocation as plain fallocate: it maps only what is unmapped, here the blocks
+        // just released and any holes, and leaves the written edge blocks as they are.
+        inode = try readInode(fs, ino)
+        let first = offset / bs, last = (end - 1) / bs
+        let rc = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                ext2fs_fallocate(fs, EXT2_FALLOCATE_INIT_BEYOND_EOF | EXT2_FALLOCATE_FORCE_UNINIT, ext2_ino_t(ino), $0, ~0, first, last - first + 1)
+            }
+        }
+        try check(rc, "allocating the zeroed range \(offset)..<\(end) of inode \(ino)")
+        try writeInode(fs, ino, &inode)
+        if !keepSize && end > size {
+            let file = try openFile(fs, ino, write: true)
+            let sr = ext2fs_file_set_size2(file, ext2_off64_t(end))
+            ext2fs_file_close(file)
+            try check(sr, "extending inode \(ino) to \(end)")
+        }
+        inode = try readInode(fs, ino)
+    }
+
+    func zeroRange(_ fs: ext2_filsys, _ ino: UInt64, _ start: UInt64, _ end: UInt64) throws(VolumeError) {
+        guard start < end else { return }
+        let zeros = [UInt8](repeating: 0, count: Int(end - start))
+        let file = try openFile(fs, ino, write: true)
+        var wrote: UInt32 = 0
+        var rc = ext2fs_file_llseek(file, start, EXT2_SEEK_SET, nil)
+        if rc == 0 { rc = zeros.withUnsafeBytes { ext2fs_file_write(file, $0.baseAddress!, UInt32($0.count), &wrote) } }
+        // Closing writes the block out: its failure is the zeroing's.
+        let closed = ext2fs_file_close(file)
+        try check(rc != 0 ? rc : closed, "zeroing inode \(ino) at \(start)..<\(end)")
+        if wrote != zeros.count { throw VolumeError(.noSpace, "zeroing inode \(ino) at \(start): \(wrote) of \(zeros.count) bytes written") }
+    }
+
+    public func seek(_ ino: UInt64, from offset: UInt64, to whence: SeekTarget) throws(VolumeError) -> UInt64 {
+        try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            let size = fileSize(inode)
+            guard offset < size else { throw VolumeError(.init(rawValue: ENXIO), "seek past the end of inode \(ino)") }
+            let bs = UInt64(fs.pointee.blocksize)
+            var block = offset / bs
+            let lastBlock = (size - 1) / bs
+            while block <= lastBlock {
+                var physical: blk64_t = 0
+                var retFlags: Int32 = 0
+                let rc = withUnsafeMutablePointer(to: &inode) {
+                    $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                        ext2fs_bmap2(fs, ext2_ino_t(ino), $0, nil, 0, block, &retFlags, &physical)
+                    }
+                }
+                try check(rc, "mapping block \(block) of inode \(ino)")
+                // Unwritten (preallocated) extents read as zeros: the kernel reports them as holes too.
+                let isData = physical != 0 && retFlags & BMAP_RET_UNINIT == 0
+                if isData == (whence == .data) {
+                    return max(offset, block * bs)
+                }
+                block += 1
+            }
+            if whence == .hole { return size }
+            throw VolumeError(.init(rawValue: ENXIO), "no data after \(offset) in inode \(ino)")
+        }
+    }
+}

@@ -1,0 +1,147 @@
+internal import CExt2fs
+import Foundation
+import Logging
+import SystemPackage
+import ThinFSCore
+
+// Extended attributes and POSIX ACLs.
+
+extension Volume {
+    // MARK: Extended attributes
+
+    func withXattrs<T>(_ fs: ext2_filsys, _ ino: UInt64, _ body: (OpaquePointer) throws(VolumeError) -> T) throws(VolumeError) -> T {
+        var handle: OpaquePointer?
+        try check(ext2fs_xattrs_open(fs, ext2_ino_t(ino), &handle), "opening the extended attributes of inode \(ino)")
+        defer { ext2fs_xattrs_close(&handle) }
+        try check(ext2fs_xattrs_read(handle), "reading the extended attributes of inode \(ino)")
+        return try body(handle!)
+    }
+
+    static func checkXattrName(_ name: String) throws(VolumeError) {
+        let known = ["user.", "trusted.", "security.", "system."]
+        guard known.contains(where: name.hasPrefix), name.utf8.count <= 255 else {
+            throw VolumeError(.notSupported, "extended attribute name '\(name)' has no supported namespace")
+        }
+    }
+
+    public func getxattr(_ ino: UInt64, name: String) throws(VolumeError) -> [UInt8] {
+        try Self.checkXattrName(name)
+        return try withFS { fs throws(VolumeError) in
+            _ = try readInode(fs, ino)
+            return try withXattrs(fs, ino) { h throws(VolumeError) in
+                var value: UnsafeMutableRawPointer?
+                var length = 0
+                let rc = ext2fs_xattr_get(h, name, &value, &length)
+                if rc == EXT2_ET_EA_KEY_NOT_FOUND { throw VolumeError(.init(rawValue: ENODATA), "inode \(ino) has no attribute '\(name)'") }
+                try check(rc, "reading attribute '\(name)' of inode \(ino)")
+                defer { ext2fs_free_mem_shim(value) }
+                return Array(UnsafeRawBufferPointer(start: value, count: length))
+            }
+        }
+    }
+
+    /// An access ACL in the xattr format (posix_acl_xattr.h): a u32 version 2, then
+    /// (u16 tag, u16 perm, u32 id) entries. Returns the permission bits it implies
+    /// and whether it says no more than those bits (only owner, group and other).
+    static func accessACLMode(_ value: [UInt8]) throws(VolumeError) -> (mode: UInt32, equivalent: Bool) {
+        func u16(_ i: Int) -> UInt32 { UInt32(value[i]) | UInt32(value[i + 1]) << 8 }
+        guard value.count >= 4, (value.count - 4) % 8 == 0, u16(0) == 2, u16(2) == 0 else {
+            throw VolumeError(.invalidArgument, "system.posix_acl_access is not a version 2 ACL")
+        }
+        var owner: UInt32?, group: UInt32?, other: UInt32?, mask: UInt32?
+        var named = false
+        for i in stride(from: 4, to: value.count, by: 8) {
+            let perm = u16(i + 2) & 7
+            switch u16(i) {
+            case 0x01: owner = perm
+            case 0x02, 0x08: named = true
+            case 0x04: group = perm
+            case 0x10: mask = perm
+            case 0x20: other = perm
+            default: throw VolumeError(.invalidArgument, "system.posix_acl_access has an unknown tag \(u16(i))")
+            }
+        }
+        guard let owner, let group, let other, !named || mask != nil else {
+            throw VolumeError(.invalidArgument, "system.posix_acl_access lacks a required entry")
+        }
+        return (owner << 6 | (mask ?? group) << 3 | other, !named && mask == nil)
+    }
+
+    public func setxattr(_ ino: UInt64, name: String, value: [UInt8], flags: XattrFlags) throws(VolumeError) {
+        try requireWritable("setxattr")
+        try Self.checkXattrName(name)
+        try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            if name == "system.posix_acl_access" {
+                // As the kernel's posix_acl_update_mode: the ACL's owner, group (or mask) and other
+                // permissions become the mode bits, and an ACL that says nothing more is not stored.
+                let acl = try Self.accessACLMode(value)
+                inode.i_mode = UInt16((UInt32(inode.i_mode) & ~0o777) | acl.mode)
+                setTimes(&inode, ctime: Self.now())
+                try writeInode(fs, ino, &inode)
+                if acl.equivalent {
+                    try withXattrs(fs, ino) { h throws(VolumeError) in
+                        let rc = ext2fs_xattr_remove(h, name)
+                        if rc != EXT2_ET_EA_KEY_NOT_FOUND { try check(rc, "removing attribute '\(name)' of inode \(ino)") }
+                    }
+                    return
+                }
+            }
+            try withXattrs(fs, ino) { h throws(VolumeError) in
+                var existing: UnsafeMutableRawPointer?
+                var length = 0
+                let lookup = ext2fs_xattr_get(h, name, &existing, &length)
+                if lookup == 0 { ext2fs_free_mem_shim(existing) }
+                if flags.contains(.create) && lookup == 0 { throw VolumeError(.fileExists, "attribute '\(name)' exists on inode \(ino)") }
+                if flags.contains(.replace) && lookup != 0 { throw VolumeError(.init(rawValue: ENODATA), "inode \(ino) has no attribute '\(name)'") }
+                let rc = value.withUnsafeBytes { b in
+                    // An empty value still needs a non-null pointer.
+                    ext2fs_xattr_set(h, name, b.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, b.count)
+                }
+                try check(rc, "setting attribute '\(name)' of inode \(ino)")
+            }
+            inode = try readInode(fs, ino)
+            setTimes(&inode, ctime: Self.now())
+            try writeInode(fs, ino, &inode)
+        }
+    }
+
+    public func listxattr(_ ino: UInt64) throws(VolumeError) -> [String] {
+        try withFS { fs throws(VolumeError) in
+            _ = try readInode(fs, ino)
+            return try withXattrs(fs, ino) { h throws(VolumeError) in
+                final class Names { var list: [String] = [] }
+                let names = Names()
+                let rc = withExtendedLifetime(names) {
+                    ext2fs_xattrs_iterate(h, { name, _, _, priv in
+                        let names = Unmanaged<Names>.fromOpaque(priv!).takeUnretainedValue()
+                        if let name { names.list.append(String(cString: name)) }
+                        return 0
+                    }, Unmanaged.passUnretained(names).toOpaque())
+                }
+                try check(rc, "listing attributes of inode \(ino)")
+                return names.list
+            }
+        }
+    }
+
+    public func removexattr(_ ino: UInt64, name: String) throws(VolumeError) {
+        try requireWritable("removexattr")
+        try Self.checkXattrName(name)
+        try withFS { fs throws(VolumeError) in
+            var inode = try readInode(fs, ino)
+            try withXattrs(fs, ino) { h throws(VolumeError) in
+                var existing: UnsafeMutableRawPointer?
+                var length = 0
+                let lookup = ext2fs_xattr_get(h, name, &existing, &length)
+                if lookup == EXT2_ET_EA_KEY_NOT_FOUND { throw VolumeError(.init(rawValue: ENODATA), "inode \(ino) has no attribute '\(name)'") }
+                try check(lookup, "reading attribute '\(name)' of inode \(ino)")
+                ext2fs_free_mem_shim(existing)
+                try check(ext2fs_xattr_remove(h, name), "removing attribute '\(name)' of inode \(ino)")
+            }
+            inode = try readInode(fs, ino)
+            setTimes(&inode, ctime: Self.now())
+            try writeInode(fs, ino, &inode)
+        }
+    }
+}
