@@ -107,9 +107,9 @@ extension FUSEServer {
             throw .busy(canonical)
         }
         if !allowNonEmpty {
-            guard let dir = opendir(canonical) else { throw .mountpointInaccessible(canonical, Errno(rawValue: errno)) }
+            guard let dir = Glibc.opendir(canonical) else { throw .mountpointInaccessible(canonical, Errno(rawValue: errno)) }
             defer { closedir(dir) }
-            while let entry = readdir(dir) {
+            while let entry = Glibc.readdir(dir) {
                 let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
                 if name != "." && name != ".." { throw .notEmpty(canonical) }
             }
