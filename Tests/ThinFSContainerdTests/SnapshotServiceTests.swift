@@ -518,7 +518,8 @@ struct SnapshotFilterTests {
         thread.start()
         let deadline = ContinuousClock.now + .seconds(10)
         while finished.withLock({ $0 }) == nil, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
-        let result = try #require(finished.withLock { $0 }, "the match did not finish within 10 s")
+        let outcome = finished.withLock { $0 }
+        let result = try #require(outcome, "the match did not finish within 10 s")
         #expect(!result)
     }
 }
