@@ -7,22 +7,33 @@
 #   scripts/ceph/cluster.sh start DIR [POOL]   start it in DIR (made, must be empty); prints
 #                                              DIR/ceph.conf once POOL (default: rbd) is writable
 #   scripts/ceph/cluster.sh stop DIR           stop both daemons by the PIDs in DIR, remove DIR
+#   scripts/ceph/cluster.sh halt DIR           stop both daemons by PID (SIGTERM), keep DIR: the
+#                                              cluster is down, its data kept (the outage tests)
+#   scripts/ceph/cluster.sh resume DIR         start the halted daemons again on the same data;
+#                                              returns once the pool takes a write
+#
+# THINFS_CEPH_ADDR (default 127.0.0.1) is the address both daemons listen on: a second cluster
+# on another loopback address (127.0.0.2) runs beside the first, and one on a veth address is
+# reachable from a network namespace.
 #
 # Pitfalls it avoids (issue 16):
 #   - `admin socket` only in the daemon sections: a global one makes every client process
 #     (rbd, librbd in our tests) collide on one socket path;
 #   - `paxos propose interval = 0.05`: the monitor allocates snapshot ids at its commit
 #     interval, 1 s by default, which is what every RBD snapshot would cost;
-#   - the ports are fixed (mon 3300 and 6789, OSD 6800-7300 on 127.0.0.1): one cluster per host
-#     at a time, so `start` refuses when something already listens on 6789;
+#   - the ports are fixed (mon 3300 and 6789, OSD 6800-7300 on the address): one cluster per
+#     address at a time, so `start` refuses when something already listens on its 6789;
+#   - `osd fast shutdown = false`: the fast one exits without unmounting the object store, and
+#     memstore writes its objects to DIR/osd only at the unmount, so `halt` would lose them.
 #   - the rbd CLI wants --no-progress.
 set -euo pipefail
 
-usage() { echo "usage: $0 start DIR [POOL] | stop DIR" >&2; exit 2; }
+usage() { echo "usage: $0 start DIR [POOL] | stop DIR | halt DIR | resume DIR" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 cmd=$1 dir=$2 pool=${3:-rbd}
+addr=${THINFS_CEPH_ADDR:-127.0.0.1}
 
-stop() {
+halt() {
     local d=$1
     for name in osd mon; do
         local pidfile=$d/$name.pid
@@ -33,13 +44,47 @@ stop() {
             for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
             kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
         fi
+        rm -f "$pidfile"
     done
-    rm -rf "$d"
+}
+stop() { halt "$1"; rm -rf "$1"; }
+
+# Starts the daemons of DIR on their data (made by `start`, or left by `halt`).
+run_daemons() {
+    ceph-mon -c "$conf" -i a --pid-file "$dir/mon.pid" >>"$dir/log/mon.out" 2>&1 </dev/null
+    for _ in $(seq 1 100); do [ -s "$dir/mon.pid" ] && break; sleep 0.05; done
+}
+run_osd() {
+    ceph-osd -c "$conf" -i "$(cat "$dir/osd.id")" --pid-file "$dir/osd.pid" >>"$dir/log/osd.out" 2>&1 </dev/null
+}
+# Returns once POOL takes a write (30 s at most).
+wait_writable() {
+    for _ in $(seq 1 300); do
+        if timeout 5 rados -c "$conf" -p "$pool" put thinfs-ready "$conf" 2>/dev/null; then
+            rados -c "$conf" -p "$pool" rm thinfs-ready
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "ceph cluster: pool $pool not writable after 30 s" >&2
+    return 1
 }
 
 case $cmd in
 stop)
     stop "$dir"
+    exit 0 ;;
+halt)
+    halt "$dir"
+    exit 0 ;;
+resume)
+    dir=$(cd "$dir" && pwd) conf=$dir/ceph.conf
+    [ -s "$dir/osd.id" ] || { echo "ceph cluster: $dir holds no cluster made by '$0 start'" >&2; exit 2; }
+    pool=$(cat "$dir/pool")
+    run_daemons
+    run_osd
+    wait_writable
+    echo "$conf"
     exit 0 ;;
 start) ;;
 *) usage ;;
@@ -48,8 +93,8 @@ esac
 for bin in ceph-mon ceph-osd ceph rbd monmaptool; do
     command -v $bin >/dev/null || { echo "ceph cluster: $bin not found (apt-get install ceph-mon ceph-osd ceph-common)" >&2; exit 3; }
 done
-if (exec 3<>/dev/tcp/127.0.0.1/6789) 2>/dev/null; then
-    echo "ceph cluster: something already listens on 127.0.0.1:6789 (another test cluster?); the ports are fixed, so only one can run" >&2
+if (exec 3<>/dev/tcp/$addr/6789) 2>/dev/null; then
+    echo "ceph cluster: something already listens on $addr:6789 (another test cluster?); the ports are fixed, so only one can run" >&2
     exit 4
 fi
 mkdir -p "$dir"
@@ -63,9 +108,8 @@ mkdir -p "$dir/mon" "$dir/osd" "$dir/log" "$dir/run"
 cat > "$dir/ceph.conf" <<CONF
 [global]
 fsid = $fsid
-mon host = 127.0.0.1
+mon host = $addr
 mon initial members = a
-public network = 127.0.0.0/8
 auth cluster required = none
 auth service required = none
 auth client required = none
@@ -83,39 +127,35 @@ run dir = $dir/run
 mon data avail warn = 1
 mon data avail crit = 0
 [mon]
+public addr = $addr
 admin socket = $dir/run/\$name.asok
 mon data = $dir/mon
 [osd]
+public addr = $addr
+cluster addr = $addr
 admin socket = $dir/run/\$name.asok
 osd data = $dir/osd
 osd objectstore = memstore
+osd fast shutdown = false
 memstore device bytes = 2147483648
 osd max object name len = 256
 osd max object namespace len = 64
 CONF
 conf=$dir/ceph.conf
 
-monmaptool --create --clobber --fsid "$fsid" --addv a "[v2:127.0.0.1:3300,v1:127.0.0.1:6789]" "$dir/monmap" >/dev/null
+monmaptool --create --clobber --fsid "$fsid" --addv a "[v2:$addr:3300,v1:$addr:6789]" "$dir/monmap" >/dev/null
 ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" >"$dir/log/mkfs-mon.out" 2>&1
-ceph-mon -c "$conf" -i a --pid-file "$dir/mon.pid" >>"$dir/log/mon.out" 2>&1 </dev/null
-for _ in $(seq 1 100); do [ -s "$dir/mon.pid" ] && break; sleep 0.05; done
+run_daemons
 
 osd=$(ceph -c "$conf" osd create)
+echo "$osd" > "$dir/osd.id"
+echo "$pool" > "$dir/pool"
 ceph-osd -c "$conf" -i "$osd" --mkfs --osd-uuid "$(cat /proc/sys/kernel/random/uuid)" >"$dir/log/mkfs-osd.out" 2>&1
-ceph-osd -c "$conf" -i "$osd" --pid-file "$dir/osd.pid" >>"$dir/log/osd.out" 2>&1 </dev/null
+run_osd
 ceph -c "$conf" osd crush add "osd.$osd" 1 root=default host=localhost >/dev/null 2>&1 || true
 
 ceph -c "$conf" osd pool create "$pool" 8 8 >/dev/null 2>&1
 ceph -c "$conf" osd pool application enable "$pool" rbd >/dev/null 2>&1
-# Ready when the pool takes a write.
-for _ in $(seq 1 300); do
-    if timeout 5 rados -c "$conf" -p "$pool" put thinfs-ready "$conf" 2>/dev/null; then
-        rados -c "$conf" -p "$pool" rm thinfs-ready
-        trap - ERR
-        echo "$conf"
-        exit 0
-    fi
-    sleep 0.1
-done
-echo "ceph cluster: pool $pool not writable after 30 s" >&2
-false
+wait_writable
+trap - ERR
+echo "$conf"
