@@ -69,6 +69,7 @@ struct RBDOutageTests {
         try cluster.start()
         let f = try LayerFixture(deferredDeletion: false, options: [
             "thinfs.backend=rbd", "rbd.conf=\(cluster.conf)", "rbd.pool=rbd", "rbd.prefix=\(prefix)", "dm.basesize=256M",
+            "rbd.osd_timeout=\(Int(Self.timeout))", "rbd.mon_timeout=\(Int(Self.timeout))",
         ])
         defer { f.tearDown() }
 

@@ -62,6 +62,26 @@ struct LayerStoreTests {
         #expect(throws: StorageOptions.Error.self) { try o.checkUnchanged(by: ["thinfs.backend=rbd", "rbd.catalogue=other"], root: "/r") }
     }
 
+    /// rbd.osd_timeout and rbd.mon_timeout (issue 16: a cluster that stops under a mount) reach
+    /// the RBD pool's configuration, with bounded defaults; 0 (Ceph's "for ever"), non-numbers and
+    /// other backends are refused, naming the option. RBDOutageTests checks what they do.
+    @Test func rbdTimeoutOptions() throws {
+        let o = try StorageOptions(parsing: ["thinfs.backend=rbd", "rbd.osd_timeout=5", "rbd.mon_timeout=7"])
+        #expect(o.rbdConfiguration.osdTimeout == 5 && o.rbdConfiguration.monTimeout == 7)
+        let defaults = try StorageOptions(parsing: ["thinfs.backend=rbd"]).rbdConfiguration
+        #expect(defaults.osdTimeout == 30 && defaults.monTimeout == 15)
+        for (options, message) in [(["rbd.osd_timeout=5"], "rbd.osd_timeout: applies to thinfs.backend=rbd only"),
+                                   (["thinfs.backend=rbd", "rbd.osd_timeout=0"], "rbd.osd_timeout: '0' must be a number of seconds from 1 to 3600"),
+                                   (["thinfs.backend=rbd", "rbd.mon_timeout=soon"], "rbd.mon_timeout: 'soon' must be a number of seconds")] {
+            do {
+                _ = try StorageOptions(parsing: options)
+                Issue.record("\(options) accepted")
+            } catch { #expect("\(error)".contains(message), "\(options): \(error)") }
+        }
+        #expect(throws: StorageOptions.Error.self) { try o.checkUnchanged(by: ["thinfs.backend=rbd", "rbd.osd_timeout=9"], root: "/r") }
+        try o.checkUnchanged(by: ["thinfs.backend=rbd", "rbd.osd_timeout=5"], root: "/r")
+    }
+
     @Test func initCreatesTheBaseDeviceAndReopenVerifiesIt() throws {
         let dir = TempDir()
         let store = try LayerStore.initialize(root: dir.path, options: Self.options(), logger: quietLogger)

@@ -13,7 +13,10 @@ import Foundation
 ///                              (client name without 'client.'; default admin), rbd.prefix=P (image
 ///                              names P<id>, so stores can share a pool; default thinfs-),
 ///                              rbd.catalogue=NAME (the RADOS object of a layer catalogue: stores
-///                              on several hosts with the same one share image layers; default none)
+///                              on several hosts with the same one share image layers; default none),
+///                              rbd.osd_timeout=S, rbd.mon_timeout=S (seconds before I/O, and a
+///                              monitor command or connection, fail with EIO when the cluster does
+///                              not answer; defaults 30 and 15)
 ///     (neither)                ROOT/pool/{data,metadata}, the userspace engine (ThinFS's default)
 ///
 /// The loop and userspace backends use the same files in the same (dm-thin) format.
@@ -40,11 +43,15 @@ public struct StorageOptions: Codable, Equatable, Sendable {
     public var rbdID: String?                        // rbd.id
     public var rbdPrefix: String?                    // rbd.prefix
     public var rbdCatalogue: String?                 // rbd.catalogue
+    public var rbdOSDTimeout: UInt32?                // rbd.osd_timeout
+    public var rbdMonTimeout: UInt32?                // rbd.mon_timeout
 
     /// The RBD pool these options name (thinfs.backend=rbd).
     public var rbdConfiguration: RBDPool.Configuration {
         RBDPool.Configuration(pool: rbdPool ?? "rbd", conf: rbdConf, clientID: rbdID, prefix: rbdPrefix ?? "thinfs-",
-                              imageSize: baseSize, blockSize: blockSize, catalogue: rbdCatalogue)
+                              imageSize: baseSize, blockSize: blockSize, catalogue: rbdCatalogue,
+                              osdTimeout: rbdOSDTimeout ?? RBDPool.Configuration.defaultOSDTimeout,
+                              monTimeout: rbdMonTimeout ?? RBDPool.Configuration.defaultMonTimeout)
     }
 
     /// The engine that drives the pool (see the table above).
@@ -63,6 +70,7 @@ public struct StorageOptions: Codable, Equatable, Sendable {
         "dm.basesize", "dm.loopdatasize", "dm.loopmetadatasize", "dm.blocksize", "dm.thinpooldev", "dm.fs",
         "dm.mkfsarg", "dm.mountopt", "dm.use_deferred_removal", "dm.use_deferred_deletion", "dm.min_free_space",
         "thinfs.backend", "rbd.pool", "rbd.conf", "rbd.id", "rbd.prefix", "rbd.catalogue",
+        "rbd.osd_timeout", "rbd.mon_timeout",
     ]
 
     /// Applies `KEY=VAL` options in order over the defaults.
@@ -72,7 +80,8 @@ public struct StorageOptions: Codable, Equatable, Sendable {
         if let device = thinPoolDevice, let backend, backend != .kernel {
             throw Error(option: "thinfs.backend", reason: "'\(backend.rawValue)' contradicts dm.thinpooldev=\(device), which names a kernel pool")
         }
-        if backend != .rbd, let key = [("rbd.pool", rbdPool), ("rbd.conf", rbdConf), ("rbd.id", rbdID), ("rbd.prefix", rbdPrefix), ("rbd.catalogue", rbdCatalogue)].first(where: { $0.1 != nil })?.0 {
+        if backend != .rbd, let key = [("rbd.pool", rbdPool), ("rbd.conf", rbdConf), ("rbd.id", rbdID), ("rbd.prefix", rbdPrefix), ("rbd.catalogue", rbdCatalogue),
+                                         ("rbd.osd_timeout", rbdOSDTimeout.map { "\($0)" }), ("rbd.mon_timeout", rbdMonTimeout.map { "\($0)" })].first(where: { $0.1 != nil })?.0 {
             throw Error(option: key, reason: "applies to thinfs.backend=rbd only")
         }
         if backend == .kernel, thinPoolDevice == nil {
@@ -135,6 +144,12 @@ public struct StorageOptions: Codable, Equatable, Sendable {
             case "rbd.catalogue": rbdCatalogue = value
             default: rbdPrefix = value
             }
+        case "rbd.osd_timeout", "rbd.mon_timeout":
+            // 0 would be Ceph's "wait for ever": the hang these options exist to prevent.
+            guard let seconds = UInt32(value), seconds > 0, seconds <= 3600 else {
+                throw Error(option: key, reason: "'\(value)' must be a number of seconds from 1 to 3600")
+            }
+            if key == "rbd.osd_timeout" { rbdOSDTimeout = seconds } else { rbdMonTimeout = seconds }
         case "rbd.conf":
             guard value.hasPrefix("/"), !value.contains("\0") else {
                 throw Error(option: key, reason: "'\(value)' must be an absolute path to a ceph.conf")
@@ -177,6 +192,8 @@ extension StorageOptions {
         case "rbd.id": rbdID ?? "(none)"
         case "rbd.prefix": rbdPrefix ?? "(none)"
         case "rbd.catalogue": rbdCatalogue ?? "(none)"
+        case "rbd.osd_timeout": "\(rbdOSDTimeout ?? RBDPool.Configuration.defaultOSDTimeout)"
+        case "rbd.mon_timeout": "\(rbdMonTimeout ?? RBDPool.Configuration.defaultMonTimeout)"
         case "dm.fs": filesystem
         case "dm.mkfsarg": mkfsArguments.isEmpty ? "(none)" : mkfsArguments.joined(separator: " ")
         case "dm.mountopt": mountOptions.isEmpty ? "(none)" : mountOptions.joined(separator: ",")

@@ -67,9 +67,20 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         /// rbd.catalogue: the RADOS object, in `pool`, of the layer catalogue that stores sharing
         /// image layers between hosts have in common (RBDPool+Catalogue.swift); nil: no sharing.
         public var catalogue: String?
+        /// rbd.osd_timeout: seconds an I/O waits for the OSDs (librados's rados_osd_op_timeout)
+        /// before it fails with EIO. Ceph's own default, 0, waits for ever: a cluster that stops
+        /// would hang every process touching the mount.
+        public var osdTimeout: UInt32
+        /// rbd.mon_timeout: seconds a connection and a monitor command wait for the monitors
+        /// (client_mount_timeout, rados_mon_op_timeout; Ceph's defaults are 300 and for ever).
+        public var monTimeout: UInt32
+
+        public static let defaultOSDTimeout: UInt32 = 30
+        public static let defaultMonTimeout: UInt32 = 15
 
         public init(pool: String = "rbd", conf: String? = nil, clientID: String? = nil, prefix: String = "thinfs-",
-                    imageSize: UInt64 = 10 << 30, blockSize: UInt64 = 64 << 10, catalogue: String? = nil) {
+                    imageSize: UInt64 = 10 << 30, blockSize: UInt64 = 64 << 10, catalogue: String? = nil,
+                    osdTimeout: UInt32 = Configuration.defaultOSDTimeout, monTimeout: UInt32 = Configuration.defaultMonTimeout) {
             self.pool = pool
             self.conf = conf
             self.clientID = clientID
@@ -77,6 +88,8 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
             self.imageSize = imageSize
             self.blockSize = blockSize
             self.catalogue = catalogue
+            self.osdTimeout = osdTimeout
+            self.monTimeout = monTimeout
         }
     }
 
@@ -126,7 +139,8 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         self.configuration = configuration
         self.readOnly = readOnly
         self.logger = logger
-        connection = try RadosConnection(conf: configuration.conf, clientID: configuration.clientID, pool: configuration.pool)
+        connection = try RadosConnection(conf: configuration.conf, clientID: configuration.clientID, pool: configuration.pool,
+                                         osdTimeout: configuration.osdTimeout, monTimeout: configuration.monTimeout)
         let loaded = try loadAliases()
         aliases.withLock { $0 = loaded }
     }
@@ -505,8 +519,11 @@ final class RadosConnection: @unchecked Sendable {
     let io: rados_ioctx_t
     let pool: String
     let instanceID: UInt64
+    /// rbd.osd_timeout, for the errors that name it.
+    let osdTimeout: UInt32
 
-    init(conf: String?, clientID: String?, pool: String) throws {
+    init(conf: String?, clientID: String?, pool: String,
+         osdTimeout: UInt32 = RBDPool.Configuration.defaultOSDTimeout, monTimeout: UInt32 = RBDPool.Configuration.defaultMonTimeout) throws {
         var cluster: rados_t?
         let name = "client.\(clientID ?? "admin")"
         try check(rados_create2(&cluster, "ceph", name, 0), "rados_create2", name)
@@ -514,10 +531,12 @@ final class RadosConnection: @unchecked Sendable {
         var connected = false
         defer { if !connected { rados_shutdown(cluster) } }
         try check(rados_conf_read_file(cluster, conf), "rados_conf_read_file", conf ?? "the default ceph.conf")
-        // A cluster that is down fails the connection after this long instead of hanging.
-        rados_conf_set(cluster, "client_mount_timeout", "15")
-        rados_conf_set(cluster, "rados_osd_op_timeout", "30")
-        rados_conf_set(cluster, "rados_mon_op_timeout", "15")
+        // A cluster that is down fails the connection, monitor commands and I/O after these
+        // (rbd.mon_timeout, rbd.osd_timeout) instead of hanging: librados then completes the
+        // op with -ETIMEDOUT, which the device reports as EIO.
+        rados_conf_set(cluster, "client_mount_timeout", "\(monTimeout)")
+        rados_conf_set(cluster, "rados_mon_op_timeout", "\(monTimeout)")
+        rados_conf_set(cluster, "rados_osd_op_timeout", "\(osdTimeout)")
         // BlockDevice.discard promises zeros where it unmapped; librbd by default skips the part
         // of a discard that does not cover whole objects (4 MiB), leaving the old bytes there.
         rados_conf_set(cluster, "rbd_skip_partial_discard", "false")
@@ -528,6 +547,7 @@ final class RadosConnection: @unchecked Sendable {
         self.cluster = cluster
         self.io = io!
         self.pool = pool
+        self.osdTimeout = osdTimeout
         self.instanceID = rados_get_instance_id(cluster)
     }
 
@@ -731,12 +751,22 @@ final class RBDImage: @unchecked Sendable {
         do {
             try check(submit(completion!), operation, where_)
         } catch let e as RBDPool.Error {
-            throw ThinPoolError.io(operation: operation, path: where_, errno: e.errno)
+            throw deviceError(operation, where_, e.errno)
         }
+        // Bounded: librados completes every op it sent with -ETIMEDOUT after rbd.osd_timeout.
         rbd_aio_wait_for_complete(completion)
         let rv = rbd_aio_get_return_value(completion)
-        if rv < 0 { throw ThinPoolError.io(operation: operation, path: where_, errno: Errno(rawValue: Int32(-rv))) }
+        if rv < 0 { throw deviceError(operation, where_, Errno(rawValue: Int32(-rv))) }
         return rv
+    }
+
+    /// A failed request as the Volume (and through it the application) sees it. A request the
+    /// cluster did not answer within rbd.osd_timeout (librados's ETIMEDOUT) is EIO, as from a
+    /// disk that stopped answering: what a write or fsync may fail with, where ETIMEDOUT would
+    /// read as a network call's; the message keeps the cause.
+    func deviceError(_ operation: String, _ where_: String, _ e: Errno) -> ThinPoolError {
+        guard e == .timedOut else { return .io(operation: operation, path: where_, errno: e) }
+        return .io(operation: "\(operation): no answer from the cluster within rbd.osd_timeout (\(connection.osdTimeout) s)", path: where_, errno: .ioError)
     }
 }
 
