@@ -277,23 +277,14 @@ final class LayerFixture: @unchecked Sendable {
             && FileManager.default.fileExists(atPath: packageRoot.appendingPathComponent("scripts/make-test-image.sh").path)
     }
 
-    /// A network namespace (/run/netns/NAME) every command, and so the daemons they start, runs
-    /// in: another host's network (RBDSharingTests). nil: this process's.
-    let netns: String?
-
-    init(deferredDeletion: Bool, options: [String] = ["dm.basesize=256M", "dm.loopdatasize=2G", "dm.loopmetadatasize=32M"],
-         netns: String? = nil) throws {
-        self.netns = netns
+    init(deferredDeletion: Bool, options: [String] = ["dm.basesize=256M", "dm.loopdatasize=2G", "dm.loopmetadatasize=32M"]) throws {
         try ok(["init"] + (options + ["dm.use_deferred_deletion=\(deferredDeletion)"]).flatMap { ["--storage-opt", $0] })
     }
 
     func run(_ args: [String]) throws -> Oracle.Result {
         // --root goes after the subcommand path: ArgumentParser takes options anywhere after it.
         // umount takes none: the mount table names the root.
-        let args = args.first == "umount" ? args : args + ["--root", root]
-        // nsenter enters the network namespace only: the mounts stay in this mount namespace.
-        if let netns { return try Oracle.run("/usr/bin/nsenter", ["--net=/run/netns/\(netns)", Binaries.path("thinfs")] + args) }
-        return try Binaries.run("thinfs", args)
+        try Binaries.run("thinfs", args.first == "umount" ? args : args + ["--root", root])
     }
 
     func ok(_ args: [String]) throws {

@@ -13,8 +13,8 @@ import Glibc
        .enabled(if: Host.canMountFUSE && Binaries.available && LayerFixture.canMakeImage && Ceph.available,
                 "needs /dev/fuse, root, the built binaries, busybox-static and a Ceph test cluster (the reason is printed)"))
 struct RBDLayerStoreTests {
-    static func options(prefix: String, conf: String = Ceph.confPath) -> [String] {
-        ["thinfs.backend=rbd", "rbd.conf=\(conf)", "rbd.pool=\(Ceph.pool)", "rbd.prefix=\(prefix)", "dm.basesize=256M"]
+    static func options(prefix: String) -> [String] {
+        ["thinfs.backend=rbd", "rbd.conf=\(Ceph.confPath)", "rbd.pool=\(Ceph.pool)", "rbd.prefix=\(prefix)", "dm.basesize=256M"]
     }
 
     /// scripts/make-test-image.sh's two-layer image, imported; returns the top layer's chain id.
