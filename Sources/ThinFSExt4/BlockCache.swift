@@ -56,6 +56,10 @@ final class ChannelState {
     /// Counts libext2fs's block frees (see `countBlockFrees`). Read and written under the Volume's
     /// lock only: unlocked file reads compare it before and after their device I/O.
     var freeGeneration: UInt64 = 0
+    /// While set (a `Volume.write` under way), every block libext2fs allocates is appended, so
+    /// that a failed write can give back what no extent took (`Volume.releaseUnheld`). Read and
+    /// written under the Volume's lock only.
+    var allocations: [(start: UInt64, count: UInt64)]?
 
     init(device: BlockDevice) { self.device = device }
     deinit {

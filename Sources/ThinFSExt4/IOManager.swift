@@ -33,11 +33,14 @@ func channelState(_ channel: io_channel?) -> ChannelState {
 
 /// libext2fs's block-allocation callbacks (`ext2fs_block_alloc_stats2` and its range form, which
 /// every free of a data block goes through: punch, truncate, inode release). A free bumps the
-/// channel's `freeGeneration` and discards the blocks (`discardFreed`). They run inside
+/// channel's `freeGeneration` and discards the blocks (`discardFreed`); a single block's
+/// allocation is noted while a write records them (`allocations`). They run inside
 /// libext2fs calls, so under the Volume's lock.
 let countBlockFree: @convention(c) (ext2_filsys?, blk64_t, Int32) -> Void = { fs, block, inuse in
-    guard inuse < 0, let fs else { return }
+    guard let fs else { return }
     let channel = channelState(fs.pointee.io)
+    if inuse > 0 { channel.allocations?.append((UInt64(block), 1)) }
+    guard inuse < 0 else { return }
     channel.freeGeneration &+= 1
     channel.discardFreed(UInt64(block), count: 1)
 }
@@ -46,6 +49,19 @@ let countBlockRangeFree: @convention(c) (ext2_filsys?, blk64_t, blk_t, Int32) ->
     let channel = channelState(fs.pointee.io)
     channel.freeGeneration &+= 1
     channel.discardFreed(UInt64(block), count: UInt64(count))
+}
+
+/// libext2fs's range allocator (`ext2fs_new_range`, which fallocate calls for each run it
+/// claims): the same search over the block bitmap, and the range found is noted while a write
+/// records its allocations. (The range form of the alloc-stats callback cannot note it: libext2fs
+/// calls it with the range already consumed, its start past the end and its count 0.)
+let recordNewRange: @convention(c) (ext2_filsys?, Int32, blk64_t, blk64_t, UnsafeMutablePointer<blk64_t>?,
+                                            UnsafeMutablePointer<blk64_t>?) -> errcode_t = { fs, flags, goal, len, pblk, plen in
+    guard let fs else { return errcode_t(EXT2_ET_INVALID_ARGUMENT) }
+    // An explicit bitmap: libext2fs calls this callback only when given none.
+    let rc = ext2fs_new_range(fs, flags, goal, len, fs.pointee.block_map, pblk, plen)
+    if rc == 0, let pblk, let plen { channelState(fs.pointee.io).allocations?.append((UInt64(pblk.pointee), UInt64(plen.pointee))) }
+    return rc
 }
 
 /// Byte range of a libext2fs block request: a negative count is a byte count (ext2_io.h).

@@ -91,6 +91,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
             // Unlocked file reads must learn of every block freed while their device reads ran.
             ext2fs_set_block_alloc_stats_callback(handle, countBlockFree, nil)
             ext2fs_set_block_alloc_stats_range_callback(handle, countBlockRangeFree, nil)
+            ext2fs_set_new_range_callback(handle, recordNewRange, nil)
         }
         return handle
     }

@@ -140,21 +140,9 @@ struct FullPoolTests {
         for id in ["c1", "c2"] {
             let fsck = try f.checkFilesystem(id, length: "256M").fsck
             let clean = fsck.status == 0 && !fsck.stdout.contains("Fix? no")
-            if id == "c1" {
-                // Known bug (found by this test): the file whose write hit ENOSPC keeps blocks it
-                // does not hold: "Inode 12, i_blocks is 381758, should be 380936" and "Block
-                // bitmap differences: -(261733--262143)" (marked in use, in no extent), with each
-                // dm.min_free_space. The older test above removes the file before it checks, which
-                // frees them. Intermittent: most runs show it, and CI's run of the unset case did
-                // not (where the write stops decides whether a half-filled extent is left). When
-                // it is fixed, make this an #expect again.
-                withKnownIssue("a write that hits ENOSPC leaves blocks allocated in the bitmap that the file's extents do not hold",
-                               isIntermittent: true) {
-                    #expect(clean, "e2fsck -fn of \(id): \(fsck.stdout)\(fsck.stderr)")
-                }
-            } else {
-                #expect(clean, "e2fsck -fn of \(id): \(fsck.stdout)\(fsck.stderr)")
-            }
+            // c1's file is the one whose write hit ENOSPC: the blocks that write had allocated
+            // outside its extents are given back (issue 14, FailedWriteAllocationTests).
+            #expect(clean, "e2fsck -fn of \(id): \(fsck.stdout)\(fsck.stderr)")
         }
         try f.ok(["mount", "c1", mnt, "--ro"])
         #expect(Sys.readFile(mnt + "/after") == after, "c1's file written after the resize reads back different")
