@@ -56,7 +56,7 @@ let countBlockRangeFree: @convention(c) (ext2_filsys?, blk64_t, blk_t, Int32) ->
 /// records its allocations. (The range form of the alloc-stats callback cannot note it: libext2fs
 /// calls it with the range already consumed, its start past the end and its count 0.)
 let recordNewRange: @convention(c) (ext2_filsys?, Int32, blk64_t, blk64_t, UnsafeMutablePointer<blk64_t>?,
-                                            UnsafeMutablePointer<blk64_t>?) -> errcode_t = { fs, flags, goal, len, pblk, plen in
+                                    UnsafeMutablePointer<blk64_t>?) -> errcode_t = { fs, flags, goal, len, pblk, plen in
     guard let fs else { return errcode_t(EXT2_ET_INVALID_ARGUMENT) }
     // An explicit bitmap: libext2fs calls this callback only when given none.
     let rc = ext2fs_new_range(fs, flags, goal, len, fs.pointee.block_map, pblk, plen)

@@ -247,7 +247,8 @@ extension Volume {
     /// ext4 gives such blocks back. Best effort, like `releaseBeyondEOF`: the walk over the file's
     /// blocks runs only on this failure path.
     private func releaseUnheld(_ fs: ext2_filsys, _ ino: UInt64, allocated runs: [(start: UInt64, count: UInt64)]) {
-        guard !runs.isEmpty, var inode = try? readInode(fs, ino) else { return }
+        // Bigalloc counts i_blocks in clusters; the bulk path that allocates in runs is off there too.
+        guard !runs.isEmpty, fs.pointee.cluster_ratio_bits == 0, var inode = try? readInode(fs, ino) else { return }
         final class Walk {
             var unheld = Set<UInt64>()
             var held: UInt64 = 0
