@@ -20,6 +20,7 @@ files that come from an image layer on every setup.
 import argparse
 import base64
 import datetime
+import errno
 import gzip
 import hashlib
 import html
@@ -787,19 +788,43 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
         stop_pid(self.serve_pid, getattr(self, "_serve", None), 60)
         self.serve_pid = None
         for ns in self.namespaces:
-            for base in ["/sys/fs/cgroup"] + [os.path.join("/sys/fs/cgroup", c) for c in
-                                              (os.listdir("/sys/fs/cgroup") if os.path.isdir("/sys/fs/cgroup") else [])]:
-                d = os.path.join(base, ns)
-                if os.path.isdir(d):
-                    for sub in sorted((os.path.join(d, x) for x in os.listdir(d) if os.path.isdir(os.path.join(d, x))), reverse=True):
+            bases = ["/sys/fs/cgroup"] + [os.path.join("/sys/fs/cgroup", c) for c in
+                                          (os.listdir("/sys/fs/cgroup") if os.path.isdir("/sys/fs/cgroup") else [])]
+            dirs = [os.path.join(b, ns) for b in bases if os.path.isdir(os.path.join(b, ns))]
+            # A shim stopped while it created a container leaves its `runc init` waiting for ever
+            # (seen in CI: SIGTERM during `ctr run`), still in the namespace's cgroup, which then
+            # cannot be removed. Every process in these cgroups is one of this run's containers:
+            # killed by PID, then the cgroups removed once the kernel has let go of them.
+            left = set()
+            for d in dirs:
+                for root, _, files in os.walk(d):
+                    if "cgroup.procs" in files:
                         try:
-                            os.rmdir(sub)
-                        except OSError:
+                            with open(os.path.join(root, "cgroup.procs")) as f:
+                                left.update(int(x) for x in f.read().split())
+                        except (OSError, ValueError):
                             pass
-                    try:
-                        os.rmdir(d)
-                    except OSError:
-                        pass
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            wait_gone(left, 10)
+            for d in dirs:
+                subs = sorted((os.path.join(root, x) for root, xs, _ in os.walk(d) for x in xs), key=len, reverse=True)
+                for path in subs + [d]:
+                    end = time.monotonic() + 10
+                    while True:
+                        try:
+                            os.rmdir(path)
+                            break
+                        except FileNotFoundError:
+                            break
+                        except OSError as e:
+                            # EBUSY until the last task of the cgroup is gone.
+                            if e.errno != errno.EBUSY or time.monotonic() > end:
+                                break
+                            time.sleep(0.1)
             shutil.rmtree(os.path.join("/run/containerd/fifo", ns), ignore_errors=True)
         if not self.run_containerd_existed:
             for d in ("/run/containerd/s", "/run/containerd/fifo", "/run/containerd"):
