@@ -49,13 +49,26 @@ halt() {
 }
 stop() { halt "$1"; rm -rf "$1"; }
 
+# The daemons outlive this script, so they must not keep descriptors it inherited (0-2 are
+# redirected; bash's own 255 is close-on-exec). swift-corelibs-foundation's Process, which the
+# tests' Oracle.run uses, learns that its child ended through a socket the child inherits: a
+# daemon holding a copy keeps it open, and the caller waits for ever for `cluster.sh start` to end
+# (seen in session 8 as RBDOutageTests hanging after start had exited). Runs in a subshell.
+close_inherited() {
+    local fd
+    for fd in /proc/$BASHPID/fd/*; do
+        fd=${fd##*/}
+        case $fd in 0|1|2|255) ;; *) eval "exec $fd>&-" 2>/dev/null ;; esac
+    done
+}
 # Starts the daemons of DIR on their data (made by `start`, or left by `halt`).
 run_daemons() {
-    ceph-mon -c "$conf" -i a --pid-file "$dir/mon.pid" >>"$dir/log/mon.out" 2>&1 </dev/null
+    ( close_inherited; exec ceph-mon -c "$conf" -i a --pid-file "$dir/mon.pid" >>"$dir/log/mon.out" 2>&1 </dev/null )
     for _ in $(seq 1 100); do [ -s "$dir/mon.pid" ] && break; sleep 0.05; done
 }
 run_osd() {
-    ceph-osd -c "$conf" -i "$(cat "$dir/osd.id")" --pid-file "$dir/osd.pid" >>"$dir/log/osd.out" 2>&1 </dev/null
+    local id; id=$(cat "$dir/osd.id")
+    ( close_inherited; exec ceph-osd -c "$conf" -i "$id" --pid-file "$dir/osd.pid" >>"$dir/log/osd.out" 2>&1 </dev/null )
 }
 # Returns once POOL takes a write (30 s at most).
 wait_writable() {
