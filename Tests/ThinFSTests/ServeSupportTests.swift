@@ -44,6 +44,8 @@ struct ServeSupportTests {
         #expect(LockHolders.parse(text, major: 0xfd, minor: 1, inode: 1835010) == [4711])
         #expect(LockHolders.parse(text, major: 0xfd, minor: 1, inode: 1835011) == [4713])
         #expect(LockHolders.parse(text, major: 8, minor: 1, inode: 77).isEmpty)   // POSIX, not flock
+        // A line shown twice (the list grew at the head between two reads) is one holder.
+        #expect(LockHolders.parse(text + "\n5: FLOCK  ADVISORY  READ 4713 fd:01:1835011 0 EOF", major: 0xfd, minor: 1, inode: 1835011) == [4713])
     }
 
     @Test func procLocksFindsOurOwnFlock() throws {
@@ -53,8 +55,13 @@ struct ServeSupportTests {
         #expect(fd >= 0, "open \(path): errno \(errno)")
         defer { close(fd) }
         #expect(LockHolders.flockHolders(of: path).isEmpty)
+        var st = stat()
+        try #require(stat(path, &st) == 0)
+        // The fallback alone: an open descriptor without a lock is not a holder.
+        #expect(LockHolders.descriptorHolders(of: .init(st)).isEmpty)
         #expect(flock(fd, LOCK_EX) == 0)
         #expect(LockHolders.flockHolders(of: path) == [getpid()])
+        #expect(LockHolders.descriptorHolders(of: .init(st)) == [getpid()])
     }
 
     /// /proc/locks is a seq_file like mountinfo: a lock listed after the first page must be found
@@ -72,6 +79,62 @@ struct ServeSupportTests {
         }
         let missing = (0..<300).filter { LockHolders.flockHolders(of: dir.path + "/held-\($0)") != [getpid()] }
         #expect(missing.isEmpty, "\(missing.count) of our 300 flocks not found in /proc/locks")
+    }
+
+    /// /proc/locks is no snapshot: it is read a page per read(2), and a lock taken or released
+    /// elsewhere between two reads shifts the list, so a line can be skipped. CI's parallel tests
+    /// take and drop flocks all the time; there the test above missed one of its 300 locks.
+    /// Here two threads churn flocks on other files while every held lock is looked up.
+    @Test func procLocksFindsAFlockWhileOtherLocksComeAndGo() throws {
+        let dir = TempDir()
+        var fds: [Int32] = []
+        defer { for fd in fds { close(fd) } }
+        for i in 0..<300 {
+            let fd = open(dir.path + "/held-\(i)", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+            try #require(fd >= 0, "open: errno \(errno)")
+            fds.append(fd)
+            try #require(flock(fd, LOCK_EX) == 0)
+        }
+        let stop = StopFlag()
+        let churners = (0..<2).map { k in
+            let path = dir.path + "/churn-\(k)"
+            let thread = Thread {
+                while !stop.isSet {
+                    let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+                    if fd >= 0 {
+                        _ = flock(fd, LOCK_EX)
+                        close(fd)
+                    }
+                }
+                stop.finished()
+            }
+            thread.start()
+            return thread
+        }
+        defer { stop.set(waitingFor: churners.count) }
+        var wrong: [String] = []
+        for _ in 0..<3 {
+            for i in 0..<300 {
+                let holders = LockHolders.flockHolders(of: dir.path + "/held-\(i)")
+                if holders != [getpid()] { wrong.append("held-\(i): \(holders)") }
+            }
+        }
+        #expect(wrong.isEmpty, "\(wrong.count) of 900 lookups of our flocks went wrong while other locks changed: \(wrong.prefix(5))")
+    }
+
+    /// A stop flag for the churn threads, and a count of those that saw it.
+    final class StopFlag: @unchecked Sendable {
+        private let condition = NSCondition()
+        private var stopped = false
+        private var done = 0
+        var isSet: Bool { condition.lock(); defer { condition.unlock() }; return stopped }
+        func finished() { condition.lock(); done += 1; condition.broadcast(); condition.unlock() }
+        func set(waitingFor count: Int) {
+            condition.lock()
+            stopped = true
+            while done < count { condition.wait() }
+            condition.unlock()
+        }
     }
 
     @Test(arguments: [false, true]) func notifySendsTheStateToNotifySocket(abstract: Bool) throws {
