@@ -106,18 +106,20 @@ public final class FileBlockDevice: BlockDevice {
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try fd.readFully(into: buffer, at: offset, path: name)
+        try BlockDeviceError.wrap(.read, name, offset: offset, length: buffer.count) { try fd.readFully(into: buffer, at: offset, path: name) }
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try fd.writeFully(buffer, at: offset, path: name)
+        try BlockDeviceError.wrap(.write, name, offset: offset, length: buffer.count) { try fd.writeFully(buffer, at: offset, path: name) }
     }
 
     public func discard(offset: UInt64, length: UInt64) throws {
-        try fd.punchHole(offset: offset, length: length, path: name)
+        try BlockDeviceError.wrap(.discard, name, offset: offset, length: Int(clamping: length)) {
+            try fd.punchHole(offset: offset, length: length, path: name)
+        }
     }
 
-    public func flush() throws { try fd.dataSync(path: name) }
+    public func flush() throws { try BlockDeviceError.wrap(.flush, name) { try fd.dataSync(path: name) } }
 
     /// A file backs all of its size (a sparse one could run out of host disk, as a preallocated
     /// block device cannot, but that is the host's free space, not a pool's).

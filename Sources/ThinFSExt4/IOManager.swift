@@ -70,12 +70,9 @@ private func byteRange(_ channel: io_channel?, _ block: UInt64, _ count: Int32) 
     return (block * bs, count < 0 ? Int(-count) : Int(count) * Int(bs))
 }
 
-/// Maps a device error to an errno-valued errcode_t (libext2fs accepts errno values as error codes).
-private func errcode(_ error: Error) -> errcode_t {
-    if let e = error as? ThinPoolError { return errcode_t(e.errno.rawValue) }
-    if let e = error as? Errno { return errcode_t(e.rawValue) }
-    return errcode_t(EIO)
-}
+/// A device error as an errno-valued errcode_t (libext2fs accepts errno values as error codes),
+/// through the one mapping the Volume's own paths use too (`Errno(reporting:)`).
+private func errcode(_ error: Error) -> errcode_t { errcode_t(Errno(reporting: error).rawValue) }
 
 private func channelRead(_ channel: io_channel?, _ block: UInt64, _ count: Int32, _ data: UnsafeMutableRawPointer?) -> errcode_t {
     do {

@@ -352,7 +352,7 @@ extension Volume {
             do {
                 try device.read(into: slice, at: at)
             } catch {
-                throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "reading inode \(ino) at \(offset + UInt64(run.start)): \(error)")
+                throw VolumeError(Errno(reporting: error), "reading inode \(ino) at \(offset + UInt64(run.start)): \(error)")
             }
         }
     }
@@ -405,7 +405,7 @@ extension Volume {
     func limitedByPool(_ s: FileSystemStatistics) throws(VolumeError) -> FileSystemStatistics {
         let space: PoolFreeSpace?
         do { space = try device.freeSpace() } catch {
-            throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "reading the pool's free data space for statfs: \(error)")
+            throw VolumeError(Errno(reporting: error), "reading the pool's free data space for statfs: \(error)")
         }
         guard let space else { return s }
         var r = s

@@ -245,7 +245,7 @@ extension Volume {
         guard !isReadOnly else { return }
         try withFS { fs throws(VolumeError) in try flushFilesystem(fs) }
         guard let commitHook else { return }
-        do { try commitHook() } catch { throw VolumeError(.ioError, "committing the pool: \(error)") }
+        do { try commitHook() } catch { throw VolumeError(Errno(reporting: error), "committing the pool: \(error)") }
     }
 
     /// Writes libext2fs's dirty state to the device, then runs `body` still holding the volume's
@@ -276,7 +276,7 @@ extension Volume {
             try check(ext2fs_flush2(fs, EXT2_FLAG_FLUSH_NO_SYNC), "flushing the filesystem")
         }
         do { try channelState(fs.pointee.io).flush() } catch {
-            throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "flushing the device: \(error)")
+            throw VolumeError(Errno(reporting: error), "flushing the device: \(error)")
         }
     }
 }

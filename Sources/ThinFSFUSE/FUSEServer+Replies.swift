@@ -22,11 +22,12 @@ extension FUSEServer {
     ///   lacks the operation" and never sends it again for the life of the mount (fallocate,
     ///   lseek, xattrs, rename2 and others). EOPNOTSUPP is what fallocate(2) and the xattr
     ///   calls document for an unsupported mode or namespace.
-    /// - Anything else is EIO (errno(3): "Input/output error"), as a kernel filesystem
-    ///   reports a failure of the layer below it.
+    /// - Anything else goes through the mapping libext2fs's callbacks and the Volume use too
+    ///   (`Errno(reporting:)`): a device error's EIO, ENOSPC or EROFS, and EIO (errno(3):
+    ///   "Input/output error") for what no subsystem maps, as a kernel filesystem reports a
+    ///   failure of the layer below it.
     static func errnoCode(for error: any Swift.Error) -> Int32 {
-        guard let e = error as? VolumeError else { return EIO }
-        let code = e.errno.rawValue
+        let code = Errno(reporting: error).rawValue
         if code == ENOSYS { return EOPNOTSUPP }
         return code > 0 ? code : EIO
     }

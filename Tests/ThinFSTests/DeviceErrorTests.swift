@@ -195,8 +195,8 @@ struct FailedWriteInsideFileTests {
         // Unaligned at both ends: partial blocks go through libext2fs's file writes, the whole
         // blocks between through the bulk path.
         let errno = c.errno
-        device.arm(.init(fileDataOnly: true, landing: c.landing, error: { op, offset, length in
-            ThinPoolError.io(operation: "\(op) at \(offset)+\(length)", path: image, errno: errno)
+        device.arm(.init(fileDataOnly: true, landing: c.landing, error: { _, offset, length in
+            BlockDeviceError(.write, device: image, offset: offset, length: UInt64(length), errno: errno)
         }))
         let data = [UInt8](repeating: 0x77, count: (1 << 20) + 5000)
         let error = #expect(throws: VolumeError.self) {

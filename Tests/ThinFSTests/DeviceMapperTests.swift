@@ -452,7 +452,7 @@ struct DirectBlockDeviceTests {
         try dev.read(into: aligned, at: 8192)
         #expect(Array(aligned) == Array(reference[8192..<16_384]))
         try dev.flush()
-        #expect(throws: ThinPoolError.self) { try patch.withUnsafeBytes { try dev.write($0, at: (64 << 10) - 10) } }
+        #expect(throws: BlockDeviceError.self) { try patch.withUnsafeBytes { try dev.write($0, at: (64 << 10) - 10) } }
         #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == Data(reference))
     }
 }

@@ -58,44 +58,52 @@ public final class DirectBlockDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try check(offset, buffer.count)
-        if isAligned(buffer.baseAddress, offset, buffer.count) {
-            try transfer(buffer, offset, write: false)
-            return
-        }
-        try withBounce(offset, buffer.count) { bounce, start in
-            try transfer(bounce, start, write: false)
-            buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: bounce[Int(offset - start)..<Int(offset - start) + buffer.count]))
+        try BlockDeviceError.wrap(.read, path, offset: offset, length: buffer.count) {
+            try check(offset, buffer.count)
+            if isAligned(buffer.baseAddress, offset, buffer.count) {
+                try transfer(buffer, offset, write: false)
+                return
+            }
+            try withBounce(offset, buffer.count) { bounce, start in
+                try transfer(bounce, start, write: false)
+                buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: bounce[Int(offset - start)..<Int(offset - start) + buffer.count]))
+            }
         }
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try check(offset, buffer.count)
-        if isAligned(buffer.baseAddress, offset, buffer.count) {
-            try transfer(UnsafeMutableRawBufferPointer(mutating: buffer), offset, write: true)
-            return
-        }
-        try withBounce(offset, buffer.count) { bounce, start in
-            // Read the partial edge blocks first, so the bytes around the write survive.
-            try transfer(bounce, start, write: false)
-            UnsafeMutableRawBufferPointer(rebasing: bounce[Int(offset - start)..<Int(offset - start) + buffer.count]).copyMemory(from: buffer)
-            try transfer(bounce, start, write: true)
+        try BlockDeviceError.wrap(.write, path, offset: offset, length: buffer.count) {
+            try check(offset, buffer.count)
+            if isAligned(buffer.baseAddress, offset, buffer.count) {
+                try transfer(UnsafeMutableRawBufferPointer(mutating: buffer), offset, write: true)
+                return
+            }
+            try withBounce(offset, buffer.count) { bounce, start in
+                // Read the partial edge blocks first, so the bytes around the write survive.
+                try transfer(bounce, start, write: false)
+                UnsafeMutableRawBufferPointer(rebasing: bounce[Int(offset - start)..<Int(offset - start) + buffer.count]).copyMemory(from: buffer)
+                try transfer(bounce, start, write: true)
+            }
         }
     }
 
     /// BLKDISCARD: dm-thin unmaps whole pool blocks in the range (and passes it down if configured).
     public func discard(offset: UInt64, length: UInt64) throws {
-        try check(offset, Int(length))
-        var range: (UInt64, UInt64) = (offset, length)
-        // BLKDISCARD is _IO(0x12, 119); its argument is a uint64_t[2] of offset and length.
-        let rc = withUnsafeMutableBytes(of: &range) { thinfs_ioctl_pointer(fd, 0x1277, $0.baseAddress) }
-        if rc != 0 { throw ThinPoolError.io(operation: "BLKDISCARD", path: path, errno: Errno(rawValue: errno)) }
+        try BlockDeviceError.wrap(.discard, path, offset: offset, length: Int(clamping: length)) {
+            try check(offset, Int(length))
+            var range: (UInt64, UInt64) = (offset, length)
+            // BLKDISCARD is _IO(0x12, 119); its argument is a uint64_t[2] of offset and length.
+            let rc = withUnsafeMutableBytes(of: &range) { thinfs_ioctl_pointer(fd, 0x1277, $0.baseAddress) }
+            if rc != 0 { throw ThinPoolError.io(operation: "BLKDISCARD", path: path, errno: Errno(rawValue: errno)) }
+        }
     }
 
     public func flush() throws {
-        while fsync(fd) != 0 {
-            if errno == EINTR { continue }
-            throw ThinPoolError.io(operation: "fsync", path: path, errno: Errno(rawValue: errno))
+        try BlockDeviceError.wrap(.flush, path) {
+            while fsync(fd) != 0 {
+                if errno == EINTR { continue }
+                throw ThinPoolError.io(operation: "fsync", path: path, errno: Errno(rawValue: errno))
+            }
         }
     }
 

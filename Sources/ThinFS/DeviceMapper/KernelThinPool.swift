@@ -469,7 +469,7 @@ final class DirectMetadataStorage: MetadataStorage {
         do {
             try device.read(into: buffer, at: block * UInt64(MetadataBlock.size))
         } catch {
-            throw .io(operation: "pread(O_DIRECT)", path: name, errno: (error as? ThinPoolError)?.errno.rawValue ?? EIO)
+            throw .io(operation: "pread(O_DIRECT)", path: name, errno: Errno(reporting: error).rawValue)
         }
     }
 

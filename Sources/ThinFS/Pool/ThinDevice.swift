@@ -39,34 +39,45 @@ public final class ThinDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
+    /// The device as its errors name it.
+    private var name: String { "thin device \(id)" }
+
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try check(offset, buffer.count)
-        try pool.read(id, into: buffer, at: offset)
+        try BlockDeviceError.wrap(.read, name, offset: offset, length: buffer.count) {
+            try check(offset, buffer.count)
+            try pool.read(id, into: buffer, at: offset)
+        }
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try check(offset, buffer.count)
-        try pool.write(id, buffer, at: offset)
+        try BlockDeviceError.wrap(.write, name, offset: offset, length: buffer.count) {
+            try check(offset, buffer.count)
+            try pool.write(id, buffer, at: offset)
+        }
     }
 
     /// File data leaves the pool's reserve to ext4's metadata (`UserspaceThinPool.reservedDataBlocks`).
     public func writeFileData(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try check(offset, buffer.count)
-        try pool.write(id, buffer, at: offset, keepingReserve: true)
+        try BlockDeviceError.wrap(.write, name, offset: offset, length: buffer.count) {
+            try check(offset, buffer.count)
+            try pool.write(id, buffer, at: offset, keepingReserve: true)
+        }
     }
 
     public var spaceFreedAtCommit: Bool { pool.spaceFreedAtCommit }
 
     public func discard(offset: UInt64, length: UInt64) throws {
-        try check(offset, 0)
-        try pool.discard(id, offset: offset, length: min(length, size - offset))
+        try BlockDeviceError.wrap(.discard, name, offset: offset, length: Int(clamping: length)) {
+            try check(offset, 0)
+            try pool.discard(id, offset: offset, length: min(length, size - offset))
+        }
     }
 
-    public func flush() throws { try pool.commit() }
+    public func flush() throws { try BlockDeviceError.wrap(.flush, name) { try pool.commit() } }
 
     /// The pool's free data space; file data leaves the reserve (see `writeFileData`).
     public func freeSpace() throws -> PoolFreeSpace? {
-        let s = try pool.status()
+        let s = try BlockDeviceError.wrap(.freeSpace, name) { try pool.status() }
         let reserve = UserspaceThinPool.reservedDataBlocks(nrDataBlocks: s.totalDataBlocks, blockSize: s.dataBlockSize) * s.dataBlockSize
         let free = s.freeDataBytes
         return PoolFreeSpace(free: free, forFileData: free > reserve ? free - reserve : 0)

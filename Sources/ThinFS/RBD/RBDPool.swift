@@ -802,40 +802,48 @@ final class RBDBlockDevice: BlockDevice, @unchecked Sendable {
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try checkOpen("read", offset, buffer.count)
-        guard buffer.count > 0 else { return }
-        let n = try image.aio("rbd_aio_read", offset: offset, length: buffer.count) { c in
-            rbd_aio_read(image.handle, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
+        try BlockDeviceError.wrap(.read, image.target, offset: offset, length: buffer.count) {
+            try checkOpen("read", offset, buffer.count)
+            guard buffer.count > 0 else { return }
+            let n = try image.aio("rbd_aio_read", offset: offset, length: buffer.count) { c in
+                rbd_aio_read(image.handle, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
+            }
+            // Past the image's end (a smaller image than the device asked for): zeros.
+            if n < buffer.count { UnsafeMutableRawBufferPointer(rebasing: buffer[n...]).initializeMemory(as: UInt8.self, repeating: 0) }
         }
-        // Past the image's end (a smaller image than the device asked for): zeros.
-        if n < buffer.count { UnsafeMutableRawBufferPointer(rebasing: buffer[n...]).initializeMemory(as: UInt8.self, repeating: 0) }
     }
 
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try checkOpen("write", offset, buffer.count)
-        guard buffer.count > 0 else { return }
-        _ = try image.aio("rbd_aio_write", offset: offset, length: buffer.count) { c in
-            rbd_aio_write(image.handle, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
+        try BlockDeviceError.wrap(.write, image.target, offset: offset, length: buffer.count) {
+            try checkOpen("write", offset, buffer.count)
+            guard buffer.count > 0 else { return }
+            _ = try image.aio("rbd_aio_write", offset: offset, length: buffer.count) { c in
+                rbd_aio_write(image.handle, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
+            }
         }
     }
 
     func discard(offset: UInt64, length: UInt64) throws {
-        try checkOpen("discard", offset, 0)
-        let length = min(length, size - offset)
-        guard length > 0 else { return }
-        _ = try image.aio("rbd_aio_discard", offset: offset, length: Int(length)) { c in
-            rbd_aio_discard(image.handle, offset, length, c)
+        try BlockDeviceError.wrap(.discard, image.target, offset: offset, length: Int(clamping: length)) {
+            try checkOpen("discard", offset, 0)
+            let length = min(length, size - offset)
+            guard length > 0 else { return }
+            _ = try image.aio("rbd_aio_discard", offset: offset, length: Int(length)) { c in
+                rbd_aio_discard(image.handle, offset, length, c)
+            }
         }
     }
 
     /// A real flush: librbd's cache (if on) written back and the OSDs' acks for every write.
     func flush() throws {
-        try checkOpen("flush", 0, 0)
-        _ = try image.aio("rbd_aio_flush", offset: 0, length: 0) { c in rbd_aio_flush(image.handle, c) }
+        try BlockDeviceError.wrap(.flush, image.target) {
+            try checkOpen("flush", 0, 0)
+            _ = try image.aio("rbd_aio_flush", offset: 0, length: 0) { c in rbd_aio_flush(image.handle, c) }
+        }
     }
 
     func freeSpace() throws -> PoolFreeSpace? {
-        guard let free = try poolFreeSpace() else { return nil }
+        guard let free = try BlockDeviceError.wrap(.freeSpace, image.target, { try poolFreeSpace() }) else { return nil }
         return PoolFreeSpace(free: free, forFileData: free)
     }
 }

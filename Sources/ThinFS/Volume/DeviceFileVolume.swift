@@ -94,7 +94,7 @@ public final class DeviceFileVolume: FileSystemVolume, @unchecked Sendable {
             throw VolumeError(.noSpace, "a write at \(offset)+\(buffer.count) goes past the device's \(device.size) bytes")
         }
         do { try device.write(buffer, at: offset) } catch {
-            throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "writing the device at \(offset): \(error)")
+            throw VolumeError(Errno(reporting: error), "writing the device at \(offset): \(error)")
         }
         return buffer.count
     }

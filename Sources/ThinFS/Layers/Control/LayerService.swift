@@ -1,4 +1,5 @@
 import Foundation
+import SystemPackage
 
 /// Runs `LayerRequest`s against a store: in the CLI's process, or in the daemon for requests
 /// that came through the control socket. Every error becomes a response naming the layer or
@@ -27,21 +28,18 @@ public struct LayerService: Sendable {
         }
     }
 
-    /// An error as a response: its message, and the errno its subsystem maps it to.
+    /// An error as a response: its message, and the errno its subsystem maps it to; pool, volume
+    /// and device errors (and any other) through the one mapping, `Errno(reporting:)`.
     static func failure(_ error: Swift.Error) -> LayerResponse {
         switch error {
         case let error as LayerStore.Error:
-            return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
-        case let error as ThinPoolError:
-            return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
-        case let error as VolumeError:
             return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
         case let error as RBDPool.CatalogueError:
             return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
         case let error as RBDPool.Error:
             return LayerResponse(error: "\(error)", errno: error.errno.rawValue)
         default:
-            return LayerResponse(error: "\(error)", errno: EIO)
+            return LayerResponse(error: "\(error)", errno: Errno(reporting: error).rawValue)
         }
     }
 
