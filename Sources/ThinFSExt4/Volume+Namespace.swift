@@ -19,6 +19,12 @@ extension Volume {
                     throw VolumeError(UInt32(inode.i_mode) & 0o170000 == 0o040000 ? .isDirectory : .invalidArgument,
                                       "truncate of inode \(ino), which is not a regular file")
                 }
+                // The blocks past the new end go first, through `punch` (see there): the truncate
+                // below would punch them with libext2fs's own, which may refuse the last block.
+                let bs = UInt64(fs.pointee.blocksize)
+                if size < fileSize(inode) {
+                    try check(punch(fs, ino, &inode, (size + bs - 1) / bs, ~0), "truncating inode \(ino) to \(size)")
+                }
                 let file = try openFile(fs, ino, write: true)
                 let rc = ext2fs_file_set_size2(file, ext2_off64_t(size))
                 ext2fs_file_close(file)
@@ -271,10 +277,7 @@ extension Volume {
             $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_inode_has_valid_blocks2(fs, $0) }
         }
         if valid != 0 {
-            let rc = withUnsafeMutablePointer(to: &inode) {
-                $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, 0, ~0) }
-            }
-            try check(rc, "releasing the blocks of inode \(ino)")
+            try check(punch(fs, ino, &inode, 0, ~0), "releasing the blocks of inode \(ino)")
         }
         try check(ext2fs_free_ext_attr(fs, ext2_ino_t(ino), &inode), "releasing the extended attributes of inode \(ino)")
         inode.i_dtime = UInt32(truncatingIfNeeded: Self.now().seconds)

@@ -43,11 +43,22 @@ extension Volume {
             var done = 0
             let extentMapped = inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0 && inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0
                 && fs.pointee.cluster_ratio_bits == 0
+            // The write's blocks inside the file as they are before it: those that hold no data
+            // (holes, preallocated ranges) are what a failure must unmap again (`releaseUnwritten`);
+            // past the end, restoring the size does it.
+            var inside: [(logical: UInt64, count: UInt64, physical: UInt64?)] = []
+            let lastInside = offset < sizeBefore ? (min(offset + UInt64(buffer.count), sizeBefore) - 1) / bs : 0
+            if extentMapped && offset < sizeBefore { inside = try mapRuns(fs, ino, &inode, first: offset / bs, last: lastInside) }
+            let noData = inside.filter { $0.physical == nil }.map { (logical: $0.logical, count: $0.count) }
             do throws(VolumeError) {
                 // An overwrite (a database page, a rewrite) has every whole block mapped and
                 // written already: then nothing to allocate, and no inode to store for it.
                 var whole: [(logical: UInt64, count: UInt64, physical: UInt64?)] = []
-                if endWhole > firstWhole && extentMapped { whole = try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) }
+                if endWhole > firstWhole && extentMapped {
+                    // Inside the file, the map just read covers them: no second walk of the extent tree.
+                    whole = !inside.isEmpty && endWhole - 1 <= lastInside ? Self.clip(inside, firstWhole, endWhole - 1)
+                        : try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1)
+                }
                 if endWhole > firstWhole && (whole.isEmpty || whole.contains { $0.physical == nil }) {
                     whole = []
                     let rc = withUnsafeMutablePointer(to: &inode) {
@@ -108,10 +119,7 @@ extension Volume {
                     let unwritten = whole.filter { $0.physical == nil }
                     for run in unwritten {
                         let last = run.logical + run.count - 1
-                        let punched = withUnsafeMutablePointer(to: &inode) {
-                            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, run.logical, last) }
-                        }
-                        try check(punched, "releasing the unwritten blocks \(run.logical)...\(last) of inode \(ino)")
+                        try check(punch(fs, ino, &inode, run.logical, last), "releasing the unwritten blocks \(run.logical)...\(last) of inode \(ino)")
                         let allocated = withUnsafeMutablePointer(to: &inode) {
                             $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
                                 ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
@@ -159,7 +167,7 @@ extension Volume {
                 do {
                     try channel.writeBackFileData(dataBlocks(fs, ino, offset, buffer.count))
                 } catch {
-                    throw VolumeError((error as? ThinPoolError)?.errno ?? .ioError, "writing inode \(ino) at \(offset): \(error)")
+                    throw VolumeError(Errno(reporting: error), "writing inode \(ino) at \(offset): \(error)")
                 }
             } catch {
                 if let file {
@@ -178,6 +186,7 @@ extension Volume {
                 // have reached the device, and the caller is told nothing was written.
                 restoreSize(fs, ino, to: sizeBefore)
                 releaseBeyondEOF(fs, ino, through: (offset + UInt64(buffer.count) - 1) / bs)
+                releaseUnwritten(fs, ino, noData)
                 let allocated = channel.allocations ?? []
                 channel.allocations = nil
                 releaseUnheld(fs, ino, allocated: allocated)
@@ -189,6 +198,16 @@ extension Volume {
             // Writing clears set-user-ID (and set-group-ID with group execute), as the kernel does for unprivileged writers.
             try writeInode(fs, ino, &inode)
             return done
+        }
+    }
+
+    /// The part of `runs` (from `mapRuns`) in logical blocks `first...last`.
+    static func clip(_ runs: [(logical: UInt64, count: UInt64, physical: UInt64?)], _ first: UInt64,
+                     _ last: UInt64) -> [(logical: UInt64, count: UInt64, physical: UInt64?)] {
+        runs.compactMap { run in
+            let start = max(run.logical, first), end = min(run.logical + run.count - 1, last)
+            guard start <= end else { return nil }
+            return (start, end - start + 1, run.physical.map { $0 + (start - run.logical) })
         }
     }
 
@@ -207,9 +226,12 @@ extension Volume {
     /// back, the tail of its last block is zeroed, and the blocks past it are released
     /// (`ext2fs_file_set_size2`, a truncate). Best effort, like `releaseBeyondEOF`.
     func restoreSize(_ fs: ext2_filsys, _ ino: UInt64, to size: UInt64) {
-        guard let inode = try? readInode(fs, ino), fileSize(inode) > size,
-              let file = try? openFile(fs, ino, write: true) else { return }
-        let rc = ext2fs_file_set_size2(file, ext2_off64_t(size))
+        guard var inode = try? readInode(fs, ino), fileSize(inode) > size else { return }
+        // The blocks past the old end through `punch`, which frees the filesystem's last block too.
+        let bs = UInt64(fs.pointee.blocksize)
+        let punched = punch(fs, ino, &inode, (size + bs - 1) / bs, ~0)
+        guard let file = try? openFile(fs, ino, write: true) else { return }
+        let rc = punched != 0 ? punched : ext2fs_file_set_size2(file, ext2_off64_t(size))
         let closed = ext2fs_file_close(file)
         if rc != 0 || closed != 0 {
             logger.warning("could not shrink a file back after a failed write",
@@ -229,12 +251,37 @@ extension Volume {
         let size = fileSize(inode)
         let end = (size + bs - 1) / bs
         guard end <= last else { return }
-        let rc = withUnsafeMutablePointer(to: &inode) {
-            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, end, last) }
-        }
+        let rc = punch(fs, ino, &inode, end, last)
         if rc != 0 {
             logger.warning("could not release the blocks a failed write reserved past the end of the file",
-                           metadata: ["ino": "\(ino)", "blocks": "\(end)...\(last)", "error": "\(rc)"])
+                           metadata: ["ino": "\(ino)", "blocks": "\(end)...\(last)", "error": "\(Self.message(rc))"])
+        }
+    }
+
+    /// A write that failed part-way has mapped blocks in the holes and preallocated ranges it
+    /// covered (`ext2fs_fallocate` of initialized blocks on the bulk path, `ext2fs_file_write`
+    /// converting an unwritten block), while their data may never have reached the device or
+    /// only in part: read as data, they would show whatever the device held there (a deleted
+    /// file's bytes) or half a write the caller was told failed. Unmaps the blocks of `runs`
+    /// (what held no data before the write) that now hold data, so they read zeros again, as
+    /// the kernel's ext4 leaves an extent unwritten until its data is written. A preallocated
+    /// range the write reached becomes a hole: a failed write may lose a preallocation, never
+    /// data. Best effort, like `releaseBeyondEOF`.
+    func releaseUnwritten(_ fs: ext2_filsys, _ ino: UInt64, _ runs: [(logical: UInt64, count: UInt64)]) {
+        guard !runs.isEmpty, var inode = try? readInode(fs, ino) else { return }
+        let size = fileSize(inode)
+        let bs = UInt64(fs.pointee.blocksize)
+        guard size > 0 else { return }
+        for run in runs where run.logical * bs < size {
+            let last = min(run.logical + run.count, (size + bs - 1) / bs) - 1
+            guard let now = try? mapRuns(fs, ino, &inode, first: run.logical, last: last) else { continue }
+            for mapped in now where mapped.physical != nil {
+                let rc = punch(fs, ino, &inode, mapped.logical, mapped.logical + mapped.count - 1)
+                if rc != 0 {
+                    logger.warning("could not unmap the blocks a failed write left without their data",
+                                   metadata: ["ino": "\(ino)", "blocks": "\(mapped.logical)+\(mapped.count)", "error": "\(Self.message(rc))"])
+                }
+            }
         }
     }
 
@@ -310,12 +357,7 @@ extension Volume {
                 if firstWhole < endWhole {
                     // Zeroing an edge may have mapped or converted a block: punch the inode as it is now.
                     inode = try readInode(fs, ino)
-                    let rc = withUnsafeMutablePointer(to: &inode) {
-                        $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
-                            ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, firstWhole, endWhole - 1)
-                        }
-                    }
-                    try check(rc, "punching blocks \(firstWhole)..<\(endWhole) of inode \(ino)")
+                    try check(punch(fs, ino, &inode, firstWhole, endWhole - 1), "punching blocks \(firstWhole)..<\(endWhole) of inode \(ino)")
                     inode = try readInode(fs, ino)
                 }
             } else {
@@ -363,12 +405,7 @@ extension Volume {
         if firstWhole < endWhole {
             // Zeroing an edge may have mapped or converted a block: punch the inode as it is now.
             inode = try readInode(fs, ino)
-            let rc = withUnsafeMutablePointer(to: &inode) {
-                $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
-                    ext2fs_punch(fs, ext2_ino_t(ino), $0, nil, firstWhole, endWhole - 1)
-                }
-            }
-            try check(rc, "releasing blocks \(firstWhole)..<\(endWhole) of inode \(ino) to zero them")
+            try check(punch(fs, ino, &inode, firstWhole, endWhole - 1), "releasing blocks \(firstWhole)..<\(endWhole) of inode \(ino) to zero them")
         }
         // The same allocation as plain fallocate: it maps only what is unmapped, here the blocks
         // just released and any holes, and leaves the written edge blocks as they are.

@@ -214,7 +214,8 @@ struct FailedWriteInsideFileTests {
             guard n == model.count, let first = differ.first else { return n == model.count ? "" : "read \(n) bytes" }
             return "\(differ.count) bytes differ, from \(first) (\(back[first]) for \(model[first])) to \(differ.last!)"
         }
-        #expect(try differences(v, file.ino) == "", "after the failed write")
+        let afterWrite = try differences(v, file.ino)
+        #expect(afterWrite == "", "after the failed write: \(afterWrite)")
         try v.fsync(nil)
         if !c.preallocated {
             // A hole filled and given back: the same free blocks as before the write.
@@ -224,7 +225,8 @@ struct FailedWriteInsideFileTests {
         try E2fsprogs.check(image)
         let reopened = try Volume(device: FileBlockDevice(path: FilePath(image)), readOnly: true, logger: quietLogger)
         defer { try? reopened.close() }
-        #expect(try differences(reopened, file.ino) == "", "after a reopen")
+        let afterReopen = try differences(reopened, file.ino)
+        #expect(afterReopen == "", "after a reopen: \(afterReopen)")
     }
 }
 
