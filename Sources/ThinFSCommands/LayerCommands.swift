@@ -32,7 +32,7 @@ struct LayerCommand: ParsableCommand {
     )
 
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create an image layer: a snapshot of its parent, or of the base device.")
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Create an image layer: a snapshot of its parent, or of the base device.")
         @OptionGroup var options: RootOptions
         @Argument(help: "The new layer's id.") var id: String
         @Option(help: "The parent image layer (default: the base device).") var parent: String?
@@ -56,7 +56,7 @@ struct LayerCommand: ParsableCommand {
 
     struct Resize: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Grow a layer's thin device and filesystem, also while it is mounted and in use (no remount). Shrinking is refused.")
+            commandName: "resize", abstract: "Grow a layer's thin device and filesystem, also while it is mounted and in use (no remount). Shrinking is refused.")
         @OptionGroup var options: RootOptions
         @Argument(help: "The layer's id.") var id: String
         @Argument(help: "The new size (20G, 512M, ...): at least its current size.") var size: Size
@@ -117,7 +117,7 @@ struct LayerCommand: ParsableCommand {
     }
 
     struct Diff: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Write a layer's changes against its parent as an OCI layer tar (to stdout, or --output).")
+        static let configuration = CommandConfiguration(commandName: "diff", abstract: "Write a layer's changes against its parent as an OCI layer tar (to stdout, or --output).")
         @OptionGroup var options: RootOptions
         @Argument(help: "The layer id.") var id: String
         @Option(name: .shortAndLong, help: "Write the tar here instead of stdout.") var output: String?
@@ -164,7 +164,7 @@ struct ImageCommand: ParsableCommand {
 
     struct Import: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Import an OCI image layout or a docker save archive: one image layer per tar, named by chain id. Prints the top layer id.")
+            commandName: "import", abstract: "Import an OCI image layout or a docker save archive: one image layer per tar, named by chain id. Prints the top layer id.")
         @OptionGroup var options: RootOptions
         @Argument(help: "An OCI image layout directory or a docker save tar.") var path: String
         @Option(help: "A name to record for the image's top layer.") var name: String?
