@@ -9,7 +9,8 @@
 //                           space maps, transaction manager, thin metadata
 //   CFuse CDevMapper        system libraries: a modulemap and a shim.h each;
 //   CExt2fs CArchive        exactly one Swift module imports each of them
-//   CSQLite CRBD
+//   CSQLite
+//   CRBD                    librados and librbd, dlopened on first use (only RBD stores need them)
 //   CRE2                    RE2 (C++) behind a C API, for containerd's filter patterns
 //   ThinFSCore              what the volume, the FUSE server and the pool share: BlockDevice,
 //                           ThinPoolError, the FileSystemVolume API and its value types, Lock,
@@ -63,8 +64,6 @@ let package = Package(
         .systemLibrary(name: "CExt2fs", pkgConfig: "ext2fs", providers: [.apt(["libext2fs-dev"])]),
         .systemLibrary(name: "CArchive", pkgConfig: "libarchive", providers: [.apt(["libarchive-dev"])]),
         .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
-        // librbd and librados (Ceph RBD pools); Debian ships no pkg-config files for them.
-        .systemLibrary(name: "CRBD", providers: [.apt(["librbd-dev", "librados-dev"])]),
 
         // The one piece of C that Swift cannot express: the SSE4.2 crc32 instruction.
         .target(name: "CCRC32C"),
@@ -73,6 +72,10 @@ let package = Package(
         // RE2 (C++) behind a C API: the regular expressions of containerd's filters, in Go's syntax
         // and with RE2's linear-time matching. Debian's libre2-dev.
         .target(name: "CRE2", linkerSettings: [.linkedLibrary("re2")]),
+        // librados and librbd (Ceph RBD pools; Debian's librbd-dev, librados-dev), dlopened on first
+        // use rather than linked: only thinfs.backend=rbd stores need them, and linked they were a
+        // dozen of thinfs's shared libraries and much of every process's start-up (Sources/CRBD/include/CRBD.h).
+        .target(name: "CRBD"),
 
         .target(
             name: "PersistentData",

@@ -13,7 +13,7 @@ struct DevCommand: ParsableCommand {
     static let chunk = 1 << 20
 
     struct Format: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Put a fresh ext4 on a thin device with mke2fs and Docker's options.")
+        static let configuration = CommandConfiguration(commandName: "format", abstract: "Put a fresh ext4 on a thin device with mke2fs and Docker's options.")
         @OptionGroup var options: RootOptions
         @Argument(help: "Thin device id.") var id: DeviceIDArgument
         @Option(help: "Filesystem size (default 10G, Docker's dm.basesize).") var size = Size(bytes: 10 << 30)
@@ -35,7 +35,7 @@ struct DevCommand: ParsableCommand {
     }
 
     struct Write: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Write stdin to a thin device, then commit.")
+        static let configuration = CommandConfiguration(commandName: "write", abstract: "Write stdin to a thin device, then commit.")
         @OptionGroup var options: RootOptions
         @Argument(help: "Thin device id.") var id: DeviceIDArgument
         @Option(help: "Byte offset to write at (K/M/G/T suffixes allowed).") var offset = Size(bytes: 0)
@@ -65,7 +65,7 @@ struct DevCommand: ParsableCommand {
     }
 
     struct Read: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Write a thin device's bytes to stdout; unmapped ranges read as zeros.")
+        static let configuration = CommandConfiguration(commandName: "read", abstract: "Write a thin device's bytes to stdout; unmapped ranges read as zeros.")
         @OptionGroup var options: RootOptions
         @Argument(help: "Thin device id.") var id: DeviceIDArgument
         @Option(help: "Byte offset to read from (K/M/G/T suffixes allowed).") var offset = Size(bytes: 0)
@@ -103,7 +103,7 @@ struct DevCommand: ParsableCommand {
     }
 
     struct Status: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print '<nr mapped sectors> <highest mapped sector>', as the thin target does.")
+        static let configuration = CommandConfiguration(commandName: "status", abstract: "Print '<nr mapped sectors> <highest mapped sector>', as the thin target does.")
         @OptionGroup var options: RootOptions
         @Argument(help: "Thin device id.") var id: DeviceIDArgument
 

@@ -48,7 +48,7 @@ struct KernelPoolCommand: ParsableCommand {
     }
 
     struct Remove: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Remove the pool device (its loop devices unbind with it).")
+        static let configuration = CommandConfiguration(commandName: "remove", abstract: "Remove the pool device (its loop devices unbind with it).")
         @Option(help: "The pool's dm name.") var name: String
         func run() throws {
             Logging.bootstrapOnce(verbose: false)
@@ -57,7 +57,7 @@ struct KernelPoolCommand: ParsableCommand {
     }
 
     struct Message: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Send a pool message; create_snap suspends an active origin around it.")
+        static let configuration = CommandConfiguration(commandName: "message", abstract: "Send a pool message; create_snap suspends an active origin around it.")
         @OptionGroup var options: PoolOptions
         @Argument(help: "create_thin <id> | create_snap <id> <origin> | delete <id> | set_transaction_id <cur> <new> | reserve_metadata_snap | release_metadata_snap")
         var message: [String]
@@ -65,7 +65,7 @@ struct KernelPoolCommand: ParsableCommand {
     }
 
     struct Status: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print the pool's status line, parsed and printed back in the kernel's format.")
+        static let configuration = CommandConfiguration(commandName: "status", abstract: "Print the pool's status line, parsed and printed back in the kernel's format.")
         @OptionGroup var options: PoolOptions
         @Flag(help: "One field per line.") var fields = false
         func run() throws {
@@ -87,7 +87,7 @@ struct KernelPoolCommand: ParsableCommand {
     }
 
     struct Activate: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Activate thin device ID as /dev/mapper/PREFIX-ID (or resize its table).")
+        static let configuration = CommandConfiguration(commandName: "activate", abstract: "Activate thin device ID as /dev/mapper/PREFIX-ID (or resize its table).")
         @OptionGroup var options: PoolOptions
         @Argument(help: "Thin device id.") var id: DeviceIDArgument
         @Option(help: "Virtual size (default 10G).") var size = Size(bytes: 10 << 30)
@@ -99,7 +99,7 @@ struct KernelPoolCommand: ParsableCommand {
     }
 
     struct Deactivate: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Remove thin device ID's dm device (EBUSY retried); --deferred removes it when its last user closes it.")
+        static let configuration = CommandConfiguration(commandName: "deactivate", abstract: "Remove thin device ID's dm device (EBUSY retried); --deferred removes it when its last user closes it.")
         @OptionGroup var options: PoolOptions
         @Argument(help: "Thin device id.") var id: DeviceIDArgument
         @Flag(help: "Deferred remove.") var deferred = false
@@ -114,7 +114,7 @@ struct KernelPoolCommand: ParsableCommand {
     }
 
     struct Info: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Thin device ID's dm state: active, open count, suspended, deferred remove.")
+        static let configuration = CommandConfiguration(commandName: "info", abstract: "Thin device ID's dm state: active, open count, suspended, deferred remove.")
         @OptionGroup var options: PoolOptions
         @Argument(help: "Thin device id.") var id: DeviceIDArgument
         func run() throws {
@@ -132,13 +132,13 @@ struct KernelPoolCommand: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "The pool's thin device ids, read from a metadata snapshot.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "The pool's thin device ids, read from a metadata snapshot.")
         @OptionGroup var options: PoolOptions
         func run() throws { for id in try options.open().deviceIDs() { print(id) } }
     }
 
     struct Resize: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Grow the pool's data: a loop pool's file (--data-file), or the table after lvextend.")
+        static let configuration = CommandConfiguration(commandName: "resize", abstract: "Grow the pool's data: a loop pool's file (--data-file), or the table after lvextend.")
         @OptionGroup var options: PoolOptions
         @Option(name: .customLong("data-size"), help: "New data size.") var dataSize: Size
         @Option(name: .customLong("data-file"), help: "The loop pool's data file, grown first.") var dataFile: String?

@@ -32,7 +32,7 @@ struct LayerCommand: ParsableCommand {
     )
 
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create an image layer: a snapshot of its parent, or of the base device.")
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Create an image layer: a snapshot of its parent, or of the base device.")
         @OptionGroup var options: RootOptions
         @Argument(help: "The new layer's id.") var id: String
         @Option(help: "The parent image layer (default: the base device).") var parent: String?
@@ -48,15 +48,40 @@ struct LayerCommand: ParsableCommand {
         @Argument(help: "The new layer's id.") var id: String
         @Option(help: "The image layer it starts from.") var parent: String
         @Option(help: "Filesystem size; at least the parent's.") var size: Size?
+        @Option(help: "Also mount the new layer here through FUSE, as `thinfs mount` does (an empty directory).")
+        var mount: String?
+        @Option(name: .customShort("o"), help: "With --mount: further mount options, comma-separated, as `thinfs mount -o`.")
+        var mountOptions: [String] = []
+
+        func validate() throws {
+            if mount == nil, !mountOptions.isEmpty { throw ValidationError("-o applies with --mount only") }
+        }
+
         func run() throws {
             _ = options.poolRoot
             try StoreAccess.run(root: options.root, LayerRequest(.createRW, layer: id, parent: parent, size: size?.bytes))
+            guard let mount else { return }
+            // One process for a container's start instead of two (create-rw, then mount): most of
+            // a short command's time is its own start-up (docs/benchmarks.md, session 9).
+            do {
+                try MountCommand.mountFUSE(root: options.root, layer: id, mountpoint: mount, readOnly: false,
+                                           options: mountOptions, verbose: options.verbose)
+            } catch let code as ExitCode where code == .success {
+                throw code
+            } catch {
+                // A container layer nobody could mount is not what was asked for: remove it again.
+                let removal = try? StoreAccess.perform(root: options.root, LayerRequest(.remove, layer: id))
+                if let left = removal?.error {
+                    FileHandle.standardError.write(Data("warning: layer \(id) was created but not mounted, and removing it failed: \(left)\n".utf8))
+                }
+                throw error
+            }
         }
     }
 
     struct Resize: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Grow a layer's thin device and filesystem, also while it is mounted and in use (no remount). Shrinking is refused.")
+            commandName: "resize", abstract: "Grow a layer's thin device and filesystem, also while it is mounted and in use (no remount). Shrinking is refused.")
         @OptionGroup var options: RootOptions
         @Argument(help: "The layer's id.") var id: String
         @Argument(help: "The new size (20G, 512M, ...): at least its current size.") var size: Size
@@ -117,7 +142,7 @@ struct LayerCommand: ParsableCommand {
     }
 
     struct Diff: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Write a layer's changes against its parent as an OCI layer tar (to stdout, or --output).")
+        static let configuration = CommandConfiguration(commandName: "diff", abstract: "Write a layer's changes against its parent as an OCI layer tar (to stdout, or --output).")
         @OptionGroup var options: RootOptions
         @Argument(help: "The layer id.") var id: String
         @Option(name: .shortAndLong, help: "Write the tar here instead of stdout.") var output: String?
@@ -164,7 +189,7 @@ struct ImageCommand: ParsableCommand {
 
     struct Import: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Import an OCI image layout or a docker save archive: one image layer per tar, named by chain id. Prints the top layer id.")
+            commandName: "import", abstract: "Import an OCI image layout or a docker save archive: one image layer per tar, named by chain id. Prints the top layer id.")
         @OptionGroup var options: RootOptions
         @Argument(help: "An OCI image layout directory or a docker save tar.") var path: String
         @Option(help: "A name to record for the image's top layer.") var name: String?
@@ -210,6 +235,15 @@ struct MountCommand: ParsableCommand {
         if kernel {
             return try StoreAccess.run(root: root, LayerRequest(.kernelMount, layer: id, mountpoint: mp, readOnly: ro, mountOptions: opts))
         }
+        try Self.mountFUSE(root: root, layer: id, mountpoint: mp, readOnly: ro, options: mountOptions, verbose: options.verbose)
+    }
+
+    /// Mounts `layer` through the root's daemon, starting one if none runs (then it throws the
+    /// daemon's verdict as an `ExitCode`, `.success` included, for ArgumentParser to exit with).
+    static func mountFUSE(root: String, layer id: String, mountpoint: String, readOnly ro: Bool, options: [String], verbose: Bool) throws {
+        let root = URL(fileURLWithPath: root).standardizedFileURL.path
+        let mp = URL(fileURLWithPath: mountpoint).standardizedFileURL.path
+        let opts = options.flatMap { $0.split(separator: ",").map(String.init) }
         let request = LayerRequest(.mount, layer: id, mountpoint: mp, readOnly: ro, mountOptions: opts)
         if let response = try ControlSocket.send(request, to: LayerStore.controlSocketPath(root)), response.errno != EAGAIN {
             if let error = response.error { throw CommandFailure(message: error) }
@@ -220,7 +254,7 @@ struct MountCommand: ParsableCommand {
         var args = ["--root", root, "--layer", id, mp]
         let all = (ro ? ["ro"] : []) + opts
         if !all.isEmpty { args += ["-o", all.joined(separator: ",")] }
-        if options.verbose { args.append("-v") }
+        if verbose { args.append("-v") }
         throw MountDaemon.detach(arguments: args + ["-f"], executable: MountDaemon.siblingExecutable("thinfs-mount"))
     }
 }

@@ -11,7 +11,7 @@ struct PoolCommand: ParsableCommand {
     )
 
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Create a pool: sparse data and metadata files with fresh dm-thin metadata.")
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Create a pool: sparse data and metadata files with fresh dm-thin metadata.")
         @OptionGroup var options: RootOptions
         @Option(help: "Data file or block device (default: ROOT/pool/data).") var data: String?
         @Option(help: "Metadata file or block device (default: ROOT/pool/metadata).") var metadata: String?
@@ -30,7 +30,7 @@ struct PoolCommand: ParsableCommand {
     }
 
     struct Open: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Adopt an existing pool (kernel-made, thin_restore-made) without changing it.")
+        static let configuration = CommandConfiguration(commandName: "open", abstract: "Adopt an existing pool (kernel-made, thin_restore-made) without changing it.")
         @OptionGroup var options: RootOptions
         @Option(help: "Data file or block device.") var data: String
         @Option(help: "Metadata file or block device.") var metadata: String
@@ -45,7 +45,7 @@ struct PoolCommand: ParsableCommand {
     }
 
     struct Message: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Send a dm-thin pool message, e.g. 'create_thin 1' or 'create_snap 2 1'.")
+        static let configuration = CommandConfiguration(commandName: "message", abstract: "Send a dm-thin pool message, e.g. 'create_thin 1' or 'create_snap 2 1'.")
         @OptionGroup var options: RootOptions
         @Argument(help: "create_thin <id> | create_snap <id> <origin> | delete <id> | set_transaction_id <cur> <new> | reserve_metadata_snap | release_metadata_snap")
         var message: [String]
@@ -68,7 +68,7 @@ struct PoolCommand: ParsableCommand {
     }
 
     struct Status: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print the pool status line in the kernel's format.")
+        static let configuration = CommandConfiguration(commandName: "status", abstract: "Print the pool status line in the kernel's format.")
         @OptionGroup var options: RootOptions
         @Flag(help: "Print it the way 'docker info' prints its storage section.") var human = false
 
@@ -108,7 +108,7 @@ struct PoolCommand: ParsableCommand {
     }
 
     struct Dump: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print the metadata as XML, element for element what thin_dump prints.")
+        static let configuration = CommandConfiguration(commandName: "dump", abstract: "Print the metadata as XML, element for element what thin_dump prints.")
         @OptionGroup var options: RootOptions
         @Flag(name: .customLong("metadata-snap"), help: "Dump the held metadata snapshot instead.") var metadataSnap = false
 
@@ -121,7 +121,7 @@ struct PoolCommand: ParsableCommand {
     }
 
     struct Restore: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Write fresh metadata from thin_dump XML, as thin_restore does.")
+        static let configuration = CommandConfiguration(commandName: "restore", abstract: "Write fresh metadata from thin_dump XML, as thin_restore does.")
         @OptionGroup var options: RootOptions
         @Argument(help: "The XML file.") var file: String
         @Flag(help: "Overwrite metadata that already holds thin devices.") var force = false
@@ -150,7 +150,7 @@ struct PoolCommand: ParsableCommand {
     }
 
     struct Check: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Check the metadata: trees, reference counts, space maps (thin_check must agree).")
+        static let configuration = CommandConfiguration(commandName: "check", abstract: "Check the metadata: trees, reference counts, space maps (thin_check must agree).")
         @OptionGroup var options: RootOptions
 
         func run() throws {
@@ -162,7 +162,7 @@ struct PoolCommand: ParsableCommand {
     }
 
     struct Resize: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Grow the data device online. Shrinking is refused.")
+        static let configuration = CommandConfiguration(commandName: "resize", abstract: "Grow the data device online. Shrinking is refused.")
         @OptionGroup var options: RootOptions
         @Option(name: .customLong("data-size"), help: "The new data size.") var dataSize: Size
 

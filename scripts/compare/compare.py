@@ -491,8 +491,9 @@ class ThinFSSetup(Setup):
         cid = f"c{self.count}"
         mp = os.path.join(self.dir, "mnt", cid)
         os.makedirs(mp)
-        self.thinfs("layer", "create-rw", "--root", self.root, cid, "--parent", self.top)
-        self.thinfs("mount", "--root", self.root, cid, mp)
+        # One command, as a container runtime would use it: `create-rw` then `mount` is two
+        # process start-ups, most of a container start's time (docs/benchmarks.md, session 9).
+        self.thinfs("layer", "create-rw", "--root", self.root, cid, "--parent", self.top, "--mount", mp)
         return (cid, mp)
 
     def remove_all(self, containers):
@@ -1501,7 +1502,7 @@ def report_blocks(res):
     b.append(("h2", "Method"))
     b.append(("p", "thinfs: `thinfs init` (deferred removal and deletion on), `thinfs image import` of the image (or "
                    "`layer create` + `apply-diff` of a directory), the workload layer by `layer apply-diff`, and a "
-                   "container by `layer create-rw` + `thinfs mount` (FUSE on the userspace pool). overlayfs and "
+                   "container by `layer create-rw --mount` (create and FUSE-mount in one command, on the userspace pool). overlayfs and "
                    "fuse-overlayfs: each layer tar extracted into its own lower directory (OCI whiteouts converted to "
                    "overlayfs's), and a container by `mkdir upper work merged` + mount. containerd-overlayfs and "
                    "containerd-thinfs: one private containerd for the run (its own root, state, sockets and namespaces) "

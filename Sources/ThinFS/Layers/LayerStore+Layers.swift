@@ -204,7 +204,14 @@ extension LayerStore {
         }
         let holderPath = locksDirectory + "/\(id).holder.\(getpid()).\(UUID().uuidString.prefix(8))"
         let holder = Holder(pid: getpid(), what: what, readOnly: readOnly)
-        try? JSONEncoder().encode(holder).write(to: URL(fileURLWithPath: holderPath))
+        // A plain write, not Data.write(to:), which fsyncs (a flush per mount, on a container's
+        // start path): the record only describes a live process, and a crash ends that process
+        // and its lock, after which the record is ignored and removed (removeDeadHolderRecords).
+        if let bytes = try? JSONEncoder().encode(holder),
+           let out = try? FileDescriptor.open(FilePath(holderPath), .writeOnly, options: [.create, .truncate, .closeOnExec],
+                                              permissions: [.ownerReadWrite, .groupRead, .otherRead]) {
+            _ = try? out.closeAfter { try out.writeAll(bytes) }
+        }
         return LayerLock(fd: fd, holderPath: holderPath)
     }
 

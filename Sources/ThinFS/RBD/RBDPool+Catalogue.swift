@@ -207,11 +207,11 @@ extension RBDPool {
             let image = try RBDImage(connection: connection, name: name, readOnly: false)
             defer { image.close() }
             var exists = false
-            try check(rbd_snap_exists(image.handle, Self.sharedSnapshot, &exists), "rbd_snap_exists", "\(image.target)@\(Self.sharedSnapshot)")
-            if !exists { try check(rbd_snap_create(image.handle, Self.sharedSnapshot), "rbd_snap_create", "\(image.target)@\(Self.sharedSnapshot)") }
+            try check(ceph.rbd_snap_exists(image.handle, Self.sharedSnapshot, &exists), "rbd_snap_exists", "\(image.target)@\(Self.sharedSnapshot)")
+            if !exists { try check(ceph.rbd_snap_create(image.handle, Self.sharedSnapshot), "rbd_snap_create", "\(image.target)@\(Self.sharedSnapshot)") }
             var protected: Int32 = 0
-            try check(rbd_snap_is_protected(image.handle, Self.sharedSnapshot, &protected), "rbd_snap_is_protected", "\(image.target)@\(Self.sharedSnapshot)")
-            if protected == 0 { try check(rbd_snap_protect(image.handle, Self.sharedSnapshot), "rbd_snap_protect", "\(image.target)@\(Self.sharedSnapshot)") }
+            try check(ceph.rbd_snap_is_protected(image.handle, Self.sharedSnapshot, &protected), "rbd_snap_is_protected", "\(image.target)@\(Self.sharedSnapshot)")
+            if protected == 0 { try check(ceph.rbd_snap_protect(image.handle, Self.sharedSnapshot), "rbd_snap_protect", "\(image.target)@\(Self.sharedSnapshot)") }
             let layer = SharedLayer(chainID: chainID, image: name, host: host, hostname: Self.hostname, size: size, uuid: uuid, parent: parent)
             try connection.omapUpdate(catalogue, set: [
                 "layer.\(chainID)": encode(layer),
@@ -347,22 +347,22 @@ extension RadosConnection {
         var result: [String: Data] = [:]
         var after = ""
         while true {
-            let op = rados_create_read_op()
-            defer { rados_release_read_op(op) }
+            let op = ceph.rados_create_read_op()
+            defer { ceph.rados_release_read_op(op) }
             var iterator: rados_omap_iter_t?
             var more: UInt8 = 0
             var rv: Int32 = 0
-            rados_read_op_omap_get_vals2(op, after, prefix, 512, &iterator, &more, &rv)
-            let rc = rados_read_op_operate(op, io, object, 0)
+            ceph.rados_read_op_omap_get_vals2(op, after, prefix, 512, &iterator, &more, &rv)
+            let rc = ceph.rados_read_op_operate(op, io, object, 0)
             if rc == -ENOENT { return result }
             try check(rc, "rados_read_op_operate (omap)", "\(pool)/\(object)")
             try check(rv, "rados_read_op_omap_get_vals2", "\(pool)/\(object)")
-            defer { rados_omap_get_end(iterator) }
+            defer { ceph.rados_omap_get_end(iterator) }
             var last: String?
             while true {
                 var key: UnsafeMutablePointer<CChar>?, value: UnsafeMutablePointer<CChar>?
                 var keyLength = 0, valueLength = 0
-                try check(rados_omap_get_next2(iterator, &key, &value, &keyLength, &valueLength), "rados_omap_get_next2", "\(pool)/\(object)")
+                try check(ceph.rados_omap_get_next2(iterator, &key, &value, &keyLength, &valueLength), "rados_omap_get_next2", "\(pool)/\(object)")
                 guard let key else { break }
                 let k = String(decoding: UnsafeRawBufferPointer(start: key, count: keyLength), as: UTF8.self)
                 result[k] = value.map { Data(bytes: $0, count: valueLength) } ?? Data()
@@ -385,9 +385,9 @@ extension RadosConnection {
 
     /// Sets and removes omap keys of `object` in one atomic write op, creating it if needed.
     func omapUpdate(_ object: String, set: [String: Data] = [:], remove: [String] = []) throws {
-        let op = rados_create_write_op()
-        defer { rados_release_write_op(op) }
-        rados_write_op_create(op, LIBRADOS_CREATE_IDEMPOTENT, nil)
+        let op = ceph.rados_create_write_op()
+        defer { ceph.rados_release_write_op(op) }
+        ceph.rados_write_op_create(op, LIBRADOS_CREATE_IDEMPOTENT, nil)
         let keys = Array(set.keys), values = keys.map { set[$0]! }
         var keyPointers = keys.map { UnsafePointer(strdup($0)) }
         var valuePointers = values.map { v -> UnsafePointer<CChar>? in
@@ -402,9 +402,9 @@ extension RadosConnection {
             for p in removePointers { free(UnsafeMutablePointer(mutating: p)) }
         }
         var keyLengths = keys.map { $0.utf8.count }, valueLengths = values.map(\.count), removeLengths = remove.map { $0.utf8.count }
-        if !keys.isEmpty { rados_write_op_omap_set2(op, &keyPointers, &valuePointers, &keyLengths, &valueLengths, keys.count) }
-        if !remove.isEmpty { rados_write_op_omap_rm_keys2(op, &removePointers, &removeLengths, remove.count) }
-        try check(rados_write_op_operate(op, io, object, nil, 0), "rados_write_op_operate (omap)", "\(pool)/\(object)")
+        if !keys.isEmpty { ceph.rados_write_op_omap_set2(op, &keyPointers, &valuePointers, &keyLengths, &valueLengths, keys.count) }
+        if !remove.isEmpty { ceph.rados_write_op_omap_rm_keys2(op, &removePointers, &removeLengths, remove.count) }
+        try check(ceph.rados_write_op_operate(op, io, object, nil, 0), "rados_write_op_operate (omap)", "\(pool)/\(object)")
     }
 
     /// Runs `body` holding `object`'s exclusive cls_lock. The lock lasts 30 s at most, so one
@@ -414,13 +414,13 @@ extension RadosConnection {
         var duration = timeval(tv_sec: 30, tv_usec: 0)
         let deadline = Date().addingTimeInterval(40)
         while true {
-            let rc = rados_lock_exclusive(io, object, "thinfs-catalogue", cookie, "thinfs layer catalogue", &duration, 0)
+            let rc = ceph.rados_lock_exclusive(io, object, "thinfs-catalogue", cookie, "thinfs layer catalogue", &duration, 0)
             if rc == 0 { break }
             guard rc == -EBUSY || rc == -EEXIST else { try check(rc, "rados_lock_exclusive", "\(pool)/\(object)"); break }
             guard Date() < deadline else { throw RBDPool.CatalogueError.lockTimeout(catalogue: "\(pool)/\(object)") }
             usleep(20_000)
         }
-        defer { rados_unlock(io, object, "thinfs-catalogue", cookie) }
+        defer { _ = ceph.rados_unlock(io, object, "thinfs-catalogue", cookie) }
         return try body()
     }
 }

@@ -9,7 +9,8 @@ import Glibc
 #endif
 
 // With RBDPool+Catalogue.swift (the layer catalogue shared between hosts), the only Swift
-// files that import CRBD. Every librbd and librados call goes through the types here: `RadosConnection` owns the cluster handle and the pool's I/O context, `RBDImage` one
+// files that import CRBD, which dlopens librados and librbd on a `RadosConnection`'s first use
+// and calls them through `ceph` (`ceph.rbd_open(...)`). Every librbd and librados call goes through the types here: `RadosConnection` owns the cluster handle and the pool's I/O context, `RBDImage` one
 // open image, `RBDBlockDevice` the I/O on it, and `RBDPool` the dm-thin message vocabulary.
 // Every return code goes through `check`, which throws with the operation and image named.
 
@@ -100,6 +101,9 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         case lockedByAnotherClient(image: String, holders: [String])
         /// `thinfs init` found images or a transaction id under the prefix already.
         case prefixInUse(pool: String, prefix: String, images: [String], transactionID: UInt64)
+        /// librados.so.2 or librbd.so.1 could not be loaded (CRBD dlopens them on first use);
+        /// `reason` is dlerror()'s text.
+        case libraryUnavailable(library: String, reason: String)
 
         public var description: String {
             switch self {
@@ -108,6 +112,8 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
                 "rbd image \(image) is locked exclusively by \(holders.isEmpty ? "another client" : holders.joined(separator: ", ")) (another host writing it?); stop that writer, or wait for Ceph to expire a dead one's lock (osd client watch timeout)"
             case .prefixInUse(let pool, let prefix, let images, let tx):
                 "rbd pool \(pool) already holds images with prefix '\(prefix)' (\(images.prefix(5).joined(separator: ", "))\(images.count > 5 ? ", ..." : ""); transaction id \(tx)): give this store its own rbd.prefix, or remove them ('rbd rm')"
+            case .libraryUnavailable(let library, let reason):
+                "thinfs.backend=rbd needs Ceph's client library \(library), which could not be loaded (\(reason)): install it (Debian: librbd1, librados2), or give this store another thinfs.backend"
             }
         }
 
@@ -116,6 +122,7 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
             case .call(_, _, let e): e
             case .lockedByAnotherClient: .readOnlyFileSystem
             case .prefixInUse: .fileExists
+            case .libraryUnavailable: Errno(rawValue: ELIBACC)
             }
         }
     }
@@ -149,11 +156,17 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         state.withLock { $0.removeAll() }
     }
 
-    /// librbd's version, as `rbd --version` numbers it (major.minor.extra of the librbd API).
+    /// librbd's version, as `rbd --version` numbers it (major.minor.extra of the librbd API), or
+    /// why it could not be loaded.
     public static var libraryVersion: String {
-        var major: Int32 = 0, minor: Int32 = 0, extra: Int32 = 0
-        rbd_version(&major, &minor, &extra)
-        return "\(major).\(minor).\(extra)"
+        do {
+            let library = try CephLibraries.load()
+            var major: Int32 = 0, minor: Int32 = 0, extra: Int32 = 0
+            library.rbd_version(&major, &minor, &extra)
+            return "\(major).\(minor).\(extra)"
+        } catch {
+            return "not loaded: \(error)"
+        }
     }
 
     // MARK: Names
@@ -195,7 +208,7 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
     private func createThin(_ id: ThinDeviceID) throws {
         let name = imageName(id)
         try state.withLock { _ in
-            let rc = withImageOptions { opts in rbd_create4(connection.io, name, configuration.imageSize, opts) }
+            let rc = withImageOptions { opts in ceph.rbd_create4(connection.io, name, configuration.imageSize, opts) }
             if rc == -EEXIST { throw ThinPoolError.message(.deviceIDInUse(id)) }
             try check(rc, "rbd_create4", spec(id))
             logger.debug("created rbd image", metadata: ["thin.id": "\(id)", "rbd.image": "\(name)"])
@@ -231,17 +244,17 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
             // A snapshot left by an interrupted create_snap of the same child id is reused.
             if !viaShared {
                 var exists = false
-                try check(rbd_snap_exists(image.handle, snap, &exists), "rbd_snap_exists", "\(originName)@\(snap)")
-                if !exists { try check(rbd_snap_create(image.handle, snap), "rbd_snap_create", "\(originName)@\(snap)") }
+                try check(ceph.rbd_snap_exists(image.handle, snap, &exists), "rbd_snap_exists", "\(originName)@\(snap)")
+                if !exists { try check(ceph.rbd_snap_create(image.handle, snap), "rbd_snap_create", "\(originName)@\(snap)") }
                 var protected: Int32 = 0
-                try check(rbd_snap_is_protected(image.handle, snap, &protected), "rbd_snap_is_protected", "\(originName)@\(snap)")
-                if protected == 0 { try check(rbd_snap_protect(image.handle, snap), "rbd_snap_protect", "\(originName)@\(snap)") }
+                try check(ceph.rbd_snap_is_protected(image.handle, snap, &protected), "rbd_snap_is_protected", "\(originName)@\(snap)")
+                if protected == 0 { try check(ceph.rbd_snap_protect(image.handle, snap), "rbd_snap_protect", "\(originName)@\(snap)") }
             } else {
                 image.close()
             }
             let rc = withImageOptions { opts in
-                rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_CLONE_FORMAT), 1)
-                return rbd_clone3(connection.io, originName, snap, connection.io, name, opts)
+                _ = ceph.rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_CLONE_FORMAT), 1)
+                return ceph.rbd_clone3(connection.io, originName, snap, connection.io, name, opts)
             }
             if rc == -EEXIST { throw ThinPoolError.message(.deviceIDInUse(id)) }
             try check(rc, "rbd_clone3", "\(configuration.pool)/\(originName)@\(snap) to \(name)")
@@ -253,11 +266,11 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
     /// `rbd_diff_iterate2`, so device status and usage, cheap).
     private func withImageOptions(_ body: (rbd_image_options_t) -> Int32) -> Int32 {
         var opts: rbd_image_options_t?
-        rbd_image_options_create(&opts)
-        defer { rbd_image_options_destroy(opts) }
+        ceph.rbd_image_options_create(&opts)
+        defer { ceph.rbd_image_options_destroy(opts) }
         let features = UInt64(RBD_FEATURE_LAYERING | RBD_FEATURE_EXCLUSIVE_LOCK | RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF)
-        rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_FORMAT), 2)
-        rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_FEATURES), features)
+        _ = ceph.rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_FORMAT), 2)
+        _ = ceph.rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_FEATURES), features)
         return body(opts!)
     }
 
@@ -290,11 +303,11 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         }
         image.close()
         if kept == 0 {
-            try check(rbd_remove(connection.io, name), "rbd_remove", "\(configuration.pool)/\(name)")
+            try check(ceph.rbd_remove(connection.io, name), "rbd_remove", "\(configuration.pool)/\(name)")
             logger.debug("removed rbd image", metadata: ["rbd.image": "\(name)"])
         } else {
             let retired = "\(deletedPrefix)\(id.map(String.init) ?? "x")-\(UUID().uuidString.lowercased())"
-            try check(rbd_rename(connection.io, name, retired), "rbd_rename", "\(configuration.pool)/\(name) to \(retired)")
+            try check(ceph.rbd_rename(connection.io, name, retired), "rbd_rename", "\(configuration.pool)/\(name) to \(retired)")
             logger.debug("retired rbd image with clones", metadata: ["rbd.image": "\(name)", "rbd.retired": "\(retired)", "rbd.snapshots": "\(kept)"])
         }
         guard let parent else { return }
@@ -375,7 +388,7 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
             var current = try image.size()
             if size != ThinDevice.maximumSize, size > current {
                 guard !readOnly else { throw ThinPoolError.readOnly("rbd image \(image.name) is \(current) bytes, \(size) asked, and the pool is read-only") }
-                try check(rbd_resize(image.handle, size), "rbd_resize", "\(configuration.pool)/\(image.name)")
+                try check(ceph.rbd_resize(image.handle, size), "rbd_resize", "\(configuration.pool)/\(image.name)")
                 current = size
             }
             open[id, default: (image, 0)].opens += 1
@@ -505,6 +518,31 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
     }
 }
 
+/// librados and librbd, which CRBD dlopens on first use so that processes that never touch an
+/// RBD store (every `thinfs` command of a local store, the daemon of one) do not load them.
+enum CephLibraries {
+    /// Loads them (once per process; later calls return the first one's outcome).
+    static func load() throws(RBDPool.Error) -> thinfs_rbd {
+        var library: UnsafePointer<CChar>?
+        var reason: UnsafePointer<CChar>?
+        guard let table = thinfs_rbd_load(&library, &reason) else {
+            throw .libraryUnavailable(library: library.map { String(cString: $0) } ?? "librbd.so.1",
+                                      reason: reason.map { String(cString: $0) } ?? "unknown")
+        }
+        return table.pointee
+    }
+}
+
+/// The loaded functions, for every call after a `RadosConnection` exists: its init is the only
+/// way to a cluster handle, and it loads the libraries first (throwing
+/// `RBDPool.Error.libraryUnavailable` if it cannot), so a call through here finds them loaded.
+var ceph: thinfs_rbd {
+    guard let table = try? CephLibraries.load() else {
+        preconditionFailure("librados/librbd called before a RadosConnection loaded them")
+    }
+    return table
+}
+
 /// Throws `RBDPool.Error.call` for a negative return code (librados and librbd return -errno).
 @discardableResult
 func check<T: SignedInteger>(_ rc: T, _ operation: String, _ target: String) throws -> T {
@@ -524,56 +562,57 @@ final class RadosConnection: @unchecked Sendable {
 
     init(conf: String?, clientID: String?, pool: String,
          osdTimeout: UInt32 = RBDPool.Configuration.defaultOSDTimeout, monTimeout: UInt32 = RBDPool.Configuration.defaultMonTimeout) throws {
+        _ = try CephLibraries.load()
         var cluster: rados_t?
         let name = "client.\(clientID ?? "admin")"
-        try check(rados_create2(&cluster, "ceph", name, 0), "rados_create2", name)
+        try check(ceph.rados_create2(&cluster, "ceph", name, 0), "rados_create2", name)
         guard let cluster else { throw RBDPool.Error.call(operation: "rados_create2", target: name, errno: .ioError) }
         var connected = false
-        defer { if !connected { rados_shutdown(cluster) } }
-        try check(rados_conf_read_file(cluster, conf), "rados_conf_read_file", conf ?? "the default ceph.conf")
+        defer { if !connected { ceph.rados_shutdown(cluster) } }
+        try check(ceph.rados_conf_read_file(cluster, conf), "rados_conf_read_file", conf ?? "the default ceph.conf")
         // A cluster that is down fails the connection, monitor commands and I/O after these
         // (rbd.mon_timeout, rbd.osd_timeout) instead of hanging: librados then completes the
         // op with -ETIMEDOUT, which the device reports as EIO.
-        rados_conf_set(cluster, "client_mount_timeout", "\(monTimeout)")
-        rados_conf_set(cluster, "rados_mon_op_timeout", "\(monTimeout)")
-        rados_conf_set(cluster, "rados_osd_op_timeout", "\(osdTimeout)")
+        _ = ceph.rados_conf_set(cluster, "client_mount_timeout", "\(monTimeout)")
+        _ = ceph.rados_conf_set(cluster, "rados_mon_op_timeout", "\(monTimeout)")
+        _ = ceph.rados_conf_set(cluster, "rados_osd_op_timeout", "\(osdTimeout)")
         // BlockDevice.discard promises zeros where it unmapped; librbd by default skips the part
         // of a discard that does not cover whole objects (4 MiB), leaving the old bytes there.
-        rados_conf_set(cluster, "rbd_skip_partial_discard", "false")
-        try check(rados_connect(cluster), "rados_connect", "the cluster of \(conf ?? "the default ceph.conf") as \(name)")
+        _ = ceph.rados_conf_set(cluster, "rbd_skip_partial_discard", "false")
+        try check(ceph.rados_connect(cluster), "rados_connect", "the cluster of \(conf ?? "the default ceph.conf") as \(name)")
         var io: rados_ioctx_t?
-        try check(rados_ioctx_create(cluster, pool, &io), "rados_ioctx_create", "pool \(pool)")
+        try check(ceph.rados_ioctx_create(cluster, pool, &io), "rados_ioctx_create", "pool \(pool)")
         connected = true
         self.cluster = cluster
         self.io = io!
         self.pool = pool
         self.osdTimeout = osdTimeout
-        self.instanceID = rados_get_instance_id(cluster)
+        self.instanceID = ceph.rados_get_instance_id(cluster)
     }
 
     deinit {
-        rados_ioctx_destroy(io)
-        rados_shutdown(cluster)
+        ceph.rados_ioctx_destroy(io)
+        ceph.rados_shutdown(cluster)
     }
 
     func imageNames() throws -> [String] {
         var max = 64
         while true {
             var specs = [rbd_image_spec_t](repeating: rbd_image_spec_t(), count: max)
-            let rc = rbd_list2(io, &specs, &max)
+            let rc = ceph.rbd_list2(io, &specs, &max)
             if rc == -ERANGE { continue }
             try check(rc, "rbd_list2", "pool \(pool)")
-            defer { rbd_image_spec_list_cleanup(&specs, max) }
+            defer { ceph.rbd_image_spec_list_cleanup(&specs, max) }
             return specs.prefix(max).map { String(cString: $0.name) }
         }
     }
 
     func imageExists(_ name: String) throws -> Bool {
         var image: rbd_image_t?
-        let rc = rbd_open_read_only(io, name, &image, nil)
+        let rc = ceph.rbd_open_read_only(io, name, &image, nil)
         if rc == -ENOENT { return false }
         try check(rc, "rbd_open_read_only", "\(pool)/\(name)")
-        rbd_close(image)
+        _ = ceph.rbd_close(image)
         return true
     }
 
@@ -581,7 +620,7 @@ final class RadosConnection: @unchecked Sendable {
         var length = 64
         while true {
             var buffer = [CChar](repeating: 0, count: length)
-            let rc = rbd_pool_metadata_get(io, key, &buffer, &length)
+            let rc = ceph.rbd_pool_metadata_get(io, key, &buffer, &length)
             if rc == -ENOENT { return nil }
             if rc == -ERANGE { continue }
             try check(rc, "rbd_pool_metadata_get", "pool \(pool) key \(key)")
@@ -590,13 +629,13 @@ final class RadosConnection: @unchecked Sendable {
     }
 
     func setPoolMetadata(_ key: String, _ value: String) throws {
-        try check(rbd_pool_metadata_set(io, key, value), "rbd_pool_metadata_set", "pool \(pool) key \(key)")
+        try check(ceph.rbd_pool_metadata_set(io, key, value), "rbd_pool_metadata_set", "pool \(pool) key \(key)")
     }
 
     /// The cluster's raw capacity and use, in bytes.
     func clusterUsage() throws -> (total: UInt64, used: UInt64) {
         var stat = rados_cluster_stat_t()
-        try check(rados_cluster_stat(cluster, &stat), "rados_cluster_stat", "pool \(pool)")
+        try check(ceph.rados_cluster_stat(cluster, &stat), "rados_cluster_stat", "pool \(pool)")
         return (stat.kb * 1024, stat.kb_used * 1024)
     }
 }
@@ -611,7 +650,7 @@ final class RBDImage: @unchecked Sendable {
 
     init(connection: RadosConnection, name: String, readOnly: Bool) throws {
         var image: rbd_image_t?
-        let rc = readOnly ? rbd_open_read_only(connection.io, name, &image, nil) : rbd_open(connection.io, name, &image, nil)
+        let rc = readOnly ? ceph.rbd_open_read_only(connection.io, name, &image, nil) : ceph.rbd_open(connection.io, name, &image, nil)
         try check(rc, readOnly ? "rbd_open_read_only" : "rbd_open", "\(connection.pool)/\(name)")
         self.connection = connection
         self.name = name
@@ -623,21 +662,21 @@ final class RBDImage: @unchecked Sendable {
     /// Flushes and closes (releasing the exclusive lock). Idempotent.
     func close() {
         let first = closed.withLock { c -> Bool in defer { c = true }; return !c }
-        if first { rbd_close(handle) }
+        if first { _ = ceph.rbd_close(handle) }
     }
 
     func size() throws -> UInt64 {
         var size: UInt64 = 0
-        try check(rbd_get_size(handle, &size), "rbd_get_size", target)
+        try check(ceph.rbd_get_size(handle, &size), "rbd_get_size", target)
         return size
     }
 
-    func flush() throws { try check(rbd_flush(handle), "rbd_flush", target) }
+    func flush() throws { try check(ceph.rbd_flush(handle), "rbd_flush", target) }
 
     /// Takes the exclusive lock for this handle; refuses, naming the holder, when another
     /// client holds it explicitly (librbd's EROFS) or will not give it up (EBUSY).
     func acquireExclusiveLock() throws {
-        let rc = rbd_lock_acquire(handle, RBD_LOCK_MODE_EXCLUSIVE)
+        let rc = ceph.rbd_lock_acquire(handle, RBD_LOCK_MODE_EXCLUSIVE)
         if rc == -EROFS || rc == -EBUSY {
             throw RBDPool.Error.lockedByAnotherClient(image: target, holders: (try? lockOwners()) ?? [])
         }
@@ -648,10 +687,10 @@ final class RBDImage: @unchecked Sendable {
         var mode = RBD_LOCK_MODE_EXCLUSIVE
         var max = 8
         var owners = [UnsafeMutablePointer<CChar>?](repeating: nil, count: max)
-        let rc = rbd_lock_get_owners(handle, &mode, &owners, &max)
+        let rc = ceph.rbd_lock_get_owners(handle, &mode, &owners, &max)
         if rc == -ENOENT { return [] }
         try check(rc, "rbd_lock_get_owners", target)
-        defer { rbd_lock_get_owners_cleanup(&owners, max) }
+        defer { ceph.rbd_lock_get_owners_cleanup(&owners, max) }
         return owners.prefix(max).compactMap { $0.map { String(cString: $0) } }
     }
 
@@ -661,10 +700,10 @@ final class RBDImage: @unchecked Sendable {
         var max = 16
         while true {
             var list = [rbd_image_watcher_t](repeating: rbd_image_watcher_t(), count: max)
-            let rc = rbd_watchers_list(handle, &list, &max)
+            let rc = ceph.rbd_watchers_list(handle, &list, &max)
             if rc == -ERANGE { continue }
             try check(rc, "rbd_watchers_list", target)
-            defer { rbd_watchers_list_cleanup(&list, max) }
+            defer { ceph.rbd_watchers_list_cleanup(&list, max) }
             return list.prefix(max).map { Watcher(id: UInt64(bitPattern: $0.id), address: $0.addr.map { String(cString: $0) } ?? "?") }
         }
     }
@@ -673,50 +712,50 @@ final class RBDImage: @unchecked Sendable {
         var max: Int32 = 16
         while true {
             var snaps = [rbd_snap_info_t](repeating: rbd_snap_info_t(), count: Int(max) + 1)
-            let rc = rbd_snap_list(handle, &snaps, &max)
+            let rc = ceph.rbd_snap_list(handle, &snaps, &max)
             if rc == -ERANGE { continue }
             let n = try check(rc, "rbd_snap_list", target)
-            defer { rbd_snap_list_end(&snaps) }
+            defer { ceph.rbd_snap_list_end(&snaps) }
             return snaps.prefix(Int(n)).map { String(cString: $0.name) }
         }
     }
 
     /// The clones of snapshot `snap` (image names).
     func children(of snap: String) throws -> [String] {
-        try check(rbd_snap_set(handle, snap), "rbd_snap_set", "\(target)@\(snap)")
-        defer { rbd_snap_set(handle, nil) }
+        try check(ceph.rbd_snap_set(handle, snap), "rbd_snap_set", "\(target)@\(snap)")
+        defer { _ = ceph.rbd_snap_set(handle, nil) }
         var max = 16
         while true {
             var specs = [rbd_linked_image_spec_t](repeating: rbd_linked_image_spec_t(), count: max)
-            let rc = rbd_list_children3(handle, &specs, &max)
+            let rc = ceph.rbd_list_children3(handle, &specs, &max)
             if rc == -ERANGE { continue }
             try check(rc, "rbd_list_children3", "\(target)@\(snap)")
-            defer { rbd_linked_image_spec_list_cleanup(&specs, max) }
+            defer { ceph.rbd_linked_image_spec_list_cleanup(&specs, max) }
             return specs.prefix(max).map { String(cString: $0.image_name) }
         }
     }
 
     func removeSnapshot(_ snap: String) throws {
         var protected: Int32 = 0
-        try check(rbd_snap_is_protected(handle, snap, &protected), "rbd_snap_is_protected", "\(target)@\(snap)")
-        if protected != 0 { try check(rbd_snap_unprotect(handle, snap), "rbd_snap_unprotect", "\(target)@\(snap)") }
-        try check(rbd_snap_remove(handle, snap), "rbd_snap_remove", "\(target)@\(snap)")
+        try check(ceph.rbd_snap_is_protected(handle, snap, &protected), "rbd_snap_is_protected", "\(target)@\(snap)")
+        if protected != 0 { try check(ceph.rbd_snap_unprotect(handle, snap), "rbd_snap_unprotect", "\(target)@\(snap)") }
+        try check(ceph.rbd_snap_remove(handle, snap), "rbd_snap_remove", "\(target)@\(snap)")
     }
 
     /// The image and snapshot this clone reads through, or nil for an image that is no clone.
     func parent() throws -> (image: String, snapshot: String)? {
         var image = rbd_linked_image_spec_t()
         var snap = rbd_snap_spec_t()
-        let rc = rbd_get_parent(handle, &image, &snap)
+        let rc = ceph.rbd_get_parent(handle, &image, &snap)
         if rc == -ENOENT { return nil }
         try check(rc, "rbd_get_parent", target)
-        defer { rbd_linked_image_spec_cleanup(&image); rbd_snap_spec_cleanup(&snap) }
+        defer { ceph.rbd_linked_image_spec_cleanup(&image); ceph.rbd_snap_spec_cleanup(&snap) }
         return (String(cString: image.image_name), String(cString: snap.name))
     }
 
     func createTimestamp() throws -> Int {
         var ts = timespec()
-        try check(rbd_get_create_timestamp(handle, &ts), "rbd_get_create_timestamp", target)
+        try check(ceph.rbd_get_create_timestamp(handle, &ts), "rbd_get_create_timestamp", target)
         return ts.tv_sec
     }
 
@@ -726,7 +765,7 @@ final class RBDImage: @unchecked Sendable {
         let box = Box()
         let size = try size()
         let rc = withExtendedLifetime(box) {
-            rbd_diff_iterate2(handle, nil, 0, size, includeParent ? 1 : 0, 0, { offset, length, exists, arg in
+            ceph.rbd_diff_iterate2(handle, nil, 0, size, includeParent ? 1 : 0, 0, { offset, length, exists, arg in
                 let box = Unmanaged<Box>.fromOpaque(arg!).takeUnretainedValue()
                 guard exists != 0 else { return 0 }
                 if let last = box.extents.last, last.offset + last.length == offset {
@@ -745,8 +784,8 @@ final class RBDImage: @unchecked Sendable {
     /// are in flight together; librbd splits each into its objects' RADOS ops itself.
     func aio(_ operation: String, offset: UInt64, length: Int, _ submit: (rbd_completion_t) -> Int32) throws -> Int {
         var completion: rbd_completion_t?
-        try check(rbd_aio_create_completion(nil, nil, &completion), "rbd_aio_create_completion", target)
-        defer { rbd_aio_release(completion) }
+        try check(ceph.rbd_aio_create_completion(nil, nil, &completion), "rbd_aio_create_completion", target)
+        defer { ceph.rbd_aio_release(completion) }
         let where_ = "\(target) at \(offset)+\(length)"
         do {
             try check(submit(completion!), operation, where_)
@@ -754,8 +793,8 @@ final class RBDImage: @unchecked Sendable {
             throw deviceError(operation, where_, e.errno)
         }
         // Bounded: librados completes every op it sent with -ETIMEDOUT after rbd.osd_timeout.
-        rbd_aio_wait_for_complete(completion)
-        let rv = rbd_aio_get_return_value(completion)
+        _ = ceph.rbd_aio_wait_for_complete(completion)
+        let rv = ceph.rbd_aio_get_return_value(completion)
         if rv < 0 { throw deviceError(operation, where_, Errno(rawValue: Int32(-rv))) }
         return rv
     }
@@ -806,7 +845,7 @@ final class RBDBlockDevice: BlockDevice, @unchecked Sendable {
             try checkOpen("read", offset, buffer.count)
             guard buffer.count > 0 else { return }
             let n = try image.aio("rbd_aio_read", offset: offset, length: buffer.count) { c in
-                rbd_aio_read(image.handle, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
+                ceph.rbd_aio_read(image.handle, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
             }
             // Past the image's end (a smaller image than the device asked for): zeros.
             if n < buffer.count { UnsafeMutableRawBufferPointer(rebasing: buffer[n...]).initializeMemory(as: UInt8.self, repeating: 0) }
@@ -818,7 +857,7 @@ final class RBDBlockDevice: BlockDevice, @unchecked Sendable {
             try checkOpen("write", offset, buffer.count)
             guard buffer.count > 0 else { return }
             _ = try image.aio("rbd_aio_write", offset: offset, length: buffer.count) { c in
-                rbd_aio_write(image.handle, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
+                ceph.rbd_aio_write(image.handle, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
             }
         }
     }
@@ -829,7 +868,7 @@ final class RBDBlockDevice: BlockDevice, @unchecked Sendable {
             let length = min(length, size - offset)
             guard length > 0 else { return }
             _ = try image.aio("rbd_aio_discard", offset: offset, length: Int(length)) { c in
-                rbd_aio_discard(image.handle, offset, length, c)
+                ceph.rbd_aio_discard(image.handle, offset, length, c)
             }
         }
     }
@@ -838,7 +877,7 @@ final class RBDBlockDevice: BlockDevice, @unchecked Sendable {
     func flush() throws {
         try BlockDeviceError.wrap(.flush, image.target) {
             try checkOpen("flush", 0, 0)
-            _ = try image.aio("rbd_aio_flush", offset: 0, length: 0) { c in rbd_aio_flush(image.handle, c) }
+            _ = try image.aio("rbd_aio_flush", offset: 0, length: 0) { c in ceph.rbd_aio_flush(image.handle, c) }
         }
     }
 
