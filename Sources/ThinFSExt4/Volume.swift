@@ -41,6 +41,14 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     var directories = DirectoryCache()
     var nextGeneration = UInt32.random(in: 0...UInt32.max)
 
+    /// Group commit for a volume that commits its own device (no `commitHook`: `thinfs-mount`),
+    /// as `VolumeGroup` does for its members: fsyncs asked for (`fsyncRequested`) and the highest
+    /// one a finished flush covered (`fsyncCovered`), under `fsyncTickets`. A leaf lock: nothing
+    /// is taken while it is held.
+    let fsyncTickets = Lock()
+    var fsyncRequested: UInt64 = 0
+    var fsyncCovered: UInt64 = 0
+
     /// What `fsync` runs after libext2fs's state is on the device, outside the lock: for a volume
     /// in a `VolumeGroup`, the group's commit (the device's own flush then commits nothing).
     let commitHook: (@Sendable () throws -> Void)?
@@ -241,10 +249,28 @@ extension Volume {
     public func forget(_ ino: UInt64) {}
 
     /// Writes libext2fs's dirty state (inode and block caches, bitmaps, superblock) and flushes the device.
+    ///
+    /// Without a commit hook, concurrent fsyncs share flushes: each takes a ticket before it
+    /// queues on the lock, and a flush covers every ticket taken before it started, since what
+    /// those callers wrote was in the volume by then (the kernel sends FSYNC once the WRITEs it
+    /// covers have been answered). A caller whose ticket a finished flush covered returns
+    /// without one of its own, even if other writes came in since: they are their own fsync's.
     public func fsync(_ ino: UInt64?) throws(VolumeError) {
         guard !isReadOnly else { return }
+        guard let commitHook else {
+            let ticket = fsyncTickets.withLock { () -> UInt64 in
+                fsyncRequested += 1
+                return fsyncRequested
+            }
+            try withFS { fs throws(VolumeError) in
+                if fsyncTickets.withLock({ fsyncCovered >= ticket }) { return }
+                let covers = fsyncTickets.withLock { fsyncRequested }
+                try flushFilesystem(fs)
+                fsyncTickets.withLock { fsyncCovered = max(fsyncCovered, covers) }
+            }
+            return
+        }
         try withFS { fs throws(VolumeError) in try flushFilesystem(fs) }
-        guard let commitHook else { return }
         do { try commitHook() } catch { throw VolumeError(Errno(reporting: error), "committing the pool: \(error)") }
     }
 

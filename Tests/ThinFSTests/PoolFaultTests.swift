@@ -34,7 +34,7 @@ struct PoolFaultTests {
 
         func willPerform(_ operation: PoolIOOperation) throws(Errno) -> Int? {
             let matches = switch (operation, kind) {
-            case (.read, .read), (.write, .write), (.zero, .write), (.sync, .sync): operation.file == file
+            case (.read, .read), (.write, .write), (.zero, .write), (.durableWrite, .write), (.sync, .sync): operation.file == file
             default: false
             }
             guard matches, lock.withLock({ armed }) else { return nil }

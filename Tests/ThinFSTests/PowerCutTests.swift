@@ -18,7 +18,10 @@ import Testing
 /// 1. each pool file gets the writes up to its last flush before the cut;
 /// 2. of the writes after that flush, split into 4 KiB pages, none, all, or a random subset is
 ///    added, in order (so any page may hold any version written since the flush: the disk may
-///    persist any of them); the database is as of its last commit before the cut;
+///    persist any of them), except that a durable write (`O_DSYNC`: the superblock) that
+///    returned before the cut is always there, and only it, not the writes before it; one in
+///    flight at the cut is like any other unflushed write; the database is as of its last
+///    commit before the cut;
 /// 3. the result must pass: thin_check; the store opens (journal rollback or roll-forward);
 ///    `e2fsck -fn` on every thin device; every file whose fsync returned before the cut has its
 ///    bytes; every layer whose create returned exists and every layer whose rm returned is gone;
@@ -71,6 +74,8 @@ enum PowerCut {
         case zero(PoolIOOperation.File, offset: UInt64, length: UInt64)
         case truncate(PoolIOOperation.File, size: UInt64)
         case sync(PoolIOOperation.File)
+        /// A write that was durable when it returned: a write, then a flush of that write alone.
+        case durableWrite(PoolIOOperation.File, offset: UInt64, bytes: [UInt8])
         /// The database's files as of a commit (an index into `Log.databases`).
         case database(Int)
         case ack(Ack)
@@ -81,6 +86,7 @@ enum PowerCut {
             case .zero(let f, let o, let l): "zero \(f.rawValue) \(l) bytes at \(o)"
             case .truncate(let f, let s): "truncate \(f.rawValue) to \(s)"
             case .sync(let f): "fdatasync \(f.rawValue)"
+            case .durableWrite(let f, let o, let b): "durable write \(f.rawValue) \(b.count) bytes at \(o)"
             case .database(let i): "database commit #\(i)"
             case .ack(.layerCreated(let id)): "acknowledged: layer \(id) created"
             case .ack(.layerRemoving(let id)): "layer \(id) being removed"
@@ -110,6 +116,7 @@ enum PowerCut {
             case .zero(let f, let offset, let length): event = .zero(f, offset: offset, length: length)
             case .truncate(let f, let size): event = .truncate(f, size: size)
             case .sync(let f): event = .sync(f)
+            case .durableWrite(let f, let offset, let bytes): event = .durableWrite(f, offset: offset, bytes: Array(bytes))
             case .read: return
             }
             lock.withLock { events.append(event) }
@@ -128,16 +135,17 @@ enum PowerCut {
         func acknowledge(_ ack: Ack) { lock.withLock { events.append(.ack(ack)) } }
 
         var summary: String {
-            var writes = 0, syncs = 0, commits = 0, acks = 0
+            var writes = 0, syncs = 0, durable = 0, commits = 0, acks = 0
             for e in events {
                 switch e {
                 case .write, .zero, .truncate: writes += 1
                 case .sync: syncs += 1
+                case .durableWrite: durable += 1
                 case .database: commits += 1
                 case .ack: acks += 1
                 }
             }
-            return "\(writes) writes, \(syncs) flushes, \(commits) database commits, \(acks) acknowledgements"
+            return "\(writes) writes, \(syncs) flushes, \(durable) durable writes, \(commits) database commits, \(acks) acknowledgements"
         }
     }
 
@@ -297,7 +305,7 @@ enum PowerCut {
     static func pieces(of event: Event) -> [Piece] {
         let page: UInt64 = 4096
         switch event {
-        case .write(let f, let offset, let bytes):
+        case .write(let f, let offset, let bytes), .durableWrite(let f, let offset, let bytes):
             var out: [Piece] = []
             var at = offset
             while at < offset + UInt64(bytes.count) {
@@ -342,7 +350,7 @@ enum PowerCut {
 
         func willPerform(_ operation: PoolIOOperation) throws(Errno) -> Int? {
             switch operation {
-            case .write(.data, let offset, let bytes): save(offset, bytes.count)
+            case .write(.data, let offset, let bytes), .durableWrite(.data, let offset, let bytes): save(offset, bytes.count)
             case .zero(.data, let offset, let length): save(offset, Int(length))
             default: break
             }
@@ -405,8 +413,14 @@ enum PowerCut {
             }
         }
 
-        // Cut points: half anywhere, half just before a flush (the most writes in flight).
-        let flushes = events.indices.filter { if case .sync = events[$0] { true } else { false } }
+        // Cut points: half anywhere, half just before a flush or a durable write (the most writes
+        // in flight; before a durable write, it too may have landed or not).
+        let flushes = events.indices.filter {
+            switch events[$0] {
+            case .sync, .durableWrite: true
+            default: false
+            }
+        }
         var points = Set<Int>([events.count])
         while points.count < min(cuts, events.count + 1) {
             if Bool.random(using: &rng), let f = flushes.randomElement(using: &rng) { points.insert(f) } else {
@@ -437,9 +451,14 @@ enum PowerCut {
                     for p in pieces(of: e) where p.file == f { try apply(p, metadata: &durableMetadata) }
                 }
             }
-            var pending: [Piece] = []
-            for i in (min(lastSync[.data]!, lastSync[.metadata]!) + 1)..<max(cut, min(lastSync[.data]!, lastSync[.metadata]!) + 1) {
-                for p in pieces(of: events[i]) where i > lastSync[p.file]! { pending.append(p) }
+            // The unflushed writes, in order; a durable write that returned before the cut is in
+            // `durable` too (it must land), and one in flight at the cut is only pending.
+            var pending: [(piece: Piece, durable: Bool)] = []
+            let firstUnflushed = min(lastSync[.data]!, lastSync[.metadata]!) + 1
+            for i in firstUnflushed..<max(cut + 1, firstUnflushed) where i < events.count {
+                var durable = false
+                if case .durableWrite = events[i] { durable = i < cut } else if i == cut { continue }
+                for p in pieces(of: events[i]) where i > lastSync[p.file]! { pending.append((p, durable)) }
             }
             let variant: Variant = switch Int.random(in: 0..<4, using: &rng) {
             case 0: .none
@@ -448,11 +467,11 @@ enum PowerCut {
             }
             var image = durableMetadata
             var applied = 0
-            for p in pending {
+            for (p, durable) in pending {
                 let keep: Bool = switch variant {
-                case .none: false
+                case .none: durable
                 case .all: true
-                case .subset(let probability): Double.random(in: 0..<1, using: &rng) < probability
+                case .subset(let probability): Double.random(in: 0..<1, using: &rng) < probability || durable
                 }
                 if keep {
                     if p.file == .data { undo.save(p.offset, p.length) }

@@ -3,8 +3,8 @@
 # (before/after a change) and the kernel, interleaved round by round in one run, so that a
 # shared, busy machine treats them alike.
 #
-#   scripts/compare/write-bench.sh [--rounds 3] [--dir DIR] [--kernel ext4,overlay]
-#                                  LABEL=BINDIR [LABEL=BINDIR...]
+#   scripts/compare/write-bench.sh [--rounds 3] [--dir DIR] [--kernel ext4,overlay] [--strace]
+#                                  [--workloads seq,rand,rewrite,rewrite4,sqlite] LABEL=BINDIR...
 #
 # Each LABEL=BINDIR is a thinfs build (BINDIR holds thinfs and thinfs-mount); each gets its own
 # pool and 8G device. --kernel adds kernel ext4 on a loop device and overlayfs (upper on DIR's
@@ -12,7 +12,11 @@
 #   seq      fio: 256 MiB written sequentially in 1 MiB writes, fsync at the end
 #   rand     fio: 2,000 random 4 KiB writes into an existing 64 MiB file, fsync at the end
 #   rewrite  200 times: pwrite 4 KiB into an existing file, fsync (python3)
+#   rewrite4 the same from 4 threads at once, 50 each (concurrent fsyncs; not by default)
 #   sqlite   200 transactions of one INSERT each, synchronous=FULL (python3's sqlite3)
+# --strace attaches strace -f -c to the daemon during each timed step and reports its syscalls
+# (all, fdatasync, pwrite64) per step: counts that do not move with the load, and wall times that
+# strace inflates (run without it for those).
 # The report gives the wall time of each step, the ratio to the first label and to overlayfs,
 # the load average, and for thinfs the daemon's CPU time for the step (from /proc/PID/stat,
 # steadier than the wall time on a busy machine). Needs root, /dev/fuse and fio.
@@ -23,6 +27,7 @@ DIR=/var/tmp
 KERNEL=(ext4 overlay)
 WORKLOADS=(seq rand rewrite sqlite)
 LABELS=()
+STRACE=0
 declare -A BINS
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -30,7 +35,8 @@ while [ $# -gt 0 ]; do
         --dir) DIR="$2"; shift ;;
         --kernel) if [ "$2" = none ]; then KERNEL=(); else IFS=, read -r -a KERNEL <<< "$2"; fi; shift ;;
         --workloads) IFS=, read -r -a WORKLOADS <<< "$2"; shift ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --strace) STRACE=1 ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *=*) LABELS+=("${1%%=*}"); BINS[${1%%=*}]="${1#*=}" ;;
         *) echo "write-bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -39,6 +45,7 @@ done
 [ ${#LABELS[@]} -gt 0 ] || { echo "write-bench: give at least one LABEL=BINDIR" >&2; exit 2; }
 if [ "$(id -u)" != 0 ]; then echo "write-bench: needs root (mount, losetup, drop_caches)" >&2; exit 1; fi
 command -v fio >/dev/null || { echo "write-bench: needs fio (apt-get install fio)" >&2; exit 1; }
+if [ "$STRACE" = 1 ]; then command -v strace >/dev/null || { echo "write-bench: --strace needs strace" >&2; exit 1; }; fi
 for l in "${LABELS[@]}"; do
     for b in thinfs thinfs-mount; do
         [ -x "${BINS[$l]}/$b" ] || { echo "write-bench: ${BINS[$l]}/$b is missing" >&2; exit 1; }
@@ -91,7 +98,7 @@ prepare() {
     local w="$1" d="$2"
     mkdir -p "$d"
     case "$w" in
-        rand|rewrite) python3 "$COMPARE" workload fio-layout fio-rand-write "$d" 64 >/dev/null ;;
+        rand|rewrite|rewrite4) python3 "$COMPARE" workload fio-layout fio-rand-write "$d" 64 >/dev/null ;;
         *) ;;
     esac
 }
@@ -108,6 +115,20 @@ for i in range(200):
     os.pwrite(fd, data, (i * 7919 % 16384) * 4096)   # within the 64 MiB file fio-layout wrote
     os.fsync(fd)
 os.close(fd)
+PY
+        ;;
+        rewrite4) python3 - "$d/fio.data" <<'PY'
+import os, sys, threading
+def worker(t):
+    fd = os.open(sys.argv[1], os.O_WRONLY)
+    data = os.urandom(4096)
+    for i in range(50):
+        os.pwrite(fd, data, ((t * 50 + i) * 7919 % 16384) * 4096)
+        os.fsync(fd)
+    os.close(fd)
+threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
 PY
         ;;
         sqlite) python3 - "$d/db" <<'PY'
@@ -141,9 +162,21 @@ for r in $(seq 1 "$ROUNDS"); do
             mount_setup "$s"
             load="$(cut -d' ' -f1 /proc/loadavg)"
             c0=""; [ -n "${TPID[$s]:-}" ] && c0=$(daemon_cpu_ms "${TPID[$s]}")
+            spid=""
+            if [ "$STRACE" = 1 ] && [ -n "${TPID[$s]:-}" ]; then
+                strace -f -c -p "${TPID[$s]}" -o "$WORK/strace-$r-$w-$s.txt" 2>/dev/null & spid=$!
+                sleep 1   # attached to every thread before the step starts
+            fi
             t0=$(date +%s.%N)
             run "$w" "$WORK/mnt-$s/r$r-$w"
             t1=$(date +%s.%N)
+            sys=""
+            if [ -n "$spid" ]; then
+                kill -INT "$spid"; wait "$spid" || true
+                # strace -c's columns: % time, seconds, usecs/call, calls, [errors,] syscall.
+                sys=$(awk '$NF == "total" {t = $4} $NF == "fdatasync" {f = $4} $NF == "pwrite64" {p = $4}
+                           END {printf "syscalls %d fdatasync %d pwrite64 %d", t, f, p}' "$WORK/strace-$r-$w-$s.txt")
+            fi
             cpu=""
             if [ -n "${TPID[$s]:-}" ]; then
                 cpu=$(( $(daemon_cpu_ms "${TPID[$s]}") - c0 ))
@@ -151,7 +184,7 @@ for r in $(seq 1 "$ROUNDS"); do
             fi
             umount_setup "$s"
             ms=$(echo "($t1 - $t0) * 1000" | bc -l)
-            printf 'round %d  %-8s %-10s %9.1f ms  daemon CPU %6s ms  load %s\n' "$r" "$w" "$s" "$ms" "${cpu:--}" "$load" | tee -a "$LOG" >&2
+            printf 'round %d  %-8s %-10s %9.1f ms  daemon CPU %6s ms  load %s  %s\n' "$r" "$w" "$s" "$ms" "${cpu:--}" "$load" "$sys" | tee -a "$LOG" >&2
             SUM[$s,$w]=$(echo "${SUM[$s,$w]:-0} + $ms" | bc -l)
         done
     done

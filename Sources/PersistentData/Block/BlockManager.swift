@@ -93,11 +93,11 @@ public final class BlockManager {
         trim()
     }
 
-    /// Writes one block now (the superblock, at the end of a commit) and syncs.
+    /// Writes one block now and returns once it is durable (the superblock, at the end of a
+    /// commit), without a sync of the whole storage: what it points at must be synced before.
     public func writeNow(_ block: MetadataBlock, as type: BlockType) throws(MetadataError) {
         block.seal(type: type, blocknrOffset: Self.blocknrOffset(type))
-        try storage.write(block: block.location, from: block.buffer)
-        try storage.sync()
+        try storage.writeDurably(block: block.location, from: block.buffer)
         dirty.remove(block.location)
         cache[block.location] = Entry(block, type)
     }

@@ -13,6 +13,18 @@ public protocol MetadataStorage: AnyObject {
     func write(block: UInt64, from buffer: UnsafeRawBufferPointer) throws(MetadataError)
     /// Makes every completed write durable (fdatasync).
     func sync() throws(MetadataError)
+    /// Writes one block and returns once that block is durable, like a write with FUA: the
+    /// superblock at the end of a commit. Other writes not yet synced need not become durable
+    /// with it, so a caller must `sync` first whatever the block points at.
+    func writeDurably(block: UInt64, from buffer: UnsafeRawBufferPointer) throws(MetadataError)
+}
+
+extension MetadataStorage {
+    /// A write, then a sync of everything: durable, if more than a FUA write promises.
+    public func writeDurably(block: UInt64, from buffer: UnsafeRawBufferPointer) throws(MetadataError) {
+        try write(block: block, from: buffer)
+        try sync()
+    }
 }
 
 /// Metadata on a regular file or block device, through pread/pwrite.
@@ -21,6 +33,12 @@ public final class FileMetadataStorage: MetadataStorage {
     public let nrBlocks: UInt64
     public let readOnly: Bool
     private let fd: Int32
+    /// The same file opened `O_DSYNC` (writers only): a pwrite through it returns once its bytes
+    /// are durable, one syscall where a pwrite and an fdatasync were two, and it flushes only
+    /// that range of the page cache. On a block device with FUA, the kernel sends it as one FUA
+    /// write, as dm-thin writes its superblock (`RWF_DSYNC` per write would do the same, but
+    /// Glibc's Swift module hides `pwritev2`).
+    private let dsyncFD: Int32
 
     public var name: String { path }
 
@@ -37,9 +55,22 @@ public final class FileMetadataStorage: MetadataStorage {
             throw .io(operation: "lseek", path: path, errno: e)
         }
         self.nrBlocks = UInt64(size) / UInt64(MetadataBlock.size)
+        if readOnly {
+            dsyncFD = -1
+        } else {
+            dsyncFD = open(path, O_RDWR | O_DSYNC | O_CLOEXEC)
+            guard dsyncFD >= 0 else {
+                let e = errno
+                close(fd)
+                throw .io(operation: "open (O_DSYNC)", path: path, errno: e)
+            }
+        }
     }
 
-    deinit { close(fd) }
+    deinit {
+        close(fd)
+        if dsyncFD >= 0 { close(dsyncFD) }
+    }
 
     public func read(block: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(MetadataError) {
         guard block < nrBlocks else { throw .blockOutOfRange(block: block, nrBlocks: nrBlocks) }
@@ -52,6 +83,16 @@ public final class FileMetadataStorage: MetadataStorage {
         guard block < nrBlocks else { throw .blockOutOfRange(block: block, nrBlocks: nrBlocks) }
         try fullIO("pwrite", buffer.count) { done in
             pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(block) * 4096 + off_t(done))
+        }
+    }
+
+    /// One pwrite through the `O_DSYNC` descriptor. It returns once the block is durable; an
+    /// error (EIO from the write-back) means it may or may not be.
+    public func writeDurably(block: UInt64, from buffer: UnsafeRawBufferPointer) throws(MetadataError) {
+        guard block < nrBlocks else { throw .blockOutOfRange(block: block, nrBlocks: nrBlocks) }
+        guard dsyncFD >= 0 else { throw .io(operation: "pwrite", path: path, errno: EBADF) }
+        try fullIO("pwrite (O_DSYNC)", buffer.count) { done in
+            pwrite(dsyncFD, buffer.baseAddress! + done, buffer.count - done, off_t(block) * 4096 + off_t(done))
         }
     }
 

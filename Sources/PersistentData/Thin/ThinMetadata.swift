@@ -182,7 +182,9 @@ public final class ThinMetadata {
         return committedSuperblock != superblockBytes()
     }
 
-    /// Makes every change since the last commit durable. The superblock is written last.
+    /// Makes every change since the last commit durable. The superblock is written last, by a
+    /// write that returns once it alone is durable (`BlockManager.writeNow`): the metadata blocks
+    /// are written and synced before it, so it never reaches the disk ahead of what it points at.
     ///
     /// `beforeSuperblock` runs after the metadata blocks are written and synced and before the
     /// superblock: the caller's last chance to make durable what the new mappings point at (the

@@ -30,11 +30,16 @@ public enum PoolIOOperation {
     case truncate(File, size: UInt64)
     /// fdatasync: every completed write of the file is durable once it returns.
     case sync(File)
+    /// A write that is durable once it returns (`O_DSYNC`, or FUA on a device): a write, then a
+    /// flush of that write alone. The file's other writes since its last sync stay as they were,
+    /// durable or not. The superblock at the end of a commit.
+    case durableWrite(File, offset: UInt64, bytes: UnsafeRawBufferPointer)
     case read(File, offset: UInt64, length: Int)
 
     public var file: File {
         switch self {
-        case .write(let f, _, _), .zero(let f, _, _), .truncate(let f, _), .sync(let f), .read(let f, _, _): f
+        case .write(let f, _, _), .zero(let f, _, _), .truncate(let f, _), .sync(let f), .read(let f, _, _),
+             .durableWrite(let f, _, _): f
         }
     }
 }
@@ -146,9 +151,22 @@ final class HookedMetadataStorage: MetadataStorage {
     }
 
     func write(block: UInt64, from buffer: UnsafeRawBufferPointer) throws(MetadataError) {
+        try write(block: block, from: buffer, durably: false)
+    }
+
+    func writeDurably(block: UInt64, from buffer: UnsafeRawBufferPointer) throws(MetadataError) {
+        try write(block: block, from: buffer, durably: true)
+    }
+
+    private func write(block: UInt64, from buffer: UnsafeRawBufferPointer, durably: Bool) throws(MetadataError) {
         let offset = block * UInt64(MetadataBlock.size)
-        let operation = PoolIOOperation.write(.metadata, offset: offset, bytes: buffer)
-        if let allowed = try ask(operation, "pwrite"), allowed < buffer.count {
+        func operation(_ bytes: UnsafeRawBufferPointer) -> PoolIOOperation {
+            durably ? .durableWrite(.metadata, offset: offset, bytes: bytes) : .write(.metadata, offset: offset, bytes: bytes)
+        }
+        func write(_ bytes: UnsafeRawBufferPointer) throws(MetadataError) {
+            if durably { try inner.writeDurably(block: block, from: bytes) } else { try inner.write(block: block, from: bytes) }
+        }
+        if let allowed = try ask(operation(buffer), "pwrite"), allowed < buffer.count {
             // A short write of a metadata block: the first `allowed` bytes land, the rest keep
             // what the file had there. The storage writes whole blocks, so merge by hand.
             let merged = UnsafeMutableRawBufferPointer.allocate(byteCount: buffer.count, alignment: 4096)
@@ -156,12 +174,12 @@ final class HookedMetadataStorage: MetadataStorage {
             try inner.read(block: block, into: merged)
             let n = max(0, allowed)
             UnsafeMutableRawBufferPointer(rebasing: merged[0..<n]).copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
-            try inner.write(block: block, from: UnsafeRawBufferPointer(merged))
-            hook.didPerform(.write(.metadata, offset: offset, bytes: UnsafeRawBufferPointer(merged)))
+            try write(UnsafeRawBufferPointer(merged))
+            hook.didPerform(operation(UnsafeRawBufferPointer(merged)))
             throw .io(operation: "pwrite", path: inner.name, errno: Errno.ioError.rawValue)
         }
-        try inner.write(block: block, from: buffer)
-        hook.didPerform(operation)
+        try write(buffer)
+        hook.didPerform(operation(buffer))
     }
 
     func sync() throws(MetadataError) {

@@ -319,24 +319,56 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
         try epoch.withWriteLock { try metaLock.withLock { try wrap { try commitLocked() } } }
     }
 
-    /// No committed mapping may point at data that is not yet durable, so the data file's
-    /// fdatasync must end before the superblock, the commit point, is written. It runs on
-    /// another thread while the metadata blocks are written and synced (both must be durable
-    /// before the superblock, in either order), so a commit waits for two host flushes in a
-    /// row, not three. A commit with no data written since the last one skips the data flush,
-    /// and one with nothing changed at all (a second fsync) writes nothing.
+    /// Makes everything written so far durable, with the fewest host flushes in a row.
+    ///
+    /// **Ordering** (dm-thin's rule): the superblock is the commit point, and no superblock may
+    /// become durable before the blocks it points at, or a power cut could leave a durable
+    /// superblock over metadata or data blocks that never reached the disk. So:
+    ///
+    /// 1. the data file's fdatasync (on another thread) and, meanwhile, the metadata blocks'
+    ///    writes and the metadata file's fdatasync. Both must end before step 2, in either
+    ///    order: `beforeSuperblock` waits for the data flush, after the metadata flush.
+    /// 2. the superblock, in one write that returns once it is durable (`writeNow`: an `O_DSYNC`
+    ///    descriptor, a FUA write on a device that has FUA). It flushes nothing else, and needs
+    ///    nothing else: everything it points at is durable since step 1. A cut during it leaves
+    ///    the old superblock (the previous commit, whose blocks this transaction never
+    ///    overwrote: shadow paging, and atomic commit for data) or the new one, whole or torn;
+    ///    a torn one fails its checksum, as after a cut during the pwrite and fdatasync it
+    ///    replaces.
+    ///
+    /// So a commit waits for two host flushes in a row, the second of them a single block's.
+    ///
+    /// A commit with nothing to write (a second fsync) writes and flushes nothing. One with data
+    /// written but no metadata change (in-place writes into blocks the last commit already maps,
+    /// without atomic commit) needs only step 1's data flush: the superblock on disk already
+    /// points at those blocks, and would be written again byte for byte. If that flush fails,
+    /// the commit path below runs with the failure, so that the pool turns read-only with
+    /// needs_check as for any failed data flush.
     private func commitLocked() throws {
         // Under the epoch's write lock and `metaLock` (commit): no write is between its flag and its pwrite.
         let syncData = unsyncedData
-        guard syncData || md.commitWouldWrite else { return }
+        let metadataChanged = md.commitWouldWrite
+        guard syncData || metadataChanged else { return }
+        var dataFlushFailure: (any Error)?
+        if syncData && !metadataChanged {
+            do {
+                try data.dataSync(path: dataPath)
+                unsyncedData = false
+                return
+            } catch {
+                dataFlushFailure = error
+            }
+        }
         let dataSynced = DispatchSemaphore(value: 0)
-        let dataError = Mutex<(any Error)?>(nil)
-        if syncData {
+        let dataError = Mutex<(any Error)?>(dataFlushFailure)
+        if syncData && dataFlushFailure == nil {
             let (fd, path) = (data, dataPath)
             DispatchQueue.global(qos: .userInitiated).async {
                 do { try fd.dataSync(path: path) } catch { dataError.withLock { $0 = error } }
                 dataSynced.signal()
             }
+        } else if syncData {
+            dataSynced.signal()
         }
         try md.commit(beforeSuperblock: { () throws(MetadataError) in
             guard syncData else { return }
