@@ -7,7 +7,7 @@ struct ClusterCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cluster",
         abstract: "Layers shared between hosts through a Ceph cluster (thinfs.backend=rbd with rbd.catalogue).",
-        subcommands: [List.self, TakeOver.self])
+        subcommands: [List.self, TakeOver.self, Forget.self])
 
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -30,6 +30,18 @@ struct ClusterCommand: ParsableCommand {
         func run() throws {
             _ = options.poolRoot
             try StoreAccess.run(root: options.root, LayerRequest(.takeOver, layer: id, name: from))
+        }
+    }
+
+    struct Forget: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "forget",
+            abstract: "Drop the catalogue records (users, aliases) of another store that is gone for good, so the owners of the layers it read can delete them: refused, naming the holder, while that store still holds one of its images.")
+        @OptionGroup var options: RootOptions
+        @Argument(help: "The rbd.prefix of the departed store.") var store: String
+        func run() throws {
+            _ = options.poolRoot
+            try StoreAccess.run(root: options.root, LayerRequest(.clusterForget, name: store))
         }
     }
 }

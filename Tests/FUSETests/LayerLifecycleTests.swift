@@ -277,14 +277,23 @@ final class LayerFixture: @unchecked Sendable {
             && FileManager.default.fileExists(atPath: packageRoot.appendingPathComponent("scripts/make-test-image.sh").path)
     }
 
-    init(deferredDeletion: Bool, options: [String] = ["dm.basesize=256M", "dm.loopdatasize=2G", "dm.loopmetadatasize=32M"]) throws {
+    /// What every `thinfs` command of this store runs under (an absolute program and its
+    /// arguments), such as `nsenter --net=...` for a host in a network namespace; its daemons
+    /// inherit it.
+    let wrapper: [String]
+
+    init(deferredDeletion: Bool, options: [String] = ["dm.basesize=256M", "dm.loopdatasize=2G", "dm.loopmetadatasize=32M"],
+         wrapper: [String] = []) throws {
+        self.wrapper = wrapper
         try ok(["init"] + (options + ["dm.use_deferred_deletion=\(deferredDeletion)"]).flatMap { ["--storage-opt", $0] })
     }
 
     func run(_ args: [String]) throws -> Oracle.Result {
         // --root goes after the subcommand path: ArgumentParser takes options anywhere after it.
         // umount takes none: the mount table names the root.
-        try Binaries.run("thinfs", args.first == "umount" ? args : args + ["--root", root])
+        let args = args.first == "umount" ? args : args + ["--root", root]
+        guard let program = wrapper.first else { return try Binaries.run("thinfs", args) }
+        return try Oracle.run(program, Array(wrapper.dropFirst()) + [Binaries.path("thinfs")] + args)
     }
 
     func ok(_ args: [String]) throws {

@@ -79,6 +79,15 @@ extension LayerStore {
         return (try rbd.sharedLayers(), try rbd.sharedContainers())
     }
 
+    /// Drops the catalogue records of the store with rbd.prefix `host`, gone for good (its user
+    /// records and aliases), so the owners of the layers it read can delete them; refused,
+    /// naming the holder, while that store still holds one of its images (RBDPool.forgetStore).
+    public func forgetStore(_ host: String) throws -> RBDPool.ForgottenStore {
+        try requireWritable("forgetting store \(host)")
+        guard let rbd = sharingPool else { throw RBDPool.CatalogueError.notConfigured(pool: (pool as? RBDPool)?.configuration.pool ?? "(not rbd)") }
+        return try rbd.forgetStore(host)
+    }
+
     /// Takes over container `id` of the store with rbd.prefix `host` (a host that is gone):
     /// refused, naming the holder, while that host's daemon still holds the image's exclusive
     /// lock. Adopts the container's image layers first if this store lacks them.

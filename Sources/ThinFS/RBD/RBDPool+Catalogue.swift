@@ -87,6 +87,12 @@ extension RBDPool {
         case ownedByAnotherStore(image: String, owner: String)
         case corrupt(catalogue: String, key: String, reason: String)
         case lockTimeout(catalogue: String)
+        /// `forgetStore`: the catalogue has no record of that store.
+        case unknownStore(catalogue: String, store: String)
+        /// `forgetStore` of this store itself.
+        case cannotForgetSelf(store: String)
+        /// `forgetStore`: a client still watches one of that store's images (its daemon lives).
+        case storeStillActive(store: String, image: String, holders: [String])
 
         public var description: String {
             switch self {
@@ -100,6 +106,10 @@ extension RBDPool {
                 "rbd image \(image) now belongs to store \(owner) (taken over): this store no longer writes or deletes it"
             case .corrupt(let c, let key, let why): "layer catalogue \(c): key \(key): \(why)"
             case .lockTimeout(let c): "layer catalogue \(c): its lock stayed held by another client for 40 s"
+            case .unknownStore(let c, let store): "layer catalogue \(c) has no record of store \(store) (its rbd.prefix)"
+            case .cannotForgetSelf(let store): "store \(store) is this store: 'cluster forget' is for another store that is gone for good"
+            case .storeStillActive(let store, let image, let holders):
+                "store \(store) is not gone: rbd image \(image) is still held by \(holders.joined(separator: ", ")); stop that host's daemon (a dead one's hold expires after the OSDs' watch timeout), then forget it"
             }
         }
 
@@ -107,8 +117,10 @@ extension RBDPool {
             switch self {
             case .notConfigured, .corrupt: .invalidArgument
             case .unknownLayer, .unknownContainer: .noSuchFileOrDirectory
-            case .inUse, .lockTimeout: .resourceBusy
+            case .inUse, .lockTimeout, .storeStillActive: .resourceBusy
             case .ownedByAnotherStore: .readOnlyFileSystem
+            case .unknownStore: .noSuchFileOrDirectory
+            case .cannotForgetSelf: .invalidArgument
             }
         }
     }
@@ -335,6 +347,75 @@ extension RBDPool {
             try connection.omapUpdate(catalogue, remove: remove)
             if isAlias { aliases.withLock { $0[id] = nil } }
             return true
+        }
+    }
+}
+
+// MARK: Forgetting a departed store
+
+extension RBDPool {
+    /// What `forgetStore` dropped, and what it kept.
+    public struct ForgottenStore: Codable, Equatable, Sendable {
+        public var store: String
+        /// The catalogue keys removed: its user records and aliases.
+        public var removed: [String]
+        /// Image layers it published (chain ids): other stores may read through them, so they stay.
+        public var keptLayers: [String]
+        /// Its containers (layer ids): another store may take them over (`thinfs cluster take-over`).
+        public var keptContainers: [String]
+    }
+
+    /// Drops the catalogue records of store `store` (an rbd.prefix), a host gone for good: its
+    /// `user.` records, which keep the owners of the layers it read from deleting them, and its
+    /// `alias.` records. Its published layers and its containers stay (others read the first,
+    /// and may take the second over). Refused, naming the holder, while any client watches one
+    /// of its images (its daemon has it open, or died less than the OSDs' watch timeout ago;
+    /// an exclusive lock's holder always watches). A store with nothing open holds nothing to
+    /// see: the caller vouches that it is gone.
+    public func forgetStore(_ store: String) throws -> ForgottenStore {
+        let catalogue = try requireCatalogue()
+        guard store != host else { throw CatalogueError.cannotForgetSelf(store: store) }
+        return try connection.withObjectLock(catalogue) {
+            let all = try connection.omapValues(catalogue, prefix: "")
+            // user.<image>/<prefix>: neither holds a '/'.
+            let users = all.keys.filter { $0.hasPrefix("user.") && $0.split(separator: "/", maxSplits: 1).last.map(String.init) == store }
+            let aliases = all.keys.filter { $0.hasPrefix("alias.\(store)/") }
+            var layers: [String] = [], containers: [String] = []
+            var images: Set<String> = []
+            for (key, value) in all {
+                if key.hasPrefix("layer.") {
+                    let layer = try decode(SharedLayer.self, value, key: key)
+                    if layer.host == store { layers.append(layer.chainID); images.insert(layer.image) }
+                } else if key.hasPrefix("container.") {
+                    let container = try decode(SharedContainer.self, value, key: key)
+                    if container.host == store { containers.append(container.layer); images.insert(container.image) }
+                }
+            }
+            guard !users.isEmpty || !aliases.isEmpty || !layers.isEmpty || !containers.isEmpty else {
+                throw CatalogueError.unknownStore(catalogue: catalogue, store: store)
+            }
+            // Its own devices (<prefix><id>, and <prefix>deleted-... kept for their clones) too:
+            // a live daemon of that store has at least one of these open.
+            for name in try connection.imageNames() where name.hasPrefix(store) {
+                let rest = name.dropFirst(store.count)
+                if rest.hasPrefix("deleted-") || (!rest.isEmpty && rest.allSatisfy { $0.isASCII && $0.isNumber }) { images.insert(name) }
+            }
+            for name in images.sorted() {
+                let image: RBDImage
+                do { image = try RBDImage(connection: connection, name: name, readOnly: true) } catch Error.call(_, _, .noSuchFileOrDirectory) { continue }
+                defer { image.close() }
+                // Watchers, not lock owners (librbd lists those only on a handle open for
+                // writing): a client holding the exclusive lock watches the image too.
+                let ours = connection.instanceID
+                let holders = try image.watchers().filter { $0.id != ours }.map { "client.\($0.id) at \($0.address)" }
+                if !holders.isEmpty {
+                    throw CatalogueError.storeStillActive(store: store, image: "\(configuration.pool)/\(name)", holders: holders)
+                }
+            }
+            let removed = (users + aliases).sorted()
+            if !removed.isEmpty { try connection.omapUpdate(catalogue, remove: removed) }
+            logger.notice("forgot a departed store", metadata: ["store": "\(store)", "rbd.catalogue": "\(catalogue)", "removed": "\(removed.count)"])
+            return ForgottenStore(store: store, removed: removed, keptLayers: layers.sorted(), keptContainers: containers.sorted())
         }
     }
 }

@@ -8,8 +8,9 @@ public struct LayerRequest: Codable, Equatable, Sendable {
         case create, createRW = "create-rw", resize, remove = "rm", list = "ls", info, cleanup
         case applyDiff = "apply-diff", diff, mount, importImage = "image-import"
         case kernelMount = "kernel-mount", kernelUnmount = "kernel-umount"
-        /// The cluster's layer catalogue (RBD stores with rbd.catalogue); take-over: `name` is the store's rbd.prefix.
-        case clusterList = "cluster-ls", takeOver = "take-over"
+        /// The cluster's layer catalogue (RBD stores with rbd.catalogue); take-over and
+        /// cluster-forget: `name` is the other store's rbd.prefix.
+        case clusterList = "cluster-ls", takeOver = "take-over", clusterForget = "cluster-forget"
     }
 
     public var operation: Operation

@@ -125,6 +125,12 @@ public struct LayerService: Sendable {
         case .takeOver:
             let layer = try store.takeOver(container: try need(r.layer, "layer id"), from: try need(r.name, "store (rbd.prefix) to take it from"))
             return "\(layer.id)\n"
+        case .clusterForget:
+            let forgotten = try store.forgetStore(try need(r.name, "store (rbd.prefix) to forget"))
+            var out = forgotten.removed.map { "removed \($0)\n" }.joined()
+            out += forgotten.keptLayers.map { "kept layer \($0) (other stores may read it)\n" }.joined()
+            out += forgotten.keptContainers.map { "kept container \($0) (take it over with 'thinfs cluster take-over \($0) --from \(forgotten.store)')\n" }.joined()
+            return out
         }
     }
 }
