@@ -189,6 +189,7 @@ extension Volume {
         } else {
             // ext2fs_expand_dir appends one empty block (its checksum tail included) past the last one.
             try check(ext2fs_expand_dir(fs, ext2_ino_t(dir)), "growing directory \(dir)")
+            grownDirectories.insert(dir)
             var inode = try readInode(fs, dir)
             let last = (fileSize(inode) + UInt64(fs.pointee.blocksize) - 1) / UInt64(fs.pointee.blocksize) - 1
             let physical = try directoryBlock(fs, dir, &inode, last)
@@ -313,6 +314,7 @@ extension Volume {
         let rc = call()
         guard rc == EXT2_ET_DIR_NO_SPACE else { return rc }
         try check(ext2fs_expand_dir(fs, ext2_ino_t(dir)), "growing directory \(dir)")
+        grownDirectories.insert(dir)
         return call()
     }
 

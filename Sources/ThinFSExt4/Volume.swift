@@ -39,6 +39,9 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     var orphans: Set<UInt64> = []
     /// Name → inode per directory, changed with the directory under `lock` (DirectoryCache.swift).
     var directories = DirectoryCache()
+    /// Directories this volume grew by a block, to be given an htree index where they stop
+    /// changing (`indexGrownDirectories`, Volume+DirectoryIndex.swift).
+    var grownDirectories: Set<UInt64> = []
     var nextGeneration = UInt32.random(in: 0...UInt32.max)
 
     /// Group commit for a volume that commits its own device (no `commitHook`: `thinfs-mount`),

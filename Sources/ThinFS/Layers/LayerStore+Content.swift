@@ -48,6 +48,7 @@ extension LayerStore {
         let result: T
         do {
             result = try body(open.volume)
+            try indexDirectories(open.volume, of: id)
             try open.close()
         } catch {
             try? open.close()
@@ -117,6 +118,7 @@ extension LayerStore {
         let id = open.layer.id
         do {
             let result = try body(open.volume)
+            try indexDirectories(open.volume, of: id)
             try open.close()
             try setState(id, .active)
             logger.info("layer content complete", metadata: ["layer": "\(id)"])
@@ -126,6 +128,14 @@ extension LayerStore {
             discardIncomplete(id, after: error)
             throw error
         }
+    }
+
+    /// The content is complete: every directory it grew past one block gets an htree index, so
+    /// that kernel ext4 looks names up in it by hash once the layer is kernel-mounted
+    /// (Volume+DirectoryIndex.swift). Only grown directories are visited; a failure fails the write.
+    private func indexDirectories(_ volume: Volume, of id: String) throws {
+        let count = try volume.indexGrownDirectories()
+        if count > 0 { logger.debug("indexed directories", metadata: ["layer": "\(id)", "count": "\(count)"]) }
     }
 
     func setState(_ id: String, _ state: State) throws {

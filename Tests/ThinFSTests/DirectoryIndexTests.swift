@@ -1,0 +1,187 @@
+import Foundation
+import SystemPackage
+import TestSupport
+import Testing
+@testable import ThinFS
+@testable import ThinFSExt4
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Htree indexes built for directories the volume grew (Volume+DirectoryIndex.swift), checked by
+/// outside oracles: e2fsck's pass 2 (htree structure, hash order, checksums), debugfs's htree_dump,
+/// and kernel ext4 reading the image through a loop device.
+@Suite("Directory index (htree)", .enabled(if: E2fsprogs.available, "needs e2fsprogs"))
+struct DirectoryIndexTests {
+    /// An image made by mke2fs with `features` (e.g. "^metadata_csum"), or its defaults.
+    static func mkfs(_ path: String, size: UInt64 = 256 << 20, features: String?) throws {
+        _ = FileManager.default.createFile(atPath: path, contents: nil)
+        let h = FileHandle(forWritingAtPath: path)!
+        try h.truncate(atOffset: size)
+        try h.close()
+        var args = ["-t", "ext4", "-b", "4096", "-F", "-q", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"]
+        if let features { args += ["-O", features] }
+        let r = try Oracle.run("/sbin/mke2fs", args + [path])
+        guard r.status == 0 else { throw Oracle.OracleError.failed("mke2fs: \(r.stderr)") }
+    }
+
+    static func debugfs(_ image: String, _ request: String) throws -> String {
+        let r = try Oracle.run("/sbin/debugfs", ["-R", request, image])
+        return r.stdout + r.stderr
+    }
+
+    static func open(_ image: String) throws -> Volume {
+        try Volume(device: FileBlockDevice(path: FilePath(image)), readOnly: false, logger: quietLogger)
+    }
+
+    static func create(_ v: Volume, _ dir: UInt64, _ names: some Sequence<String>) throws {
+        for n in names { _ = try v.mknod(parent: dir, name: n, mode: 0o100644, rdev: 0, owner: Owner(uid: 0, gid: 0)) }
+    }
+
+    /// Loop-mounts `image` read-only with kernel ext4 and hands `body` the mount point; the mount
+    /// and the loop device are removed afterwards, also when `body` throws.
+    static func withKernelMount(_ image: String, _ body: (String) throws -> Void) throws {
+        let dir = TempDir()
+        let mnt = dir.path + "/mnt"
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        let loop = try Oracle.run("/sbin/losetup", ["--find", "--show", "--read-only", image])
+        let device = loop.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        try #require(loop.status == 0 && device.hasPrefix("/dev/loop"), "losetup: \(loop.stderr)")
+        defer { _ = try? Oracle.run("/sbin/losetup", ["-d", device]) }
+        let m = try Oracle.run("/bin/mount", ["-t", "ext4", "-o", "ro,noload", device, mnt])
+        try #require(m.status == 0, "mount: \(m.stderr)")
+        defer { _ = try? Oracle.run("/bin/umount", [mnt]) }
+        try body(mnt)
+    }
+
+    /// Kernel ext4 lists exactly `expected` in `path` (readdir of an indexed directory walks the
+    /// htree in hash order, and fails with EFSCORRUPTED on a bad index under metadata_csum), and
+    /// resolves every name.
+    static func kernelSees(_ path: String, _ expected: Set<String>, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let listed = try FileManager.default.contentsOfDirectory(atPath: path)
+        #expect(listed.count == expected.count && Set(listed) == expected,
+                "the kernel lists \(listed.count) names in \(path), expected \(expected.count)", sourceLocation: sourceLocation)
+        var missing: [String] = []
+        for name in expected {
+            var st = stat()
+            if lstat(path + "/" + name, &st) != 0 { missing.append(name) }
+        }
+        #expect(missing.isEmpty, "the kernel resolves no \(missing.prefix(5)) (\(missing.count) names) in \(path)", sourceLocation: sourceLocation)
+    }
+
+    static var canLoopMount: Bool {
+        Host.isRoot && FileManager.default.isExecutableFile(atPath: "/sbin/losetup")
+            && (Host.procFile("/proc/filesystems")?.contains("\text4") ?? false)
+    }
+
+    @Test(arguments: [nil, "^metadata_csum"])
+    func grownDirectoriesAreIndexedAndPassE2fsckAndTheKernel(features: String?) throws {
+        let tmp = TempDir()
+        let image = tmp.path + "/fs.img"
+        try Self.mkfs(image, features: features)
+        var big = Set((0..<5_000).map { "file-\($0)-\(String(repeating: "x", count: $0 % 40))" })
+        var mid = Set((0..<300).map { "m\($0)" })
+        let small = Set((0..<20).map { "s\($0)" })
+        let (a, b, c): (UInt64, UInt64, UInt64)
+        do {
+            let v = try Self.open(image)
+            let owner = Owner(uid: 0, gid: 0)
+            a = try v.mkdir(parent: v.rootInode, name: "a", mode: 0o755, owner: owner).ino
+            b = try v.mkdir(parent: v.rootInode, name: "b", mode: 0o755, owner: owner).ino
+            c = try v.mkdir(parent: v.rootInode, name: "c", mode: 0o755, owner: owner).ino
+            try Self.create(v, a, big)
+            try Self.create(v, b, mid)
+            try Self.create(v, c, small)
+            #expect(try v.getattr(a).size > 4096 && v.getattr(b).size > 4096 && v.getattr(c).size == 4096)
+            #expect(try v.indexGrownDirectories() == 2)
+            #expect(try v.isIndexed(a) && v.isIndexed(b))
+            #expect(try !v.isIndexed(c), "a one-block directory is left for the kernel to index")
+            // The daemon still finds every name (the cache lost its layout; lookups go to the disk).
+            for n in big.prefix(50) { #expect(try v.lookup(parent: a, name: n).mode & 0o170000 == 0o100000) }
+            try v.close()
+        }
+        try E2fsprogs.check(image)
+        let dumpA = try Self.debugfs(image, "htree_dump /a")
+        #expect(dumpA.contains("Root node dump") && dumpA.contains("Number of entries"), "\(dumpA.prefix(400))")
+        #expect(try Self.debugfs(image, "htree_dump /c").contains("Not a hash-indexed directory"))
+        if Self.canLoopMount {
+            try Self.withKernelMount(image) { mnt in
+                try Self.kernelSees(mnt + "/a", big)
+                try Self.kernelSees(mnt + "/b", mid)
+                try Self.kernelSees(mnt + "/c", small)
+            }
+        }
+
+        // Later changes go through libext2fs's dx_link (leaf splits) and ext2fs_unlink.
+        do {
+            let v = try Self.open(image)
+            let more = (0..<3_000).map { "later-\($0)" }
+            try Self.create(v, a, more)
+            big.formUnion(more)
+            for n in big.sorted().enumerated().filter({ $0.offset % 3 == 0 }).map(\.element) {
+                try v.unlink(parent: a, name: n)
+                big.remove(n)
+            }
+            for n in mid.sorted().prefix(100) { try v.unlink(parent: b, name: n); mid.remove(n) }
+            try Self.create(v, b, (0..<100).map { "n\($0)" })
+            mid.formUnion((0..<100).map { "n\($0)" })
+            #expect(try v.isIndexed(a) && v.isIndexed(b))
+            var listed = Set<String>()
+            try v.readdir(a, after: 0) { e in if e.name != "." && e.name != ".." { listed.insert(e.name) }; return true }
+            #expect(listed == big, "the daemon lists \(listed.count) names, expected \(big.count)")
+            try v.close()
+        }
+        try E2fsprogs.check(image)
+        if Self.canLoopMount {
+            try Self.withKernelMount(image) { mnt in
+                try Self.kernelSees(mnt + "/a", big)
+                try Self.kernelSees(mnt + "/b", mid)
+            }
+        }
+    }
+
+    @Test func aDirectoryOfOneBlockIsLeftAloneAndOneOfTwoIsIndexed() throws {
+        let tmp = TempDir()
+        let image = tmp.path + "/fs.img"
+        try Self.mkfs(image, size: 64 << 20, features: nil)
+        let v = try Self.open(image)
+        let owner = Owner(uid: 0, gid: 0)
+        let one = try v.mkdir(parent: v.rootInode, name: "one", mode: 0o755, owner: owner).ino
+        let two = try v.mkdir(parent: v.rootInode, name: "two", mode: 0o755, owner: owner).ino
+        try Self.create(v, one, (0..<100).map { "f\($0)" })
+        var n = 0
+        while try v.getattr(two).size == 4096 { try Self.create(v, two, ["g\(n)"]); n += 1 }
+        #expect(try v.getattr(one).size == 4096)
+        #expect(try !v.indexDirectory(one))
+        #expect(try !v.isIndexed(one))
+        #expect(try v.indexDirectory(two))
+        #expect(try !v.indexDirectory(two), "an indexed directory is not indexed again")
+        try v.close()
+        try E2fsprogs.check(image)
+        if Self.canLoopMount {
+            try Self.withKernelMount(image) { mnt in try Self.kernelSees(mnt + "/two", Set((0..<n).map { "g\($0)" })) }
+        }
+    }
+
+    /// Not a check: writes the two images that scripts/compare/htree-bench.sh times with kernel
+    /// ext4, one directory /d of 16,000 files left plain as the daemon grew it, and the same
+    /// directory indexed.
+    @Test(.enabled(if: ProcessInfo.processInfo.environment["THINFS_HTREE_BENCH_DIR"] != nil,
+                   "set THINFS_HTREE_BENCH_DIR to write the htree benchmark's images"))
+    func benchmarkImages() throws {
+        let out = ProcessInfo.processInfo.environment["THINFS_HTREE_BENCH_DIR"]!
+        let count = Int(ProcessInfo.processInfo.environment["THINFS_HTREE_BENCH_FILES"] ?? "") ?? 16_000
+        let linear = out + "/linear.img", indexed = out + "/indexed.img"
+        try? FileManager.default.removeItem(atPath: linear)
+        try? FileManager.default.removeItem(atPath: indexed)
+        for (image, index) in [(linear, false), (indexed, true)] {
+            try Self.mkfs(image, features: nil)
+            let v = try Self.open(image)
+            let d = try v.mkdir(parent: v.rootInode, name: "d", mode: 0o755, owner: Owner(uid: 0, gid: 0)).ino
+            try Self.create(v, d, (0..<count).map { "file-\($0)" })
+            if index { #expect(try v.indexDirectory(d)) }
+            try v.close()
+            try E2fsprogs.check(image)
+        }
+    }
+}
