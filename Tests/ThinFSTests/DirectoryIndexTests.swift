@@ -80,7 +80,7 @@ struct DirectoryIndexTests {
         let image = tmp.path + "/fs.img"
         try Self.mkfs(image, features: features)
         var big = Set((0..<5_000).map { "file-\($0)-\(String(repeating: "x", count: $0 % 40))" })
-        var mid = Set((0..<300).map { "m\($0)" })
+        var mid = Set((0..<300).map { "mid-file-\($0)" })
         let small = Set((0..<20).map { "s\($0)" })
         let (a, b, c): (UInt64, UInt64, UInt64)
         do {
