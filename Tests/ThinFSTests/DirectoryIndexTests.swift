@@ -163,6 +163,32 @@ struct DirectoryIndexTests {
         }
     }
 
+    /// The hook: a layer's content writers (image import, apply-diff, the containerd and Docker
+    /// appliers) index the directories they grew before the layer is flushed and marked complete.
+    @Test func layerWritersIndexTheDirectoriesTheyGrew() throws {
+        let dir = TempDir()
+        let options = try StorageOptions(parsing: ["dm.basesize=64M", "dm.loopdatasize=512M", "dm.loopmetadatasize=16M"])
+        let store = try LayerStore.initialize(root: dir.path + "/store", options: options, logger: quietLogger)
+        defer { try? store.close() }
+        var (big, small, later): (UInt64, UInt64, UInt64) = (0, 0, 0)
+        try store.createImageLayer("image", parent: nil, what: "test") { v in
+            big = try v.mkdir(parent: v.rootInode, name: "big", mode: 0o755, owner: .root).ino
+            small = try v.mkdir(parent: v.rootInode, name: "small", mode: 0o755, owner: .root).ino
+            try Self.create(v, big, (0..<1_000).map { "file-\($0)" })
+            try Self.create(v, small, (0..<10).map { "file-\($0)" })
+            #expect(try !v.isIndexed(big), "indexed only where the writer is done")
+        }
+        try store.writeContent("image", what: "test") { v in
+            later = try v.mkdir(parent: v.rootInode, name: "later", mode: 0o755, owner: .root).ino
+            try Self.create(v, later, (0..<1_000).map { "file-\($0)" })
+        }
+        let open = try store.openLayer("image", readOnly: true, what: "test")
+        defer { try? open.close() }
+        #expect(try open.volume.isIndexed(big) && open.volume.isIndexed(later))
+        #expect(try !open.volume.isIndexed(small))
+        #expect(try open.volume.lookup(parent: later, name: "file-999").ino > 0)
+    }
+
     /// Not a check: writes the two images that scripts/compare/htree-bench.sh times with kernel
     /// ext4, one directory /d of 16,000 files left plain as the daemon grew it, and the same
     /// directory indexed.
