@@ -313,6 +313,9 @@ extension Volume {
     func withDirectorySpace(_ fs: ext2_filsys, _ dir: UInt64, _ call: () -> errcode_t) throws(VolumeError) -> errcode_t {
         let rc = call()
         guard rc == EXT2_ET_DIR_NO_SPACE else { return rc }
+        // An indexed directory grows through its index (dx_link); a block appended past it would
+        // be one the index does not reference, which e2fsck reports. Its tree is full: ENOSPC.
+        if try readInode(fs, dir).i_flags & UInt32(EXT2_INDEX_FL) != 0 { return rc }
         try check(ext2fs_expand_dir(fs, ext2_ino_t(dir)), "growing directory \(dir)")
         grownDirectories.insert(dir)
         return call()

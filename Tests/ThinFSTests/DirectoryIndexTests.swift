@@ -163,6 +163,27 @@ struct DirectoryIndexTests {
         }
     }
 
+    /// Long names fill a leaf with a dozen entries, so 8,000 of them need more leaves than the
+    /// root holds: the index gets a level of dx_nodes (indirect_levels 1).
+    @Test func aDirectoryOfMoreLeavesThanTheRootHoldsGetsIndexNodes() throws {
+        let tmp = TempDir()
+        let image = tmp.path + "/fs.img"
+        try Self.mkfs(image, features: nil)
+        var names = Set((0..<8_000).map { "\($0)-" + String(repeating: "n", count: 240) })
+        let v = try Self.open(image)
+        let d = try v.mkdir(parent: v.rootInode, name: "d", mode: 0o755, owner: Owner(uid: 0, gid: 0)).ino
+        try Self.create(v, d, names)
+        #expect(try v.indexDirectory(d))
+        let more = (0..<500).map { "more-\($0)-" + String(repeating: "m", count: 200) }
+        try Self.create(v, d, more)
+        names.formUnion(more)
+        try v.close()
+        try E2fsprogs.check(image)
+        let dump = try Self.debugfs(image, "htree_dump /d")
+        #expect(dump.contains("Indirect levels: 1"), "\(dump.prefix(400))")
+        if Self.canLoopMount { try Self.withKernelMount(image) { mnt in try Self.kernelSees(mnt + "/d", names) } }
+    }
+
     /// The hook: a layer's content writers (image import, apply-diff, the containerd and Docker
     /// appliers) index the directories they grew before the layer is flushed and marked complete.
     @Test func layerWritersIndexTheDirectoriesTheyGrew() throws {
