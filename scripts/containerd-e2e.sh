@@ -157,6 +157,12 @@ cleanup() {
     trap - ERR
     set +e
     if ((rc != 0)); then
+        # A crash report's head (the crashed thread's frames) comes before its registers and
+        # images, which a tail alone shows: print the head first (CI keeps only the end).
+        if grep -qE 'Program crashed|Fatal error|ceph_assert|terminate called' "$w/serve.log" 2>/dev/null; then
+            echo "--- thinfs serve log: the crash report's first 40 lines"
+            sed -n '/Program crashed\|Fatal error\|ceph_assert\|terminate called/,+40p' "$w/serve.log" | head -n 40
+        fi
         echo "--- thinfs serve log (last 25 lines)"; tail -n 25 "$w/serve.log" 2>/dev/null
         echo "--- containerd log (last 15 lines)"; tail -n 15 "$cd_root/containerd.log" 2>/dev/null
     fi

@@ -252,6 +252,38 @@ struct RBDPoolTests {
         #expect(bytes.allSatisfy { $0 == 7 })
     }
 
+    /// Closing the pool ends its cluster session, whoever still holds the pool object. A process
+    /// that exits with librados connected runs Ceph's static destructors under its live threads:
+    /// `thinfs serve` on an RBD store aborted at its SIGTERM exit (status 134) in CI's RBD end to
+    /// end, and under gdb its exit never reached rados_shutdown. The monitor's session list is
+    /// the oracle: the client's session must be gone once `close` returns.
+    @Test func closeEndsTheClusterSession() throws {
+        let pool = try Self.pool(Ceph.uniquePrefix("close"))
+        let client = pool.connection.instanceID
+        /// Whether the monitor has a session of global id `client` (listed as "client.?" with it).
+        func listed() throws -> Bool {
+            let result = try Oracle.run("/usr/bin/ceph", ["-c", Ceph.confPath, "tell", "mon.*", "sessions"])
+            try #require(result.status == 0, "ceph tell mon.* sessions: \(result.stderr)")
+            let json = try #require(result.stdout.firstIndex(of: "[").map { result.stdout[$0...] }, "no session list: \(result.stdout)")
+            let sessions = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [[String: Any]])
+            return sessions.contains { ($0["global_id"] as? NSNumber)?.uint64Value == client }
+        }
+        try #require(try listed(), "the monitor lists no session of client global id \(client)")
+        try pool.message(.createThin(1))
+        let device = try pool.openDevice(1, size: 8 << 20)
+        device.close()
+        try pool.message(.delete(1))
+        try pool.close()
+        var stillListed = try listed()
+        let deadline = Date().addingTimeInterval(10)
+        while stillListed && Date() < deadline {
+            Thread.sleep(forTimeInterval: 0.5)
+            stillListed = try listed()
+        }
+        #expect(!stillListed, "client global id \(client)'s session outlived RBDPool.close() by 10 s")
+        withExtendedLifetime(pool) {}
+    }
+
     /// The layer catalogue between two stores (two clients, two prefixes, one catalogue object):
     /// A publishes an image, B adopts it (an alias: no image of B's made), clones it from the
     /// shared snapshot and reads A's bytes; A's delete is refused naming B while B uses it, B's

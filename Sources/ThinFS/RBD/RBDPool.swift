@@ -493,7 +493,12 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         throw ThinPoolError.invalidConfiguration("an RBD pool grows with its cluster (add OSDs, raise the pool's quota); 'thinfs pool resize' does not apply")
     }
 
-    public func close() throws { try commit() }
+    /// Commits, then ends the cluster session if no device is open (the store's close, after
+    /// every layer closed). The pool is unusable afterwards.
+    public func close() throws {
+        try commit()
+        if state.withLock({ $0.isEmpty }) { connection.shutdown() }
+    }
 
     /// Runs `body` on image `id`: this process's handle if open, else a read-only one for the call.
     private func withImage<T>(_ id: ThinDeviceID, _ body: (RBDImage) throws -> T) throws -> T {
@@ -550,11 +555,31 @@ func check<T: SignedInteger>(_ rc: T, _ operation: String, _ target: String) thr
     throw RBDPool.Error.call(operation: operation, target: target, errno: Errno(rawValue: Int32(truncatingIfNeeded: 0 - rc)))
 }
 
-/// A cluster connection and the pool's I/O context. Shut down when the last user (the pool,
-/// its images, their devices) lets go.
+/// A cluster connection and the pool's I/O context. Shut down by `RBDPool.close` once no device
+/// is open, else when the last user (the pool, its images, their devices) lets go.
+///
+/// The explicit shutdown matters at exit: a process that exits with librados connected runs
+/// Ceph's static destructors (exit's handlers) while librados's own threads still run, and may
+/// abort. Waiting for the last reference is not enough, since any retained object (a closure,
+/// a cache) keeps the connection alive to the end.
 final class RadosConnection: @unchecked Sendable {
-    let cluster: rados_t
-    let io: rados_ioctx_t
+    /// librados's handles are thread-safe; the Mutex only orders their use against `shutdown`.
+    private struct Handles: @unchecked Sendable {
+        let cluster: rados_t
+        let io: rados_ioctx_t
+    }
+    private let handles: Mutex<Handles?>
+    /// The cluster handle. Used after `shutdown` only by a bug of ours (a pool used after its
+    /// store closed it), never because of anything the cluster sends: an assertion, not an error.
+    var cluster: rados_t { live.cluster }
+    /// The pool's I/O context (see `cluster`).
+    var io: rados_ioctx_t { live.io }
+    private var live: Handles {
+        guard let handles = handles.withLock({ $0 }) else {
+            preconditionFailure("the cluster connection of pool \(pool) was used after RBDPool.close shut it down")
+        }
+        return handles
+    }
     let pool: String
     let instanceID: UInt64
     /// rbd.osd_timeout, for the errors that name it.
@@ -583,16 +608,20 @@ final class RadosConnection: @unchecked Sendable {
         var io: rados_ioctx_t?
         try check(ceph.rados_ioctx_create(cluster, pool, &io), "rados_ioctx_create", "pool \(pool)")
         connected = true
-        self.cluster = cluster
-        self.io = io!
+        self.handles = Mutex(Handles(cluster: cluster, io: io!))
         self.pool = pool
         self.osdTimeout = osdTimeout
         self.instanceID = ceph.rados_get_instance_id(cluster)
     }
 
-    deinit {
-        ceph.rados_ioctx_destroy(io)
-        ceph.rados_shutdown(cluster)
+    deinit { shutdown() }
+
+    /// Destroys the I/O context and disconnects (the monitor drops the session). Idempotent.
+    /// Every image opened through this connection must be closed first.
+    func shutdown() {
+        guard let live = handles.withLock({ h -> Handles? in defer { h = nil }; return h }) else { return }
+        ceph.rados_ioctx_destroy(live.io)
+        ceph.rados_shutdown(live.cluster)
     }
 
     func imageNames() throws -> [String] {
