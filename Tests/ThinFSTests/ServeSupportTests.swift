@@ -64,19 +64,30 @@ struct ServeSupportTests {
         #expect(LockHolders.descriptorHolders(of: .init(st)) == [getpid()])
     }
 
+    /// Takes an exclusive flock on each of DIR/held-0 ... held-(count-1); returns their descriptors.
+    /// Each /proc/locks line is about 50 bytes, so 300 locks span several pages.
+    static func holdFlocks(in dir: String, count: Int) throws -> [Int32] {
+        var fds: [Int32] = []
+        do {
+            for i in 0..<count {
+                let fd = open(dir + "/held-\(i)", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+                try #require(fd >= 0, "open: errno \(errno)")
+                fds.append(fd)
+                try #require(flock(fd, LOCK_EX) == 0)
+            }
+        } catch {
+            for fd in fds { close(fd) }
+            throw error
+        }
+        return fds
+    }
+
     /// /proc/locks is a seq_file like mountinfo: a lock listed after the first page must be found
     /// too (Foundation's String(contentsOfFile:) read one page of it).
     @Test func procLocksFindsAFlockPastTheFirstPage() throws {
         let dir = TempDir()
-        var fds: [Int32] = []
+        let fds = try Self.holdFlocks(in: dir.path, count: 300)
         defer { for fd in fds { close(fd) } }
-        // Each /proc/locks line is about 50 bytes: 300 locks span several pages.
-        for i in 0..<300 {
-            let fd = open(dir.path + "/held-\(i)", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-            try #require(fd >= 0, "open: errno \(errno)")
-            fds.append(fd)
-            try #require(flock(fd, LOCK_EX) == 0)
-        }
         let missing = (0..<300).filter { LockHolders.flockHolders(of: dir.path + "/held-\($0)") != [getpid()] }
         #expect(missing.isEmpty, "\(missing.count) of our 300 flocks not found in /proc/locks")
     }
@@ -87,14 +98,8 @@ struct ServeSupportTests {
     /// Here two threads churn flocks on other files while every held lock is looked up.
     @Test func procLocksFindsAFlockWhileOtherLocksComeAndGo() throws {
         let dir = TempDir()
-        var fds: [Int32] = []
+        let fds = try Self.holdFlocks(in: dir.path, count: 300)
         defer { for fd in fds { close(fd) } }
-        for i in 0..<300 {
-            let fd = open(dir.path + "/held-\(i)", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-            try #require(fd >= 0, "open: errno \(errno)")
-            fds.append(fd)
-            try #require(flock(fd, LOCK_EX) == 0)
-        }
         let stop = StopFlag()
         let churners = (0..<2).map { k in
             let path = dir.path + "/churn-\(k)"
