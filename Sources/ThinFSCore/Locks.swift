@@ -25,15 +25,17 @@ public final class Lock: @unchecked Sendable {
     }
 }
 
-/// A reader-writer lock that prefers writers, so a commit is not starved by a
-/// stream of I/O (glibc's default kind prefers readers).
+/// A reader-writer lock that prefers writers by default, so a commit is not starved by a
+/// stream of I/O (glibc's default kind prefers readers). One that prefers readers lets a
+/// thread take the read side again while it holds it, even with a writer waiting (with writer
+/// preference that inner read would wait for the writer, which waits for the outer read).
 public final class ReadWriteLock: @unchecked Sendable {
     private let l = UnsafeMutablePointer<pthread_rwlock_t>.allocate(capacity: 1)
 
-    public init() {
+    public init(preferringWriters: Bool = true) {
         var attr = pthread_rwlockattr_t()
         pthread_rwlockattr_init(&attr)
-        pthread_rwlockattr_setkind_np(&attr, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
+        pthread_rwlockattr_setkind_np(&attr, Int32(preferringWriters ? PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP : PTHREAD_RWLOCK_PREFER_READER_NP))
         pthread_rwlock_init(l, &attr)
         pthread_rwlockattr_destroy(&attr)
     }

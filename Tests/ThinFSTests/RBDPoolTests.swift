@@ -1,5 +1,6 @@
 import Foundation
 import PersistentData
+import Synchronization
 import SystemPackage
 import TestSupport
 import Testing
@@ -282,6 +283,51 @@ struct RBDPoolTests {
         }
         #expect(!stillListed, "client global id \(client)'s session outlived RBDPool.close() by 10 s")
         withExtendedLifetime(pool) {}
+    }
+
+    /// A device closed (rbd_close) while other threads use its handle: the pool's commit (which
+    /// flushes every open image, as the FUSE committer and every store transaction ask) and
+    /// `deviceStatus` (which reads through the open handle, as `thinfs layer ls` and containerd's
+    /// usage do). librbd frees the image at rbd_close, and a call that overlaps or follows it
+    /// crashes the process in librbd's io_context threads ("terminate called after throwing an
+    /// instance of 'std::system_error' what(): Invalid argument", or SIGSEGV): issue 16's flake
+    /// in CI's RBD end to end, where a container's FUSE session ends (its device closes) while the
+    /// next `ctr run` commits. The opens, uses and closes here must neither crash nor fail.
+    @Test func handleClosedWhileOtherThreadsUseIt() throws {
+        let pool = try Self.pool(Ceph.uniquePrefix("inuse"))
+        defer { try? Self.removeAll(pool) }
+        try pool.message(.createThin(1))
+        let cycles = Int(ProcessInfo.processInfo.environment["THINFS_RBD_CLOSE_CYCLES"] ?? "") ?? 150
+        final class Stop: Sendable { let flag = Atomic(false) }
+        let stop = Stop()
+        let failures = RBDPoolBenchmark.Mutex2()
+        let users = DispatchGroup()
+        for user in ["commit", "deviceStatus", "commit"] {
+            users.enter()
+            Thread.detachNewThread {
+                defer { users.leave() }
+                while !stop.flag.load(ordering: .acquiring) {
+                    do {
+                        if user == "commit" { try pool.commit() } else { _ = try pool.deviceStatus(1) }
+                    } catch {
+                        failures.record("\(user): \(error)")
+                    }
+                }
+            }
+        }
+        let block = [UInt8](repeating: 0x5a, count: 4096)
+        do {
+            for cycle in 0..<cycles {
+                let device = try pool.openDevice(1, size: 8 << 20)
+                try block.withUnsafeBytes { try device.write($0, at: UInt64(cycle % 64) * 4096) }
+                device.close()
+            }
+        } catch {
+            failures.record("open, write, close: \(error)")
+        }
+        stop.flag.store(true, ordering: .releasing)
+        users.wait()
+        #expect(failures.all.isEmpty, "\(failures.all.count) failures, the first: \(failures.all.prefix(3))")
     }
 
     /// The layer catalogue between two stores (two clients, two prefixes, one catalogue object):

@@ -218,12 +218,7 @@ extension RBDPool {
             if try sharedLayer(chainID) != nil { return false }
             let image = try RBDImage(connection: connection, name: name, readOnly: false)
             defer { image.close() }
-            var exists = false
-            try check(ceph.rbd_snap_exists(image.handle, Self.sharedSnapshot, &exists), "rbd_snap_exists", "\(image.target)@\(Self.sharedSnapshot)")
-            if !exists { try check(ceph.rbd_snap_create(image.handle, Self.sharedSnapshot), "rbd_snap_create", "\(image.target)@\(Self.sharedSnapshot)") }
-            var protected: Int32 = 0
-            try check(ceph.rbd_snap_is_protected(image.handle, Self.sharedSnapshot, &protected), "rbd_snap_is_protected", "\(image.target)@\(Self.sharedSnapshot)")
-            if protected == 0 { try check(ceph.rbd_snap_protect(image.handle, Self.sharedSnapshot), "rbd_snap_protect", "\(image.target)@\(Self.sharedSnapshot)") }
+            try image.createProtectedSnapshot(Self.sharedSnapshot)
             let layer = SharedLayer(chainID: chainID, image: name, host: host, hostname: Self.hostname, size: size, uuid: uuid, parent: parent)
             try connection.omapUpdate(catalogue, set: [
                 "layer.\(chainID)": encode(layer),
@@ -434,7 +429,7 @@ extension RadosConnection {
             var more: UInt8 = 0
             var rv: Int32 = 0
             ceph.rados_read_op_omap_get_vals2(op, after, prefix, 512, &iterator, &more, &rv)
-            let rc = ceph.rados_read_op_operate(op, io, object, 0)
+            let rc = withIO { ceph.rados_read_op_operate(op, $0, object, 0) }
             if rc == -ENOENT { return result }
             try check(rc, "rados_read_op_operate (omap)", "\(pool)/\(object)")
             try check(rv, "rados_read_op_omap_get_vals2", "\(pool)/\(object)")
@@ -485,7 +480,7 @@ extension RadosConnection {
         var keyLengths = keys.map { $0.utf8.count }, valueLengths = values.map(\.count), removeLengths = remove.map { $0.utf8.count }
         if !keys.isEmpty { ceph.rados_write_op_omap_set2(op, &keyPointers, &valuePointers, &keyLengths, &valueLengths, keys.count) }
         if !remove.isEmpty { ceph.rados_write_op_omap_rm_keys2(op, &removePointers, &removeLengths, remove.count) }
-        try check(ceph.rados_write_op_operate(op, io, object, nil, 0), "rados_write_op_operate (omap)", "\(pool)/\(object)")
+        try check(withIO { ceph.rados_write_op_operate(op, $0, object, nil, 0) }, "rados_write_op_operate (omap)", "\(pool)/\(object)")
     }
 
     /// Runs `body` holding `object`'s exclusive cls_lock. The lock lasts 30 s at most, so one
@@ -495,13 +490,13 @@ extension RadosConnection {
         var duration = timeval(tv_sec: 30, tv_usec: 0)
         let deadline = Date().addingTimeInterval(40)
         while true {
-            let rc = ceph.rados_lock_exclusive(io, object, "thinfs-catalogue", cookie, "thinfs layer catalogue", &duration, 0)
+            let rc = withIO { ceph.rados_lock_exclusive($0, object, "thinfs-catalogue", cookie, "thinfs layer catalogue", &duration, 0) }
             if rc == 0 { break }
             guard rc == -EBUSY || rc == -EEXIST else { try check(rc, "rados_lock_exclusive", "\(pool)/\(object)"); break }
             guard Date() < deadline else { throw RBDPool.CatalogueError.lockTimeout(catalogue: "\(pool)/\(object)") }
             usleep(20_000)
         }
-        defer { _ = ceph.rados_unlock(io, object, "thinfs-catalogue", cookie) }
+        defer { _ = withIO { ceph.rados_unlock($0, object, "thinfs-catalogue", cookie) } }
         return try body()
     }
 }

@@ -208,7 +208,7 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
     private func createThin(_ id: ThinDeviceID) throws {
         let name = imageName(id)
         try state.withLock { _ in
-            let rc = withImageOptions { opts in ceph.rbd_create4(connection.io, name, configuration.imageSize, opts) }
+            let rc = withImageOptions { opts in connection.withIO { ceph.rbd_create4($0, name, configuration.imageSize, opts) } }
             if rc == -EEXIST { throw ThinPoolError.message(.deviceIDInUse(id)) }
             try check(rc, "rbd_create4", spec(id))
             logger.debug("created rbd image", metadata: ["thin.id": "\(id)", "rbd.image": "\(name)"])
@@ -243,18 +243,13 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
             }
             // A snapshot left by an interrupted create_snap of the same child id is reused.
             if !viaShared {
-                var exists = false
-                try check(ceph.rbd_snap_exists(image.handle, snap, &exists), "rbd_snap_exists", "\(originName)@\(snap)")
-                if !exists { try check(ceph.rbd_snap_create(image.handle, snap), "rbd_snap_create", "\(originName)@\(snap)") }
-                var protected: Int32 = 0
-                try check(ceph.rbd_snap_is_protected(image.handle, snap, &protected), "rbd_snap_is_protected", "\(originName)@\(snap)")
-                if protected == 0 { try check(ceph.rbd_snap_protect(image.handle, snap), "rbd_snap_protect", "\(originName)@\(snap)") }
+                try image.createProtectedSnapshot(snap)
             } else {
                 image.close()
             }
             let rc = withImageOptions { opts in
                 _ = ceph.rbd_image_options_set_uint64(opts, Int32(RBD_IMAGE_OPTION_CLONE_FORMAT), 1)
-                return ceph.rbd_clone3(connection.io, originName, snap, connection.io, name, opts)
+                return connection.withIO { ceph.rbd_clone3($0, originName, snap, $0, name, opts) }
             }
             if rc == -EEXIST { throw ThinPoolError.message(.deviceIDInUse(id)) }
             try check(rc, "rbd_clone3", "\(configuration.pool)/\(originName)@\(snap) to \(name)")
@@ -303,11 +298,11 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         }
         image.close()
         if kept == 0 {
-            try check(ceph.rbd_remove(connection.io, name), "rbd_remove", "\(configuration.pool)/\(name)")
+            try check(connection.withIO { ceph.rbd_remove($0, name) }, "rbd_remove", "\(configuration.pool)/\(name)")
             logger.debug("removed rbd image", metadata: ["rbd.image": "\(name)"])
         } else {
             let retired = "\(deletedPrefix)\(id.map(String.init) ?? "x")-\(UUID().uuidString.lowercased())"
-            try check(ceph.rbd_rename(connection.io, name, retired), "rbd_rename", "\(configuration.pool)/\(name) to \(retired)")
+            try check(connection.withIO { ceph.rbd_rename($0, name, retired) }, "rbd_rename", "\(configuration.pool)/\(name) to \(retired)")
             logger.debug("retired rbd image with clones", metadata: ["rbd.image": "\(name)", "rbd.retired": "\(retired)", "rbd.snapshots": "\(kept)"])
         }
         guard let parent else { return }
@@ -388,7 +383,7 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
             var current = try image.size()
             if size != ThinDevice.maximumSize, size > current {
                 guard !readOnly else { throw ThinPoolError.readOnly("rbd image \(image.name) is \(current) bytes, \(size) asked, and the pool is read-only") }
-                try check(ceph.rbd_resize(image.handle, size), "rbd_resize", "\(configuration.pool)/\(image.name)")
+                try image.resize(to: size)
                 current = size
             }
             open[id, default: (image, 0)].opens += 1
@@ -486,7 +481,8 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
 
     public func commit() throws {
         let images = state.withLock { $0.values.map(\.image) }
-        for image in images { try image.flush() }
+        // An image closed since the list was taken is skipped: its close flushed it.
+        for image in images { try image.whileOpen { try image.flush() } }
     }
 
     public func resize(dataBytes: UInt64) throws {
@@ -500,9 +496,10 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         if state.withLock({ $0.isEmpty }) { connection.shutdown() }
     }
 
-    /// Runs `body` on image `id`: this process's handle if open, else a read-only one for the call.
+    /// Runs `body` on image `id`: this process's handle if open (held open for the call: a
+    /// device that closes meanwhile waits for it), else a read-only one for the call.
     private func withImage<T>(_ id: ThinDeviceID, _ body: (RBDImage) throws -> T) throws -> T {
-        if let shared = state.withLock({ $0[id]?.image }) { return try body(shared) }
+        if let shared = state.withLock({ $0[id]?.image }), let result = try shared.whileOpen({ try body(shared) }) { return result }
         let image: RBDImage
         do {
             image = try RBDImage(connection: connection, name: imageName(id), readOnly: true)
@@ -562,24 +559,38 @@ func check<T: SignedInteger>(_ rc: T, _ operation: String, _ target: String) thr
 /// Ceph's static destructors (exit's handlers) while librados's own threads still run, and may
 /// abort. Waiting for the last reference is not enough, since any retained object (a closure,
 /// a cache) keeps the connection alive to the end.
+///
+/// The shutdown frees what librados and librbd work with: a call on the handles in progress
+/// (`withIO`, `withCluster`) holds `gate` for reading, so the shutdown waits for it; and an
+/// open image (`RBDImage`: librbd keeps the I/O context and the cluster until its rbd_close) defers
+/// it to the last image's close. A temporary handle (`RBDPool.withImage`, `externalUse`) may be
+/// open on another thread when the store closes the pool.
 final class RadosConnection: @unchecked Sendable {
-    /// librados's handles are thread-safe; the Mutex only orders their use against `shutdown`.
-    private struct Handles: @unchecked Sendable {
+    /// librados's handles are thread-safe; `gate` only orders their use against `shutdown`.
+    private struct Handles {
         let cluster: rados_t
         let io: rados_ioctx_t
     }
-    private let handles: Mutex<Handles?>
-    /// The cluster handle. Used after `shutdown` only by a bug of ours (a pool used after its
-    /// store closed it), never because of anything the cluster sends: an assertion, not an error.
-    var cluster: rados_t { live.cluster }
-    /// The pool's I/O context (see `cluster`).
-    var io: rados_ioctx_t { live.io }
-    private var live: Handles {
-        guard let handles = handles.withLock({ $0 }) else {
-            preconditionFailure("the cluster connection of pool \(pool) was used after RBDPool.close shut it down")
+    /// Prefers readers, as RBDImage's: calls nest (an image opened inside `withObjectLock`).
+    private let gate = ReadWriteLock(preferringWriters: false)
+    /// Under `gate`; nil once shut down.
+    private var handles: Handles?
+    /// Images open on `io`, and whether a shutdown waits for the last of them to close.
+    private let images = Mutex((open: 0, shutdownPending: false))
+    /// The handles, for one call. Used after `shutdown` only by a bug of ours (a pool used after
+    /// its store closed it), never because of anything the cluster sends: an assertion, not an error.
+    private func withHandles<T>(_ body: (Handles) throws -> T) rethrows -> T {
+        try gate.withReadLock { () throws -> T in
+            guard let handles else {
+                preconditionFailure("the cluster connection of pool \(pool) was used after RBDPool.close shut it down")
+            }
+            return try body(handles)
         }
-        return handles
     }
+    /// Runs `body` with the pool's I/O context, which stays valid until it returns.
+    func withIO<T>(_ body: (rados_ioctx_t) throws -> T) rethrows -> T { try withHandles { try body($0.io) } }
+    /// Runs `body` with the cluster handle, which stays valid until it returns.
+    func withCluster<T>(_ body: (rados_t) throws -> T) rethrows -> T { try withHandles { try body($0.cluster) } }
     let pool: String
     let instanceID: UInt64
     /// rbd.osd_timeout, for the errors that name it.
@@ -608,7 +619,7 @@ final class RadosConnection: @unchecked Sendable {
         var io: rados_ioctx_t?
         try check(ceph.rados_ioctx_create(cluster, pool, &io), "rados_ioctx_create", "pool \(pool)")
         connected = true
-        self.handles = Mutex(Handles(cluster: cluster, io: io!))
+        self.handles = Handles(cluster: cluster, io: io!)
         self.pool = pool
         self.osdTimeout = osdTimeout
         self.instanceID = ceph.rados_get_instance_id(cluster)
@@ -616,19 +627,40 @@ final class RadosConnection: @unchecked Sendable {
 
     deinit { shutdown() }
 
-    /// Destroys the I/O context and disconnects (the monitor drops the session). Idempotent.
-    /// Every image opened through this connection must be closed first.
+    /// Destroys the I/O context and disconnects (the monitor drops the session), once the calls
+    /// in progress have returned; with images open, when the last of them closes. Idempotent.
     func shutdown() {
-        guard let live = handles.withLock({ h -> Handles? in defer { h = nil }; return h }) else { return }
-        ceph.rados_ioctx_destroy(live.io)
-        ceph.rados_shutdown(live.cluster)
+        gate.withWriteLock {
+            guard let live = handles else { return }
+            // Under the write side: an image opening counts itself under the read side.
+            let waitForImages = images.withLock { state -> Bool in
+                if state.open > 0 { state.shutdownPending = true }
+                return state.open > 0
+            }
+            if waitForImages { return }
+            handles = nil
+            ceph.rados_ioctx_destroy(live.io)
+            ceph.rados_shutdown(live.cluster)
+        }
+    }
+
+    /// An image opened on `io` (RBDImage.init, inside `withIO`).
+    func imageOpened() { images.withLock { $0.open += 1 } }
+
+    /// An image closed (after its rbd_close); the last one does a shutdown that waited for it.
+    func imageClosed() {
+        let shutdownNow = images.withLock { state -> Bool in
+            state.open -= 1
+            return state.open == 0 && state.shutdownPending
+        }
+        if shutdownNow { shutdown() }
     }
 
     func imageNames() throws -> [String] {
         var max = 64
         while true {
             var specs = [rbd_image_spec_t](repeating: rbd_image_spec_t(), count: max)
-            let rc = ceph.rbd_list2(io, &specs, &max)
+            let rc = withIO { ceph.rbd_list2($0, &specs, &max) }
             if rc == -ERANGE { continue }
             try check(rc, "rbd_list2", "pool \(pool)")
             defer { ceph.rbd_image_spec_list_cleanup(&specs, max) }
@@ -637,11 +669,15 @@ final class RadosConnection: @unchecked Sendable {
     }
 
     func imageExists(_ name: String) throws -> Bool {
-        var image: rbd_image_t?
-        let rc = ceph.rbd_open_read_only(io, name, &image, nil)
+        // Opened and closed inside the call: the shutdown waits for it.
+        let rc = withIO { io -> Int32 in
+            var image: rbd_image_t?
+            let rc = ceph.rbd_open_read_only(io, name, &image, nil)
+            if rc == 0 { _ = ceph.rbd_close(image) }
+            return rc
+        }
         if rc == -ENOENT { return false }
         try check(rc, "rbd_open_read_only", "\(pool)/\(name)")
-        _ = ceph.rbd_close(image)
         return true
     }
 
@@ -649,7 +685,7 @@ final class RadosConnection: @unchecked Sendable {
         var length = 64
         while true {
             var buffer = [CChar](repeating: 0, count: length)
-            let rc = ceph.rbd_pool_metadata_get(io, key, &buffer, &length)
+            let rc = withIO { ceph.rbd_pool_metadata_get($0, key, &buffer, &length) }
             if rc == -ENOENT { return nil }
             if rc == -ERANGE { continue }
             try check(rc, "rbd_pool_metadata_get", "pool \(pool) key \(key)")
@@ -658,28 +694,46 @@ final class RadosConnection: @unchecked Sendable {
     }
 
     func setPoolMetadata(_ key: String, _ value: String) throws {
-        try check(ceph.rbd_pool_metadata_set(io, key, value), "rbd_pool_metadata_set", "pool \(pool) key \(key)")
+        try check(withIO { ceph.rbd_pool_metadata_set($0, key, value) }, "rbd_pool_metadata_set", "pool \(pool) key \(key)")
     }
 
     /// The cluster's raw capacity and use, in bytes.
     func clusterUsage() throws -> (total: UInt64, used: UInt64) {
         var stat = rados_cluster_stat_t()
-        try check(ceph.rados_cluster_stat(cluster, &stat), "rados_cluster_stat", "pool \(pool)")
+        try check(withCluster { ceph.rados_cluster_stat($0, &stat) }, "rados_cluster_stat", "pool \(pool)")
         return (stat.kb * 1024, stat.kb_used * 1024)
     }
 }
 
-/// One open image. librbd allows concurrent I/O on a handle from many threads.
+/// One open image. librbd allows concurrent calls on a handle from many threads, but none
+/// alongside or after its `rbd_close`, which frees the image (librbd's ImageCtx) before it
+/// returns: a call that overlaps the close, or follows it, works on freed memory, and librbd's
+/// io_context threads then abort the process ("terminate called after throwing an instance of
+/// 'std::system_error' what(): Invalid argument", a destroyed mutex locked) or crash it with
+/// SIGSEGV (issue 16: `thinfs serve` died so in CI's RBD end to end when a container's device
+/// closed while the pool's commit flushed every open image). So every call on `handle` holds
+/// `gate` for reading and `close` holds it for writing: a close waits for the calls in progress,
+/// and a call after it fails with EBADF instead of reaching librbd.
 final class RBDImage: @unchecked Sendable {
     let connection: RadosConnection
     let name: String
-    private let closed = Mutex(false)
-    let handle: rbd_image_t
+    /// Prefers readers: a call may hold it while it makes another (`whileOpen`), and that inner
+    /// read must not queue behind a close waiting for the outer one (writer preference would).
+    private let gate = ReadWriteLock(preferringWriters: false)
+    /// Under `gate`.
+    private var isClosed = false
+    /// Only inside `withHandle` (under `gate`).
+    private let handle: rbd_image_t
     var target: String { "\(connection.pool)/\(name)" }
 
     init(connection: RadosConnection, name: String, readOnly: Bool) throws {
         var image: rbd_image_t?
-        let rc = readOnly ? ceph.rbd_open_read_only(connection.io, name, &image, nil) : ceph.rbd_open(connection.io, name, &image, nil)
+        // Counted inside the call, so that a shutdown cannot slip in between (it waits for this image's close).
+        let rc = connection.withIO { io -> Int32 in
+            let rc = readOnly ? ceph.rbd_open_read_only(io, name, &image, nil) : ceph.rbd_open(io, name, &image, nil)
+            if rc == 0 { connection.imageOpened() }
+            return rc
+        }
         try check(rc, readOnly ? "rbd_open_read_only" : "rbd_open", "\(connection.pool)/\(name)")
         self.connection = connection
         self.name = name
@@ -688,24 +742,50 @@ final class RBDImage: @unchecked Sendable {
 
     deinit { close() }
 
-    /// Flushes and closes (releasing the exclusive lock). Idempotent.
+    /// Flushes and closes (releasing the exclusive lock), once the calls in progress have
+    /// returned. Idempotent.
     func close() {
-        let first = closed.withLock { c -> Bool in defer { c = true }; return !c }
-        if first { _ = ceph.rbd_close(handle) }
+        let first = gate.withWriteLock { () -> Bool in
+            guard !isClosed else { return false }
+            isClosed = true
+            _ = ceph.rbd_close(handle)
+            return true
+        }
+        if first { connection.imageClosed() }
+    }
+
+    /// Runs `body` on the handle, which stays open until it returns; throws EBADF, naming
+    /// `operation`, if the image is closed.
+    @discardableResult
+    func withHandle<T>(_ operation: String, _ body: (rbd_image_t) throws -> T) throws -> T {
+        try gate.withReadLock { () throws -> T in
+            guard !isClosed else { throw RBDPool.Error.call(operation: operation, target: target, errno: .badFileDescriptor) }
+            return try body(handle)
+        }
+    }
+
+    /// Runs `body` with the image held open, or returns nil without running it if the image is
+    /// closed (a shared handle whose last device closed since it was looked up).
+    func whileOpen<T>(_ body: () throws -> T) throws -> T? {
+        try gate.withReadLock { () throws -> T? in isClosed ? nil : try body() }
     }
 
     func size() throws -> UInt64 {
         var size: UInt64 = 0
-        try check(ceph.rbd_get_size(handle, &size), "rbd_get_size", target)
+        try withHandle("rbd_get_size") { try check(ceph.rbd_get_size($0, &size), "rbd_get_size", target) }
         return size
     }
 
-    func flush() throws { try check(ceph.rbd_flush(handle), "rbd_flush", target) }
+    func resize(to size: UInt64) throws {
+        try withHandle("rbd_resize") { try check(ceph.rbd_resize($0, size), "rbd_resize", target) }
+    }
+
+    func flush() throws { try withHandle("rbd_flush") { try check(ceph.rbd_flush($0), "rbd_flush", target) } }
 
     /// Takes the exclusive lock for this handle; refuses, naming the holder, when another
     /// client holds it explicitly (librbd's EROFS) or will not give it up (EBUSY).
     func acquireExclusiveLock() throws {
-        let rc = ceph.rbd_lock_acquire(handle, RBD_LOCK_MODE_EXCLUSIVE)
+        let rc = try withHandle("rbd_lock_acquire") { ceph.rbd_lock_acquire($0, RBD_LOCK_MODE_EXCLUSIVE) }
         if rc == -EROFS || rc == -EBUSY {
             throw RBDPool.Error.lockedByAnotherClient(image: target, holders: (try? lockOwners()) ?? [])
         }
@@ -713,78 +793,103 @@ final class RBDImage: @unchecked Sendable {
     }
 
     func lockOwners() throws -> [String] {
-        var mode = RBD_LOCK_MODE_EXCLUSIVE
-        var max = 8
-        var owners = [UnsafeMutablePointer<CChar>?](repeating: nil, count: max)
-        let rc = ceph.rbd_lock_get_owners(handle, &mode, &owners, &max)
-        if rc == -ENOENT { return [] }
-        try check(rc, "rbd_lock_get_owners", target)
-        defer { ceph.rbd_lock_get_owners_cleanup(&owners, max) }
-        return owners.prefix(max).compactMap { $0.map { String(cString: $0) } }
+        try withHandle("rbd_lock_get_owners") { handle in
+            var mode = RBD_LOCK_MODE_EXCLUSIVE
+            var max = 8
+            var owners = [UnsafeMutablePointer<CChar>?](repeating: nil, count: max)
+            let rc = ceph.rbd_lock_get_owners(handle, &mode, &owners, &max)
+            if rc == -ENOENT { return [] }
+            try check(rc, "rbd_lock_get_owners", target)
+            defer { ceph.rbd_lock_get_owners_cleanup(&owners, max) }
+            return owners.prefix(max).compactMap { $0.map { String(cString: $0) } }
+        }
     }
 
     struct Watcher { var id: UInt64; var address: String }
 
     func watchers() throws -> [Watcher] {
-        var max = 16
-        while true {
-            var list = [rbd_image_watcher_t](repeating: rbd_image_watcher_t(), count: max)
-            let rc = ceph.rbd_watchers_list(handle, &list, &max)
-            if rc == -ERANGE { continue }
-            try check(rc, "rbd_watchers_list", target)
-            defer { ceph.rbd_watchers_list_cleanup(&list, max) }
-            return list.prefix(max).map { Watcher(id: UInt64(bitPattern: $0.id), address: $0.addr.map { String(cString: $0) } ?? "?") }
+        try withHandle("rbd_watchers_list") { handle in
+            var max = 16
+            while true {
+                var list = [rbd_image_watcher_t](repeating: rbd_image_watcher_t(), count: max)
+                let rc = ceph.rbd_watchers_list(handle, &list, &max)
+                if rc == -ERANGE { continue }
+                try check(rc, "rbd_watchers_list", target)
+                defer { ceph.rbd_watchers_list_cleanup(&list, max) }
+                return list.prefix(max).map { Watcher(id: UInt64(bitPattern: $0.id), address: $0.addr.map { String(cString: $0) } ?? "?") }
+            }
         }
     }
 
     func snapshots() throws -> [String] {
-        var max: Int32 = 16
-        while true {
-            var snaps = [rbd_snap_info_t](repeating: rbd_snap_info_t(), count: Int(max) + 1)
-            let rc = ceph.rbd_snap_list(handle, &snaps, &max)
-            if rc == -ERANGE { continue }
-            let n = try check(rc, "rbd_snap_list", target)
-            defer { ceph.rbd_snap_list_end(&snaps) }
-            return snaps.prefix(Int(n)).map { String(cString: $0.name) }
+        try withHandle("rbd_snap_list") { handle in
+            var max: Int32 = 16
+            while true {
+                var snaps = [rbd_snap_info_t](repeating: rbd_snap_info_t(), count: Int(max) + 1)
+                let rc = ceph.rbd_snap_list(handle, &snaps, &max)
+                if rc == -ERANGE { continue }
+                let n = try check(rc, "rbd_snap_list", target)
+                defer { ceph.rbd_snap_list_end(&snaps) }
+                return snaps.prefix(Int(n)).map { String(cString: $0.name) }
+            }
+        }
+    }
+
+    /// Snapshot `snap`, protected (what a v1 clone reads through); one that exists (left by an
+    /// interrupted create_snap of the same child, or published before) is reused.
+    func createProtectedSnapshot(_ snap: String) throws {
+        try withHandle("rbd_snap_create") { handle in
+            var exists = false
+            try check(ceph.rbd_snap_exists(handle, snap, &exists), "rbd_snap_exists", "\(target)@\(snap)")
+            if !exists { try check(ceph.rbd_snap_create(handle, snap), "rbd_snap_create", "\(target)@\(snap)") }
+            var protected: Int32 = 0
+            try check(ceph.rbd_snap_is_protected(handle, snap, &protected), "rbd_snap_is_protected", "\(target)@\(snap)")
+            if protected == 0 { try check(ceph.rbd_snap_protect(handle, snap), "rbd_snap_protect", "\(target)@\(snap)") }
         }
     }
 
     /// The clones of snapshot `snap` (image names).
     func children(of snap: String) throws -> [String] {
-        try check(ceph.rbd_snap_set(handle, snap), "rbd_snap_set", "\(target)@\(snap)")
-        defer { _ = ceph.rbd_snap_set(handle, nil) }
-        var max = 16
-        while true {
-            var specs = [rbd_linked_image_spec_t](repeating: rbd_linked_image_spec_t(), count: max)
-            let rc = ceph.rbd_list_children3(handle, &specs, &max)
-            if rc == -ERANGE { continue }
-            try check(rc, "rbd_list_children3", "\(target)@\(snap)")
-            defer { ceph.rbd_linked_image_spec_list_cleanup(&specs, max) }
-            return specs.prefix(max).map { String(cString: $0.image_name) }
+        try withHandle("rbd_list_children3") { handle in
+            try check(ceph.rbd_snap_set(handle, snap), "rbd_snap_set", "\(target)@\(snap)")
+            defer { _ = ceph.rbd_snap_set(handle, nil) }
+            var max = 16
+            while true {
+                var specs = [rbd_linked_image_spec_t](repeating: rbd_linked_image_spec_t(), count: max)
+                let rc = ceph.rbd_list_children3(handle, &specs, &max)
+                if rc == -ERANGE { continue }
+                try check(rc, "rbd_list_children3", "\(target)@\(snap)")
+                defer { ceph.rbd_linked_image_spec_list_cleanup(&specs, max) }
+                return specs.prefix(max).map { String(cString: $0.image_name) }
+            }
         }
     }
 
     func removeSnapshot(_ snap: String) throws {
-        var protected: Int32 = 0
-        try check(ceph.rbd_snap_is_protected(handle, snap, &protected), "rbd_snap_is_protected", "\(target)@\(snap)")
-        if protected != 0 { try check(ceph.rbd_snap_unprotect(handle, snap), "rbd_snap_unprotect", "\(target)@\(snap)") }
-        try check(ceph.rbd_snap_remove(handle, snap), "rbd_snap_remove", "\(target)@\(snap)")
+        try withHandle("rbd_snap_remove") { handle in
+            var protected: Int32 = 0
+            try check(ceph.rbd_snap_is_protected(handle, snap, &protected), "rbd_snap_is_protected", "\(target)@\(snap)")
+            if protected != 0 { try check(ceph.rbd_snap_unprotect(handle, snap), "rbd_snap_unprotect", "\(target)@\(snap)") }
+            try check(ceph.rbd_snap_remove(handle, snap), "rbd_snap_remove", "\(target)@\(snap)")
+        }
     }
 
     /// The image and snapshot this clone reads through, or nil for an image that is no clone.
     func parent() throws -> (image: String, snapshot: String)? {
-        var image = rbd_linked_image_spec_t()
-        var snap = rbd_snap_spec_t()
-        let rc = ceph.rbd_get_parent(handle, &image, &snap)
-        if rc == -ENOENT { return nil }
-        try check(rc, "rbd_get_parent", target)
-        defer { ceph.rbd_linked_image_spec_cleanup(&image); ceph.rbd_snap_spec_cleanup(&snap) }
-        return (String(cString: image.image_name), String(cString: snap.name))
+        try withHandle("rbd_get_parent") { handle in
+            var image = rbd_linked_image_spec_t()
+            var snap = rbd_snap_spec_t()
+            let rc = ceph.rbd_get_parent(handle, &image, &snap)
+            if rc == -ENOENT { return nil }
+            try check(rc, "rbd_get_parent", target)
+            defer { ceph.rbd_linked_image_spec_cleanup(&image); ceph.rbd_snap_spec_cleanup(&snap) }
+            return (String(cString: image.image_name), String(cString: snap.name))
+        }
     }
 
     func createTimestamp() throws -> Int {
         var ts = timespec()
-        try check(ceph.rbd_get_create_timestamp(handle, &ts), "rbd_get_create_timestamp", target)
+        try withHandle("rbd_get_create_timestamp") { try check(ceph.rbd_get_create_timestamp($0, &ts), "rbd_get_create_timestamp", target) }
         return ts.tv_sec
     }
 
@@ -792,40 +897,46 @@ final class RBDImage: @unchecked Sendable {
     func allocatedExtents(includeParent: Bool) throws -> [(offset: UInt64, length: UInt64)] {
         final class Box { var extents: [(offset: UInt64, length: UInt64)] = [] }
         let box = Box()
-        let size = try size()
-        let rc = withExtendedLifetime(box) {
-            ceph.rbd_diff_iterate2(handle, nil, 0, size, includeParent ? 1 : 0, 0, { offset, length, exists, arg in
-                let box = Unmanaged<Box>.fromOpaque(arg!).takeUnretainedValue()
-                guard exists != 0 else { return 0 }
-                if let last = box.extents.last, last.offset + last.length == offset {
-                    box.extents[box.extents.count - 1].length += UInt64(length)
-                } else {
-                    box.extents.append((offset, UInt64(length)))
-                }
-                return 0
-            }, Unmanaged.passUnretained(box).toOpaque())
+        try withHandle("rbd_diff_iterate2") { handle in
+            var size: UInt64 = 0
+            try check(ceph.rbd_get_size(handle, &size), "rbd_get_size", target)
+            let rc = withExtendedLifetime(box) {
+                ceph.rbd_diff_iterate2(handle, nil, 0, size, includeParent ? 1 : 0, 0, { offset, length, exists, arg in
+                    let box = Unmanaged<Box>.fromOpaque(arg!).takeUnretainedValue()
+                    guard exists != 0 else { return 0 }
+                    if let last = box.extents.last, last.offset + last.length == offset {
+                        box.extents[box.extents.count - 1].length += UInt64(length)
+                    } else {
+                        box.extents.append((offset, UInt64(length)))
+                    }
+                    return 0
+                }, Unmanaged.passUnretained(box).toOpaque())
+            }
+            try check(rc, "rbd_diff_iterate2", target)
         }
-        try check(rc, "rbd_diff_iterate2", target)
         return box.extents
     }
 
-    /// Runs one AIO request and waits for it. Requests from several threads (FUSE's workers)
-    /// are in flight together; librbd splits each into its objects' RADOS ops itself.
-    func aio(_ operation: String, offset: UInt64, length: Int, _ submit: (rbd_completion_t) -> Int32) throws -> Int {
-        var completion: rbd_completion_t?
-        try check(ceph.rbd_aio_create_completion(nil, nil, &completion), "rbd_aio_create_completion", target)
-        defer { ceph.rbd_aio_release(completion) }
+    /// Runs one AIO request and waits for it, the image held open throughout. Requests from
+    /// several threads (FUSE's workers) are in flight together; librbd splits each into its
+    /// objects' RADOS ops itself.
+    func aio(_ operation: String, offset: UInt64, length: Int, _ submit: (rbd_image_t, rbd_completion_t) -> Int32) throws -> Int {
         let where_ = "\(target) at \(offset)+\(length)"
         do {
-            try check(submit(completion!), operation, where_)
+            return try withHandle(operation) { handle in
+                var completion: rbd_completion_t?
+                try check(ceph.rbd_aio_create_completion(nil, nil, &completion), "rbd_aio_create_completion", target)
+                defer { ceph.rbd_aio_release(completion) }
+                try check(submit(handle, completion!), operation, where_)
+                // Bounded: librados completes every op it sent with -ETIMEDOUT after rbd.osd_timeout.
+                _ = ceph.rbd_aio_wait_for_complete(completion)
+                let rv = ceph.rbd_aio_get_return_value(completion)
+                if rv < 0 { throw deviceError(operation, where_, Errno(rawValue: Int32(-rv))) }
+                return rv
+            }
         } catch let e as RBDPool.Error {
             throw deviceError(operation, where_, e.errno)
         }
-        // Bounded: librados completes every op it sent with -ETIMEDOUT after rbd.osd_timeout.
-        _ = ceph.rbd_aio_wait_for_complete(completion)
-        let rv = ceph.rbd_aio_get_return_value(completion)
-        if rv < 0 { throw deviceError(operation, where_, Errno(rawValue: Int32(-rv))) }
-        return rv
     }
 
     /// A failed request as the Volume (and through it the application) sees it. A request the
@@ -873,8 +984,8 @@ final class RBDBlockDevice: BlockDevice, @unchecked Sendable {
         try BlockDeviceError.wrap(.read, image.target, offset: offset, length: buffer.count) {
             try checkOpen("read", offset, buffer.count)
             guard buffer.count > 0 else { return }
-            let n = try image.aio("rbd_aio_read", offset: offset, length: buffer.count) { c in
-                ceph.rbd_aio_read(image.handle, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
+            let n = try image.aio("rbd_aio_read", offset: offset, length: buffer.count) { h, c in
+                ceph.rbd_aio_read(h, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
             }
             // Past the image's end (a smaller image than the device asked for): zeros.
             if n < buffer.count { UnsafeMutableRawBufferPointer(rebasing: buffer[n...]).initializeMemory(as: UInt8.self, repeating: 0) }
@@ -885,8 +996,8 @@ final class RBDBlockDevice: BlockDevice, @unchecked Sendable {
         try BlockDeviceError.wrap(.write, image.target, offset: offset, length: buffer.count) {
             try checkOpen("write", offset, buffer.count)
             guard buffer.count > 0 else { return }
-            _ = try image.aio("rbd_aio_write", offset: offset, length: buffer.count) { c in
-                ceph.rbd_aio_write(image.handle, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
+            _ = try image.aio("rbd_aio_write", offset: offset, length: buffer.count) { h, c in
+                ceph.rbd_aio_write(h, offset, buffer.count, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), c)
             }
         }
     }
@@ -896,8 +1007,8 @@ final class RBDBlockDevice: BlockDevice, @unchecked Sendable {
             try checkOpen("discard", offset, 0)
             let length = min(length, size - offset)
             guard length > 0 else { return }
-            _ = try image.aio("rbd_aio_discard", offset: offset, length: Int(length)) { c in
-                ceph.rbd_aio_discard(image.handle, offset, length, c)
+            _ = try image.aio("rbd_aio_discard", offset: offset, length: Int(length)) { h, c in
+                ceph.rbd_aio_discard(h, offset, length, c)
             }
         }
     }
@@ -906,7 +1017,7 @@ final class RBDBlockDevice: BlockDevice, @unchecked Sendable {
     func flush() throws {
         try BlockDeviceError.wrap(.flush, image.target) {
             try checkOpen("flush", 0, 0)
-            _ = try image.aio("rbd_aio_flush", offset: 0, length: 0) { c in ceph.rbd_aio_flush(image.handle, c) }
+            _ = try image.aio("rbd_aio_flush", offset: 0, length: 0) { h, c in ceph.rbd_aio_flush(h, c) }
         }
     }
 
