@@ -2,7 +2,8 @@
 # htree-mount-bench.sh: a directory grown through a read-write FUSE mount (thinfs-mount of a pool
 # device), built old and new, interleaved round by round. Per build and round:
 #   1. mount, create FILES empty files in /d through the mount, then time the unmount: from
-#      `umount` to the daemon's exit (its last commit, the new build's indexing, the close);
+#      `umount` to the daemon's exit (its last commit, the new build's indexing, the close), and
+#      print the new daemon's own log of the indexing's duration (column "index");
 #   2. mount again, create one file at the root (no directory grows), time that unmount too;
 #   3. copy the device out (`thinfs dev read`), loop-mount it read-only with kernel ext4, drop the
 #      page cache, and lstat every name of /d from a list, in a fixed random order.
@@ -57,26 +58,27 @@ PY
 now() { date +%s.%N; }
 # mount BIN ROOT: thinfs-mount in the foreground, in the background; sets PID once mounted.
 mount_dev() {
-    "$1/thinfs-mount" --root "$2" --device 1 "$MNT" -f > "$WORK/mount.log" 2>&1 &
+    THINFS_LOG=info "$1/thinfs-mount" --root "$2" --device 1 "$MNT" -f > "$WORK/mount.log" 2>&1 &
     PID=$!
     PIDS+=("$PID")
     local i
     for i in $(seq 1 200); do mountpoint -q "$MNT" && return 0; sleep 0.1; done
     cat "$WORK/mount.log" >&2; echo "htree-mount-bench: no mount" >&2; exit 1
 }
-# timed_unmount: seconds from umount to the daemon's exit.
+# timed_unmount: sets SECS to the seconds from umount to the daemon's exit. Not run in a
+# command substitution: `wait` must run in the shell whose child the daemon is.
 timed_unmount() {
     local t0 t1
     t0=$(now)
     umount "$MNT"
-    wait "$PID"   # our child: reaped here (kill -0 would see its zombie)
+    wait "$PID"
     t1=$(now)
-    echo "$t1 - $t0" | bc -l
+    SECS=$(echo "$t1 - $t0" | bc -l)
 }
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 echo "files=$FILES rounds=$ROUNDS kernel=$(uname -r) cpus=$(nproc)"
-printf '%-6s %-5s %14s %14s %12s %9s  %s\n' round build "umount-grown" "umount-none" "lookups(s)" "us/file" loadavg
+printf '%-6s %-5s %14s %10s %14s %12s %9s  %s\n' round build "umount-grown" "index" "umount-none" "lookups(s)" "us/file" loadavg
 for r in $(seq 1 "$ROUNDS"); do
     for build in old new; do
         bin=$OLD; [ "$build" = new ] && bin=$NEW
@@ -88,12 +90,14 @@ for r in $(seq 1 "$ROUNDS"); do
         mount_dev "$bin" "$root"
         python3 "$WORK/create.py" "$MNT/d" "$FILES"
         drop_caches
-        grown=$(timed_unmount)
+        timed_unmount; grown=$SECS
+        # The daemon's own measure of the indexing (fsync before it included), new build only.
+        index=$(sed -n 's/.*duration=\([0-9.e-]*\) seconds.*indexed grown directories at close.*/\1/p' "$WORK/mount.log" | tail -1)
 
         mount_dev "$bin" "$root"
         : > "$MNT/one-file"
         drop_caches
-        none=$(timed_unmount)
+        timed_unmount; none=$SECS
 
         img="$WORK/$build-$r.img"
         IMAGES+=("$img")
@@ -104,7 +108,7 @@ for r in $(seq 1 "$ROUNDS"); do
         drop_caches
         secs=$(python3 "$WORK/stat.py" "$KMNT/d" "$FILES")
         umount "$KMNT"; losetup -d "$loop"; rm -f "$img"
-        printf '%-6s %-5s %14.3f %14.3f %12s %9.1f  %s\n' "$r" "$build" "$grown" "$none" "$secs" \
+        printf '%-6s %-5s %14.3f %10s %14.3f %12s %9.1f  %s\n' "$r" "$build" "$grown" "${index:--}" "$none" "$secs" \
             "$(echo "$secs * 1000000 / $FILES" | bc -l)" "$(load)"
     done
 done
