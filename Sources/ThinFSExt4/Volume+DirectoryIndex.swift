@@ -66,22 +66,128 @@ import ThinFSCore
 // later creates and unlinks in it go through ext2fs_link's dx_link and ext2fs_unlink, which
 // keep the index. Listings still run by position (Volume+Read.swift): the records of an
 // indexed directory are read block by block as in a plain one.
+//
+// ## When
+// Where a directory stops changing: at the end of a layer's content write (LayerStore+Content:
+// import, apply-diff, the containerd and Docker appliers call `indexGrownDirectories`), and when
+// a read-write volume closes (`close` → `indexBeforeClose`): a FUSE mount's unmount (`thinfs
+// mount`, thinfs-mount, `thinfs serve`'s containerd and Docker mounts), after its server's last
+// commit. Not while a mount is live: readdir cookies are positions (Volume+Read.swift), stable
+// in a plain directory only, and the kernel may hold some. A containerd Commit of a snapshot
+// still mounted hands the mount's grown directories to the committed copy
+// (`takeGrownDirectories`, LayerStore.commitInUse), which indexes them as it closes.
+//
+// ## Crashes and failures at close
+//
+//     step                                         a SIGKILL or failure here leaves
+//     ───────────────────────────────────────────  ──────────────────────────────────────────────
+//     1 fsync: libext2fs's state written, commit   the last commit (atomic commit); all written
+//                                                  before the unmount is in it once this returns
+//     2 each directory rewritten, under the        SIGKILL: step 1's commit, the directories
+//       volume's lock, held from the first         plain (under atomic commit no block step 1
+//       directory to the last, so no commit        committed is overwritten in place, and no
+//       (periodic, fsync, another group member's:  commit can run: VolumeGroup.commit takes every
+//       VolumeGroup.commit) runs meanwhile         member's lock). A failure before a directory's
+//                                                  first block is rewritten (ENOSPC growing it)
+//                                                  leaves it plain, logged, and the close goes on;
+//                                                  one after is thrown (`halfIndexed`), and the
+//                                                  caller's rule for a failed close applies
+//                                                  (VolumeGroup.leave: back to step 1's commit
+//                                                  under atomic commit when no other writer is
+//                                                  open)
+//     3 close writes the rest; the caller commits  the indexed directories, committed
+//
+// A layer with no grown directory skips all three: its close costs what it did. On a pool too
+// full for the rewrite (`indexSpaceFactor`) step 2 is skipped and the directories stay plain.
 extension Volume {
     /// Indexes every directory this volume grew past one block that has no index yet (the end of
     /// a layer import or apply: where a directory stops changing). Returns how many it indexed.
     /// Directories of one block are left alone: the kernel indexes those itself as they grow.
+    /// A failure is thrown, the volume forgets its grown directories, and the caller discards the
+    /// device (a layer writer's scratch or new layer).
     @discardableResult
     public func indexGrownDirectories() throws(VolumeError) -> Int {
-        try withFS { fs throws(VolumeError) in
-            var indexed = 0
-            for dir in grownDirectories.sorted() {
-                // A grown directory may since have been removed (its number maybe reused by a file).
-                guard let inode = try? readInode(fs, dir), UInt32(inode.i_mode) & 0o170000 == 0o040000 else { continue }
-                if try buildIndex(fs, dir) { indexed += 1 }
+        try withFS { fs throws(VolumeError) in try indexGrown(fs, tolerant: false) }
+    }
+
+    /// `close`'s step (see "Crashes and failures at close" above): commits what was written,
+    /// then indexes the grown directories. Returns how many it indexed.
+    @discardableResult
+    func indexBeforeClose() throws(VolumeError) -> Int {
+        guard (try? withFS({ _ throws(VolumeError) in !grownDirectories.isEmpty })) == true else { return 0 }
+        let started = ContinuousClock.now
+        do { try fsync(nil) } catch {
+            logger.warning("grown directories left plain: the commit before indexing them failed", metadata: ["error": "\(error)"])
+            return 0
+        }
+        return try withFS { fs throws(VolumeError) in
+            let count = grownDirectories.count
+            if let free = try? device.freeSpace()?.free {
+                let bytes = grownDirectories.reduce(UInt64(0)) { sum, dir in sum + ((try? readInode(fs, dir)).map { fileSize($0) } ?? 0) }
+                let need = bytes * Self.indexSpaceFactor + Self.indexSpaceMargin
+                guard free >= need else {
+                    grownDirectories.removeAll()
+                    logger.info("grown directories left plain: the pool is nearly full", metadata: [
+                        "directories.grown": "\(count)", "pool.free": "\(free)", "index.needs": "\(need)"])
+                    return 0
+                }
             }
-            grownDirectories.removeAll()
+            let indexed = try indexGrown(fs, tolerant: true)
+            logger.info("indexed grown directories at close", metadata: [
+                "directories.grown": "\(count)", "directories.indexed": "\(indexed)", "duration": "\(ContinuousClock.now - started)"])
             return indexed
         }
+    }
+
+    /// The pool space an index at close asks for, per byte of the directories it rewrites, and
+    /// beyond: under atomic commit each rewritten directory block the last commit holds is copied
+    /// to a new pool block (64 KiB at the default dm.blocksize, 16 of ext4's 4 KiB blocks, in the
+    /// worst case of one directory block per pool block). A rewrite the pool cannot hold would
+    /// fail half-way, and with other writers open a group commit would publish that half (the
+    /// failed close's rule, VolumeGroup.leave); so on a pool this full the directories stay plain.
+    static let indexSpaceFactor: UInt64 = 16
+    static let indexSpaceMargin: UInt64 = 8 << 20
+
+    /// The directories this volume grew and has not indexed, handed over: the volume forgets
+    /// them. For a writer whose device goes (a failed layer write), and for a containerd Commit
+    /// of a snapshot still mounted, whose committed copy indexes them (`addGrownDirectories`).
+    public func takeGrownDirectories() -> Set<UInt64> {
+        lock.withLock {
+            defer { grownDirectories.removeAll() }
+            return grownDirectories
+        }
+    }
+
+    /// Directories to index when this volume closes, as if it had grown them: inode numbers of
+    /// a volume this one's device is a snapshot of. Numbers that are no directory here, or a
+    /// directory of one block, are skipped then.
+    public func addGrownDirectories(_ dirs: Set<UInt64>) {
+        lock.withLock { grownDirectories.formUnion(dirs) }
+    }
+
+    /// Indexes the grown directories, then forgets them (whatever happens). `tolerant`: a
+    /// directory whose index fails before any of its blocks is rewritten is logged and left
+    /// plain; otherwise, and for a failure after, the error is thrown.
+    private func indexGrown(_ fs: ext2_filsys, tolerant: Bool) throws(VolumeError) -> Int {
+        defer {
+            grownDirectories.removeAll()
+            halfIndexed = nil
+        }
+        var indexed = 0
+        for dir in grownDirectories.sorted() {
+            // A grown directory may since have been removed (its number maybe reused by a file).
+            guard let inode = try? readInode(fs, dir), UInt32(inode.i_mode) & 0o170000 == 0o040000 else { continue }
+            do throws(VolumeError) {
+                if try buildIndex(fs, dir) { indexed += 1 }
+            } catch {
+                if let half = halfIndexed {
+                    throw VolumeError(error.errno, "indexing directory \(half) failed with its blocks half rewritten: \(error.context)")
+                }
+                guard tolerant else { throw error }
+                logger.warning("a grown directory is left plain: indexing it failed", metadata: ["inode": "\(dir)", "error": "\(error)"])
+            }
+        }
+        return indexed
     }
 
     /// Gives directory `dir` an htree index if it is a plain directory of two blocks or more.
@@ -220,8 +326,10 @@ extension Volume {
             physical.append(p)
         }
         // From here the directory's blocks are rewritten; a failure leaves it inconsistent, so
-        // the directory cache forgets it, and the caller (a layer write) discards the whole device.
+        // the directory cache forgets it, and the caller (a layer write) discards the whole device
+        // or (a close) fails the close (`halfIndexed`).
         directories.drop(dir)
+        halfIndexed = dir
 
         // 5. The leaves (logical 1...L).
         let base = buffer.baseAddress!
@@ -281,13 +389,27 @@ extension Volume {
         buffer.storeBytes(of: UInt8(8), toByteOffset: 29, as: UInt8.self)   // info_length
         buffer.storeBytes(of: UInt8(nodeCount > 0 ? 1 : 0), toByteOffset: 30, as: UInt8.self)
         dxEntries(at: 32, limit: rootLimit, children: rootChildren)
+        if Self.crashesAt("index.root") {
+            // The worst moment: leaves and index nodes on the device, the root and flag not.
+            try? channelState(fs.pointee.io).writeBackDirty()
+            kill(getpid(), SIGKILL)
+        }
         try check(ext2fs_write_dir_block4(fs, physical[0], base, 0, ext2_ino_t(dir)), "writing the index root of directory \(dir)")
 
         // 7. The flag last: until it is set, the blocks read as a plain directory.
         inode = try readInode(fs, dir)
         inode.i_flags |= UInt32(EXT2_INDEX_FL)
         try writeInode(fs, dir, &inode)
+        halfIndexed = nil
         logger.debug("indexed directory \(dir): \(entries.count) entries in \(leaves.count) leaves, \(nodeCount) index nodes")
         return true
+    }
+
+    /// Crash injection for the tests, as `LayerStore.crashPoint`: `THINFS_CRASH_AT=index.root`
+    /// kills the process with SIGKILL while a directory is indexed, once its leaves and index
+    /// nodes are written out of the block cache to the device, before its root and flag.
+    static func crashesAt(_ point: String) -> Bool {
+        guard let target = getenv("THINFS_CRASH_AT") else { return false }
+        return String(cString: target) == point
     }
 }

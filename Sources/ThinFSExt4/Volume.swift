@@ -42,6 +42,9 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// Directories this volume grew by a block, to be given an htree index where they stop
     /// changing (`indexGrownDirectories`, Volume+DirectoryIndex.swift).
     var grownDirectories: Set<UInt64> = []
+    /// The directory whose blocks `buildIndex` is rewriting, from its first rewritten block to
+    /// its index flag: a failure meanwhile leaves that directory inconsistent.
+    var halfIndexed: UInt64?
     var nextGeneration = UInt32.random(in: 0...UInt32.max)
 
     /// Group commit for a volume that commits its own device (no `commitHook`: `thinfs-mount`),
@@ -136,7 +139,8 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         if let failure { throw failure }
     }
 
-    deinit { try? close() }
+    /// No indexing here (`close` does it): a volume dropped unclosed is on an error path.
+    deinit { try? closeHandle() }
 
     /// The filesystem UUID of the ext4 on `device`, read without changing anything.
     public static func filesystemUUID(device: BlockDevice) throws -> String {
@@ -157,8 +161,21 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         return version.map { String(cString: $0) } ?? "unknown"
     }
 
-    /// Writes everything back (superblock, bitmaps, inodes) and closes the filesystem.
+    /// Indexes the directories a read-write volume grew that nothing indexed yet
+    /// (`indexBeforeClose`, Volume+DirectoryIndex.swift: a FUSE mount's), then writes everything
+    /// back (superblock, bitmaps, inodes) and closes the filesystem. The handle is closed even
+    /// when the indexing fails; the first failure is thrown.
     public func close() throws {
+        var failure: Swift.Error?
+        if !isReadOnly {
+            do { try indexBeforeClose() } catch { failure = error }
+        }
+        do { try closeHandle() } catch { failure = failure ?? error }
+        if let failure { throw failure }
+    }
+
+    /// Writes everything back (superblock, bitmaps, inodes) and closes the filesystem.
+    func closeHandle() throws {
         try lock.withLock { () throws(VolumeError) in
             guard fs != nil else { return }
             directories.removeAll()

@@ -25,9 +25,10 @@ struct CrashAndSnapshotTests {
             }
         }
 
-        func mount(_ id: ThinDeviceID, at mountpoint: String, readOnly: Bool = false) throws {
+        func mount(_ id: ThinDeviceID, at mountpoint: String, readOnly: Bool = false, environment: [String: String] = [:]) throws {
             try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
-            let r = try Binaries.run("thinfs-mount", ["--root", path, "--device", "\(id)", mountpoint] + (readOnly ? ["-o", "ro"] : []))
+            let r = try Binaries.run("thinfs-mount", ["--root", path, "--device", "\(id)", mountpoint] + (readOnly ? ["-o", "ro"] : []),
+                                     environment: environment)
             guard r.status == 0 else { throw Oracle.OracleError.failed("thinfs-mount: \(r.stderr)") }
         }
 

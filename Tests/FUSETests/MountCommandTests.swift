@@ -21,10 +21,12 @@ enum Binaries {
             && ["/sbin/mke2fs", "/usr/sbin/mke2fs"].contains { FileManager.default.isExecutableFile(atPath: $0) }
     }
 
-    static func run(_ name: String, _ args: [String]) throws -> Oracle.Result {
+    /// Runs `name` with `args`, its environment ours with `environment` laid over it.
+    static func run(_ name: String, _ args: [String], environment: [String: String] = [:]) throws -> Oracle.Result {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: path(name))
         p.arguments = args
+        if !environment.isEmpty { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
         p.standardError = err

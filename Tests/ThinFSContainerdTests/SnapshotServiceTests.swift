@@ -408,6 +408,48 @@ struct SnapshotServiceTests {
         }
     }
 
+    /// A directory grown through a snapshot's mount has an htree index in the committed layer
+    /// (debugfs and kernel ext4 on its bytes), whether Commit closes the mount's layer first
+    /// (`Volume.close` indexes it) or, with a bind mount of it left, commits a thin snapshot of it
+    /// (the committed copy indexes the mount's grown directories).
+    @Test func committedSnapshotsHaveTheirGrownDirectoriesIndexed() async throws {
+        let h = try await Harness()
+        let outside = h.dir.path + "/outside"
+        try FileManager.default.createDirectory(atPath: outside, withIntermediateDirectories: true)
+        let names = Set((0..<2_000).map { "file-\($0)" })
+        @Sendable func create(_ dir: String) throws {
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: false)
+            for n in names {
+                let fd = open(dir + "/" + n, O_CREAT | O_WRONLY | O_CLOEXEC, 0o644)
+                try #require(fd >= 0, "creating \(dir)/\(n): errno \(errno)")
+                close(fd)
+            }
+        }
+        @Sendable func expectIndexed(_ key: String) throws {
+            let layer = try #require(try h.store.snapshot(key)).layer
+            let fsck = try h.fsck(layer)   // leaves the image at DIR/LAYER.img
+            #expect(fsck.status == 0 && !fsck.stdout.contains("Fix? no"), "e2fsck -fn of \(key): \(fsck.stdout)\(fsck.stderr)")
+            let image = h.dir.path + "/\(layer).img"
+            let dump = try KernelExt4.debugfs(image, "htree_dump /d")
+            #expect(try KernelExt4.isIndexed(image, "/d"), "\(key): \(dump.prefix(300))")
+            if KernelExt4.canLoopMount { try KernelExt4.withMount(image) { try KernelExt4.sees($0 + "/d", names) } }
+        }
+        try await h.run { c in
+            let a = try await prepare(c, "a")
+            try create(a[0].source + "/d")
+            try await commit(c, "ca", key: "a")
+            try expectIndexed("ca")
+
+            let b = try await prepare(c, "b")
+            try #require(mount(b[0].source, outside, nil, UInt(MS_BIND | MS_REC), nil) == 0, "bind mount: errno \(errno)")
+            defer { umount2(outside, Int32(MNT_DETACH)) }
+            try create(outside + "/d")
+            try await commit(c, "cb", key: "b")
+            try expectIndexed("cb")
+            #expect(umount2(outside, 0) == 0)
+        }
+    }
+
     /// Without deferred deletion a busy snapshot is not removed: FailedPrecondition, and it stays.
     @Test func busyRemoveWithoutDeferredDeletion() async throws {
         let h = try await Harness()

@@ -51,7 +51,7 @@ extension LayerStore {
             try indexDirectories(open.volume, of: id)
             try open.close()
         } catch {
-            try? open.close()
+            forgetContent(open)
             discardScratch(scratch, of: id, after: error)
             throw error
         }
@@ -124,7 +124,7 @@ extension LayerStore {
             logger.info("layer content complete", metadata: ["layer": "\(id)"])
             return result
         } catch {
-            try? open.close()
+            forgetContent(open)
             discardIncomplete(id, after: error)
             throw error
         }
@@ -136,6 +136,13 @@ extension LayerStore {
     private func indexDirectories(_ volume: Volume, of id: String) throws {
         let count = try volume.indexGrownDirectories()
         if count > 0 { logger.debug("indexed directories", metadata: ["layer": "\(id)", "count": "\(count)"]) }
+    }
+
+    /// Closes the volume of a write that failed, whose device is discarded next: its grown
+    /// directories are not indexed at the close (one may be half indexed, if that is what failed).
+    private func forgetContent(_ open: OpenLayer) {
+        _ = open.volume.takeGrownDirectories()
+        try? open.close()
     }
 
     func setState(_ id: String, _ state: State) throws {

@@ -262,7 +262,12 @@ extension LayerStore {
         let layer = try journaledCreate(Layer(id: id, parent: old.parent, deviceID: try allocateDeviceID(), kind: .image, size: old.size,
                                               state: .applying, uuid: old.uuid, created: now),
                                         origin: old.deviceID, holdingStill: writer.volume)
+        // The mount's grown directories, taken after the snapshot (a superset of those grown
+        // before it), are indexed in the committed copy; the old layer is deleted once free, so
+        // its own close has nothing to index. Back to the writer if the commit fails.
+        let grown = writer.volume.takeGrownDirectories()
         do {
+            try indexGrownDirectories(grown, in: layer)
             try db.transaction {
                 try db.execute("UPDATE layers SET state = 'active' WHERE id = ?", [.text(layer.id)])
                 try db.execute("UPDATE layers SET state = 'deleted' WHERE id = ?", [.text(old.id)])
@@ -271,6 +276,7 @@ extension LayerStore {
                                 .integer(Self.storedTime(now)), .text(Self.hex(active.key))])
             }
         } catch {
+            writer.volume.addGrownDirectories(grown)
             try? journaledDelete(layer)
             throw error
         }
@@ -278,6 +284,16 @@ extension LayerStore {
                     metadata: ["snapshot": "\(active.key.debugDescription)", "name": "\(name.debugDescription)",
                                "layer": "\(layer.id)", "was": "\(old.id)"])
         return Snapshot(key: name, layer: layer.id, parent: active.parent, kind: .committed, labels: labels, created: now, updated: now)
+    }
+
+    /// Indexes directories `dirs` (grown through the mount of the layer `layer` is a snapshot
+    /// of) in the still `applying` layer `layer`: opened read-write, and indexed as it closes
+    /// (`Volume.close`). A failure fails the commit, which deletes `layer`.
+    private func indexGrownDirectories(_ dirs: Set<UInt64>, in layer: Layer) throws {
+        guard !dirs.isEmpty else { return }
+        let open = try openLayer(layer.id, readOnly: false, what: "indexing the directories of a committed snapshot", incomplete: true)
+        open.volume.addGrownDirectories(dirs)
+        try open.close()
     }
 
     /// Remove: refused while other snapshots name it as parent. A busy layer follows
