@@ -12,7 +12,8 @@ its thinfs-mount daemon runs for the whole run). A round runs every label in tur
 alternates from round to round): caches dropped, then --starts starts, each timed from the
 command's fork to its exit; afterwards (untimed) the round's containers are unmounted and
 removed, so that every round starts with the same open volumes. The report gives each label's
-median and p95, their ratio to the first label's, and the load average of each round.
+median and p95, their ratio to the first label's, the load average of each round, and the
+daemon's CPU time per start (/proc utime + stime over the timed starts; 10 ms ticks).
 
 With --strace N, each label then runs N more starts with `strace -f -c` attached to its daemon,
 and the report gives the daemon's fdatasync, fsync and pwrite64 calls per start: counts that do
@@ -106,6 +107,12 @@ class Store:
             self.run("layer", "rm", "--root", self.root, cid)
             os.rmdir(mp)
 
+    def cpu_ms(self):
+        """The daemon's CPU time so far (utime + stime, in clock ticks of 10 ms)."""
+        with open(f"/proc/{self.daemon()}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
     def daemon(self):
         pids = daemon_pids(self.root)
         if len(pids) != 1:
@@ -148,27 +155,32 @@ def main():
         for label, bindir in builds:
             stores.append(Store(label, bindir, scratch))
         samples = {s.label: [] for s in stores}
+        cpu_ms = {s.label: 0.0 for s in stores}
         loads = []
         for r in range(a.rounds):
             loads.append(loadavg())
             for s in (stores if r % 2 == 0 else list(reversed(stores))):
                 drop_caches()
                 made = []
+                cpu = s.cpu_ms()
                 for _ in range(a.starts):
                     c, ms = s.timed_start()
                     made.append(c)
                     samples[s.label].append(ms)
+                cpu_ms[s.label] += s.cpu_ms() - cpu
                 s.remove(made)
         if a.rounds:
             base = stores[0].label
             bmed, bp95 = statistics.median(samples[base]), percentile(samples[base], 95)
             print(f"container start, daemon running: {a.rounds} rounds x {a.starts} starts per build, "
                   f"alternating; load average (1 min) at each round: {' '.join(loads)}")
-            print(f"{'build':<12} {'median ms':>10} {'p95 ms':>8} {'min ms':>8} {'median/' + base:>14} {'p95/' + base:>10}")
+            print(f"{'build':<12} {'median ms':>10} {'p95 ms':>8} {'min ms':>8} {'median/' + base:>14} {'p95/' + base:>10} "
+                  f"{'daemon CPU ms/start':>20}")
             for s in stores:
                 v = samples[s.label]
                 med, p95 = statistics.median(v), percentile(v, 95)
-                print(f"{s.label:<12} {med:>10.1f} {p95:>8.1f} {min(v):>8.1f} {med / bmed:>14.2f} {p95 / bp95:>10.2f}")
+                print(f"{s.label:<12} {med:>10.1f} {p95:>8.1f} {min(v):>8.1f} {med / bmed:>14.2f} {p95 / bp95:>10.2f} "
+                      f"{cpu_ms[s.label] / len(v):>20.1f}")
         if a.strace:
             print(f"daemon syscalls per start (strace -f -c, {a.strace} starts; strace slows the daemon):")
             print(f"{'build':<12} {'fdatasync':>10} {'fsync':>6} {'pwrite64':>9} {'all':>6}")
