@@ -59,7 +59,7 @@ struct ServeContainerdTests {
        .enabled(if: Host.canMountFUSE && ServeBinary.available && Oracle.available, "needs root, /dev/fuse, the built thinfs and thin_check"))
 struct SnapshotCrashTests {
     @Test(arguments: [
-        "create.closed",      // the layer's device and row committed, the journal entry left
+        "create.closed",      // the layer's device committed, its row not yet written
         "snapshot.created",   // the layer made, its snapshot row not yet written
     ])
     func prepareCrashLeavesNoOrphan(point: String) async throws {

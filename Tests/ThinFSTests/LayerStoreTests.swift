@@ -245,13 +245,15 @@ struct LayerStoreTests {
 @Suite("Layer store crash recovery", .enabled(if: Oracle.available && CLI.available, "needs thin_check and the thinfs binary"))
 struct LayerStoreCrashTests {
     /// Kills `thinfs layer create` / `rm` with SIGKILL at each journaled step, then checks that
-    /// reopening rolls back (before the pool commit) or forward (after it), and that the store
-    /// and the pool agree, by thin_dump.
+    /// reopening rolls back or forward, and that the store and the pool agree, by thin_dump.
+    /// A create is one pool commit and then one database transaction (the table on
+    /// `LayerStore+Journal.swift`); its `create.sent` is between two pool commits, which only
+    /// the kernel's dm-thin makes (`scripts/vm/tests/layers-thinpooldev`).
     @Test(arguments: [
         ("create.opened", false),     // journaled, nothing sent: rolled back
-        ("create.sent", false),       // the pool has it in memory only: gone with the process
-        ("create.recorded", false),   // the store has the row, the pool never committed: rolled back
-        ("create.closed", true),      // the pool committed with the transaction id: rolled forward
+        ("create.closed", false),     // the pool committed the device and the transaction id, the
+                                      // store has no row: the device is deleted
+        ("create.recorded", true),    // the row and the journal entry's removal committed: done
     ])
     func createCrashes(point: String, survives: Bool) throws {
         let dir = TempDir()
@@ -271,6 +273,77 @@ struct LayerStoreCrashTests {
         let recorded = Set(try reopened.allLayers().map(\.deviceID) + [reopened.base.deviceID])
         #expect(recorded.count == 3)
         #expect(try LayerStoreTests.dumpedDevices(reopened) == recorded, "\(point): the pool and the store disagree")
+        #expect(try Oracle.check(try reopened.poolRoot.config().metadata))
+    }
+
+    /// A container's create commits the pool once (the device and the transaction id together)
+    /// and the database twice (the journal entry; the row with the entry's removal). It was two
+    /// pool commits and three database commits, each with its host flushes.
+    @Test func aCreateCommitsThePoolOnceAndTheDatabaseTwice() throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path, options: LayerStoreTests.options(), logger: quietLogger)
+        _ = try store.createImageLayer("img", parent: nil)
+        try store.close()
+        let recorder = CommitFlushTests.Recorder()
+        let dataPath = try PoolRoot(path: dir.path).config().data
+        PoolIOHooks.install(recorder, dataPath: dataPath)
+        defer { PoolIOHooks.remove(dataPath: dataPath) }
+        let reopened = try LayerStore.open(root: dir.path, logger: quietLogger)
+        final class Count: @unchecked Sendable {
+            let lock = Lock()
+            var value = 0
+        }
+        let commits = Count()
+        reopened.db.afterCommit = { commits.lock.withLock { commits.value += 1 } }
+        _ = recorder.take()
+        _ = try reopened.createContainerLayer("c", parent: "img", size: nil)
+        let ops = recorder.take()
+        #expect(ops.filter { $0 == "durable write metadata superblock" }.count == 1, "\(ops)")
+        // No data was written since the last commit: the metadata file's flush alone, then the superblock.
+        #expect(ops.filter { $0.hasPrefix("sync") } == ["sync metadata"], "\(ops)")
+        #expect(commits.lock.withLock { commits.value } == 2)
+        // The store and the pool agree on what was made (thin_dump, after closing the store).
+        let recorded = Set(try reopened.allLayers().map(\.deviceID) + [reopened.base.deviceID])
+        #expect(recorded.count == 3)
+        #expect(try LayerStoreTests.dumpedDevices(reopened) == recorded)
+    }
+
+    /// The two journal states the userspace pool's crash points cannot make, written by hand:
+    /// a device committed without its transaction id (the kernel's dm-thin commits each
+    /// message: `create.sent`), and a row recorded before the pool's commit (the five-step
+    /// protocol of earlier versions, crashed after its step 4). The first is rolled back and
+    /// its device deleted; the second rolled forward.
+    @Test func recoveryOfKernelAndEarlierJournals() throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path, options: LayerStoreTests.options(), logger: quietLogger)
+        let img = try store.createImageLayer("img", parent: nil)
+        let tx = try store.transactionID
+        // Between the kernel's two commits: the device, not the transaction id.
+        try store.db.execute("INSERT INTO journal(txid, op, layer, device_id, origin) VALUES(?, 'create', 'sent', 900, ?)",
+                             [.integer(Int64(tx + 1)), .integer(Int64(img.deviceID))])
+        try store.pool.message(.createSnap(900, origin: img.deviceID))
+        try store.close()
+        var reopened = try LayerStore.open(root: dir.path, logger: quietLogger)
+        #expect(reopened.lastRecovery.rolledBack == ["sent"])
+        #expect(reopened.lastRecovery.orphanDevices == [])
+        #expect(try reopened.layer("sent") == nil)
+        #expect(try LayerStoreTests.dumpedDevices(reopened) == [reopened.base.deviceID, img.deviceID])   // closes it
+        reopened = try LayerStore.open(root: dir.path, logger: quietLogger)
+        #expect(reopened.lastRecovery.isEmpty)
+        // The five-step protocol after its close: row, device and transaction id, the journal entry left.
+        let tx2 = try reopened.transactionID
+        try reopened.db.execute("INSERT INTO journal(txid, op, layer, device_id, origin) VALUES(?, 'create', 'old', 901, ?)",
+                                [.integer(Int64(tx2 + 1)), .integer(Int64(img.deviceID))])
+        try reopened.pool.message(.createSnap(901, origin: img.deviceID))
+        try reopened.insert(LayerStore.Layer(id: "old", parent: "img", deviceID: 901, kind: .container, size: img.size,
+                                             state: .active, uuid: img.uuid, created: Date()))
+        try reopened.pool.message(.setTransactionID(current: tx2, new: tx2 + 1))
+        try reopened.close()
+        reopened = try LayerStore.open(root: dir.path, logger: quietLogger)
+        #expect(reopened.lastRecovery.rolledForward == ["old"])
+        #expect(try reopened.layer("old")?.deviceID == 901)
+        #expect(try reopened.db.query("SELECT COUNT(*) FROM journal").first?.first?.integer == 0)
+        #expect(try LayerStoreTests.dumpedDevices(reopened) == [reopened.base.deviceID, img.deviceID, 901])   // closes it
         #expect(try Oracle.check(try reopened.poolRoot.config().metadata))
     }
 

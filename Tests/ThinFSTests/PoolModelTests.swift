@@ -126,7 +126,23 @@ struct PoolModelTests {
                     committed = model
                 case 5..<10 where !ids.isEmpty && ids.count < 8:
                     let origin = ids.randomElement(using: &rng)!
-                    try pool.message(.createSnap(nextID, origin: origin))
+                    // Mostly with the transaction id in the same commit (a journaled create, one
+                    // commit for both messages); now and then with a wrong current id, which fails
+                    // after the snapshot: the snapshot is committed as if sent alone.
+                    let form = Int.random(in: 0..<4, using: &rng)
+                    if form == 0 {
+                        try pool.message(.createSnap(nextID, origin: origin))
+                    } else {
+                        let tx = try pool.status().transactionID
+                        let close = PoolMessage.setTransactionID(current: form == 3 ? tx + 7 : tx, new: tx + 1)
+                        do {
+                            try pool.messages([.createSnap(nextID, origin: origin), close])
+                            #expect(form != 3, "a wrong transaction id was taken; \(context)")
+                            #expect(try pool.status().transactionID == tx + 1, "\(context)")
+                        } catch ThinPoolError.message(.transactionIDMismatch) where form == 3 {
+                            #expect(try pool.status().transactionID == tx, "\(context)")
+                        }
+                    }
                     model.devices[nextID] = model.devices[origin]
                     nextID += 1
                     model.commit()

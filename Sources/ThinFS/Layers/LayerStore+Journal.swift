@@ -13,8 +13,27 @@ import PersistentData
 ///     4 close                                                    set_transaction_id T-1 T; commit
 ///     5 forget                     journal -= T
 ///
-/// The pool's transaction id says whether step 4 happened. At open, for each journal row:
-/// - pool transaction id ≥ T: the pool has the change; roll forward (make the database say so).
+/// A create takes a shorter path, with one pool commit and two database commits:
+///
+///     1 open                       journal += (T, create, ...)
+///     2 send and close                                           create_snap dev origin;
+///                                                                set_transaction_id T-1 T; commit
+///     3 record and forget          layers += row, journal -= T
+///                                  (one transaction)
+///
+/// The userspace pool takes step 2's two messages in one commit. The kernel's dm-thin (and RBD)
+/// commit each message, so there a crash can fall between them (`create.sent`): the device is
+/// durable and the transaction id is not, which recovery rolls back like any create short of
+/// step 3. The row is written after the device exists, never before: readers outside the store's
+/// lock never see a layer whose device the pool lacks.
+///
+/// The pool's transaction id says whether step 4 (a create's step 2) happened. At open, for each
+/// journal row:
+/// - a delete with pool transaction id ≥ T: the pool has the change; roll forward (make the
+///   database say so).
+/// - a create with pool transaction id ≥ T: the device is committed. If the row is there (a
+///   journal of the five-step protocol, which recorded before it closed) roll forward; if not,
+///   the create stopped before step 3 and never returned: the device is deleted.
 /// - otherwise: roll back a create (delete the device if an earlier commit made it durable, drop
 ///   the row), and finish a delete (the user asked for it, and the data may be half gone).
 ///
@@ -23,8 +42,9 @@ import PersistentData
 /// so what the device holds is partial. Only the pool's one writer opens the store, so no live
 /// writer can own such a layer at that point.
 ///
-/// Crash points for tests (`THINFS_CRASH_AT`): `<op>.opened`, `<op>.sent`, `<op>.recorded`,
-/// `<op>.closed`, with op `create` or `delete`.
+/// Crash points for tests (`THINFS_CRASH_AT`): `delete.opened`, `delete.sent`, `delete.recorded`,
+/// `delete.closed` after steps 1-4; `create.opened` after step 1, `create.sent` between the two
+/// messages (kernel and RBD pools only), `create.closed` after step 2, `create.recorded` after 3.
 ///
 /// **Scratch devices.** New content for an existing layer (`writeContent`) is written into a
 /// thin snapshot of the layer's device, never into the device itself, so the layer's committed
@@ -86,11 +106,10 @@ extension LayerStore {
                            [.integer(Int64(txid)), .text(layer.id), .integer(Int64(layer.deviceID)), .integer(Int64(origin))])
             Self.crashPoint("create.opened")
             do {
-                let message = PoolMessage.createSnap(layer.deviceID, origin: origin)
                 if let volume {
-                    try volume.withFlushedState { try pool.message(message) }
+                    try volume.withFlushedState { try sendAndClose(.createSnap(layer.deviceID, origin: origin), txid: txid) }
                 } else {
-                    try pool.message(message)
+                    try sendAndClose(.createSnap(layer.deviceID, origin: origin), txid: txid)
                 }
             } catch ThinPoolError.message(.deviceIDInUse(let taken)) {
                 // "device already there": a device no layer records (containerd#4790). Skip its id.
@@ -101,15 +120,27 @@ extension LayerStore {
                 layer.deviceID = try allocateDeviceID(after: taken)
                 continue
             }
-            Self.crashPoint("create.sent")
-            try db.transaction {
-                try insert(layer)
-                try Self.setSetting(db, "next.device", String(layer.deviceID + 1))
+            commitOpenVolumes(after: txid)
+            Self.crashPoint("create.closed")
+            do {
+                try db.transaction {
+                    try insert(layer)
+                    try Self.setSetting(db, "next.device", String(layer.deviceID + 1))
+                    try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(txid))])
+                }
+            } catch {
+                // The device is committed and no row names it: delete it now rather than at the
+                // next open (which would, from the journal row, if this fails too).
+                do {
+                    try pool.message(.delete(layer.deviceID))
+                    try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(txid))])
+                } catch let cleanup {
+                    logger.error("a layer's record failed after its thin device was made; the next open deletes the device",
+                                 metadata: ["layer": "\(layer.id)", "thin.id": "\(layer.deviceID)", "error": "\(cleanup)"])
+                }
+                throw error
             }
             Self.crashPoint("create.recorded")
-            try closeTransaction(txid)
-            Self.crashPoint("create.closed")
-            try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(txid))])
             return layer
         }
     }
@@ -215,6 +246,24 @@ extension LayerStore {
     /// `layer create` and `layer rm` exit 1 having created or removed the layer.
     private func closeTransaction(_ txid: UInt64) throws {
         try pool.message(.setTransactionID(current: txid - 1, new: txid))
+        commitOpenVolumes(after: txid)
+    }
+
+    /// A create's step 2 (see the table at the top): `message`, then the transaction id, in one
+    /// pool commit where the pool can (the userspace pool), else one commit each. The caller
+    /// commits the open volumes after it (`commitOpenVolumes`), outside any volume it holds still.
+    private func sendAndClose(_ message: PoolMessage, txid: UInt64) throws {
+        let close = PoolMessage.setTransactionID(current: txid - 1, new: txid)
+        if let userspace = pool as? UserspaceThinPool {
+            try userspace.messages([message, close])
+        } else {
+            try pool.message(message)
+            Self.crashPoint("create.sent")
+            try pool.message(close)
+        }
+    }
+
+    private func commitOpenVolumes(after txid: UInt64) {
         do {
             try volumes.commit()
         } catch {
@@ -269,9 +318,17 @@ extension LayerStore {
                 let poolTx = try transactionID
                 switch (entry.op, poolTx >= entry.txid) {
                 case (.create, true):
-                    // The commit that made the device also moved the transaction id: the record was
-                    // written before it (step 3), so only the journal row is left.
-                    report.rolledForward.append(entry.layer)
+                    // The commit that made the device also moved the transaction id. A row written
+                    // before it (the five-step protocol) leaves only the journal row; with no row,
+                    // the create stopped before its record and never returned: the device goes.
+                    if try layer(entry.layer)?.deviceID == entry.deviceID {
+                        report.rolledForward.append(entry.layer)
+                    } else {
+                        if try pool.deviceExists(entry.deviceID), try deleteUnlessShared(entry.deviceID) {
+                            try pool.commit()
+                        }
+                        report.rolledBack.append(entry.layer)
+                    }
                 case (.create, false):
                     if try pool.deviceExists(entry.deviceID) { try pool.message(.delete(entry.deviceID)) }
                     try db.execute("DELETE FROM layers WHERE id = ? AND device_id = ?",

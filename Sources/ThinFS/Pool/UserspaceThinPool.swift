@@ -235,27 +235,45 @@ public final class UserspaceThinPool: ThinPoolBackend, @unchecked Sendable {
 
     // MARK: Messages
 
-    public func message(_ message: PoolMessage) throws {
+    public func message(_ message: PoolMessage) throws { try messages([message]) }
+
+    /// Sends `messages` in order and commits them once, together: a change and the
+    /// `set_transaction_id` that journals it cost one commit, not one each. The kernel's dm-thin
+    /// commits after every message, so with it a crash can fall between the two; here it cannot.
+    /// If a message fails, the ones before it are committed, as if each had been sent alone, and
+    /// its error is thrown; one that fails first commits nothing.
+    public func messages(_ messages: [PoolMessage]) throws {
         try requireWritable()
-        try epoch.withWriteLock {
+        let sent = try epoch.withWriteLock {
             try metaLock.withLock {
-                try wrap {
-                    switch message {
-                    case .createThin(let id): try md.createThin(id)
-                    case .createSnap(let id, let origin): try md.createSnap(id, origin: origin)
-                    case .delete(let id):
-                        if let n = openCounts[id], n > 0 { throw ThinPoolError.deviceBusy(id, openCount: n) }
-                        try md.delete(id)
-                    case .setTransactionID(let current, let new): try md.setTransactionID(current: current, new: new)
-                    case .reserveMetadataSnap: try md.reserveMetadataSnap()
-                    case .releaseMetadataSnap: try md.releaseMetadataSnap()
+                try wrap { () -> Int in
+                    var sent = 0
+                    var failure: (any Error)?
+                    for message in messages {
+                        do { try apply(message) } catch { failure = error; break }
+                        sent += 1
                     }
-                    // Like the kernel, every successful message is committed.
-                    try commitLocked()
+                    if sent > 0 { try commitLocked() }
+                    if let failure { throw failure }
+                    return sent
                 }
             }
         }
-        logger.info("pool message", metadata: ["pool.message": "\(message)"])
+        for message in messages.prefix(sent) { logger.info("pool message", metadata: ["pool.message": "\(message)"]) }
+    }
+
+    /// One message's change, under `metaLock`; the caller commits.
+    private func apply(_ message: PoolMessage) throws {
+        switch message {
+        case .createThin(let id): try md.createThin(id)
+        case .createSnap(let id, let origin): try md.createSnap(id, origin: origin)
+        case .delete(let id):
+            if let n = openCounts[id], n > 0 { throw ThinPoolError.deviceBusy(id, openCount: n) }
+            try md.delete(id)
+        case .setTransactionID(let current, let new): try md.setTransactionID(current: current, new: new)
+        case .reserveMetadataSnap: try md.reserveMetadataSnap()
+        case .releaseMetadataSnap: try md.releaseMetadataSnap()
+        }
     }
 
     public func deviceExists(_ id: ThinDeviceID) throws -> Bool { metaLock.withLock { md.exists(id) } }

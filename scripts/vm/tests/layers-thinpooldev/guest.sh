@@ -12,7 +12,7 @@
 #   5. dm.min_free_space on a small second pool: refused below it, allowed again after an rm
 #   6. the LVM pool deactivated; the userspace engine opens its LVs and reads the same files
 #   7. crash rollback (last: a failed recovery leaves the store unopenable): create.sent,
-#      create.closed, delete.opened, delete.sent, delete.closed, create.opened, judged by
+#      create.closed, create.recorded, delete.opened, delete.sent, delete.closed, create.opened, judged by
 #      layer ls and thin_dump -m
 set -euo pipefail
 . /share/.vm/lib.sh
@@ -289,7 +289,7 @@ crash() {
   [ $rc = 137 ] || vm_fail "THINFS_CRASH_AT=$point $*: exit $rc, not 137 (SIGKILL)"
 }
 # create_crash POINT: a create-rw killed at POINT; afterwards the layer is not listed and the pool
-# holds the devices it held before (create.closed: the layer is listed with its device).
+# holds the devices it held before (create.recorded: the layer is listed with its device).
 create_crash() {
   local point=$1 before mid want
   before=$(pool_devs $POOL)
@@ -302,8 +302,8 @@ create_crash() {
   # This listing's open is the recovery.
   json=$(thinfs layer ls --root $R --json) || vm_fail "$point: thinfs layer ls --root $R (the recovering open) failed"
   echo "layers after recovery: $(json_field "$json" '*' id | tr '\n' ' ')"
-  if [ $point = create.closed ]; then
-    # The pool's transaction id moved with the device: the create happened; roll forward.
+  if [ $point = create.recorded ]; then
+    # The row was written with the journal entry's removal: the create happened.
     [ "$(json_field "$json" crash kind)" = container ] || vm_fail "$point: the created layer is not listed after recovery"
     [ "$(pool_devs $POOL)" = "$mid" ] || vm_fail "$point: pool devices after recovery [$(pool_devs $POOL)], want [$mid]"
     [ -z "$(active_thins)" ] || vm_fail "$point: thin devices left active: $(active_thins)"
@@ -336,11 +336,13 @@ delete_crash() {
   [ "$(pool_devs $POOL)" = "$final" ] || vm_fail "$point: pool devices after recovery [$(pool_devs $POOL)], want [$final]"
   [ -z "$(active_thins)" ] || vm_fail "$point: thin devices left active: $(active_thins)"
 }
-# One point per branch of the recovery: create rolled back with the device made (sent) and not
-# made (opened), rolled forward (closed); delete finished with the device there (opened) and gone
-# (sent), and already committed (closed).
+# One point per branch of the recovery: create rolled back with the device made (sent: dm-thin
+# committed create_snap alone; closed: with the transaction id, no row yet) and not made
+# (opened), done (recorded); delete finished with the device there (opened) and gone (sent), and
+# already committed (closed).
 create_crash create.sent
 create_crash create.closed
+create_crash create.recorded
 delete_crash delete.opened
 delete_crash delete.sent
 delete_crash delete.closed
