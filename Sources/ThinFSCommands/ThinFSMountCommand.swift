@@ -43,7 +43,7 @@ public struct ThinFSMountCommand: ParsableCommand {
     var mountpoint: String
 
     @Option(name: .customShort("o"), help: ArgumentHelp(
-        "Mount options, comma-separated, repeatable: ro, nonempty, nosuid, nodev, or any FUSE or kernel mount option. Every user may enter (allow_other); suid,dev under a root-only directory.",
+        "Mount options, comma-separated, repeatable: ro, nonempty, nosuid, nodev, opens=daemon (every open and close reaches the daemon), or any FUSE or kernel mount option. Every user may enter (allow_other); suid,dev under a root-only directory.",
         valueName: "options"))
     var mountOptions: [String] = []
 

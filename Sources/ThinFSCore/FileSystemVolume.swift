@@ -49,7 +49,11 @@ public protocol FileSystemVolume: AnyObject, Sendable {
     /// Makes the file's (or, with nil, every) change durable: on a thin device this commits the pool.
     func fsync(_ ino: UInt64?) throws(VolumeError)
 
-    /// The kernel dropped its last reference to `ino`: an unlinked inode can be freed now.
+    /// A kernel took its first reference to `ino` (its FUSE lookup count went from 0 to 1), through
+    /// a FUSE server that never hears of opens and closes (FUSE_CAP_NO_OPEN_SUPPORT). Until the
+    /// matching `forget`, any process may have `ino` open: unlinked, it keeps its blocks.
+    func remember(_ ino: UInt64)
+    /// A kernel dropped its last reference to `ino`: an unlinked inode nothing else holds can be freed now.
     func forget(_ ino: UInt64)
     /// The file was opened / its last open handle closed (unlinked-but-open files stay until released).
     func open(_ ino: UInt64) throws(VolumeError)

@@ -252,14 +252,14 @@ extension Volume {
         }
     }
 
-    /// One link fewer; an inode with none left is freed now, or at its last release if open.
+    /// One link fewer; an inode with none left is freed now, or once it is neither open nor held by a kernel.
     func dropLink(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large, directory: Bool = false) throws(VolumeError) {
         inode.i_links_count = directory ? 0 : inode.i_links_count - 1
         if directory { directories.drop(ino) }
         setTimes(&inode, ctime: Self.now())
         try writeInode(fs, ino, &inode)
         if inode.i_links_count == 0 {
-            if openCounts[ino] != nil { orphans.insert(ino) } else { try freeInode(fs, ino) }
+            if openCounts[ino] != nil || isHeld(ino) { orphans.insert(ino) } else { try freeInode(fs, ino) }
         }
     }
 

@@ -34,9 +34,15 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// Counts the reopenings of `fs` (`growFilesystem`): a read planned on an earlier handle is
     /// redone under the lock, as after a block free, since its block numbers came from there.
     var handleEpoch: UInt64 = 0
-    /// Open handles per inode, and inodes whose last link went while open (freed on the last release).
+    /// Open handles per inode, and inodes whose last link went while open or held (freed once
+    /// neither: `freeIfUnheld`).
     var openCounts: [UInt64: Int] = [:]
     var orphans: Set<UInt64> = []
+    /// Kernel references per inode (`remember`/`forget`), from FUSE servers that see no opens: such
+    /// an inode may be open in a process. Under `heldLock`, a leaf lock taken alone or inside `lock`,
+    /// so that a LOOKUP's `remember` never waits for the volume's I/O.
+    let heldLock = Lock()
+    var held: [UInt64: Int] = [:]
     /// Name → inode per directory, changed with the directory under `lock` (DirectoryCache.swift).
     var directories = DirectoryCache()
     /// Directories this volume grew by a block, to be given an htree index where they stop
@@ -262,11 +268,38 @@ extension Volume {
                 return
             }
             openCounts[ino] = nil
-            if orphans.contains(ino) { try freeInode(fs, ino) }
+            try freeIfUnheld(fs, ino)
         }
     }
 
-    public func forget(_ ino: UInt64) {}
+    public func remember(_ ino: UInt64) {
+        heldLock.withLock { held[ino, default: 0] += 1 }
+    }
+
+    public func forget(_ ino: UInt64) {
+        let last = heldLock.withLock { () -> Bool in
+            guard let n = held[ino] else { return false }
+            held[ino] = n > 1 ? n - 1 : nil
+            return n == 1
+        }
+        guard last else { return }
+        do {
+            try withFS { fs throws(VolumeError) in try freeIfUnheld(fs, ino) }
+        } catch {
+            logger.info("could not free an unlinked inode", metadata: ["ino": "\(ino)", "error": "\(error)"])
+        }
+    }
+
+    /// Whether a kernel holds `ino` (`remember`).
+    func isHeld(_ ino: UInt64) -> Bool { heldLock.withLock { held[ino] != nil } }
+
+    /// Frees an unlinked inode once nothing holds it: no open handle, no kernel reference. Under `lock`.
+    /// The held count is read again here, under `lock`, so a `forget` that raced a new reference
+    /// (a `remember` after its count reached zero) frees nothing.
+    func freeIfUnheld(_ fs: ext2_filsys, _ ino: UInt64) throws(VolumeError) {
+        guard orphans.contains(ino), openCounts[ino] == nil, !isHeld(ino) else { return }
+        try freeInode(fs, ino)
+    }
 
     /// Writes libext2fs's dirty state (inode and block caches, bitmaps, superblock) and flushes the device.
     ///

@@ -12,6 +12,11 @@ import Glibc
 
 extension FUSEServer {
     func open(_ req: fuse_req_t, _ node: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>) {
+        openRequests.add(1, ordering: .relaxed)
+        // "Opened": the kernel sets no_open and opens every regular file itself from now on,
+        // this one included (fs/fuse/file.c, fuse_file_open). A read-only mount is mounted `ro`,
+        // so the VFS refuses a write open with EROFS before any OPEN.
+        if opensInKernel.load(ordering: .relaxed) { fuse_reply_err(req, ENOSYS); return }
         if readOnly, fi.pointee.flags & O_ACCMODE != O_RDONLY { fuse_reply_err(req, EROFS); return }
         let ino = inode(node)
         do { try volume.open(ino) } catch { fail(req, "open", error); return }
@@ -27,15 +32,18 @@ extension FUSEServer {
     func create(_ req: fuse_req_t, _ parent: fuse_ino_t, _ name: String, _ mode: mode_t, _ fi: UnsafeMutablePointer<fuse_file_info>) {
         guard writable(req) else { return }
         let typed = mode & S_IFMT == 0 ? mode | S_IFREG : mode
+        // With opens in the kernel the inode lives by its lookup count (`remember`), and this
+        // open is not counted: kernels before 6.9 send no RELEASE for it once no_open is set.
+        let counted = !opensInKernel.load(ordering: .relaxed)
         do {
             let a = try volume.mknod(parent: inode(parent), name: name, mode: numericCast(typed), rdev: 0, owner: Self.owner(req))
-            try volume.open(a.ino)
+            if counted { try volume.open(a.ino) }
             fi.pointee.direct_io = 0
             fi.pointee.keep_cache = 1
             var e = entryParam(a)
             remember(a.ino)
             if fuse_reply_create(req, &e, fi) != 0 {
-                volume.release(a.ino)
+                if counted { volume.release(a.ino) }
                 forget(a.ino, 1)
             }
         } catch { fail(req, "create", error) }
@@ -62,7 +70,9 @@ extension FUSEServer {
     }
 
     func release(_ req: fuse_req_t, _ node: fuse_ino_t) {
-        volume.release(inode(node))
+        releaseRequests.add(1, ordering: .relaxed)
+        // With opens in the kernel only a created file is released (CREATE counted no open).
+        if !opensInKernel.load(ordering: .relaxed) { volume.release(inode(node)) }
         fuse_reply_err(req, 0)
     }
 

@@ -34,10 +34,14 @@ extension FUSEServer {
         public var commitInterval: Duration?
         /// The kernel's read-ahead for the mount, in KiB (FUSE starts at 128); nil leaves it.
         public var readAheadKiB: Int?
+        /// Leave opens and closes of regular files to the kernel (FUSE_CAP_NO_OPEN_SUPPORT) where
+        /// it offers that: no OPEN or RELEASE upcall per file. Off (or `opens=daemon` in
+        /// `extraOptions`): every open reaches the daemon, as with a kernel that lacks it.
+        public var opensInKernel: Bool
 
         public init(readOnly: Bool = false, allowOther: Bool = true, setuidAndDevices: Bool = false, source: String = "thinfs",
                     extraOptions: [String] = [], maxThreads: Int = 16, commitInterval: Duration? = .seconds(1),
-                    readAheadKiB: Int? = 1024) {
+                    readAheadKiB: Int? = 1024, opensInKernel: Bool = true) {
             self.readOnly = readOnly
             self.allowOther = allowOther
             self.setuidAndDevices = setuidAndDevices
@@ -46,9 +50,13 @@ extension FUSEServer {
             self.maxThreads = maxThreads
             self.commitInterval = commitInterval
             self.readAheadKiB = readAheadKiB
+            self.opensInKernel = opensInKernel
         }
 
         var allowsNonEmptyMountpoint: Bool { extraOptions.contains("nonempty") }
+
+        /// `opensInKernel`, unless the extra options say `opens=daemon` (ours, not libfuse's).
+        var effectiveOpensInKernel: Bool { opensInKernel && !extraOptions.contains("opens=daemon") }
 
         /// `readahead=KiB` from the extra options (the last one wins), else `readAheadKiB`.
         var effectiveReadAheadKiB: Int? {

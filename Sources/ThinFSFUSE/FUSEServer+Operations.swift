@@ -48,11 +48,18 @@ extension FUSEServer {
         want &= ~UInt32(FUSE_CAP_AUTO_INVAL_DATA)
         // A symlink's target never changes (a new target is a new inode), so the page cache may keep it.
         if capable & UInt32(FUSE_CAP_CACHE_SYMLINKS) != 0 { want |= UInt32(FUSE_CAP_CACHE_SYMLINKS) }
+        // No OPEN or RELEASE per file (see FUSEServer, "Opens"). libfuse reports the capability in
+        // `capable`; there is nothing to ask for in `want`: the first OPEN's ENOSYS turns it on.
+        // Directories keep OPENDIR: without it the kernel caches every listing (FOPEN_CACHE_DIR),
+        // which only a read-only mount may, and OPENDIR and RELEASEDIR do no work here anyway.
+        if options.effectiveOpensInKernel, capable & UInt32(FUSE_CAP_NO_OPEN_SUPPORT) != 0 {
+            opensInKernel.store(true, ordering: .relaxed)
+        }
         conn.pointee.want = want & capable
         logger.debug("FUSE INIT", metadata: [
             "fuse.proto": "\(conn.pointee.proto_major).\(conn.pointee.proto_minor)",
             "fuse.want": "\(String(conn.pointee.want, radix: 16))", "fuse.capable": "\(String(capable, radix: 16))",
-            "fuse.max_write": "\(conn.pointee.max_write)",
+            "fuse.max_write": "\(conn.pointee.max_write)", "fuse.opens_in_kernel": "\(opensInKernel.load(ordering: .relaxed))",
         ])
     }
 

@@ -105,7 +105,12 @@ extension FUSEServer {
     /// kernel may send FORGET as soon as it has the reply.
     func remember(_ ino: UInt64) {
         guard ino != rootInode else { return }
-        lookups.withLock { $0[ino, default: 0] += 1 }
+        let first = lookups.withLock { counts -> Bool in
+            counts[ino, default: 0] += 1
+            return counts[ino] == 1
+        }
+        // Before the reply too: the FORGET that ends this reference reaches the volume after it.
+        if first, opensInKernel.load(ordering: .relaxed) { volume.remember(ino) }
     }
 
     /// Drops `n` lookups; at zero the volume may free an unlinked inode.
@@ -121,6 +126,15 @@ extension FUSEServer {
             return false
         }
         if last { volume.forget(ino) }
+    }
+
+    /// Drops every lookup, as the end of the connection does.
+    func forgetAll() {
+        let known = lookups.withLock { counts -> [UInt64] in
+            defer { counts = [:] }
+            return Array(counts.keys)
+        }
+        for ino in known { volume.forget(ino) }
     }
 
     /// The kernel's lookup count of `ino` (tests).

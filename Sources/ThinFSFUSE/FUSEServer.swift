@@ -30,6 +30,16 @@ import Glibc
 /// The volume serializes itself. Read replies come from `ReplyBufferPool`, so a request
 /// allocates no data buffer.
 ///
+/// ## Opens
+/// Where the kernel offers FUSE_CAP_NO_OPEN_SUPPORT, the first OPEN is answered ENOSYS and the
+/// kernel opens and closes regular files by itself from then on: no OPEN, no RELEASE, cached
+/// pages kept (as FOPEN_KEEP_CACHE). Reads, writes and fsyncs arrive with file handle 0; none
+/// of them uses the handle. The volume then hears of the kernel's references instead of
+/// opens: `volume.remember` when an inode's lookup count leaves 0, `volume.forget` when it
+/// returns there (or when the connection ends), so an unlinked file that is still open stays.
+/// CREATE still returns a handle, and kernels since 6.9 send RELEASE for it; that open is
+/// not counted either, since older kernels drop that RELEASE.
+///
 /// ## Node ids
 /// FUSE's root is node 1 (FUSE_ROOT_ID); the volume's root is `volume.rootInode` (ext4: 2).
 /// Every other node id is the volume's inode number: ext4 never hands out inode 1 (the
@@ -60,11 +70,17 @@ public final class FUSEServer: Sendable {
     /// Set by every modifying request; the periodic committer only commits when it was set,
     /// so an idle mount writes nothing.
     let changed = Atomic<Bool>(false)
-    /// READ requests served and their bytes, and GETATTRs, logged at unmount: the evidence of
-    /// whether the kernel's page cache answered a read or the daemon did.
+    /// Set at INIT when the kernel opens and closes regular files without us (`Options.opensInKernel`
+    /// and FUSE_CAP_NO_OPEN_SUPPORT): OPEN is answered ENOSYS, and an inode's life in the volume
+    /// follows the kernel's lookup count (`remember`, `forget`) instead of open handles.
+    let opensInKernel = Atomic<Bool>(false)
+    /// READ requests served and their bytes, GETATTRs, OPENs and RELEASEs, logged at unmount: the
+    /// evidence of whether the kernel's page cache answered a read or the daemon did.
     let readRequests = Atomic<UInt64>(0)
     let readBytes = Atomic<UInt64>(0)
     let getattrRequests = Atomic<UInt64>(0)
+    let openRequests = Atomic<UInt64>(0)
+    let releaseRequests = Atomic<UInt64>(0)
 
     /// The largest read and write: 256 pages, libfuse's receive buffer (FUSE_MAX_MAX_PAGES)
     /// and the kernel's default `fs.fuse.max_pages_limit`.
@@ -174,7 +190,7 @@ public final class FUSEServer: Sendable {
         if access.setuidAndDevices { opts += ["suid", "dev"] }
         let ours: Set = ["default_permissions", "ro", "allow_other", "nonempty"]
         for o in options.extraOptions where !ours.contains(o) && !o.hasPrefix("max_read=") && !o.hasPrefix("readahead=")
-            && !(readOnly && o == "rw") {
+            && o != "opens=daemon" && !(readOnly && o == "rw") {
             opts.append(o)
         }
         return opts
@@ -198,6 +214,9 @@ public final class FUSEServer: Sendable {
 
         // Closes /dev/fuse; unmounts (lazily) if the loop ended some other way than an unmount.
         fuse_session_unmount(session.pointer)
+        // The kernel's references ended with the connection, FORGET sent or not: unlinked inodes
+        // it still held are freed before the last commit.
+        forgetAll()
         var commitError: VolumeError?
         if !readOnly {
             do { try volume.fsync(nil) } catch { commitError = error }
@@ -212,6 +231,8 @@ public final class FUSEServer: Sendable {
             "fuse.read_requests": "\(readRequests.load(ordering: .relaxed))",
             "fuse.read_bytes": "\(readBytes.load(ordering: .relaxed))",
             "fuse.getattr_requests": "\(getattrRequests.load(ordering: .relaxed))",
+            "fuse.open_requests": "\(openRequests.load(ordering: .relaxed))",
+            "fuse.release_requests": "\(releaseRequests.load(ordering: .relaxed))",
         ])
         if rc < 0 { throw .loopFailed(mountpoint, Errno(rawValue: -rc)) }
         if let commitError { throw .commitFailed(mountpoint, "\(commitError)") }

@@ -31,9 +31,9 @@ final class Ext4Image {
         let server: FUSEServer
         private let finished = DispatchSemaphore(value: 0)
 
-        init(_ image: Ext4Image) throws {
+        init(_ image: Ext4Image, options: FUSEServer.Options = .init(source: "listing")) throws {
             volume = try Volume(device: FileBlockDevice(path: FilePath(image.path)), readOnly: false, logger: quietLogger)
-            server = FUSEServer(volume: volume, mountpoint: image.mountpoint, options: .init(source: "listing"), logger: quietLogger)
+            server = FUSEServer(volume: volume, mountpoint: image.mountpoint, options: options, logger: quietLogger)
             do { try server.mount() } catch {
                 try? volume.close()
                 throw error

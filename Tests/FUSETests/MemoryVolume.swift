@@ -29,6 +29,8 @@ final class MemoryVolume: FileSystemVolume, Sendable {
         var maxRead = 0
         var forgotten: [UInt64] = []
         var opens: [UInt64: Int] = [:]
+        /// Kernel references the server reported (`remember` less `forget`), per inode.
+        var remembered: [UInt64: Int] = [:]
     }
 
     struct State {
@@ -430,8 +432,16 @@ final class MemoryVolume: FileSystemVolume, Sendable {
         try with("fsync") { s throws(VolumeError) in s.record.fsyncs.append(ino) }
     }
 
+    func remember(_ ino: UInt64) {
+        state.withLock { s in
+            s.record.calls["remember", default: 0] += 1
+            s.record.remembered[ino, default: 0] += 1
+        }
+    }
+
     func forget(_ ino: UInt64) {
         state.withLock { s in
+            if let n = s.record.remembered[ino] { s.record.remembered[ino] = n > 1 ? n - 1 : nil }
             s.record.calls["forget", default: 0] += 1
             s.record.forgotten.append(ino)
         }

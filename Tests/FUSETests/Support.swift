@@ -78,7 +78,8 @@ final class TestMount: Sendable {
     private let finished = DispatchSemaphore(value: 0)
     private let loopError = Mutex<FUSEServer.Error?>(nil)
 
-    init(volume: MemoryVolume = MemoryVolume(), readOnly: Bool = false, commitInterval: Duration? = nil) throws {
+    init(volume: MemoryVolume = MemoryVolume(), readOnly: Bool = false, commitInterval: Duration? = nil,
+         opensInKernel: Bool = true) throws {
         var template = Array((NSTemporaryDirectory() + "thinfs-fuse-XXXXXX").utf8CString)
         guard let dir = mkdtemp(&template) else { throw Errno(rawValue: errno) }
         path = String(cString: dir)
@@ -86,7 +87,9 @@ final class TestMount: Sendable {
         var logger = Logger(label: "thinfs.fuse.test")
         logger.logLevel = .warning
         server = FUSEServer(volume: volume, mountpoint: path,
-                            options: .init(readOnly: readOnly, source: "memory", commitInterval: commitInterval),
+                            // The mount option, so that its path through to INIT is tested too.
+                            options: .init(readOnly: readOnly, source: "memory", extraOptions: opensInKernel ? [] : ["opens=daemon"],
+                                           commitInterval: commitInterval),
                             logger: logger)
         do {
             try server.mount()
@@ -127,8 +130,8 @@ final class TestMount: Sendable {
 
     /// Mounts, runs `body`, and always tears down, even when `body` throws.
     static func with<T>(_ volume: MemoryVolume = MemoryVolume(), readOnly: Bool = false, commitInterval: Duration? = nil,
-                        _ body: (TestMount) throws -> T) throws -> T {
-        let m = try TestMount(volume: volume, readOnly: readOnly, commitInterval: commitInterval)
+                        opensInKernel: Bool = true, _ body: (TestMount) throws -> T) throws -> T {
+        let m = try TestMount(volume: volume, readOnly: readOnly, commitInterval: commitInterval, opensInKernel: opensInKernel)
         defer {
             let error = m.tearDown()
             #expect(error == nil, "the session loop failed: \(String(describing: error))")

@@ -224,6 +224,36 @@ struct VolumeTests {
         }
     }
 
+    /// A kernel's reference (`remember`, from a FUSE server that sees no opens) keeps an unlinked
+    /// inode as an open handle does; it goes at the last of `forget` and `release`, in either order.
+    @Test func unlinkedRememberedFileLivesUntilForget() throws {
+        try withImage { v, _ in
+            let f = try v.mknod(parent: v.rootInode, name: "tmp", mode: 0o100600, rdev: 0, owner: .root)
+            _ = try [UInt8](repeating: 7, count: 100_000).withUnsafeBytes { try v.write(f.ino, at: 0, from: $0) }
+            let freeBefore = try v.statfs().freeBlocks
+            v.remember(f.ino)
+            v.remember(f.ino)   // two mounts of the volume
+            try v.open(f.ino)
+            try v.unlink(parent: v.rootInode, name: "tmp")
+            v.release(f.ino)
+            var b = [UInt8](repeating: 0, count: 10)
+            #expect(try b.withUnsafeMutableBytes { try v.read(f.ino, at: 0, into: $0) } == 10 && b[9] == 7, "held after the release")
+            v.forget(f.ino)
+            #expect(try v.statfs().freeBlocks == freeBefore, "still held by the second mount")
+            _ = try [UInt8](repeating: 8, count: 10).withUnsafeBytes { try v.write(f.ino, at: 100_000, from: $0) }
+            v.forget(f.ino)
+            #expect(throws: VolumeError.self) { try v.getattr(f.ino) }
+            #expect(try v.statfs().freeBlocks > freeBefore)
+            // A forget without a remember (a FUSE server that sees opens) changes nothing.
+            let g = try v.mknod(parent: v.rootInode, name: "g", mode: 0o100600, rdev: 0, owner: .root)
+            v.forget(g.ino)
+            #expect(try v.getattr(g.ino).nlink == 1)
+            // Not held, not open: freed by the unlink itself.
+            try v.unlink(parent: v.rootInode, name: "g")
+            #expect(throws: VolumeError.self) { try v.getattr(g.ino) }
+        }
+    }
+
     /// Unaligned writes into blocks another file freed: the uncovered parts read as zeros, never the old bytes.
     @Test func unalignedWritesNeverExposeFreedBlocks() throws {
         try withImage { v, _ in

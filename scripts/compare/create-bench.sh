@@ -4,31 +4,42 @@
 # in one run, so that a shared, busy machine treats them alike.
 #
 #   scripts/compare/create-bench.sh [--counts 1000,4000,16000] [--rounds 3] [--dir DIR]
-#                                   [--kernel ext4,overlay] LABEL=BINDIR [LABEL=BINDIR...]
+#                                   [--kernel ext4,overlay] [--read] LABEL=BINDIR[:OPTIONS]...
 #
 # Each LABEL=BINDIR is a thinfs build (BINDIR holds thinfs and thinfs-mount, e.g.
-# .build-fsbench/release); each gets its own pool and 8G device. --kernel adds kernel ext4 on a
-# loop device and overlayfs (default both; --kernel none for neither). Every step mounts cold
+# .build-fsbench/release), mounted with `-o OPTIONS` if given; each gets its own pool and 8G
+# device. --kernel adds kernel ext4 on a loop device and overlayfs (default both; --kernel none
+# for neither). Every step mounts cold
 # (drop_caches before it), creates N files of 4 KiB in a new directory with
 # open(O_CREAT|O_EXCL)/write/close from one process, and unmounts. The report gives the time
 # per file for each setup and N, the ratio of each setup to the first label, to overlayfs, and
 # each N against the smallest N, with the load average of every step, and for thinfs the
 # daemon's CPU time per file (robust to a busy machine). Needs root and /dev/fuse.
+#
+# --read measures warm reads instead: the N files are created once per setup (untimed); each
+# step mounts cold, reads every file twice (compare.py's read-tree) and times the second pass,
+# the page cache's. With tracefs, each pass's FUSE upcalls per file are counted by opcode (a
+# private trace instance, fuse:fuse_request_send, filtered on the mount's connection). READ
+# requests in a second pass mean something emptied the page cache between the passes (another
+# process's drop_caches on a shared machine): leave that step out.
 set -euo pipefail
 
 COUNTS=(1000 4000 16000)
 ROUNDS=3
 DIR=/var/tmp
 KERNEL=(ext4 overlay)
+MODE=create
 LABELS=()
-declare -A BINS
+declare -A BINS OPTS
 while [ $# -gt 0 ]; do
     case "$1" in
         --counts) IFS=, read -r -a COUNTS <<< "$2"; shift ;;
         --rounds) ROUNDS="$2"; shift ;;
         --dir) DIR="$2"; shift ;;
         --kernel) if [ "$2" = none ]; then KERNEL=(); else IFS=, read -r -a KERNEL <<< "$2"; fi; shift ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --read) MODE=read ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *=*:*) l="${1%%=*}"; v="${1#*=}"; LABELS+=("$l"); BINS[$l]="${v%%:*}"; OPTS[$l]="${v#*:}" ;;
         *=*) LABELS+=("${1%%=*}"); BINS[${1%%=*}]="${1#*=}" ;;
         *) echo "create-bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -62,16 +73,18 @@ setup() {
            "$t" dev format --root "$root" 1 --size 8G >/dev/null ;;
     esac
 }
+# mount_setup SETUP [plain]: plain leaves out the label's options (the read mode's untimed writes).
 mount_setup() {
     local s="$1" mnt="$WORK/mnt-$1"
     case "$s" in
         ext4) mount -o loop "$WORK/ext4.img" "$mnt" ;;
         overlay) mount -t overlay overlay -o "lowerdir=$WORK/ovl/lower,upperdir=$WORK/ovl/upper,workdir=$WORK/ovl/work" "$mnt" ;;
-        *) "${BINS[$s]}/thinfs-mount" --root "$WORK/pool-$s" --device 1 "$mnt"
+        *) local o=(); [ -z "${OPTS[$s]:-}" ] || [ "${2:-}" = plain ] || o=(-o "${OPTS[$s]}")
+           "${BINS[$s]}/thinfs-mount" --root "$WORK/pool-$s" --device 1 "$mnt" "${o[@]}"
            local p c; TPID[$s]=""
            for p in /proc/[0-9]*; do
                c="$( { tr '\0' ' ' < "$p/cmdline"; } 2>/dev/null)" || continue
-               case "$c" in *thinfs-mount*"--device 1 $mnt -f"*) TPID[$s]="${p#/proc/}"; PIDS+=("${p#/proc/}") ;; esac
+               case "$c" in *thinfs-mount*"--device 1 $mnt "*"-f"*) TPID[$s]="${p#/proc/}"; PIDS+=("${p#/proc/}") ;; esac
            done
            [ -n "${TPID[$s]}" ] || { echo "create-bench: no daemon for $mnt" >&2; return 1; } ;;
     esac
@@ -83,8 +96,44 @@ umount_setup() {
 
 # compare.py's step (`thinfs compare` runs the same code): N files of 4 KiB in one new directory.
 create_files() { python3 "$(dirname "$0")/compare.py" workload create-files "$1" "$2" >/dev/null; }
+# compare.py's read-tree: every file read; prints the seconds of the reads alone (no process start).
+read_tree() { python3 "$(dirname "$0")/compare.py" workload read-tree "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["seconds"])'; }
+
+# FUSE upcalls by opcode, counted with a private tracefs instance (none without tracefs).
+TRACE=""
+if [ "$MODE" = read ] && [ -d /sys/kernel/tracing/events/fuse/fuse_request_send ]; then
+    TRACE="/sys/kernel/tracing/instances/create-bench-$$"
+    mkdir "$TRACE"
+    echo 16384 > "$TRACE/buffer_size_kb"
+fi
+trace_cleanup() { if [ -n "$TRACE" ] && [ -d "$TRACE" ]; then echo 0 > "$TRACE/events/fuse/fuse_request_send/enable"; rmdir "$TRACE"; fi; }
+trap 'trace_cleanup; bench_cleanup' EXIT
+# daemon_cpu SETUP: the thinfs daemon's utime + stime in clock ticks (nothing for a kernel setup).
+daemon_cpu() { [ -z "${TPID[$1]:-}" ] || awk '{print $14 + $15}' "/proc/${TPID[$1]}/stat"; }
+# trace_start MOUNTPOINT: count the requests of that mount's connection (its device, as the kernel's dev_t).
+trace_start() {
+    [ -n "$TRACE" ] || return 0
+    local maj min; read -r maj min < <(stat -c '%Hd %Ld' "$1")
+    echo "connection == $(( (maj << 20) | min ))" > "$TRACE/events/fuse/fuse_request_send/filter"
+    echo > "$TRACE/trace"
+    echo 1 > "$TRACE/events/fuse/fuse_request_send/enable"
+}
+# trace_stop N: "OPCODE=count/N ..." for the requests since trace_start, per file.
+trace_stop() {
+    [ -n "$TRACE" ] || { echo "-"; return 0; }
+    echo 0 > "$TRACE/events/fuse/fuse_request_send/enable"
+    { grep -o '(FUSE_[A-Z_]*)' "$TRACE/trace" || true; } | tr -d '()' | sed 's/FUSE_//' | sort | uniq -c |
+        awk -v n="$1" '{printf "%s%s=%.2f", sep, $2, $1 / n; sep=" "} END {if (!NR) printf "none"}'
+}
 
 for s in "${SETUPS[@]}"; do echo "create-bench: setting up $s" >&2; setup "$s"; done
+if [ "$MODE" = read ]; then
+    for s in "${SETUPS[@]}"; do
+        mount_setup "$s" plain
+        for n in "${COUNTS[@]}"; do create_files "$WORK/mnt-$s/tree-$n" "$n"; done
+        umount_setup "$s"
+    done
+fi
 
 declare -A SUM NRUN CSUM
 LOG="$WORK/steps.txt"
@@ -93,6 +142,32 @@ for r in $(seq 1 "$ROUNDS"); do
     order=("${SETUPS[@]:$(( (r - 1) % ${#SETUPS[@]} ))}" "${SETUPS[@]:0:$(( (r - 1) % ${#SETUPS[@]} ))}")
     for n in "${COUNTS[@]}"; do
         for s in "${order[@]}"; do
+            if [ "$MODE" = read ]; then
+                drop_caches
+                mount_setup "$s"
+                load="$(cut -d' ' -f1 /proc/loadavg)"
+                trace_start "$WORK/mnt-$s"
+                cold=$(read_tree "$WORK/mnt-$s/tree-$n")
+                up1=$(trace_stop "$n")
+                trace_start "$WORK/mnt-$s"
+                c0=$(daemon_cpu "$s")
+                warm=$(read_tree "$WORK/mnt-$s/tree-$n")
+                c1=$(daemon_cpu "$s")
+                up2=$(trace_stop "$n")
+                cpu=""
+                if [ -n "$c0" ]; then
+                    cpu=$(echo "($c1 - $c0) * 1000000 / $(getconf CLK_TCK) / $n" | bc -l)
+                    CSUM[$s,$n]=$(echo "${CSUM[$s,$n]:-0} + $cpu" | bc -l)
+                fi
+                umount_setup "$s"
+                us=$(echo "$warm * 1000000 / $n" | bc -l)
+                printf 'round %d  %-10s %6d files  warm %8.1f us/file (daemon CPU %s)  cold %8.1f us/file  load %s\n' \
+                    "$r" "$s" "$n" "$us" "$(printf '%.1f' "${cpu:-0}")" "$(echo "$cold * 1000000 / $n" | bc -l)" "$load" | tee -a "$LOG" >&2
+                printf '    upcalls per file, first pass: %s\n    second pass: %s\n' "$up1" "$up2" | tee -a "$LOG" >&2
+                SUM[$s,$n]=$(echo "${SUM[$s,$n]:-0} + $us" | bc -l)
+                NRUN[$s,$n]=$(( ${NRUN[$s,$n]:-0} + 1 ))
+                continue
+            fi
             drop_caches
             mount_setup "$s"
             load="$(cut -d' ' -f1 /proc/loadavg)"
@@ -118,7 +193,11 @@ done
 mean() { echo "${SUM[$1,$2]} / ${NRUN[$1,$2]}" | bc -l; }
 echo
 echo "create-bench: $ROUNDS rounds, $(nproc) CPUs, load average now $(cut -d' ' -f1-3 /proc/loadavg); scratch $(df -T "$WORK" | awk 'NR==2 {print $2}')"
-echo "Mean microseconds per file (open O_CREAT|O_EXCL, 4 KiB write, close), then ratios."
+if [ "$MODE" = read ]; then
+    echo "Mean microseconds per file of the second of two reads of every file (4 KiB each, open/read/close), then ratios."
+else
+    echo "Mean microseconds per file (open O_CREAT|O_EXCL, 4 KiB write, close), then ratios."
+fi
 printf '%-12s' setup; for n in "${COUNTS[@]}"; do printf ' %12s' "$n"; done
 printf ' | %s\n' "last N / first N"
 for s in "${SETUPS[@]}"; do
@@ -126,7 +205,8 @@ for s in "${SETUPS[@]}"; do
     for n in "${COUNTS[@]}"; do printf ' %12.1f' "$(mean "$s" "$n")"; done
     printf ' | %.2fx\n' "$(echo "$(mean "$s" "${COUNTS[-1]}") / $(mean "$s" "${COUNTS[0]}")" | bc -l)"
 done
-echo "Mean daemon CPU microseconds per file (thinfs builds):"
+if [ "$MODE" = read ]; then echo "Mean daemon CPU microseconds per file in the second pass (thinfs builds):"
+else echo "Mean daemon CPU microseconds per file (thinfs builds):"; fi
 for s in "${LABELS[@]}"; do
     printf '%-12s' "$s"
     for n in "${COUNTS[@]}"; do printf ' %12.1f' "$(echo "${CSUM[$s,$n]} / ${NRUN[$s,$n]}" | bc -l)"; done

@@ -123,6 +123,8 @@ public final class DeviceFileVolume: FileSystemVolume, @unchecked Sendable {
         do { try device.flush() } catch { throw VolumeError(.ioError, "flushing the device: \(error)") }
     }
 
+    /// Nothing here is ever unlinked: references need no counting.
+    public func remember(_ ino: UInt64) {}
     public func forget(_ ino: UInt64) {}
     public func open(_ ino: UInt64) throws(VolumeError) { _ = try attributes(ino) }
     public func release(_ ino: UInt64) {}
