@@ -97,23 +97,10 @@ struct RBDNetnsTests {
                 "A's take-over while B writes: \(refused.stdout)\(refused.stderr)")
 
         // B's daemon dies mid-write; A takes the container over once Ceph has expired its watch.
-        let writer = Process()
-        writer.executableURL = URL(fileURLWithPath: "/bin/dd")
-        writer.arguments = ["if=/dev/urandom", "of=\(mntB)/unsynced", "bs=64k", "count=4096"]
-        writer.standardError = FileHandle.nullDevice
-        try writer.run()
-        usleep(300_000)
-        for pid in daemonsB { kill(pid, SIGKILL) }
-        writer.waitUntilExit()
-        umount2(mntB, Int32(MNT_DETACH))
-        let killed = Date()
-        var takeOver = try a.run(["cluster", "take-over", "cb", "--from", prefixB])
-        while takeOver.status != 0, Date().timeIntervalSince(killed) < 60 {
-            usleep(500_000)
-            takeOver = try a.run(["cluster", "take-over", "cb", "--from", prefixB])
-        }
+        try LayerFixture.loseHost(daemonsB, mountedAt: mntB, whileWriting: true)
+        let (takeOver, waited) = try a.retryUntilSuccess(["cluster", "take-over", "cb", "--from", prefixB])
         #expect(takeOver.status == 0, "\(takeOver.stderr)")
-        print("RBDNetnsTests: A took over B's container \(String(format: "%.1f", Date().timeIntervalSince(killed))) s after B's daemon was killed")
+        print("RBDNetnsTests: A took over B's container \(String(format: "%.1f", waited)) s after B's daemon was killed")
         let mntA = a.mountpoint("cb")
         try a.ok(["mount", "cb", mntA])
         #expect(Sys.readFile(mntA + "/fsynced") == payload, "the file B fsynced, read on A")

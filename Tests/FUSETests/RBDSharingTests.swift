@@ -114,23 +114,10 @@ struct RBDSharingTests {
         // A's daemon dies mid-write; B takes the container over once Ceph has expired its watch.
         let daemonsA = a.daemons()
         #expect(daemonsA.count == 1)
-        let writer = Process()
-        writer.executableURL = URL(fileURLWithPath: "/bin/dd")
-        writer.arguments = ["if=/dev/urandom", "of=\(mntA)/unsynced", "bs=64k", "count=4096"]
-        writer.standardError = FileHandle.nullDevice
-        try writer.run()
-        usleep(300_000)
-        for pid in daemonsA { kill(pid, SIGKILL) }
-        writer.waitUntilExit()
-        umount2(mntA, Int32(MNT_DETACH))
-        let killed = Date()
-        var takeOver = try b.run(["cluster", "take-over", "ca", "--from", prefixA])
-        while takeOver.status != 0, Date().timeIntervalSince(killed) < 60 {
-            usleep(500_000)
-            takeOver = try b.run(["cluster", "take-over", "ca", "--from", prefixA])
-        }
+        try LayerFixture.loseHost(daemonsA, mountedAt: mntA, whileWriting: true)
+        let (takeOver, waited) = try b.retryUntilSuccess(["cluster", "take-over", "ca", "--from", prefixA])
         #expect(takeOver.status == 0, "\(takeOver.stderr)")
-        print("RBDSharingTests: B took over A's container \(String(format: "%.1f", Date().timeIntervalSince(killed))) s after A was killed")
+        print("RBDSharingTests: B took over A's container \(String(format: "%.1f", waited)) s after A was killed")
         let mntB2 = b.mountpoint("ca")
         try b.ok(["mount", "ca", mntB2])
         #expect(Sys.readFile(mntB2 + "/fsynced") == payload, "the fsynced file, read on host B")
