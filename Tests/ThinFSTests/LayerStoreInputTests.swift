@@ -167,6 +167,30 @@ struct LayerStoreInputTests {
         }
     }
 
+    /// The same moment's hold met by a remove: `claim` failed once and `busyHolder`, which waits
+    /// the hold out, then found nobody, so the remove refused the layer as busy "in use" (CI's
+    /// SnapshotServiceTests.prepareCommitViewAndStat failed so under load: containerd's Remove of
+    /// a committed snapshot while other tests spawned processes). Now the claim is tried again.
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/flock")))
+    func aRemoveDuringAMomentaryHoldWaitsItOut() throws {
+        let dir = TempDir()
+        let store = try LayerStore.initialize(root: dir.path, options: LayerStoreTests.options(), logger: quietLogger)
+        defer { try? store.close() }
+        _ = try store.createImageLayer("img", parent: nil)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/flock")
+        p.arguments = ["-s", store.lockPath("img"), "sleep", "0.15"]
+        try p.run()
+        defer { p.waitUntilExit() }
+        let deadline = Date().addingTimeInterval(10)
+        while let probe = try store.tryLockExclusive("img"), Date() < deadline {
+            probe.release()
+            usleep(1_000)
+        }
+        #expect(try store.remove("img") == .deleted)
+        #expect(try store.layer("img") == nil)
+    }
+
     /// A snapshot key in layers.db is hex. A damaged one (a byte below '0' or past 'f') made
     /// `unhex` compute `c - 48` below zero, which traps: a damaged database took down the daemon
     /// at its first List. Now it is called corrupt, naming the database.

@@ -99,8 +99,9 @@ extension LayerStore {
             guard let layer = try layer(id) else { throw Error.unknownLayer(id) }
             let children = try children(of: id).filter { $0.state != .deleted }
             guard children.isEmpty else { throw Error.hasChildren(id, children: children.map(\.id)) }
-            guard let exclusive = try claim(layer) else {
-                let holder = try busyHolder(id)?.description ?? "in use"
+            let claimed = try claimWaitingOutAMoment(layer)
+            guard let exclusive = claimed.lock else {
+                let holder = claimed.holder?.description ?? "in use"
                 // Removed before, still busy: nothing more to do until it is free.
                 if layer.state == .deleted { return .deferred(holder: holder) }
                 guard options.deferredDeletion else {
@@ -234,6 +235,18 @@ extension LayerStore {
             return nil
         }
         return exclusive
+    }
+
+    /// `claim`, with a moment's hold waited out. A lock held with no live record (a child that
+    /// any thread is spawning keeps a copy of the descriptor until its exec) fails a claim;
+    /// `busyHolder` waits such a hold out, and when it then finds nobody the layer is claimed
+    /// again, instead of being called busy with no holder to name. Returns the lock, or nil
+    /// and who holds the layer (nil too if it was taken again meanwhile).
+    func claimWaitingOutAMoment(_ layer: Layer) throws -> (lock: LayerLock?, holder: Holder?) {
+        if let lock = try claim(layer) { return (lock, nil) }
+        let holder = try busyHolder(layer.id)
+        if holder == nil, let lock = try claim(layer) { return (lock, nil) }
+        return (nil, holder)
     }
 
     /// Who holds `id` busy, or nil if nobody. Holder files of dead processes are ignored. On a

@@ -62,8 +62,9 @@ extension LayerStore {
                     try resize2fs(device, name: "layer \(id)", check: false)
                 }
             } else {
-                guard let exclusive = try claim(layer) else {
-                    let holder = try busyHolder(id)?.description ?? "in use"
+                let claimed = try claimWaitingOutAMoment(layer)
+                guard let exclusive = claimed.lock else {
+                    let holder = claimed.holder?.description ?? "in use"
                     throw Error.busy(id, holder: "\(holder); a mounted layer grows only through the daemon that serves it read-write")
                 }
                 defer { exclusive.release() }
