@@ -147,17 +147,8 @@ struct LayerStoreInputTests {
         _ = try store.createImageLayer("img", parent: nil)
         // Waited out: 0.15 s. Reported: 1.5 s, past the wait (about 0.4 s).
         for (hold, busy) in [("0.15", false), ("1.5", true)] {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/usr/bin/flock")
-            p.arguments = ["-s", store.lockPath("img"), "sleep", hold]
-            try p.run()
+            let p = try Self.holdWithoutARecord(store, "img", seconds: hold)
             defer { p.waitUntilExit() }
-            // Once flock(1) holds it: the probe fails.
-            let deadline = Date().addingTimeInterval(10)
-            while let probe = try store.tryLockExclusive("img"), Date() < deadline {
-                probe.release()
-                usleep(1_000)
-            }
             let holder = try store.busyHolder("img")
             if busy {
                 #expect(holder?.pid == 0 && holder?.what.contains("did not say") == true, "a lock held for \(hold) s: \(String(describing: holder))")
@@ -177,18 +168,25 @@ struct LayerStoreInputTests {
         let store = try LayerStore.initialize(root: dir.path, options: LayerStoreTests.options(), logger: quietLogger)
         defer { try? store.close() }
         _ = try store.createImageLayer("img", parent: nil)
+        let p = try Self.holdWithoutARecord(store, "img", seconds: "0.15")
+        defer { p.waitUntilExit() }
+        #expect(try store.remove("img") == .deleted)
+        #expect(try store.layer("img") == nil)
+    }
+
+    /// flock(1) holding layer `id`'s busy lock shared for `seconds`, with no holder record (as a
+    /// child being spawned does), returned once it holds it (the exclusive probe fails).
+    static func holdWithoutARecord(_ store: LayerStore, _ id: String, seconds: String) throws -> Process {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/flock")
-        p.arguments = ["-s", store.lockPath("img"), "sleep", "0.15"]
+        p.arguments = ["-s", store.lockPath(id), "sleep", seconds]
         try p.run()
-        defer { p.waitUntilExit() }
         let deadline = Date().addingTimeInterval(10)
-        while let probe = try store.tryLockExclusive("img"), Date() < deadline {
+        while let probe = try store.tryLockExclusive(id), Date() < deadline {
             probe.release()
             usleep(1_000)
         }
-        #expect(try store.remove("img") == .deleted)
-        #expect(try store.layer("img") == nil)
+        return p
     }
 
     /// A snapshot key in layers.db is hex. A damaged one (a byte below '0' or past 'f') made
