@@ -143,6 +143,7 @@ def control_seeds():
         {"operation": "mount", "layer": "ctr", "mountpoint": "/nonexistent/m", "readOnly": True, "mountOptions": ["ro", "noatime"]},
         {"operation": "apply-diff", "layer": "ctr", "path": "/nonexistent.tar"},
         {"operation": "image-import", "path": "/nonexistent", "name": "x"},
+        {"operation": "pool-status"}, {"operation": "pool-status", "human": True},
     ]
     for i, r in enumerate(requests):
         yield "request-%02d-%s" % (i, r["operation"]), json.dumps(r).encode() + b"\n"

@@ -2,6 +2,9 @@ import ArgumentParser
 import Foundation
 import PersistentData
 import ThinFS
+#if canImport(Glibc)
+import Glibc
+#endif
 
 struct PoolCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -74,36 +77,35 @@ struct PoolCommand: ParsableCommand {
 
         func run() throws {
             let root = options.poolRoot
-            let pool = try root.open(readOnly: true)
-            let s = try pool.status()
-            guard human else {
-                print(s.line)
-                // The line has room only for the flag; say why (and what to do) beside it.
-                if s.needsCheck || s.mode == .ro, let why = s.readOnlyReason {
-                    FileHandle.standardError.write(Data("thinfs: the pool is read-only: \(why)\n".utf8))
-                }
-                return
+            let report: PoolStatusReport
+            if let live = try Self.fromDaemon(root: root.path, human: human) {
+                report = live
+            } else {
+                report = try PoolStatusReport.of(try root.open(readOnly: true), human: human)
             }
-            let bs = s.dataBlockSize
-            let ms = UInt64(4096)
-            print("""
-            Storage Driver: thinfs (userspace dm-thin pool)
-             Pool Blocksize: \(ByteSize.human(bs))
-             Data file: \(pool.dataPath)
-             Metadata file: \(pool.metadataPath)
-             Data Space Used: \(ByteSize.human(s.usedDataBlocks * bs))
-             Data Space Total: \(ByteSize.human(s.totalDataBlocks * bs))
-             Data Space Available: \(ByteSize.human((s.totalDataBlocks - s.usedDataBlocks) * bs))
-             Metadata Space Used: \(ByteSize.human(s.usedMetadataBlocks * ms))
-             Metadata Space Total: \(ByteSize.human(s.totalMetadataBlocks * ms))
-             Metadata Space Available: \(ByteSize.human((s.totalMetadataBlocks - s.usedMetadataBlocks) * ms))
-             Thin Devices: \(try pool.deviceIDs().count)
-             Transaction Id: \(s.transactionID)
-             Mode: \(s.mode.rawValue)\(s.needsCheck ? " (needs_check)" : "")\(s.readOnlyReason.map { "\n Read-only Reason: \($0)" } ?? "")
-             Held Metadata Snapshot: \(s.heldMetadataRoot.map(String.init) ?? "none")
-             Atomic Commit: \(pool.options.atomicCommit)
-             Block Zeroing: \(pool.options.blockZeroing)
-            """)
+            FileHandle.standardOutput.write(Data(report.output.utf8))
+            if let warning = report.warning { FileHandle.standardError.write(Data("thinfs: \(warning)\n".utf8)) }
+        }
+
+        /// The status of the daemon that holds `root`'s store, if one does: its pool as it is
+        /// now, which may differ from the disk's (PoolStatusReport). A daemon that is starting or
+        /// stopping (EAGAIN) is asked again for a few seconds; nil when none answers.
+        static func fromDaemon(root: String, human: Bool) throws -> PoolStatusReport? {
+            let socket = LayerStore.controlSocketPath(URL(fileURLWithPath: root).standardizedFileURL.path)
+            let deadline = Date().addingTimeInterval(15)
+            while let response = try ControlSocket.send(LayerRequest(.poolStatus, human: human), to: socket) {
+                if response.errno == EAGAIN, Date() < deadline {
+                    usleep(100_000)
+                    continue
+                }
+                if let error = response.error { throw CommandFailure(message: error) }
+                do {
+                    return try JSONDecoder().decode(PoolStatusReport.self, from: Data(response.output.utf8))
+                } catch {
+                    throw CommandFailure(message: "the daemon on \(socket) answered pool-status with no status: \(response.output.prefix(200))")
+                }
+            }
+            return nil
         }
     }
 

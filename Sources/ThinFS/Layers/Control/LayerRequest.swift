@@ -11,6 +11,9 @@ public struct LayerRequest: Codable, Equatable, Sendable {
         /// The cluster's layer catalogue (RBD stores with rbd.catalogue); take-over and
         /// cluster-forget: `name` is the other store's rbd.prefix.
         case clusterList = "cluster-ls", takeOver = "take-over", clusterForget = "cluster-forget"
+        /// The pool's live status (`PoolStatusReport`, as JSON): `thinfs pool status` of a root
+        /// that a daemon holds; `human` picks the long form.
+        case poolStatus = "pool-status"
     }
 
     public var operation: Operation
@@ -24,10 +27,12 @@ public struct LayerRequest: Codable, Equatable, Sendable {
     public var mountOptions: [String]?
     public var json: Bool?
     public var name: String?
+    /// pool-status: the long form (`thinfs pool status --human`).
+    public var human: Bool?
 
     public init(_ operation: Operation, layer: String? = nil, parent: String? = nil, size: UInt64? = nil,
                 path: String? = nil, mountpoint: String? = nil, readOnly: Bool? = nil, mountOptions: [String]? = nil,
-                json: Bool? = nil, name: String? = nil) {
+                json: Bool? = nil, name: String? = nil, human: Bool? = nil) {
         self.operation = operation
         self.layer = layer
         self.parent = parent
@@ -38,6 +43,7 @@ public struct LayerRequest: Codable, Equatable, Sendable {
         self.mountOptions = mountOptions
         self.json = json
         self.name = name
+        self.human = human
     }
 }
 
@@ -63,7 +69,7 @@ extension LayerRequest {
     }
 
     private enum CodingKeys: String, CodingKey {
-        case operation, layer, parent, size, path, mountpoint, readOnly, mountOptions, json, name
+        case operation, layer, parent, size, path, mountpoint, readOnly, mountOptions, json, name, human
     }
 
     public init(from decoder: any Decoder) throws {
@@ -78,6 +84,7 @@ extension LayerRequest {
         mountOptions = try Self.field(c, .mountOptions)
         json = try Self.field(c, .json)
         name = try Self.field(c, .name)
+        human = try Self.field(c, .human)
     }
 
     /// An optional field. Foundation's JSONDecoder reports a number that does not fit the field's

@@ -81,6 +81,8 @@ public struct LayerService: Sendable {
             return LayerStore.formatListing(rows)
         case .info:
             return try store.info()
+        case .poolStatus:
+            return String(decoding: try JSONEncoder().encode(try store.poolStatusReport(human: r.human ?? false)), as: UTF8.self)
         case .cleanup:
             let deleted = try store.cleanup()
             let left = try store.deferredDeletedCount()
