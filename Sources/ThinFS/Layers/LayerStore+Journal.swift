@@ -3,7 +3,9 @@ import PersistentData
 
 /// Pool changes as journaled transactions: moby's open-transaction protocol
 /// (deviceset.go `openTransaction` / `closeTransaction` / `rollbackTransaction`), kept in the
-/// store's database instead of a `transaction-metadata` file.
+/// store's database instead of a `transaction-metadata` file. Earlier versions (and moby) take
+/// five steps, with two pool commits and three database commits; recovery still reads the
+/// journals they leave:
 ///
 ///     step                         database                      pool (durable at commit)
 ///     ───────────────────────────  ────────────────────────────  ─────────────────────────────
@@ -13,7 +15,7 @@ import PersistentData
 ///     4 close                                                    set_transaction_id T-1 T; commit
 ///     5 forget                     journal -= T
 ///
-/// A create takes a shorter path, with one pool commit and two database commits:
+/// Creates and deletes now take a shorter path, with one pool commit and two database commits:
 ///
 ///     1 open                       journal += (T, create, ...)
 ///     2 send and close                                           create_snap dev origin;
@@ -21,14 +23,21 @@ import PersistentData
 ///     3 record and forget          layers += row, journal -= T
 ///                                  (one transaction)
 ///
-/// The userspace pool takes step 2's two messages in one commit. The kernel's dm-thin (and RBD)
-/// commit each message, so there a crash can fall between them (`create.sent`): the device is
-/// durable and the transaction id is not, which recovery rolls back like any create short of
-/// step 3. The row is written after the device exists, never before: readers outside the store's
-/// lock never see a layer whose device the pool lacks.
+///     1 open                       journal += (T, delete, ...)
+///     2 send and close                                           delete dev;
+///                                                                set_transaction_id T-1 T; commit
+///     3 record and forget          layers -= row, journal -= T
+///                                  (one transaction)
 ///
-/// The pool's transaction id says whether step 4 (a create's step 2) happened. At open, for each
-/// journal row:
+/// The userspace pool takes step 2's two messages in one commit. The kernel's dm-thin (and RBD)
+/// commit each message, so there a crash can fall between them (`create.sent`, `delete.sent`):
+/// the change is durable and the transaction id is not. Recovery rolls such a create back like
+/// any create short of step 3, and finishes such a delete like any other. A create's row is
+/// written after the device exists, never before: readers outside the store's lock never see a
+/// layer whose device the pool lacks; a delete's row goes after its device.
+///
+/// The pool's transaction id says whether step 4 (step 2 of the shorter path) happened. At
+/// open, for each journal row:
 /// - a delete with pool transaction id ≥ T: the pool has the change; roll forward (make the
 ///   database say so).
 /// - a create with pool transaction id ≥ T: the device is committed. If the row is there (a
@@ -42,9 +51,10 @@ import PersistentData
 /// so what the device holds is partial. Only the pool's one writer opens the store, so no live
 /// writer can own such a layer at that point.
 ///
-/// Crash points for tests (`THINFS_CRASH_AT`): `delete.opened`, `delete.sent`, `delete.recorded`,
-/// `delete.closed` after steps 1-4; `create.opened` after step 1, `create.sent` between the two
-/// messages (kernel and RBD pools only), `create.closed` after step 2, `create.recorded` after 3.
+/// Crash points for tests (`THINFS_CRASH_AT`), for creates and deletes alike: `create.opened` /
+/// `delete.opened` after step 1, `create.sent` / `delete.sent` between the two messages (kernel
+/// and RBD pools only), `create.closed` / `delete.closed` after step 2, `create.recorded` /
+/// `delete.recorded` after step 3.
 ///
 /// **Scratch devices.** New content for an existing layer (`writeContent`) is written into a
 /// thin snapshot of the layer's device, never into the device itself, so the layer's committed
@@ -145,7 +155,8 @@ extension LayerStore {
         }
     }
 
-    /// Deletes `layer`'s thin device and its record, journaled.
+    /// Deletes `layer`'s thin device and its record, journaled: one pool commit where the pool
+    /// can (see the table at the top).
     func journaledDelete(_ layer: Layer) throws {
         // A shared layer another host uses is refused before anything is journaled.
         try (pool as? RBDPool)?.checkDeletable(layer.deviceID)
@@ -154,15 +165,18 @@ extension LayerStore {
                        [.integer(Int64(txid)), .text(layer.id), .integer(Int64(layer.deviceID))])
         Self.crashPoint("delete.opened")
         if try pool.deviceExists(layer.deviceID) {
-            try pool.message(.delete(layer.deviceID))
+            try sendAndClose(.delete(layer.deviceID), txid: txid, between: "delete.sent")
+        } else {
+            try pool.message(.setTransactionID(current: txid - 1, new: txid))
         }
-        Self.crashPoint("delete.sent")
-        try db.execute("DELETE FROM layers WHERE id = ?", [.text(layer.id)])
+        commitOpenVolumes(after: txid)
+        Self.crashPoint("delete.closed")
+        try db.transaction {
+            try db.execute("DELETE FROM layers WHERE id = ?", [.text(layer.id)])
+            try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(txid))])
+        }
         try? FileManager.default.removeItem(atPath: lockPath(layer.id))
         Self.crashPoint("delete.recorded")
-        try closeTransaction(txid)
-        Self.crashPoint("delete.closed")
-        try db.execute("DELETE FROM journal WHERE txid = ?", [.integer(Int64(txid))])
     }
 
     // MARK: Scratch devices (see the table above)
@@ -252,13 +266,13 @@ extension LayerStore {
     /// A create's step 2 (see the table at the top): `message`, then the transaction id, in one
     /// pool commit where the pool can (the userspace pool), else one commit each. The caller
     /// commits the open volumes after it (`commitOpenVolumes`), outside any volume it holds still.
-    private func sendAndClose(_ message: PoolMessage, txid: UInt64) throws {
+    private func sendAndClose(_ message: PoolMessage, txid: UInt64, between crashPoint: String = "create.sent") throws {
         let close = PoolMessage.setTransactionID(current: txid - 1, new: txid)
         if let userspace = pool as? UserspaceThinPool {
             try userspace.messages([message, close])
         } else {
             try pool.message(message)
-            Self.crashPoint("create.sent")
+            Self.crashPoint(crashPoint)
             try pool.message(close)
         }
     }
