@@ -75,6 +75,7 @@ let package = Package(
         // librados and librbd (Ceph RBD pools; Debian's librbd-dev, librados-dev), dlopened on first
         // use rather than linked: only thinfs.backend=rbd stores need them, and linked they were a
         // dozen of thinfs's shared libraries and much of every process's start-up (Sources/CRBD/include/CRBD.h).
+        // watchers.cpp reaches librados's one C++ call ThinFS needs (an object's watchers) the same way.
         .target(name: "CRBD"),
 
         .target(

@@ -1,10 +1,12 @@
 // The loader behind CRBD.h: dlopen and dlsym, once per process.
 #include "CRBD.h"
+#include "loader.h"
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stddef.h>
 
 static struct thinfs_rbd table;
+static struct thinfs_rados_cxx cxx_table;
 static const struct thinfs_rbd *loaded;
 static const char *failed_library;
 static const char *failed_reason;
@@ -38,6 +40,11 @@ static int load_all(void) {
 #define RESOLVE_RBD(name) RESOLVE(rbd, "librbd.so.1", name)
     THINFS_RADOS_FUNCTIONS(RESOLVE_RADOS)
     THINFS_RBD_FUNCTIONS(RESOLVE_RBD)
+#define RESOLVE_RADOS_CXX(field, symbol) \
+    dlerror(); \
+    cxx_table.field = dlsym(rados, symbol); \
+    if (!cxx_table.field) return fail("librados.so.2");
+    THINFS_RADOS_CXX_FUNCTIONS(RESOLVE_RADOS_CXX)
     return 1;
 }
 
@@ -52,4 +59,9 @@ const struct thinfs_rbd *thinfs_rbd_load(const char **library, const char **reas
         *reason = failed_reason;
     }
     return loaded;
+}
+
+const struct thinfs_rados_cxx *thinfs_rados_cxx_loaded(void) {
+    pthread_once(&once, load_once);
+    return loaded ? &cxx_table : NULL;
 }

@@ -330,6 +330,105 @@ struct RBDPoolTests {
         #expect(failures.all.isEmpty, "\(failures.all.count) failures, the first: \(failures.all.prefix(3))")
     }
 
+    /// Many threads asking whether images exist and who uses them (`deviceExists`,
+    /// `externalUse`: the store's busy checks, `thinfs layer ls`, containerd's Remove) while
+    /// another makes, clones, opens, writes, closes and deletes images, as `thinfs serve` does
+    /// in CI's RBD end to end. There, in issue 16, `thinfs serve` died inside librbd about one run
+    /// in ten with a temporary read-only rbd_open of those questions the only RBD call in
+    /// progress. Nothing may crash or fail; every answer must match the image's state.
+    @Test func existenceAndUseAskedWhileImagesComeAndGo() throws {
+        let pool = try Self.pool(Ceph.uniquePrefix("probe"))
+        defer { try? Self.removeAll(pool) }
+        try pool.message(.createThin(1))
+        let cycles = Int(ProcessInfo.processInfo.environment["THINFS_RBD_PROBE_CYCLES"] ?? "") ?? 25
+        final class Shared: Sendable { let stop = Atomic(false); let probes = Atomic(0) }
+        let shared = Shared()
+        let failures = RBDPoolBenchmark.Mutex2()
+        let probers = DispatchGroup()
+        for prober in 0..<4 {
+            probers.enter()
+            Thread.detachNewThread {
+                defer { probers.leave() }
+                var n = 0
+                while !shared.stop.load(ordering: .acquiring) {
+                    // 1 always exists; 2 and 3 come and go; 9 never exists.
+                    let id: ThinDeviceID = [1, 2, 3, 9][(n + prober) % 4]
+                    do {
+                        let exists = try pool.deviceExists(id)
+                        if id == 1 && !exists { failures.record("device 1 reported missing") }
+                        if id == 9 && exists { failures.record("device 9 reported present") }
+                        if let use = try pool.externalUse(id) { failures.record("device \(id) in use by another client: \(use)") }
+                    } catch {
+                        failures.record("probe of \(id): \(error)")
+                    }
+                    n += 1
+                    shared.probes.add(1, ordering: .relaxed)
+                }
+            }
+        }
+        let block = [UInt8](repeating: 0x5a, count: 4096)
+        do {
+            for cycle in 0..<cycles {
+                try pool.message(.createThin(2))
+                try pool.message(.createSnap(3, origin: 2))
+                let device = try pool.openDevice(3, size: 8 << 20)
+                try block.withUnsafeBytes { try device.write($0, at: UInt64(cycle % 64) * 4096) }
+                try pool.commit()
+                device.close()
+                try pool.message(.delete(3))
+                try pool.message(.delete(2))
+            }
+        } catch {
+            failures.record("create, clone, open, write, close, delete: \(error)")
+        }
+        shared.stop.store(true, ordering: .releasing)
+        probers.wait()
+        print("RBDPoolTests.existenceAndUseAskedWhileImagesComeAndGo: \(cycles) cycles, \(shared.probes.load(ordering: .relaxed)) probes")
+        #expect(failures.all.isEmpty, "\(failures.all.count) failures, the first: \(failures.all.prefix(3))")
+    }
+
+    /// An image's existence and its users, asked of RADOS (the id object `rbd_id.<name>`, the
+    /// watchers of `rbd_header.<id>`) with no image opened. Oracles: `rbd info` (the id) and
+    /// `rados listwatchers` (the header's watchers); two clients, A writing, B asking.
+    @Test func existenceAndWatchersComeFromRADOS() throws {
+        let prefix = Ceph.uniquePrefix("asks")
+        let a = try Self.pool(prefix), b = try Self.pool(prefix)
+        defer { try? Self.removeAll(a) }
+        let name = "\(prefix)1"
+        #expect(try !a.deviceExists(1))
+        #expect(try a.connection.imageID(name) == nil)
+        #expect(try a.connection.imageWatchers(name) == nil)
+        #expect(try b.externalUse(1) == nil)
+        try a.message(.createThin(1))
+        #expect(try a.deviceExists(1))
+        #expect(try !a.deviceExists(2))
+        let info = try Ceph.rbd(["info", "\(Ceph.pool)/\(name)", "--format", "json"])
+        try #require(info.status == 0, "rbd info: \(info.stderr)")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as? [String: Any])
+        let id = try #require(try a.connection.imageID(name))
+        #expect(id == json["id"] as? String)
+        #expect(try a.connection.imageWatchers(name)?.isEmpty == true)
+
+        let writer = try a.openDevice(1, size: 8 << 20)
+        let watchers = try #require(try b.connection.imageWatchers(name))
+        let listed = try Oracle.run("/usr/bin/rados", ["-c", Ceph.confPath, "-p", Ceph.pool, "listwatchers", "rbd_header.\(id)"])
+        try #require(listed.status == 0, "rados listwatchers: \(listed.stderr)")
+        #expect(watchers.map(\.id) == [a.connection.instanceID], "\(watchers)")
+        #expect(listed.stdout.contains("client.\(a.connection.instanceID)"), "\(listed.stdout)")
+        #expect(listed.stdout.split(separator: "\n").count == watchers.count, "\(listed.stdout)")
+        let use = try #require(try b.externalUse(1))
+        #expect(use.contains("rbd image \(Ceph.pool)/\(name) is open by client.\(a.connection.instanceID) at "), "\(use)")
+        // A's own open is not another client's use.
+        #expect(try a.externalUse(1) == nil)
+        writer.close()
+        #expect(try b.externalUse(1) == nil)
+
+        try a.message(.delete(1))
+        #expect(try !b.deviceExists(1))
+        #expect(try b.connection.imageWatchers(name) == nil)
+        #expect(try b.externalUse(1) == nil)
+    }
+
     /// The layer catalogue between two stores (two clients, two prefixes, one catalogue object):
     /// A publishes an image, B adopts it (an alias: no image of B's made), clones it from the
     /// shared snapshot and reads A's bytes; A's delete is refused naming B while B uses it, B's
@@ -491,5 +590,29 @@ struct RBDPoolBenchmark {
         let rbd = try RBDPoolTests.pool(prefix, imageSize: 256 << 20)
         defer { try? RBDPoolTests.removeAll(rbd) }
         try Self.run("rbd", rbd)
+    }
+}
+
+/// The id object's encoding (no cluster): what RADOS returns is data, never a precondition.
+@Suite("RBD id objects")
+struct RBDIDObjectTests {
+    @Test func decodesALengthPrefixedID() throws {
+        let bytes: [UInt8] = [12, 0, 0, 0] + Array("1022ba9215d3".utf8)
+        #expect(try RadosConnection.decodeImageID(bytes[...], object: "rbd/rbd_id.x") == "1022ba9215d3")
+    }
+
+    @Test(arguments: [
+        ([1, 0, 0] as [UInt8], "less than a length"),
+        ([5, 0, 0, 0, 0x61], "an id of 5 bytes in 1"),
+        ([0, 0, 0, 0], "an id of 0 bytes in 0"),
+        ([2, 0, 0, 0, 0x61, 0x2f], "not lower-case letters and digits"),
+    ])
+    func refusesWhatLibrbdNeverWrites(bytes: [UInt8], reason: String) {
+        #expect {
+            try RadosConnection.decodeImageID(bytes[...], object: "rbd/rbd_id.x")
+        } throws: { error in
+            guard case .malformedObject(let object, let r)? = error as? RBDPool.Error else { return false }
+            return object == "rbd/rbd_id.x" && r.contains(reason)
+        }
     }
 }

@@ -28,11 +28,13 @@
     X(rados_lock_exclusive) \
     X(rados_omap_get_end) \
     X(rados_omap_get_next2) \
+    X(rados_read) \
     X(rados_read_op_omap_get_vals2) \
     X(rados_read_op_operate) \
     X(rados_release_read_op) \
     X(rados_release_write_op) \
     X(rados_shutdown) \
+    X(rados_stat) \
     X(rados_unlock) \
     X(rados_write_op_create) \
     X(rados_write_op_omap_rm_keys2) \
@@ -85,8 +87,17 @@
     X(rbd_snap_spec_cleanup) \
     X(rbd_snap_unprotect) \
     X(rbd_version) \
-    X(rbd_watchers_list) \
-    X(rbd_watchers_list_cleanup) \
+
+// librados's C++ API, for what its C API of Ceph 16 lacks: the watchers of an object (C's
+// rados_list_watchers came with Ceph 18). X(field, symbol): the mangled names of
+// librados::IoCtx's constructor, destructor, from_rados_ioctx_t and list_watchers in librados's
+// ABI namespace librados::v14_2_0 (symbol version LIBRADOS_14.2.0, the one since Ceph 14). No
+// header declares them to C: watchers.cpp gives them their types and calls them.
+#define THINFS_RADOS_CXX_FUNCTIONS(X) \
+    X(io_ctx_construct, "_ZN8librados7v14_2_05IoCtxC1Ev") \
+    X(io_ctx_destruct, "_ZN8librados7v14_2_05IoCtxD1Ev") \
+    X(io_ctx_from_c, "_ZN8librados7v14_2_05IoCtx18from_rados_ioctx_tEPvRS1_") \
+    X(io_ctx_list_watchers, "_ZN8librados7v14_2_05IoCtx13list_watchersERKNSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEEPNS2_4listI11obj_watch_tSaISB_EEE") \
 
 #define THINFS_RBD_FIELD(name) __typeof__(name) *name;
 /// The loaded functions, each named as in librados.h and librbd.h.
@@ -95,6 +106,12 @@ struct thinfs_rbd {
     THINFS_RBD_FUNCTIONS(THINFS_RBD_FIELD)
 };
 #undef THINFS_RBD_FIELD
+
+/// The watchers of object `oid` in the pool of `io` (librados's IoCtx::list_watchers): fills up
+/// to *max entries of `out` and sets *max to their number. Returns 0; -ERANGE when there are more
+/// than *max (*max is then the number needed); -ENOENT when the object does not exist; another
+/// -errno on failure. Only after thinfs_rbd_load succeeded.
+int thinfs_rados_list_watchers(rados_ioctx_t io, const char *oid, struct obj_watch_t *out, size_t *max);
 
 /// Loads librados.so.2 and librbd.so.1 and resolves every function, once per process (later calls
 /// return the first one's result). Returns the table, or NULL with *library set to the soname that

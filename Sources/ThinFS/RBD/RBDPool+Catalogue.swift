@@ -396,13 +396,11 @@ extension RBDPool {
                 if rest.hasPrefix("deleted-") || (!rest.isEmpty && rest.allSatisfy { $0.isASCII && $0.isNumber }) { images.insert(name) }
             }
             for name in images.sorted() {
-                let image: RBDImage
-                do { image = try RBDImage(connection: connection, name: name, readOnly: true) } catch Error.call(_, _, .noSuchFileOrDirectory) { continue }
-                defer { image.close() }
                 // Watchers, not lock owners (librbd lists those only on a handle open for
                 // writing): a client holding the exclusive lock watches the image too.
+                guard let watchers = try connection.imageWatchers(name) else { continue }
                 let ours = connection.instanceID
-                let holders = try image.watchers().filter { $0.id != ours }.map { "client.\($0.id) at \($0.address)" }
+                let holders = watchers.filter { $0.id != ours }.map { "client.\($0.id) at \($0.address)" }
                 if !holders.isEmpty {
                     throw CatalogueError.storeStillActive(store: store, image: "\(configuration.pool)/\(name)", holders: holders)
                 }

@@ -104,6 +104,8 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         /// librados.so.2 or librbd.so.1 could not be loaded (CRBD dlopens them on first use);
         /// `reason` is dlerror()'s text.
         case libraryUnavailable(library: String, reason: String)
+        /// A RADOS object of librbd's (an image's id object) holds what librbd never writes.
+        case malformedObject(object: String, reason: String)
 
         public var description: String {
             switch self {
@@ -114,6 +116,7 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
                 "rbd pool \(pool) already holds images with prefix '\(prefix)' (\(images.prefix(5).joined(separator: ", "))\(images.count > 5 ? ", ..." : ""); transaction id \(tx)): give this store its own rbd.prefix, or remove them ('rbd rm')"
             case .libraryUnavailable(let library, let reason):
                 "thinfs.backend=rbd needs Ceph's client library \(library), which could not be loaded (\(reason)): install it (Debian: librbd1, librados2), or give this store another thinfs.backend"
+            case .malformedObject(let object, let reason): "rados object \(object): \(reason) (not written by librbd?)"
             }
         }
 
@@ -123,6 +126,7 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
             case .lockedByAnotherClient: .readOnlyFileSystem
             case .prefixInUse: .fileExists
             case .libraryUnavailable: Errno(rawValue: ELIBACC)
+            case .malformedObject: .ioError
             }
         }
     }
@@ -469,12 +473,11 @@ public final class RBDPool: ThinPoolBackend, @unchecked Sendable {
         try state.withLock { _ in try externalUseLocked(imageName(id)) }
     }
 
+    /// Asked of RADOS (the watchers of the image's header object), without opening the image.
     private func externalUseLocked(_ name: String) throws -> String? {
-        guard try connection.imageExists(name) else { return nil }
-        let image = try RBDImage(connection: connection, name: name, readOnly: true)
-        defer { image.close() }
+        guard let watchers = try connection.imageWatchers(name) else { return nil }
         let ours = connection.instanceID
-        let others = try image.watchers().filter { $0.id != ours }
+        let others = watchers.filter { $0.id != ours }
         guard !others.isEmpty else { return nil }
         return "rbd image \(configuration.pool)/\(name) is open by \(others.map { "client.\($0.id) at \($0.address)" }.joined(separator: ", "))"
     }
@@ -563,7 +566,7 @@ func check<T: SignedInteger>(_ rc: T, _ operation: String, _ target: String) thr
 /// The shutdown frees what librados and librbd work with: a call on the handles in progress
 /// (`withIO`, `withCluster`) holds `gate` for reading, so the shutdown waits for it; and an
 /// open image (`RBDImage`: librbd keeps the I/O context and the cluster until its rbd_close) defers
-/// it to the last image's close. A temporary handle (`RBDPool.withImage`, `externalUse`) may be
+/// it to the last image's close. A temporary handle (`RBDPool.withImage`) may be
 /// open on another thread when the store closes the pool.
 final class RadosConnection: @unchecked Sendable {
     /// librados's handles are thread-safe; `gate` only orders their use against `shutdown`.
@@ -668,17 +671,78 @@ final class RadosConnection: @unchecked Sendable {
         }
     }
 
+    // MARK: Images asked of RADOS
+    //
+    // Whether an image exists and who has it open are questions about two RADOS objects of
+    // librbd's format 2 (the only format this pool makes): `rbd_id.<name>`, which holds the
+    // image's id, and `rbd_header.<id>`, which every client with the image open watches. Asked
+    // so, they cost a stat or a read and no rbd_open. A temporary read-only rbd_open for them
+    // (ImageCtx built, its config copied, the header read, closed again) was the only librbd
+    // call in progress in both cores of issue 16's crash of `thinfs serve` (SIGSEGV in the
+    // ImageCtx constructor's md_config_t; librbd's io_context thread aborting).
+
+    /// librbd's id object of image `name` (format 2).
+    static func idObject(_ name: String) -> String { "rbd_id.\(name)" }
+    /// librbd's header object of the image with id `id` (format 2).
+    static func headerObject(id: String) -> String { "rbd_header.\(id)" }
+
+    /// Whether image `name` exists: its id object does.
     func imageExists(_ name: String) throws -> Bool {
-        // Opened and closed inside the call: the shutdown waits for it.
-        let rc = withIO { io -> Int32 in
-            var image: rbd_image_t?
-            let rc = ceph.rbd_open_read_only(io, name, &image, nil)
-            if rc == 0 { _ = ceph.rbd_close(image) }
-            return rc
-        }
+        let object = Self.idObject(name)
+        var size: UInt64 = 0
+        var mtime: time_t = 0
+        let rc = withIO { ceph.rados_stat($0, object, &size, &mtime) }
         if rc == -ENOENT { return false }
-        try check(rc, "rbd_open_read_only", "\(pool)/\(name)")
+        try check(rc, "rados_stat", "\(pool)/\(name) (object \(object))")
         return true
+    }
+
+    /// Image `name`'s id, from its id object: a Ceph-encoded string (a little-endian 32-bit
+    /// length, then the bytes); nil if the image does not exist.
+    func imageID(_ name: String) throws -> String? {
+        let object = Self.idObject(name)
+        var buffer = [UInt8](repeating: 0, count: 128)
+        let n = buffer.withUnsafeMutableBytes { bytes in
+            withIO { ceph.rados_read($0, object, bytes.baseAddress!.assumingMemoryBound(to: CChar.self), bytes.count, 0) }
+        }
+        if n == -ENOENT { return nil }
+        try check(n, "rados_read", "\(pool)/\(name) (object \(object))")
+        return try Self.decodeImageID(buffer.prefix(Int(n)), object: "\(pool)/\(object)")
+    }
+
+    /// An id object's bytes: length-prefixed, lower-case letters and digits (librbd's ids are
+    /// hexadecimal).
+    static func decodeImageID(_ bytes: ArraySlice<UInt8>, object: String) throws -> String {
+        let bytes = Array(bytes)
+        guard bytes.count >= 4 else { throw RBDPool.Error.malformedObject(object: object, reason: "\(bytes.count) bytes, less than a length") }
+        let length = Int(bytes[0]) | Int(bytes[1]) << 8 | Int(bytes[2]) << 16 | Int(bytes[3]) << 24
+        guard length > 0, length == bytes.count - 4 else {
+            throw RBDPool.Error.malformedObject(object: object, reason: "an id of \(length) bytes in \(bytes.count - 4)")
+        }
+        let id = bytes[4...]
+        guard id.allSatisfy({ (0x30...0x39).contains($0) || (0x61...0x7a).contains($0) }) else {
+            throw RBDPool.Error.malformedObject(object: object, reason: "an id that is not lower-case letters and digits")
+        }
+        return String(decoding: id, as: UTF8.self)
+    }
+
+    /// The clients watching image `name` (librbd watches the header of an image it has open,
+    /// as `rbd status` lists them); nil if the image does not exist (or went meanwhile).
+    func imageWatchers(_ name: String) throws -> [RBDImage.Watcher]? {
+        guard let id = try imageID(name) else { return nil }
+        let header = Self.headerObject(id: id)
+        var max = 16
+        while true {
+            var list = [obj_watch_t](repeating: obj_watch_t(), count: max)
+            let rc = withIO { thinfs_rados_list_watchers($0, header, &list, &max) }
+            if rc == -ENOENT { return nil }
+            if rc == -ERANGE { continue }
+            try check(rc, "list_watchers", "\(pool)/\(name) (object \(header))")
+            return list.prefix(max).map { w in
+                let address = withUnsafeBytes(of: w.addr) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                return RBDImage.Watcher(id: UInt64(bitPattern: w.watcher_id), address: address.isEmpty ? "?" : address)
+            }
+        }
     }
 
     func poolMetadata(_ key: String) throws -> String? {
@@ -805,21 +869,9 @@ final class RBDImage: @unchecked Sendable {
         }
     }
 
+    /// A client watching an image's header (RadosConnection.imageWatchers): `id` is its
+    /// client (global) id, client.<id>.
     struct Watcher { var id: UInt64; var address: String }
-
-    func watchers() throws -> [Watcher] {
-        try withHandle("rbd_watchers_list") { handle in
-            var max = 16
-            while true {
-                var list = [rbd_image_watcher_t](repeating: rbd_image_watcher_t(), count: max)
-                let rc = ceph.rbd_watchers_list(handle, &list, &max)
-                if rc == -ERANGE { continue }
-                try check(rc, "rbd_watchers_list", target)
-                defer { ceph.rbd_watchers_list_cleanup(&list, max) }
-                return list.prefix(max).map { Watcher(id: UInt64(bitPattern: $0.id), address: $0.addr.map { String(cString: $0) } ?? "?") }
-            }
-        }
-    }
 
     func snapshots() throws -> [String] {
         try withHandle("rbd_snap_list") { handle in
