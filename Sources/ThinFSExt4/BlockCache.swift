@@ -61,9 +61,15 @@ final class ChannelState {
     /// written under the Volume's lock only.
     var allocations: [(start: UInt64, count: UInt64)]?
 
+    /// `writeBack`'s staging buffer for coalesced runs (1 MiB), kept from one call to the next:
+    /// allocated on every call, it cost an mmap, a page fault per page touched and an munmap with a
+    /// TLB shootdown on every CPU for each file an untar wrote (one write-back per WRITE request).
+    private var runBuffer: (pointer: UnsafeMutableRawPointer, bytes: Int)?
+
     init(device: BlockDevice) { self.device = device }
     deinit {
         for e in blocks.values { e.data.deallocate() }
+        runBuffer?.pointer.deallocate()
     }
 
     func setBlockSize(_ size: Int) throws {
@@ -331,8 +337,12 @@ final class ChannelState {
         var failure: Error?
         let dirty = only.map { $0.filter { blocks[$0]!.dirty }.sorted() } ?? blocks.filter { $0.value.dirty }.keys.sorted()
         let maxRun = max(1, (1 << 20) / blockSize)
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: maxRun * blockSize, alignment: 4096)
-        defer { buffer.deallocate() }
+        if let b = runBuffer, b.bytes != maxRun * blockSize {
+            b.pointer.deallocate()
+            runBuffer = nil
+        }
+        let buffer = runBuffer?.pointer ?? UnsafeMutableRawPointer.allocate(byteCount: maxRun * blockSize, alignment: 4096)
+        runBuffer = (buffer, maxRun * blockSize)
         var i = 0
         while i < dirty.count {
             let fileData = blocks[dirty[i]]!.fileData

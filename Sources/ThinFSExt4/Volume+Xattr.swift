@@ -17,6 +17,25 @@ extension Volume {
         return try body(handle!)
     }
 
+    /// False when the inode can hold no extended attribute: no EA block, and no in-inode EA header
+    /// (the magic `EXT2_EXT_ATTR_MAGIC` right after `i_extra_isize`, as ext4's and libext2fs's
+    /// readers look for it). True means: ask libext2fs.
+    func mayHoldXattrs(_ fs: ext2_filsys, _ ino: UInt64, _ inode: ext2_inode_large) throws(VolumeError) -> Bool {
+        var inode = inode
+        let block = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_file_acl_block(fs, $0) }
+        }
+        if block != 0 { return true }
+        let size = Int(fs.pointee.super.pointee.s_inode_size)
+        let header = Int(EXT2_GOOD_OLD_INODE_SIZE) + Int(inode.i_extra_isize)
+        guard size > Int(EXT2_GOOD_OLD_INODE_SIZE), header + 4 <= size else { return false }
+        return try withUnsafeTemporaryAllocation(byteCount: size, alignment: 8) { raw throws(VolumeError) -> Bool in
+            let rc = ext2fs_read_inode_full(fs, ext2_ino_t(ino), raw.baseAddress!.assumingMemoryBound(to: ext2_inode.self), Int32(size))
+            try check(rc, "reading inode \(ino)")
+            return UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: header, as: UInt32.self)) == UInt32(EXT2_EXT_ATTR_MAGIC)
+        }
+    }
+
     static func checkXattrName(_ name: String) throws(VolumeError) {
         let known = ["user.", "trusted.", "security.", "system."]
         guard known.contains(where: name.hasPrefix), name.utf8.count <= 255 else {
@@ -27,7 +46,14 @@ extension Volume {
     public func getxattr(_ ino: UInt64, name: String) throws(VolumeError) -> [UInt8] {
         try Self.checkXattrName(name)
         return try withFS { fs throws(VolumeError) in
-            _ = try readInode(fs, ino)
+            let inode = try readInode(fs, ino)
+            // The kernel asks for security.capability before every write(2) (file_remove_privs; FUSE
+            // never caches the answer), and most inodes hold no attribute at all: answer those
+            // from the inode, without libext2fs's attribute handle (a copy of the inode, a parse,
+            // allocations).
+            guard try mayHoldXattrs(fs, ino, inode) else {
+                throw VolumeError(.init(rawValue: ENODATA), "inode \(ino) has no attribute '\(name)'")
+            }
             return try withXattrs(fs, ino) { h throws(VolumeError) in
                 var value: UnsafeMutableRawPointer?
                 var length = 0

@@ -548,6 +548,44 @@ struct DifferentialTests {
             cat d2/f2 >/dev/null 2>&1; echo "read in root's 0700 dir: $?"
             """))
 
+        // Set-user-ID, set-group-ID and security.capability after writes, truncates and chowns: the
+        // kernel decides what to drop (file_remove_privs asks for security.capability before every
+        // write; chown drops both) and the daemon stores it; a getxattr that missed the attribute
+        // would leave it in place.
+        func xattr(_ path: String, _ name: String) -> String {
+            switch LibC.getxattr(path, name, size: 100) {
+            case .success(let v): return "\(v.count) bytes, crc \(CRC32C.checksum(v))"
+            case .failure(let e): return errnoName(e.rawValue)
+            }
+        }
+        let capability: [UInt8] = [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        for (name, mode) in [("kp-user", 0o6777), ("kp-trunc", 0o6777), ("kp-root", 0o6755), ("kp-chown", 0o6755), ("kp-cap", 0o644)] {
+            step("create \(name)", create(p(name), Array("privileged".utf8)))
+            step("chmod \(name) \(String(mode, radix: 8))", LibC.check(chmod(p(name), mode_t(mode))))
+        }
+        step("setxattr kp-cap security.capability", LibC.setxattr(p("kp-cap"), "security.capability", capability))
+        step("user steps on set-user-ID files", try asUser(root, """
+            echo x >> kp-user; echo "append to a 06777 root file: $?"
+            truncate -s 3 kp-trunc; echo "truncate a 06777 root file: $?"
+            """))
+        step("stat kp-user", stat(p("kp-user")))
+        step("stat kp-trunc", stat(p("kp-trunc")))
+        step("root writes kp-root", pwriteAt(p("kp-root"), Array("P".utf8), 0))
+        step("stat kp-root", stat(p("kp-root")))
+        step("root truncates kp-root", LibC.check(truncate(p("kp-root"), 2)))
+        step("stat kp-root", stat(p("kp-root")))
+        step("root chowns kp-chown", LibC.check(chown(p("kp-chown"), 1000, 1000)))
+        step("stat kp-chown", stat(p("kp-chown")))
+        step("getxattr kp-cap security.capability", xattr(p("kp-cap"), "security.capability"))
+        step("root writes kp-cap", pwriteAt(p("kp-cap"), Array("C".utf8), 1))
+        step("getxattr kp-cap security.capability after a write", xattr(p("kp-cap"), "security.capability"))
+        step("setxattr kp-cap security.capability again", LibC.setxattr(p("kp-cap"), "security.capability", capability))
+        step("setxattr kp-cap user.k", LibC.setxattr(p("kp-cap"), "user.k", [UInt8](repeating: 5, count: 3000)))
+        step("root chowns kp-cap", LibC.check(chown(p("kp-cap"), 1000, 1000)))
+        step("getxattr kp-cap security.capability after a chown", xattr(p("kp-cap"), "security.capability"))
+        step("getxattr kp-cap user.k after a chown", xattr(p("kp-cap"), "user.k"))
+        step("read kp-cap", content(p("kp-cap")))
+
         // Removal of everything left in the directories made above.
         step("rmdir e2 (renamed away)", LibC.check(rmdir(p("e2"))))
         step("unlink d1/f1", LibC.check(unlink(p("d1/f1"))))

@@ -5,6 +5,9 @@ import Synchronization
 import TestSupport
 import Testing
 @testable import ThinFS
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// mke2fs and e2fsck from e2fsprogs: the oracle for the filesystem the Volume writes.
 enum E2fsprogs {
@@ -206,6 +209,69 @@ struct VolumeTests {
             #expect(try v.seek(f.ino, from: 4096 + 100, to: .hole) == 2 * 4096)
             let st = try v.statfs()
             #expect(st.blockSize == 4096 && st.freeBlocks > 0 && st.availableBlocks <= st.freeBlocks)
+        }
+    }
+
+    /// getxattr answers ENODATA from the inode alone when it holds no attributes (no EA block, no
+    /// in-inode EA header): the kernel asks for security.capability before every write(2). Attributes
+    /// kept in the inode, in an EA block, or in both must still be found, and none once removed.
+    @Test func getxattrFindsAttributesInTheInodeAndInTheBlock() throws {
+        try withImage { v, _ in
+            let f = try v.mknod(parent: v.rootInode, name: "f", mode: 0o100644, rdev: 0, owner: .root)
+            #expect((#expect(throws: VolumeError.self) { try v.getxattr(f.ino, name: "security.capability") })?.errno == .noData)
+            try v.setxattr(f.ino, name: "user.small", value: [1, 2, 3], flags: [])
+            #expect(try v.getxattr(f.ino, name: "user.small") == [1, 2, 3])
+            let big = [UInt8](repeating: 9, count: 2000)
+            try v.setxattr(f.ino, name: "user.big", value: big, flags: [])
+            #expect(try v.getxattr(f.ino, name: "user.big") == big)
+            try v.removexattr(f.ino, name: "user.small")
+            #expect(try v.getxattr(f.ino, name: "user.big") == big, "an attribute in the EA block alone")
+            try v.removexattr(f.ino, name: "user.big")
+            #expect((#expect(throws: VolumeError.self) { try v.getxattr(f.ino, name: "user.big") })?.errno == .noData)
+            #expect(try v.listxattr(f.ino).isEmpty)
+        }
+    }
+
+    /// The same with the attributes written by kernel ext4 (a loop mount): a small one the kernel
+    /// keeps in the inode, a large one in an EA block, security.capability alone in the inode.
+    @Test(.enabled(if: Host.isRoot && FileManager.default.fileExists(atPath: "/dev/loop-control"), "needs root and loop devices"))
+    func getxattrFindsWhatKernelExt4Wrote() throws {
+        let dir = TempDir()
+        let image = dir.path + "/fs.img", mnt = dir.path + "/mnt"
+        try E2fsprogs.mkfs(image, size: 64 << 20)
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        let m = try Oracle.run("/bin/mount", ["-o", "loop", image, mnt])
+        try #require(m.status == 0, "\(m.stderr)")
+        var mounted = true
+        defer { if mounted { _ = try? Oracle.run("/bin/umount", [mnt]) } }
+        let cap: [UInt8] = [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        let big = [UInt8](repeating: 7, count: 3000)
+        let files: [(String, [(String, [UInt8])])] = [("small", [("user.k", [1, 2])]), ("big", [("user.big", big)]),
+                                                      ("both", [("user.k", [5]), ("user.big", big)]),
+                                                      ("cap", [("security.capability", cap)]), ("none", [])]
+        // sys/xattr.h is not in the Glibc module: setxattr(2) through dlsym.
+        typealias SetXattr = @convention(c) (UnsafePointer<CChar>, UnsafePointer<CChar>, UnsafeRawPointer?, Int, Int32) -> Int32
+        let setxattr = unsafeBitCast(try #require(dlsym(UnsafeMutableRawPointer(bitPattern: 0), "setxattr")), to: SetXattr.self)
+        for (file, attrs) in files {
+            try #require(FileManager.default.createFile(atPath: mnt + "/" + file, contents: Data([1])))
+            for (name, value) in attrs {
+                let rc = value.withUnsafeBytes { setxattr(mnt + "/" + file, name, $0.baseAddress, $0.count, 0) }
+                try #require(rc == 0, "setxattr \(name) on \(file): errno \(errno)")
+            }
+        }
+        let u = try Oracle.run("/bin/umount", [mnt])
+        try #require(u.status == 0, "\(u.stderr)")
+        mounted = false
+        let v = try Volume(device: FileBlockDevice(path: FilePath(image)), readOnly: true, logger: quietLogger)
+        defer { try? v.close() }
+        func ino(_ name: String) throws -> UInt64 { try v.lookup(parent: v.rootInode, name: name).ino }
+        #expect(try v.getxattr(ino("small"), name: "user.k") == [1, 2])
+        #expect(try v.getxattr(ino("big"), name: "user.big") == big)
+        #expect(try v.getxattr(ino("both"), name: "user.k") == [5])
+        #expect(try v.getxattr(ino("both"), name: "user.big") == big)
+        #expect(try v.getxattr(ino("cap"), name: "security.capability") == cap)
+        for (file, name) in [("none", "security.capability"), ("small", "security.capability"), ("big", "user.k")] {
+            #expect((#expect(throws: VolumeError.self) { try v.getxattr(ino(file), name: name) })?.errno == .noData, "\(file) \(name)")
         }
     }
 

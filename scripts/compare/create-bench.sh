@@ -4,7 +4,7 @@
 # in one run, so that a shared, busy machine treats them alike.
 #
 #   scripts/compare/create-bench.sh [--counts 1000,4000,16000] [--rounds 3] [--dir DIR]
-#                                   [--kernel ext4,overlay] [--read] LABEL=BINDIR[:OPTIONS]...
+#                                   [--kernel ext4,overlay] [--read | --untar TAR] LABEL=BINDIR[:OPTIONS]...
 #
 # Each LABEL=BINDIR is a thinfs build (BINDIR holds thinfs and thinfs-mount, e.g.
 # .build-fsbench/release), mounted with `-o OPTIONS` if given; each gets its own pool and 8G
@@ -22,6 +22,10 @@
 # private trace instance, fuse:fuse_request_send, filtered on the mount's connection). READ
 # requests in a second pass mean something emptied the page cache between the passes (another
 # process's drop_caches on a shared machine): leave that step out.
+#
+# --untar TAR measures `tar -xf TAR` into a new directory, then `sync -f` (as `thinfs compare`'s
+# untar step), per entry of TAR (--counts is ignored): each step mounts cold (drop_caches first)
+# and, with tracefs, counts the FUSE upcalls per entry by opcode.
 set -euo pipefail
 
 COUNTS=(1000 4000 16000)
@@ -38,6 +42,7 @@ while [ $# -gt 0 ]; do
         --dir) DIR="$2"; shift ;;
         --kernel) if [ "$2" = none ]; then KERNEL=(); else IFS=, read -r -a KERNEL <<< "$2"; fi; shift ;;
         --read) MODE=read ;;
+        --untar) MODE=untar; UNTAR="$(realpath "$2")"; shift ;;
         -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *=*:*) l="${1%%=*}"; v="${1#*=}"; LABELS+=("$l"); BINS[$l]="${v%%:*}"; OPTS[$l]="${v#*:}" ;;
         *=*) LABELS+=("${1%%=*}"); BINS[${1%%=*}]="${1#*=}" ;;
@@ -101,7 +106,7 @@ read_tree() { python3 "$(dirname "$0")/compare.py" workload read-tree "$1" | pyt
 
 # FUSE upcalls by opcode, counted with a private tracefs instance (none without tracefs).
 TRACE=""
-if [ "$MODE" = read ] && [ -d /sys/kernel/tracing/events/fuse/fuse_request_send ]; then
+if [ "$MODE" != create ] && [ -d /sys/kernel/tracing/events/fuse/fuse_request_send ]; then
     TRACE="/sys/kernel/tracing/instances/create-bench-$$"
     mkdir "$TRACE"
     echo 16384 > "$TRACE/buffer_size_kb"
@@ -113,6 +118,7 @@ daemon_cpu() { [ -z "${TPID[$1]:-}" ] || awk '{print $14 + $15}' "/proc/${TPID[$
 # trace_start MOUNTPOINT: count the requests of that mount's connection (its device, as the kernel's dev_t).
 trace_start() {
     [ -n "$TRACE" ] || return 0
+    [ "$(stat -f -c %T "$1")" = fuseblk ] || [ "$(stat -f -c %T "$1")" = fuse ] || return 0
     local maj min; read -r maj min < <(stat -c '%Hd %Ld' "$1")
     echo "connection == $(( (maj << 20) | min ))" > "$TRACE/events/fuse/fuse_request_send/filter"
     echo > "$TRACE/trace"
@@ -121,11 +127,13 @@ trace_start() {
 # trace_stop N: "OPCODE=count/N ..." for the requests since trace_start, per file.
 trace_stop() {
     [ -n "$TRACE" ] || { echo "-"; return 0; }
+    [ "$(cat "$TRACE/events/fuse/fuse_request_send/enable")" = 1 ] || { echo "-"; return 0; }
     echo 0 > "$TRACE/events/fuse/fuse_request_send/enable"
     { grep -o '(FUSE_[A-Z_]*)' "$TRACE/trace" || true; } | tr -d '()' | sed 's/FUSE_//' | sort | uniq -c |
         awk -v n="$1" '{printf "%s%s=%.2f", sep, $2, $1 / n; sep=" "} END {if (!NR) printf "none"}'
 }
 
+if [ "$MODE" = untar ]; then COUNTS=("$(tar -tf "$UNTAR" | wc -l)"); fi
 for s in "${SETUPS[@]}"; do echo "create-bench: setting up $s" >&2; setup "$s"; done
 if [ "$MODE" = read ]; then
     for s in "${SETUPS[@]}"; do
@@ -171,9 +179,19 @@ for r in $(seq 1 "$ROUNDS"); do
             drop_caches
             mount_setup "$s"
             load="$(cut -d' ' -f1 /proc/loadavg)"
-            t0=$(date +%s.%N)
-            create_files "$WORK/mnt-$s/r$r-n$n" "$n"
-            t1=$(date +%s.%N)
+            if [ "$MODE" = untar ]; then
+                mkdir "$WORK/mnt-$s/r$r"
+                trace_start "$WORK/mnt-$s"
+                t0=$(date +%s.%N)
+                tar -xf "$UNTAR" -C "$WORK/mnt-$s/r$r"
+                sync -f "$WORK/mnt-$s/r$r"
+                t1=$(date +%s.%N)
+                up1=$(trace_stop "$n")
+            else
+                t0=$(date +%s.%N)
+                create_files "$WORK/mnt-$s/r$r-n$n" "$n"
+                t1=$(date +%s.%N)
+            fi
             cpu=""
             # The daemon's own CPU time (utime + stime) since it started: on a busy machine the
             # wall time is mostly waiting for a CPU, the CPU time is what the daemon's work costs.
@@ -184,6 +202,7 @@ for r in $(seq 1 "$ROUNDS"); do
             umount_setup "$s"
             us=$(echo "($t1 - $t0) * 1000000 / $n" | bc -l)
             printf 'round %d  %-10s %6d files  %8.1f us/file  daemon CPU %8s us/file  load %s\n' "$r" "$s" "$n" "$us" "${cpu:--}" "$load" | tee -a "$LOG" >&2
+            [ "$MODE" != untar ] || printf '    upcalls per entry: %s\n' "$up1" | tee -a "$LOG" >&2
             SUM[$s,$n]=$(echo "${SUM[$s,$n]:-0} + $us" | bc -l)
             NRUN[$s,$n]=$(( ${NRUN[$s,$n]:-0} + 1 ))
         done
@@ -193,7 +212,9 @@ done
 mean() { echo "${SUM[$1,$2]} / ${NRUN[$1,$2]}" | bc -l; }
 echo
 echo "create-bench: $ROUNDS rounds, $(nproc) CPUs, load average now $(cut -d' ' -f1-3 /proc/loadavg); scratch $(df -T "$WORK" | awk 'NR==2 {print $2}')"
-if [ "$MODE" = read ]; then
+if [ "$MODE" = untar ]; then
+    echo "Mean microseconds per entry of tar -xf $UNTAR then sync -f, then ratios."
+elif [ "$MODE" = read ]; then
     echo "Mean microseconds per file of the second of two reads of every file (4 KiB each, open/read/close), then ratios."
 else
     echo "Mean microseconds per file (open O_CREAT|O_EXCL, 4 KiB write, close), then ratios."
