@@ -446,8 +446,9 @@ t0=$(now)
 c images import --snapshotter overlayfs "$w/image/oci.tar" >/dev/null
 import_overlay_ms=$(elapsed_ms "$t0")
 # Each listing goes to a file on a bind mount under the container's /run (a tmpfs find -xdev does
-# not enter), not to ctr's stdout: a listing that lost its last lines on the way out through the
-# shim's fifo (seen twice, under load, in the RBD runs) could not be told from a readdir that
+# not enter), not to ctr's stdout: listings lost their last lines on the way out through the
+# shim's fifo under load (three times in the RBD runs: twice the kernel overlayfs container's,
+# once the thinfs one's), and a thinfs listing cut short could not be told from a readdir that
 # missed entries.
 for setup in thinfs overlayfs; do
     mkdir -p "$w/tree-out-$setup"
