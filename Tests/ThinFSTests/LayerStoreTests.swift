@@ -276,6 +276,27 @@ struct LayerStoreCrashTests {
         #expect(try Oracle.check(try reopened.poolRoot.config().metadata))
     }
 
+    /// Reopens the store at `root` with its pool's file I/O recorded and its database's commits
+    /// counted, and runs `change` on it: the pool's file operations and the database commits
+    /// `change` made, and the open store.
+    static func recordingCommits(root: String, _ change: (LayerStore) throws -> Void) throws
+        -> (ops: [String], databaseCommits: Int, store: LayerStore) {
+        let recorder = CommitFlushTests.Recorder()
+        let dataPath = try PoolRoot(path: root).config().data
+        PoolIOHooks.install(recorder, dataPath: dataPath)
+        defer { PoolIOHooks.remove(dataPath: dataPath) }
+        let store = try LayerStore.open(root: root, logger: quietLogger)
+        final class Count: @unchecked Sendable {
+            let lock = Lock()
+            var value = 0
+        }
+        let commits = Count()
+        store.db.afterCommit = { commits.lock.withLock { commits.value += 1 } }
+        _ = recorder.take()
+        try change(store)
+        return (recorder.take(), commits.lock.withLock { commits.value }, store)
+    }
+
     /// A container's create commits the pool once (the device and the transaction id together)
     /// and the database twice (the journal entry; the row with the entry's removal). It was two
     /// pool commits and three database commits, each with its host flushes.
@@ -284,24 +305,13 @@ struct LayerStoreCrashTests {
         let store = try LayerStore.initialize(root: dir.path, options: LayerStoreTests.options(), logger: quietLogger)
         _ = try store.createImageLayer("img", parent: nil)
         try store.close()
-        let recorder = CommitFlushTests.Recorder()
-        let dataPath = try PoolRoot(path: dir.path).config().data
-        PoolIOHooks.install(recorder, dataPath: dataPath)
-        defer { PoolIOHooks.remove(dataPath: dataPath) }
-        let reopened = try LayerStore.open(root: dir.path, logger: quietLogger)
-        final class Count: @unchecked Sendable {
-            let lock = Lock()
-            var value = 0
+        let (ops, commits, reopened) = try Self.recordingCommits(root: dir.path) {
+            _ = try $0.createContainerLayer("c", parent: "img", size: nil)
         }
-        let commits = Count()
-        reopened.db.afterCommit = { commits.lock.withLock { commits.value += 1 } }
-        _ = recorder.take()
-        _ = try reopened.createContainerLayer("c", parent: "img", size: nil)
-        let ops = recorder.take()
         #expect(ops.filter { $0 == "durable write metadata superblock" }.count == 1, "\(ops)")
         // No data was written since the last commit: the metadata file's flush alone, then the superblock.
         #expect(ops.filter { $0.hasPrefix("sync") } == ["sync metadata"], "\(ops)")
-        #expect(commits.lock.withLock { commits.value } == 2)
+        #expect(commits == 2)
         // The store and the pool agree on what was made (thin_dump, after closing the store).
         let recorded = Set(try reopened.allLayers().map(\.deviceID) + [reopened.base.deviceID])
         #expect(recorded.count == 3)
@@ -310,30 +320,20 @@ struct LayerStoreCrashTests {
 
     /// A delete, like a create, is one pool commit (`delete` and `set_transaction_id` together)
     /// and two database commits (the journal row; then the layer's row and the journal row's
-    /// removal in one transaction).
+    /// removal in one transaction). It was two and three, as the create's were.
     @Test func aDeleteCommitsThePoolOnceAndTheDatabaseTwice() throws {
         let dir = TempDir()
         let store = try LayerStore.initialize(root: dir.path, options: LayerStoreTests.options(), logger: quietLogger)
         _ = try store.createImageLayer("img", parent: nil)
         let victim = try store.createContainerLayer("c", parent: "img", size: nil)
         try store.close()
-        let recorder = CommitFlushTests.Recorder()
-        let dataPath = try PoolRoot(path: dir.path).config().data
-        PoolIOHooks.install(recorder, dataPath: dataPath)
-        defer { PoolIOHooks.remove(dataPath: dataPath) }
-        let reopened = try LayerStore.open(root: dir.path, logger: quietLogger)
-        final class Count: @unchecked Sendable {
-            let lock = Lock()
-            var value = 0
+        let (ops, commits, reopened) = try Self.recordingCommits(root: dir.path) {
+            let removal = try $0.remove("c")
+            #expect(removal == .deleted)
         }
-        let commits = Count()
-        reopened.db.afterCommit = { commits.lock.withLock { commits.value += 1 } }
-        _ = recorder.take()
-        #expect(try reopened.remove("c") == .deleted)
-        let ops = recorder.take()
         #expect(ops.filter { $0 == "durable write metadata superblock" }.count == 1, "\(ops)")
         #expect(ops.filter { $0.hasPrefix("sync") } == ["sync metadata"], "\(ops)")
-        #expect(commits.lock.withLock { commits.value } == 2)
+        #expect(commits == 2)
         #expect(try reopened.layer("c") == nil)
         #expect(try reopened.db.query("SELECT COUNT(*) FROM journal").first?.first?.integer == 0)
         let recorded = Set(try reopened.allLayers().map(\.deviceID) + [reopened.base.deviceID])
