@@ -71,13 +71,13 @@ extension LayerStore {
         }.joined(separator: "\n") + "\n"
     }
 
-    /// `thinfs info`: the devicemapper section of `docker info`, with the same field names.
     /// `thinfs pool status` of this store's pool, as the pool is now (a daemon's view, with
     /// what it found since its last commit).
     public func poolStatusReport(human: Bool) throws -> PoolStatusReport {
         try locked { try PoolStatusReport.of(pool, human: human) }
     }
 
+    /// `thinfs info`: the devicemapper section of `docker info`, with the same field names.
     public func info() throws -> String {
         "Storage Driver: thinfs\n" + (try statusFields()).map { " \($0.0): \($0.1)\n" }.joined()
     }

@@ -8,8 +8,8 @@ import Foundation
 /// daemon (`thinfs serve`, or the on-demand mount daemon) holds the store, the CLI asks it over
 /// the control socket (`LayerRequest.Operation.poolStatus`), since only the daemon knows what it
 /// found since the last commit: metadata damage met by a read makes its pool read-only with
-/// `needs_check` in memory alone (README, "Limits"). With no daemon, the CLI opens the pool
-/// read-only and reports what is on disk.
+/// `needs_check` in memory alone (README, "Accepted differences from kernel ext4 and
+/// overlayfs"). With no daemon, the CLI opens the pool read-only and reports what is on disk.
 public struct PoolStatusReport: Codable, Equatable, Sendable {
     public var output: String
     public var warning: String?
