@@ -4,7 +4,8 @@
 # shared, busy machine treats them alike.
 #
 #   scripts/compare/write-bench.sh [--rounds 3] [--dir DIR] [--kernel ext4,overlay] [--strace]
-#                                  [--workloads seq,rand,rewrite,rewrite4,sqlite] LABEL=BINDIR...
+#                                  [--workloads seq,rand,rewrite,rewrite4,sqlite,pgbench]
+#                                  [--pgbench-seconds 20] LABEL=BINDIR...
 #
 # Each LABEL=BINDIR is a thinfs build (BINDIR holds thinfs and thinfs-mount); each gets its own
 # pool and 8G device. --kernel adds kernel ext4 on a loop device and overlayfs (upper on DIR's
@@ -14,12 +15,20 @@
 #   rewrite  200 times: pwrite 4 KiB into an existing file, fsync (python3)
 #   rewrite4 the same from 4 threads at once, 50 each (concurrent fsyncs; not by default)
 #   sqlite   200 transactions of one INSERT each, synchronous=FULL (python3's sqlite3)
+#   pgbench  PostgreSQL 15 (not by default): a cluster made on the mount (initdb, then
+#            `pgbench -i -s 4`, untimed, as user postgres), the mount remounted cold, the server
+#            started on a unix socket in a private directory (no TCP), then
+#            `pgbench -n -c 2 -j 2 -T S` (S: --pgbench-seconds or PGBENCH_SECONDS, default 20)
+#            with fsync=on and synchronous_commit=on; reported as pgbench's tps (and the daemon's
+#            CPU ms per transaction), the ratio tps/tps(overlay) above 1 meaning faster. The
+#            server is stopped by its postmaster PID (pg_ctl stop -m fast) before the unmount.
 # --strace attaches strace -f -c to the daemon during each timed step and reports its syscalls
 # (all, fdatasync, pwrite64) per step: counts that do not move with the load, and wall times that
 # strace inflates (run without it for those).
 # The report gives the wall time of each step, the ratio to the first label and to overlayfs,
 # the load average, and for thinfs the daemon's CPU time for the step (from /proc/PID/stat,
-# steadier than the wall time on a busy machine). Needs root, /dev/fuse and fio.
+# steadier than the wall time on a busy machine). Needs root, /dev/fuse and fio (and PostgreSQL 15
+# with a postgres user, and pgbench, for pgbench).
 set -euo pipefail
 
 ROUNDS=3
@@ -28,6 +37,7 @@ KERNEL=(ext4 overlay)
 WORKLOADS=(seq rand rewrite sqlite)
 LABELS=()
 STRACE=0
+PG_SECONDS="${PGBENCH_SECONDS:-20}"
 declare -A BINS
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -36,7 +46,8 @@ while [ $# -gt 0 ]; do
         --kernel) if [ "$2" = none ]; then KERNEL=(); else IFS=, read -r -a KERNEL <<< "$2"; fi; shift ;;
         --workloads) IFS=, read -r -a WORKLOADS <<< "$2"; shift ;;
         --strace) STRACE=1 ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --pgbench-seconds) PG_SECONDS="$2"; shift ;;
+        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *=*) LABELS+=("${1%%=*}"); BINS[${1%%=*}]="${1#*=}" ;;
         *) echo "write-bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -45,6 +56,11 @@ done
 [ ${#LABELS[@]} -gt 0 ] || { echo "write-bench: give at least one LABEL=BINDIR" >&2; exit 2; }
 if [ "$(id -u)" != 0 ]; then echo "write-bench: needs root (mount, losetup, drop_caches)" >&2; exit 1; fi
 command -v fio >/dev/null || { echo "write-bench: needs fio (apt-get install fio)" >&2; exit 1; }
+PG_BIN=/usr/lib/postgresql/15/bin
+if [[ " ${WORKLOADS[*]} " == *" pgbench "* ]]; then
+    [ -x "$PG_BIN/initdb" ] && [ -x "$PG_BIN/pg_ctl" ] && command -v pgbench >/dev/null && id postgres >/dev/null 2>&1 ||
+        { echo "write-bench: pgbench needs PostgreSQL 15 ($PG_BIN), pgbench and the user postgres" >&2; exit 1; }
+fi
 if [ "$STRACE" = 1 ]; then command -v strace >/dev/null || { echo "write-bench: --strace needs strace" >&2; exit 1; }; fi
 for l in "${LABELS[@]}"; do
     for b in thinfs thinfs-mount; do
@@ -56,6 +72,32 @@ WORK="$(mktemp -d "$DIR/write-bench.XXXXXX")"
 BENCH_NAME=write-bench
 . "$(dirname "$0")/bench-lib.sh"   # bench_cleanup (on EXIT), drop_caches, wait_gone
 SCRATCH=("$WORK")
+# User postgres (pgbench) reaches the mounts and its socket directory under WORK (then thinfs-mount
+# warns that it mounts nosuid,nodev: nothing here depends on either).
+[[ " ${WORKLOADS[*]} " != *" pgbench "* ]] || chmod 711 "$WORK"
+
+# PostgreSQL (pgbench): one server at a time, run as postgres, listening on a unix socket alone in
+# a directory of its own per step (no TCP), on a port of this run. PG_PID is its postmaster while
+# it runs; pg_cleanup (on EXIT, before bench_cleanup's unmounts) stops it by that PID.
+PG_PORT=$(( 20000 + $$ % 20000 )); PG_PID=""; PG_DATA=""; PG_SOCK=""
+as_pg() { (cd / && runuser -u postgres -- "$@"); }
+pg_start() {   # pg_start DATADIR SOCKETDIR
+    PG_DATA="$1"; PG_SOCK="$2"
+    mkdir -p "$PG_SOCK"; chown postgres: "$PG_SOCK"; chmod 700 "$PG_SOCK"
+    as_pg "$PG_BIN/pg_ctl" start -w -s -D "$PG_DATA" -l "$PG_SOCK/server.log" \
+        -o "-c listen_addresses='' -c unix_socket_directories='$PG_SOCK' -p $PG_PORT -c fsync=on -c synchronous_commit=on" >/dev/null
+    PG_PID=$(head -1 "$PG_DATA/postmaster.pid")
+}
+pg_stop() {
+    [ -n "$PG_PID" ] || return 0
+    if kill -0 "$PG_PID" 2>/dev/null; then
+        as_pg "$PG_BIN/pg_ctl" stop -w -s -m fast -D "$PG_DATA" || kill -INT "$PG_PID"
+        wait_gone "$PG_PID"
+    fi
+    PG_PID=""
+}
+pg_cleanup() { set +e; if [ -n "$PG_PID" ] && kill -0 "$PG_PID" 2>/dev/null; then kill -INT "$PG_PID"; wait_gone "$PG_PID"; fi; }
+trap 'pg_cleanup; bench_cleanup' EXIT
 
 SETUPS=("${LABELS[@]}" "${KERNEL[@]}")
 declare -A TPID
@@ -99,6 +141,12 @@ prepare() {
     mkdir -p "$d"
     case "$w" in
         rand|rewrite|rewrite4) python3 "$COMPARE" workload fio-layout fio-rand-write "$d" 64 >/dev/null ;;
+        pgbench) mkdir "$d/pg"; chown postgres: "$d/pg"; chmod 700 "$d/pg"
+                 as_pg "$PG_BIN/initdb" -D "$d/pg" -A trust -U postgres --no-sync >/dev/null
+                 pg_start "$d/pg" "$WORK/pgsock-prep"
+                 as_pg pgbench -h "$PG_SOCK" -p "$PG_PORT" -U postgres -i -s 4 -q postgres > "$WORK/pgbench-init.out" 2>&1 ||
+                     { cat "$WORK/pgbench-init.out" >&2; echo "write-bench: pgbench -i failed" >&2; return 1; }
+                 pg_stop ;;
         *) ;;
     esac
 }
@@ -131,6 +179,7 @@ for t in threads: t.start()
 for t in threads: t.join()
 PY
         ;;
+        pgbench) as_pg pgbench -h "$PG_SOCK" -p "$PG_PORT" -U postgres -n -c 2 -j 2 -T "$PG_SECONDS" postgres > "$WORK/pgbench.out" ;;
         sqlite) python3 - "$d/db" <<'PY'
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1], isolation_level=None)
@@ -148,7 +197,7 @@ PY
 
 for s in "${SETUPS[@]}"; do echo "write-bench: setting up $s" >&2; setup "$s"; done
 
-declare -A SUM CSUM
+declare -A SUM CSUM TPS TXN
 LOG="$WORK/steps.txt"
 for r in $(seq 1 "$ROUNDS"); do
     # Rotate the order each round, so that no setup always runs right after another.
@@ -160,6 +209,7 @@ for r in $(seq 1 "$ROUNDS"); do
             umount_setup "$s"
             drop_caches
             mount_setup "$s"
+            [ "$w" != pgbench ] || pg_start "$WORK/mnt-$s/r$r-$w/pg" "$WORK/pgsock-$r-$s"   # untimed
             load="$(cut -d' ' -f1 /proc/loadavg)"
             c0=""; [ -n "${TPID[$s]:-}" ] && c0=$(daemon_cpu_ms "${TPID[$s]}")
             spid=""
@@ -182,6 +232,16 @@ for r in $(seq 1 "$ROUNDS"); do
                 cpu=$(( $(daemon_cpu_ms "${TPID[$s]}") - c0 ))
                 CSUM[$s,$w]=$(( ${CSUM[$s,$w]:-0} + cpu ))
             fi
+            if [ "$w" = pgbench ]; then
+                pg_stop
+                # pgbench's own figures: tps over the run (connections excluded), transactions.
+                tps=$(awk '/^tps = / {print $3; exit}' "$WORK/pgbench.out")
+                txn=$(awk -F': ' '/^number of transactions actually processed/ {print $2; exit}' "$WORK/pgbench.out")
+                [ -n "$tps" ] && [ -n "$txn" ] || { cat "$WORK/pgbench.out" >&2; echo "write-bench: no tps from pgbench" >&2; exit 1; }
+                cpt="-"; [ -z "$cpu" ] || cpt=$(printf '%.2f ms' "$(echo "$cpu / $txn" | bc -l)")
+                sys="tps $tps  transactions $txn  daemon CPU/txn $cpt  $sys"
+                TPS[$s]=$(echo "${TPS[$s]:-0} + $tps" | bc -l); TXN[$s]=$(( ${TXN[$s]:-0} + txn ))
+            fi
             umount_setup "$s"
             ms=$(echo "($t1 - $t0) * 1000" | bc -l)
             printf 'round %d  %-8s %-10s %9.1f ms  daemon CPU %6s ms  load %s  %s\n' "$r" "$w" "$s" "$ms" "${cpu:--}" "$load" "$sys" | tee -a "$LOG" >&2
@@ -190,10 +250,13 @@ for r in $(seq 1 "$ROUNDS"); do
     done
 done
 
-echo
-echo "Mean of $ROUNDS rounds (wall ms; daemon CPU ms for thinfs); ratios to ${LABELS[0]} and to overlay"
-printf '%-8s %-10s %10s %10s %10s %10s\n' workload setup wall_ms cpu_ms "x_${LABELS[0]}" x_overlay
+if [ "${WORKLOADS[*]}" != pgbench ]; then
+    echo
+    echo "Mean of $ROUNDS rounds (wall ms; daemon CPU ms for thinfs); ratios to ${LABELS[0]} and to overlay"
+    printf '%-8s %-10s %10s %10s %10s %10s\n' workload setup wall_ms cpu_ms "x_${LABELS[0]}" x_overlay
+fi
 for w in "${WORKLOADS[@]}"; do
+    [ "$w" != pgbench ] || continue   # its wall time is -T: the tps table below
     for s in "${SETUPS[@]}"; do
         m=$(echo "${SUM[$s,$w]} / $ROUNDS" | bc -l)
         base=$(echo "${SUM[${LABELS[0]},$w]} / $ROUNDS" | bc -l)
@@ -202,4 +265,16 @@ for w in "${WORKLOADS[@]}"; do
         printf '%-8s %-10s %10.1f %10s %10.2f %10s\n' "$w" "$s" "$m" "$cpu" "$(echo "$m / $base" | bc -l)" "$ov"
     done
 done
+if [ -n "${TPS[${LABELS[0]}]:-}" ]; then
+    echo
+    echo "pgbench (-c 2 -j 2 -T $PG_SECONDS, scale 4, fsync=on, synchronous_commit=on): mean tps of $ROUNDS rounds;"
+    echo "ratios of tps, so above 1 means faster than ${LABELS[0]} / overlay"
+    printf '%-10s %10s %14s %10s %10s\n' setup tps cpu_ms/txn "x_${LABELS[0]}" x_overlay
+    for s in "${SETUPS[@]}"; do
+        t=$(echo "${TPS[$s]} / $ROUNDS" | bc -l)
+        cpu="-"; [ -n "${CSUM[$s,pgbench]:-}" ] && cpu=$(printf '%.2f' "$(echo "${CSUM[$s,pgbench]} / ${TXN[$s]}" | bc -l)")
+        ov="-"; [ -n "${TPS[overlay]:-}" ] && ov=$(printf '%.2f' "$(echo "${TPS[$s]} / ${TPS[overlay]}" | bc -l)")
+        printf '%-10s %10.1f %14s %10.2f %10s\n' "$s" "$t" "$cpu" "$(echo "${TPS[$s]} / ${TPS[${LABELS[0]}]}" | bc -l)" "$ov"
+    done
+fi
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs; $(uname -r)"
