@@ -4,7 +4,7 @@
 # in one run, so that a shared, busy machine treats them alike.
 #
 #   scripts/compare/create-bench.sh [--counts 1000,4000,16000] [--rounds 3] [--dir DIR]
-#                                   [--kernel ext4,overlay] [--read | --untar TAR] LABEL=BINDIR[:OPTIONS]...
+#                                   [--kernel ext4,overlay] [--read | --untar TAR | --rm] LABEL=BINDIR[:OPTIONS]...
 #
 # Each LABEL=BINDIR is a thinfs build (BINDIR holds thinfs and thinfs-mount, e.g.
 # .build-fsbench/release), mounted with `-o OPTIONS` if given; each gets its own pool and 8G
@@ -26,6 +26,12 @@
 # --untar TAR measures `tar -xf TAR` into a new directory, then `sync -f` (as `thinfs compare`'s
 # untar step), per entry of TAR (--counts is ignored): each step mounts cold (drop_caches first)
 # and, with tracefs, counts the FUSE upcalls per entry by opcode.
+#
+# --rm measures removal: each step creates the N files in a new directory as above (untimed,
+# without the label's options), unmounts, drops caches and mounts cold, then times `rm -rf DIR`
+# and `sync -f` of the mount, per file; the daemon's CPU time is counted over the rm alone and,
+# with tracefs, the FUSE upcalls per file by opcode (issue 11's goal: 10,000 files in one
+# directory removed in at most 2x overlayfs's time).
 set -euo pipefail
 
 COUNTS=(1000 4000 16000)
@@ -43,7 +49,8 @@ while [ $# -gt 0 ]; do
         --kernel) if [ "$2" = none ]; then KERNEL=(); else IFS=, read -r -a KERNEL <<< "$2"; fi; shift ;;
         --read) MODE=read ;;
         --untar) MODE=untar; UNTAR="$(realpath "$2")"; shift ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --rm) MODE=rm ;;
+        -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *=*:*) l="${1%%=*}"; v="${1#*=}"; LABELS+=("$l"); BINS[$l]="${v%%:*}"; OPTS[$l]="${v#*:}" ;;
         *=*) LABELS+=("${1%%=*}"); BINS[${1%%=*}]="${1#*=}" ;;
         *) echo "create-bench: unknown argument $1 (try --help)" >&2; exit 2 ;;
@@ -176,10 +183,24 @@ for r in $(seq 1 "$ROUNDS"); do
                 NRUN[$s,$n]=$(( ${NRUN[$s,$n]:-0} + 1 ))
                 continue
             fi
+            if [ "$MODE" = rm ]; then   # the files to remove, untimed, then a cold mount
+                mount_setup "$s" plain
+                create_files "$WORK/mnt-$s/r$r-n$n" "$n"
+                umount_setup "$s"
+            fi
             drop_caches
             mount_setup "$s"
             load="$(cut -d' ' -f1 /proc/loadavg)"
-            if [ "$MODE" = untar ]; then
+            c0=$(daemon_cpu "$s")
+            if [ "$MODE" = rm ]; then
+                trace_start "$WORK/mnt-$s"
+                t0=$(date +%s.%N)
+                rm -rf "$WORK/mnt-$s/r$r-n$n"
+                tr=$(date +%s.%N)
+                sync -f "$WORK/mnt-$s"
+                t1=$(date +%s.%N)
+                up1=$(trace_stop "$n")
+            elif [ "$MODE" = untar ]; then
                 mkdir "$WORK/mnt-$s/r$r"
                 trace_start "$WORK/mnt-$s"
                 t0=$(date +%s.%N)
@@ -195,7 +216,10 @@ for r in $(seq 1 "$ROUNDS"); do
             cpu=""
             # The daemon's own CPU time (utime + stime) since it started: on a busy machine the
             # wall time is mostly waiting for a CPU, the CPU time is what the daemon's work costs.
-            if [ -n "${TPID[$s]:-}" ]; then
+            if [ -n "${TPID[$s]:-}" ] && [ "$MODE" = rm ]; then   # over the rm alone
+                cpu=$(echo "($(daemon_cpu "$s") - $c0) * 1000000 / $(getconf CLK_TCK) / $n" | bc -l | xargs printf '%.1f')
+                CSUM[$s,$n]=$(echo "${CSUM[$s,$n]:-0} + $cpu" | bc -l)
+            elif [ -n "${TPID[$s]:-}" ]; then
                 cpu=$(awk -v n="$n" -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) * 1000000 / hz / n}' "/proc/${TPID[$s]}/stat")
                 CSUM[$s,$n]=$(echo "${CSUM[$s,$n]:-0} + $cpu" | bc -l)
             fi
@@ -203,6 +227,7 @@ for r in $(seq 1 "$ROUNDS"); do
             us=$(echo "($t1 - $t0) * 1000000 / $n" | bc -l)
             printf 'round %d  %-10s %6d files  %8.1f us/file  daemon CPU %8s us/file  load %s\n' "$r" "$s" "$n" "$us" "${cpu:--}" "$load" | tee -a "$LOG" >&2
             [ "$MODE" != untar ] || printf '    upcalls per entry: %s\n' "$up1" | tee -a "$LOG" >&2
+            [ "$MODE" != rm ] || printf '    of which sync -f %.1f ms; upcalls per file: %s\n' "$(echo "($t1 - $tr) * 1000" | bc -l)" "$up1" | tee -a "$LOG" >&2
             SUM[$s,$n]=$(echo "${SUM[$s,$n]:-0} + $us" | bc -l)
             NRUN[$s,$n]=$(( ${NRUN[$s,$n]:-0} + 1 ))
         done
@@ -214,6 +239,8 @@ echo
 echo "create-bench: $ROUNDS rounds, $(nproc) CPUs, load average now $(cut -d' ' -f1-3 /proc/loadavg); scratch $(df -T "$WORK" | awk 'NR==2 {print $2}')"
 if [ "$MODE" = untar ]; then
     echo "Mean microseconds per entry of tar -xf $UNTAR then sync -f, then ratios."
+elif [ "$MODE" = rm ]; then
+    echo "Mean microseconds per file of rm -rf of N files of 4 KiB in one directory (cold mount) then sync -f, then ratios."
 elif [ "$MODE" = read ]; then
     echo "Mean microseconds per file of the second of two reads of every file (4 KiB each, open/read/close), then ratios."
 else
@@ -227,6 +254,7 @@ for s in "${SETUPS[@]}"; do
     printf ' | %.2fx\n' "$(echo "$(mean "$s" "${COUNTS[-1]}") / $(mean "$s" "${COUNTS[0]}")" | bc -l)"
 done
 if [ "$MODE" = read ]; then echo "Mean daemon CPU microseconds per file in the second pass (thinfs builds):"
+elif [ "$MODE" = rm ]; then echo "Mean daemon CPU microseconds per file over the rm and sync (thinfs builds):"
 else echo "Mean daemon CPU microseconds per file (thinfs builds):"; fi
 for s in "${LABELS[@]}"; do
     printf '%-12s' "$s"
