@@ -3,8 +3,8 @@
 pool's daemon already running) with two or more thinfs builds, interleaved round by round in one
 run, so that a shared, busy machine treats them alike.
 
-    scripts/compare/start-bench.py [--rounds 8] [--starts 6] [--strace 5] [--dir /var/tmp]
-                                   LABEL=BINDIR [LABEL=BINDIR...]
+    scripts/compare/start-bench.py [--rounds 8] [--starts 6] [--strace 5] [--layers 1000]
+                                   [--dir /var/tmp] LABEL=BINDIR [LABEL=BINDIR...]
 
 Each LABEL=BINDIR is a build (BINDIR holds thinfs and thinfs-mount, e.g. .build/release); each
 gets its own store (`thinfs init`, an empty image layer, and one container mounted first, so that
@@ -15,12 +15,20 @@ removed, so that every round starts with the same open volumes. The report gives
 median and p95, their ratio to the first label's, the load average of each round, and the
 daemon's CPU time per start (/proc utime + stime over the timed starts; 10 ms ticks).
 
+With --layers N, each store gets N more image layers before the timed rounds (untimed): `layer
+create fillI --parent img`, siblings of the image layer sharing all its blocks, made by 4 clients
+at a time through the running daemon (as layer-bench.sh's row 3); they stay for the whole run, so
+every start is measured with them in the pool. The report gives the pool's layer count from
+`layer ls --json` and issue 11's goal (create-rw + mount in at most 30 ms with 1,000 layers).
+
 With --strace N, each label then runs N more starts with `strace -f -c` attached to its daemon,
 and the report gives the daemon's fdatasync, fsync and pwrite64 calls per start: counts that do
 not depend on the machine's load. Needs root, /dev/fuse and strace for --strace. Reports; never
 fails on a number.
 """
 import argparse
+import concurrent.futures
+import json
 import os
 import shutil
 import signal
@@ -87,6 +95,19 @@ class Store:
             raise SystemExit(f"start-bench: {self.label}: thinfs {' '.join(args)}: exit {p.returncode}: {p.stderr.strip()[-400:]}")
         return p.stdout
 
+    def fill(self, n):
+        """n more image layers, siblings of img, 4 clients at a time; returns the seconds taken."""
+        t = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: self.run("layer", "create", "--root", self.root, f"fill{i}", "--parent", "img"),
+                          range(1, n + 1)))
+        return time.perf_counter() - t
+
+    def layer_count(self):
+        rows = json.loads(self.run("layer", "ls", "--root", self.root, "--json"))
+        rows = rows.get("layers", rows) if isinstance(rows, dict) else rows
+        return len(rows)
+
     def start(self):
         self.count += 1
         cid = f"c{self.count}"
@@ -145,6 +166,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--starts", type=int, default=6)
     ap.add_argument("--strace", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=0)
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("builds", nargs="+", metavar="LABEL=BINDIR")
     a = ap.parse_args()
@@ -154,6 +176,12 @@ def main():
     try:
         for label, bindir in builds:
             stores.append(Store(label, bindir, scratch))
+        nlayers = {}
+        for s in stores:
+            if a.layers:
+                secs = s.fill(a.layers)
+                print(f"start-bench: {s.label}: {a.layers} image layers made in {secs:.1f} s (untimed)", file=sys.stderr)
+            nlayers[s.label] = s.layer_count()
         samples = {s.label: [] for s in stores}
         cpu_ms = {s.label: 0.0 for s in stores}
         loads = []
@@ -174,6 +202,8 @@ def main():
             bmed, bp95 = statistics.median(samples[base]), percentile(samples[base], 95)
             print(f"container start, daemon running: {a.rounds} rounds x {a.starts} starts per build, "
                   f"alternating; load average (1 min) at each round: {' '.join(loads)}")
+            print("layers in each pool during the starts (layer ls, the kept container included): "
+                  + ", ".join(f"{s.label} {nlayers[s.label]}" for s in stores))
             print(f"{'build':<12} {'median ms':>10} {'p95 ms':>8} {'min ms':>8} {'median/' + base:>14} {'p95/' + base:>10} "
                   f"{'daemon CPU ms/start':>20}")
             for s in stores:
@@ -181,6 +211,12 @@ def main():
                 med, p95 = statistics.median(v), percentile(v, 95)
                 print(f"{s.label:<12} {med:>10.1f} {p95:>8.1f} {min(v):>8.1f} {med / bmed:>14.2f} {p95 / bp95:>10.2f} "
                       f"{cpu_ms[s.label] / len(v):>20.1f}")
+            if a.layers:
+                for s in stores:
+                    med = statistics.median(samples[s.label])
+                    verdict = ("PASS" if med <= 30 else "MISS") if nlayers[s.label] >= 1000 else "not judged (fewer than 1,000 layers)"
+                    print(f"issue 11 goal, create-rw + mount <= 30 ms with 1,000 layers: {s.label} median {med:.1f} ms "
+                          f"with {nlayers[s.label]} layers: {verdict}")
         if a.strace:
             print(f"daemon syscalls per start (strace -f -c, {a.strace} starts; strace slows the daemon):")
             print(f"{'build':<12} {'fdatasync':>10} {'fsync':>6} {'pwrite64':>9} {'all':>6}")
