@@ -91,21 +91,16 @@ struct PoolCommand: ParsableCommand {
         /// now, which may differ from the disk's (PoolStatusReport). A daemon that is starting or
         /// stopping (EAGAIN) is asked again for a few seconds; nil when none answers.
         static func fromDaemon(root: String, human: Bool) throws -> PoolStatusReport? {
-            let socket = LayerStore.controlSocketPath(URL(fileURLWithPath: root).standardizedFileURL.path)
-            let deadline = Date().addingTimeInterval(15)
-            while let response = try ControlSocket.send(LayerRequest(.poolStatus, human: human), to: socket) {
-                if response.errno == EAGAIN, Date() < deadline {
-                    usleep(100_000)
-                    continue
-                }
-                if let error = response.error { throw CommandFailure(message: error) }
-                do {
-                    return try JSONDecoder().decode(PoolStatusReport.self, from: Data(response.output.utf8))
-                } catch {
-                    throw CommandFailure(message: "the daemon on \(socket) answered pool-status with no status: \(response.output.prefix(200))")
-                }
+            let request = LayerRequest(.poolStatus, human: human)
+            guard let response = try StoreAccess.askDaemon(root: root, request, until: Date().addingTimeInterval(15)) else {
+                return nil
             }
-            return nil
+            if let error = response.error { throw CommandFailure(message: error) }
+            do {
+                return try JSONDecoder().decode(PoolStatusReport.self, from: Data(response.output.utf8))
+            } catch {
+                throw CommandFailure(message: "the daemon of the store at \(root) answered pool-status with no status: \(response.output.prefix(200))")
+            }
         }
     }
 

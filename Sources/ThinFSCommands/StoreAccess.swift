@@ -15,16 +15,9 @@ enum StoreAccess {
     static func perform(root: String, _ request: LayerRequest,
                         progress: (@Sendable (LayerStore.ImportProgress) -> Void)? = nil) throws -> LayerResponse {
         let root = URL(fileURLWithPath: root).standardizedFileURL.path
-        let socket = LayerStore.controlSocketPath(root)
         let deadline = Date().addingTimeInterval(15)
         while true {
-            if let response = try ControlSocket.send(request, to: socket) {
-                if response.errno == EAGAIN, Date() < deadline {
-                    usleep(100_000)
-                    continue
-                }
-                return response
-            }
+            if let response = try askDaemon(root: root, request, until: deadline) { return response }
             guard LayerStore.exists(at: root) else {
                 return LayerResponse(error: "\(LayerStore.Error.notInitialized(root: root))", errno: ENOENT)
             }
@@ -38,6 +31,18 @@ enum StoreAccess {
                 usleep(100_000)
             }
         }
+    }
+
+    /// Sends `request` to the daemon that holds `root`'s store, if one does. A daemon that is
+    /// starting or stopping answers EAGAIN: it is asked again every 100 ms until `deadline`.
+    /// nil when no daemon listens on the store's control socket.
+    static func askDaemon(root: String, _ request: LayerRequest, until deadline: Date) throws -> LayerResponse? {
+        let socket = LayerStore.controlSocketPath(URL(fileURLWithPath: root).standardizedFileURL.path)
+        while let response = try ControlSocket.send(request, to: socket) {
+            guard response.errno == EAGAIN, Date() < deadline else { return response }
+            usleep(100_000)
+        }
+        return nil
     }
 
     /// Runs `request` and prints its output, or throws its error for ArgumentParser to print.
