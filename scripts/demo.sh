@@ -18,9 +18,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh >/dev/null
-swift build -c release --product thinfs 2>&1 | tail -1
-swift build -c release --product thinfs-mount 2>&1 | tail -1
-bin="$(swift build -c release --show-bin-path)"
+swift build -c release --static-swift-stdlib --product thinfs 2>&1 | tail -1
+swift build -c release --static-swift-stdlib --product thinfs-mount 2>&1 | tail -1
+bin="$(swift build -c release --static-swift-stdlib --show-bin-path)"
 thinfs="$bin/thinfs"
 mount_cmd="$bin/thinfs-mount"
 
