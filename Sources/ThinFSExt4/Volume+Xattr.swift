@@ -43,15 +43,38 @@ extension Volume {
         }
     }
 
+    // MARK: Attribute-free inodes
+    //
+    // The kernel asks for `security.capability` before every write(2) (file_remove_privs; FUSE
+    // never caches the answer), and most inodes hold no attribute at all. `xattrFree` lets such a
+    // getxattr be answered without the volume's lock, which a stream of WRITEs holds most of the
+    // time (docs/benchmarks.md, "Issue 11's goals, session 12": the writer's GETXATTR queued
+    // behind them). A wrong "no attribute" would be a security bug: the kernel would not remove
+    // a file capability on write. So:
+    // 1. **Added only under `lock`,** by a getxattr that has just read the inode and found no EA
+    //    block and no in-inode EA header (`mayHoldXattrs`), in the same critical section.
+    // 2. **Removed under `lock` before anything gives the inode an attribute.** Only `setxattr`
+    //    adds attributes (the FUSE server's, and the layer applier's, which calls the same
+    //    function). Removing one (`removexattr`, the free of a deleted inode) cannot make an entry
+    //    false. A new inode is written whole by `ext2fs_write_new_inode` (or `ext2fs_mkdir`,
+    //    `ext2fs_symlink`), which zero its in-inode EA area and set no EA block, so an entry left
+    //    from the inode number's previous life stays true.
+    // 3. **Emptied when the handle is reopened** (`reopen`), since `body` changed the disk.
+    // By 1 and 2, an entry is true whenever `lock` is free. A reader that finds one without
+    // `lock` is ordered before any setxattr that has not yet taken `lock` (`xattrFreeLock`
+    // orders the set's accesses), which is a linearization of two concurrent calls.
+
+    func isXattrFree(_ ino: UInt64) -> Bool { xattrFreeLock.withLock { xattrFree.contains(ino) } }
+
     public func getxattr(_ ino: UInt64, name: String) throws(VolumeError) -> [UInt8] {
         try Self.checkXattrName(name)
+        if isXattrFree(ino) { throw VolumeError(.init(rawValue: ENODATA), "inode \(ino) has no attribute '\(name)'") }
         return try withFS { fs throws(VolumeError) in
             let inode = try readInode(fs, ino)
-            // The kernel asks for security.capability before every write(2) (file_remove_privs; FUSE
-            // never caches the answer), and most inodes hold no attribute at all: answer those
-            // from the inode, without libext2fs's attribute handle (a copy of the inode, a parse,
-            // allocations).
+            // Answer an inode with no attribute from the inode itself, without libext2fs's
+            // attribute handle (a copy of the inode, a parse, allocations), and remember it (1).
             guard try mayHoldXattrs(fs, ino, inode) else {
+                xattrFreeLock.withLock { _ = xattrFree.insert(ino) }
                 throw VolumeError(.init(rawValue: ENODATA), "inode \(ino) has no attribute '\(name)'")
             }
             return try withXattrs(fs, ino) { h throws(VolumeError) in
@@ -98,6 +121,8 @@ extension Volume {
         try Self.checkXattrName(name)
         try withFS { fs throws(VolumeError) in
             var inode = try readInode(fs, ino)
+            // Before the inode can hold an attribute (2).
+            xattrFreeLock.withLock { _ = xattrFree.remove(ino) }
             if name == "system.posix_acl_access" {
                 // As the kernel's posix_acl_update_mode: the ACL's owner, group (or mask) and other
                 // permissions become the mode bits, and an ACL that says nothing more is not stored.

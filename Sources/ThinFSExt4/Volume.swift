@@ -43,6 +43,12 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// so that a LOOKUP's `remember` never waits for the volume's I/O.
     let heldLock = Lock()
     var held: [UInt64: Int] = [:]
+    /// Inodes known to hold no extended attribute, so that `getxattr` answers ENODATA without
+    /// `lock`: the kernel asks for `security.capability` before every write(2), and would otherwise
+    /// wait behind the WRITEs that hold the volume's lock. Under `xattrFreeLock`, a leaf lock taken
+    /// alone or inside `lock`. The invariants are in Volume+Xattr.swift ("Attribute-free inodes").
+    let xattrFreeLock = Lock()
+    var xattrFree: Set<UInt64> = []
     /// Name → inode per directory, changed with the directory under `lock` (DirectoryCache.swift).
     var directories = DirectoryCache()
     /// Directories this volume grew by a block, to be given an htree index where they stop
@@ -130,6 +136,7 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         defer { lock.unlock() }
         guard fs != nil else { throw VolumeError(.badFileDescriptor, "the volume is closed") }
         directories.removeAll()
+        xattrFreeLock.withLock { xattrFree.removeAll() }
         handleEpoch &+= 1
         let rc = ext2fs_close_free(&fs)
         var failure: Swift.Error? = rc == 0 ? nil : VolumeError(Self.errno(rc), "closing the filesystem (\(Self.message(rc)))")

@@ -14,12 +14,19 @@ import Glibc
 extension FUSEServer {
     // MARK: Operations
 
+    /// The kernel's limit on background requests in flight for `threads` workers: three quarters of
+    /// them (at least 1), so that a quarter is left for requests a process waits on.
+    static func maxBackground(threads: Int) -> Int { max(1, max(threads, 1) * 3 / 4) }
+
     func initialize(_ conn: UnsafeMutablePointer<fuse_conn_info>) {
         let capable = conn.pointee.capable
         // max_pages follows max_write: libfuse sets it in the INIT reply when the kernel offers FUSE_MAX_PAGES.
         conn.pointee.max_write = UInt32(Self.maxIO)
         conn.pointee.max_read = UInt32(Self.maxIO)
-        conn.pointee.max_background = 64
+        // Background requests (writeback WRITEs, read-ahead) stay below the worker threads, so that
+        // a synchronous request always finds a thread. A writer's GETXATTR before each write(2) used
+        // to wait behind up to 64 queued WRITEs (docs/benchmarks.md, "Issue 11's goals, session 12").
+        conn.pointee.max_background = UInt32(Self.maxBackground(threads: options.maxThreads))
         if let kib = options.effectiveReadAheadKiB {
             // The kernel sets the mount's read-ahead to the smaller of the backing device's value and
             // ours when it processes this reply, so the device's value is raised first, here.
@@ -29,7 +36,7 @@ extension FUSEServer {
                 logger.debug("could not raise read-ahead", metadata: ["fuse.mountpoint": "\(mountpoint)"])
             }
         }
-        conn.pointee.congestion_threshold = 48
+        conn.pointee.congestion_threshold = UInt32(max(1, Self.maxBackground(threads: options.maxThreads) * 3 / 4))
         var want = conn.pointee.want
         // The volume does not clear set-user-ID bits on write or chown: let the kernel do it (with a setattr).
         want &= ~UInt32(FUSE_CAP_HANDLE_KILLPRIV)

@@ -5,6 +5,7 @@ import Synchronization
 import TestSupport
 import Testing
 @testable import ThinFS
+@testable import ThinFSExt4
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -229,6 +230,39 @@ struct VolumeTests {
             try v.removexattr(f.ino, name: "user.big")
             #expect((#expect(throws: VolumeError.self) { try v.getxattr(f.ino, name: "user.big") })?.errno == .noData)
             #expect(try v.listxattr(f.ino).isEmpty)
+        }
+    }
+
+    /// An inode known to hold no attribute answers getxattr without the volume's lock (the kernel
+    /// asks for `security.capability` before every write(2), while WRITEs hold that lock), and
+    /// stops being known so the moment an attribute is set: the kernel's removal of a file
+    /// capability on write depends on it.
+    @Test func getxattrOfAnAttributeFreeInodeDoesNotWaitForTheVolumeLock() throws {
+        try withImage { v, _ in
+            let f = try v.mknod(parent: v.rootInode, name: "f", mode: 0o100644, rdev: 0, owner: .root)
+            // The first answer reads the inode, under the lock, and remembers it.
+            #expect((#expect(throws: VolumeError.self) { try v.getxattr(f.ino, name: "security.capability") })?.errno == .noData)
+            let answered = DispatchSemaphore(value: 0)
+            let errno = Mutex<Errno?>(nil)
+            v.lock.lock()
+            Thread {
+                do throws(VolumeError) { _ = try v.getxattr(f.ino, name: "security.capability") } catch { errno.withLock { $0 = error.errno } }
+                answered.signal()
+            }.start()
+            let inTime = answered.wait(timeout: .now() + 5) == .success
+            v.lock.unlock()
+            if !inTime { answered.wait() }
+            #expect(inTime, "getxattr waited for the volume's lock")
+            #expect(errno.withLock { $0 } == .noData)
+            // Setting an attribute ends it, before the setxattr returns.
+            let cap: [UInt8] = [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+            try v.setxattr(f.ino, name: "security.capability", value: cap, flags: [])
+            #expect(try v.getxattr(f.ino, name: "security.capability") == cap)
+            try v.removexattr(f.ino, name: "security.capability")
+            #expect((#expect(throws: VolumeError.self) { try v.getxattr(f.ino, name: "security.capability") })?.errno == .noData)
+            // So does any other attribute.
+            try v.setxattr(f.ino, name: "user.k", value: [1], flags: [])
+            #expect(try v.getxattr(f.ino, name: "user.k") == [1])
         }
     }
 
