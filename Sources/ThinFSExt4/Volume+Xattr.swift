@@ -58,7 +58,9 @@ extension Volume {
     //    function). Removing one (`removexattr`, the free of a deleted inode) cannot make an entry
     //    false. A new inode is written whole by `ext2fs_write_new_inode` (or `ext2fs_mkdir`,
     //    `ext2fs_symlink`), which zero its in-inode EA area and set no EA block, so an entry left
-    //    from the inode number's previous life stays true.
+    //    from the inode number's previous life stays true. With the `inline_data` feature,
+    //    libext2fs itself keeps file data in a `system.data` attribute: on such a filesystem
+    //    nothing is ever added (Docker's mke2fs options, and `thinfs dev format`'s, leave it off).
     // 3. **Emptied when the handle is reopened** (`reopen`), since `body` changed the disk.
     // By 1 and 2, an entry is true whenever `lock` is free. A reader that finds one without
     // `lock` is ordered before any setxattr that has not yet taken `lock` (`xattrFreeLock`
@@ -74,7 +76,7 @@ extension Volume {
             // Answer an inode with no attribute from the inode itself, without libext2fs's
             // attribute handle (a copy of the inode, a parse, allocations), and remember it (1).
             guard try mayHoldXattrs(fs, ino, inode) else {
-                xattrFreeLock.withLock { _ = xattrFree.insert(ino) }
+                if ext2fs_has_feature_inline_data(fs.pointee.super) == 0 { xattrFreeLock.withLock { _ = xattrFree.insert(ino) } }
                 throw VolumeError(.init(rawValue: ENODATA), "inode \(ino) has no attribute '\(name)'")
             }
             return try withXattrs(fs, ino) { h throws(VolumeError) in
