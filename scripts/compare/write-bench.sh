@@ -96,7 +96,7 @@ pg_stop() {
     fi
     PG_PID=""
 }
-pg_cleanup() { set +e; if [ -n "$PG_PID" ] && kill -0 "$PG_PID" 2>/dev/null; then kill -INT "$PG_PID"; wait_gone "$PG_PID"; fi; }
+pg_cleanup() { set +e; pg_stop; }
 trap 'pg_cleanup; bench_cleanup' EXIT
 
 SETUPS=("${LABELS[@]}" "${KERNEL[@]}")
