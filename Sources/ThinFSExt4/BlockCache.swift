@@ -208,6 +208,22 @@ final class ChannelState {
         }
     }
 
+    /// Around an unlocked write of whole blocks (`Volume.write`, WritesInFlight.swift, invariant
+    /// 3): sends a pending discard, which may cover `runs` (blocks freed and allocated again
+    /// since), and drops the cached copies of `runs`. Before the write (`dirtyToo`) every copy
+    /// goes, since the write replaces every byte; after it only clean ones, a dirty one being
+    /// newer than anything read before.
+    func dropCopies(_ runs: [(start: UInt64, count: UInt64)], dirtyToo: Bool) {
+        lock.withLock {
+            discardFreedRun()
+            let bs = UInt64(blockSize)
+            guard bs > 0 else { return }
+            for run in runs {
+                for b in overlapping((run.start * bs, Int(run.count * bs))) where dirtyToo || blocks[b]?.dirty == false { drop(b) }
+            }
+        }
+    }
+
     var counts: (total: Int, dirty: Int) { lock.withLock { (order.count, dirtyCount) } }
     /// Calls of `write` (see `Volume.channelWriteCount`).
     private(set) var writeCalls = 0

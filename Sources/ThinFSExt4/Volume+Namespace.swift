@@ -11,7 +11,8 @@ extension Volume {
 
     public func setattr(_ ino: UInt64, _ changes: AttributeChanges) throws(VolumeError) -> FileAttributes {
         try requireWritable("setattr")
-        return try withFS { fs throws(VolumeError) in
+        // A size change frees or zeroes a file's blocks: not under a write in flight (WritesInFlight.swift).
+        return try (changes.size != nil ? withQuiescedFS : withFS) { fs throws(VolumeError) in
             var inode = try readInode(fs, ino)
             let now = Self.now()
             if let size = changes.size {

@@ -21,184 +21,330 @@ extension Volume {
         }
     }
 
+    /// Writes of this many bytes or more to an extent-mapped file move their whole blocks to the
+    /// device outside the volume's lock (the three steps of WritesInFlight.swift): the kernel's
+    /// write-back sends WRITEs of 128 KiB to 1 MiB, and their device I/O was most of the time the
+    /// lock was held, with every other request queued behind it. Smaller writes (the small files
+    /// of an untar, a database page) stay under the lock: a second turn of the lock would cost
+    /// about what their I/O does.
+    static let unlockedWriteMinimum = 64 << 10
+
     func writeOnce(_ ino: UInt64, at offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(VolumeError) -> Int {
-        try withFS { fs throws(VolumeError) in
-            var inode = try readInode(fs, ino)
-            guard UInt32(inode.i_mode) & 0o170000 == 0o100000 else {
-                throw VolumeError(UInt32(inode.i_mode) & 0o170000 == 0o040000 ? .isDirectory : .invalidArgument, "write to inode \(ino), not a regular file")
+        // Every write holds its range, smaller ones too: a failed unlocked write unmaps blocks
+        // that held no data before it, which must not be blocks another write filled meanwhile.
+        // Rounded out to 64 KiB, the largest ext4 block, so that writes sharing a block overlap.
+        let align = UInt64(64 << 10)
+        let (end, overflow) = offset.addingReportingOverflow(UInt64(buffer.count) + align - 1)
+        let reservation = writesInFlight.reserve(ino, (offset / align * align)..<(overflow ? .max : end / align * align))
+        defer { writesInFlight.release(reservation) }
+        guard buffer.count >= Self.unlockedWriteMinimum else {
+            return try withFS { fs throws(VolumeError) in try writeStart(fs, ino, offset, buffer, unlocked: false) }.written
+        }
+        return try dataGate.withReadLock { () throws(VolumeError) -> Int in
+            let started = try withFS { fs throws(VolumeError) in try writeStart(fs, ino, offset, buffer, unlocked: true) }
+            guard let pending = started.pending else { return started.written }
+            let failure = writeRuns(pending, buffer)
+            return try withFS { fs throws(VolumeError) in try writeFinish(fs, pending, buffer, failure: failure) }
+        }
+    }
+
+    /// What step 1 of an unlocked write leaves for steps 2 and 3 (WritesInFlight.swift).
+    struct PendingWrite {
+        let ino: UInt64
+        let offset: UInt64
+        /// The whole blocks to write without the lock, as runs of consecutive device blocks.
+        let runs: [(logical: UInt64, count: UInt64, physical: UInt64)]
+        /// The write's whole blocks are `firstWhole..<endWhole`.
+        let firstWhole: UInt64
+        let endWhole: UInt64
+        let sizeBefore: UInt64
+        /// The size step 1 left (its head block may have grown the file): a failed write puts
+        /// `sizeBefore` back only if nothing changed the size since.
+        let sizeAfterStart: UInt64
+        /// The write's blocks that held no data before it (holes, unwritten extents, whole blocks
+        /// past the old end): what a failure unmaps.
+        let noData: [(logical: UInt64, count: UInt64)]
+        let blockSize: UInt64
+        let device: BlockDevice
+    }
+
+    /// Step 1 of a write, under the lock: the whole write when `unlocked` is false or the file
+    /// cannot take the unlocked path (`pending` nil); else everything up to the whole blocks'
+    /// data, which `pending` describes.
+    func writeStart(_ fs: ext2_filsys, _ ino: UInt64, _ offset: UInt64, _ buffer: UnsafeRawBufferPointer,
+                    unlocked: Bool) throws(VolumeError) -> (written: Int, pending: PendingWrite?) {
+        var inode = try readInode(fs, ino)
+        guard UInt32(inode.i_mode) & 0o170000 == 0o100000 else {
+            throw VolumeError(UInt32(inode.i_mode) & 0o170000 == 0o040000 ? .isDirectory : .invalidArgument, "write to inode \(ino), not a regular file")
+        }
+        guard buffer.count > 0 else { return (0, nil) }
+        // Allocate the blocks the write covers whole in one go: ext2fs_file_write would allocate
+        // them one at a time, searching the bitmap from its goal each time, which dominated
+        // sequential writes. Only whole blocks: a partially written new block must read zeros
+        // elsewhere, which ext2fs_file_write guarantees for blocks it allocates itself.
+        let bs = UInt64(fs.pointee.blocksize)
+        let firstWhole = (offset + bs - 1) / bs, endWhole = (offset + UInt64(buffer.count)) / bs
+        let sizeBefore = fileSize(inode)
+        let channel = channelState(fs.pointee.io)
+        // The blocks libext2fs allocates from here on: what a failure must give back (`releaseUnheld`).
+        channel.allocations = []
+        defer { channel.allocations = nil }
+        var done = 0
+        let extentMapped = inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0 && inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0
+            && fs.pointee.cluster_ratio_bits == 0
+        // The write's blocks inside the file as they are before it: those that hold no data
+        // (holes, preallocated ranges) are what a failure must unmap again (`releaseUnwritten`);
+        // past the end, restoring the size does it.
+        var inside: [(logical: UInt64, count: UInt64, physical: UInt64?)] = []
+        let lastInside = offset < sizeBefore ? (min(offset + UInt64(buffer.count), sizeBefore) - 1) / bs : 0
+        if extentMapped && offset < sizeBefore { inside = try mapRuns(fs, ino, &inode, first: offset / bs, last: lastInside) }
+        let noData = inside.filter { $0.physical == nil }.map { (logical: $0.logical, count: $0.count) }
+        do throws(VolumeError) {
+            // An overwrite (a database page, a rewrite) has every whole block mapped and
+            // written already: then nothing to allocate, and no inode to store for it.
+            var whole: [(logical: UInt64, count: UInt64, physical: UInt64?)] = []
+            if endWhole > firstWhole && extentMapped {
+                // Inside the file, the map just read covers them: no second walk of the extent tree.
+                whole = !inside.isEmpty && endWhole - 1 <= lastInside ? Self.clip(inside, firstWhole, endWhole - 1)
+                    : try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1)
             }
-            guard buffer.count > 0 else { return 0 }
-            // Allocate the blocks the write covers whole in one go: ext2fs_file_write would allocate
-            // them one at a time, searching the bitmap from its goal each time, which dominated
-            // sequential writes. Only whole blocks: a partially written new block must read zeros
-            // elsewhere, which ext2fs_file_write guarantees for blocks it allocates itself.
-            let bs = UInt64(fs.pointee.blocksize)
-            let firstWhole = (offset + bs - 1) / bs, endWhole = (offset + UInt64(buffer.count)) / bs
-            let sizeBefore = fileSize(inode)
-            let channel = channelState(fs.pointee.io)
-            // The blocks libext2fs allocates from here on: what a failure must give back (`releaseUnheld`).
-            channel.allocations = []
-            defer { channel.allocations = nil }
-            var file: ext2_file_t?
-            var done = 0
-            let extentMapped = inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0 && inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0
-                && fs.pointee.cluster_ratio_bits == 0
-            // The write's blocks inside the file as they are before it: those that hold no data
-            // (holes, preallocated ranges) are what a failure must unmap again (`releaseUnwritten`);
-            // past the end, restoring the size does it.
-            var inside: [(logical: UInt64, count: UInt64, physical: UInt64?)] = []
-            let lastInside = offset < sizeBefore ? (min(offset + UInt64(buffer.count), sizeBefore) - 1) / bs : 0
-            if extentMapped && offset < sizeBefore { inside = try mapRuns(fs, ino, &inode, first: offset / bs, last: lastInside) }
-            let noData = inside.filter { $0.physical == nil }.map { (logical: $0.logical, count: $0.count) }
-            do throws(VolumeError) {
-                // An overwrite (a database page, a rewrite) has every whole block mapped and
-                // written already: then nothing to allocate, and no inode to store for it.
-                var whole: [(logical: UInt64, count: UInt64, physical: UInt64?)] = []
-                if endWhole > firstWhole && extentMapped {
-                    // Inside the file, the map just read covers them: no second walk of the extent tree.
-                    whole = !inside.isEmpty && endWhole - 1 <= lastInside ? Self.clip(inside, firstWhole, endWhole - 1)
-                        : try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1)
+            if endWhole > firstWhole && (whole.isEmpty || whole.contains { $0.physical == nil }) {
+                whole = []
+                let rc = withUnsafeMutablePointer(to: &inode) {
+                    $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
+                        ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
+                                         ~0, firstWhole, endWhole - firstWhole)
+                    }
                 }
-                if endWhole > firstWhole && (whole.isEmpty || whole.contains { $0.physical == nil }) {
+                // What fallocate got done is in `inode` (its extents, i_blocks): store it even if it
+                // failed part-way (zeroing new blocks on a full pool), so the failure path below
+                // releases a consistent allocation.
+                try writeInode(fs, ino, &inode)
+                try check(rc, "allocating blocks \(firstWhole)..<\(endWhole) of inode \(ino)")
+            }
+            // The blocks libext2fs writes from here to the last close are the file's data, and
+            // the inode table and extent blocks that go with it (see `fileDataMode`).
+            channel.fileDataMode = true
+            defer { channel.fileDataMode = false }
+            func writeThroughFile(_ at: Int, _ count: Int) throws(VolumeError) {
+                try self.writeThroughFile(fs, ino, offset, buffer, at: at, count: count)
+                if count > 0 { done = max(done, at + count) }
+            }
+            if endWhole > firstWhole && extentMapped {
+                // The bulk path: the whole blocks, allocated above, go to the device in runs of
+                // physically consecutive blocks, one device write each, instead of a block at a
+                // time through ext2fs_file_write with a bmap and an inode write per block.
+                let head = Int(firstWhole * bs - offset)
+                if head > 0 {
+                    try writeThroughFile(0, head)
+                    // Read again: the head's write may have changed the extent tree.
+                    inode = try readInode(fs, ino)
                     whole = []
-                    let rc = withUnsafeMutablePointer(to: &inode) {
+                }
+                // Unwritten (preallocated) extents in the range: fio and databases preallocate,
+                // and libext2fs would convert them a block at a time (ext2fs_extent_set_bmap, a
+                // leaf checksum per block). Release them and allocate initialized blocks in their
+                // place, two extent operations per run; the data written below fills them.
+                if whole.isEmpty { whole = try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) }
+                let unwritten = whole.filter { $0.physical == nil }
+                for run in unwritten {
+                    let last = run.logical + run.count - 1
+                    try check(punch(fs, ino, &inode, run.logical, last), "releasing the unwritten blocks \(run.logical)...\(last) of inode \(ino)")
+                    let allocated = withUnsafeMutablePointer(to: &inode) {
                         $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
                             ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
-                                             ~0, firstWhole, endWhole - firstWhole)
+                                             ~0, run.logical, run.count)
                         }
                     }
-                    // What fallocate got done is in `inode` (its extents, i_blocks): store it even if it
-                    // failed part-way (zeroing new blocks on a full pool), so the failure path below
-                    // releases a consistent allocation.
                     try writeInode(fs, ino, &inode)
-                    try check(rc, "allocating blocks \(firstWhole)..<\(endWhole) of inode \(ino)")
+                    try check(allocated, "allocating blocks \(run.logical)...\(last) of inode \(ino)")
                 }
-                // The blocks libext2fs writes from here to the last close are the file's data, and
-                // the inode table and extent blocks that go with it (see `fileDataMode`).
-                channel.fileDataMode = true
-                defer { channel.fileDataMode = false }
-                /// `count` bytes of the request from `at` (a request offset) through libext2fs's file
-                /// I/O, a block at a time: partial blocks, unwritten extents, inline and block-mapped files.
-                func writeThroughFile(_ at: Int, _ count: Int) throws(VolumeError) {
-                    guard count > 0 else { return }
-                    let opened = try openFile(fs, ino, write: true)
-                    file = opened
-                    try check(ext2fs_file_llseek(opened, offset + UInt64(at), EXT2_SEEK_SET, nil), "seeking inode \(ino) to \(offset + UInt64(at))")
-                    var written = 0
-                    while written < count {
-                        var wrote: UInt32 = 0
-                        let want = UInt32(min(count - written, 1 << 30))
-                        try check(ext2fs_file_write(opened, buffer.baseAddress! + at + written, want, &wrote),
-                                  "writing inode \(ino) at \(offset + UInt64(at + written))")
-                        if wrote == 0 { throw VolumeError(.noSpace, "writing inode \(ino): no progress") }
-                        written += Int(wrote)
+                if !unwritten.isEmpty { whole = try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) }
+                if unlocked, whole.allSatisfy({ $0.physical != nil }) {
+                    // Steps 2 and 3 do the rest (WritesInFlight.swift). The head's block goes to
+                    // the device now: a fileDataMode stretch ends in the critical section that
+                    // began it.
+                    channel.fileDataMode = false
+                    do {
+                        try channel.writeBackFileData(dataBlocks(fs, ino, offset, head))
+                    } catch {
+                        throw VolumeError(Errno(reporting: error), "writing inode \(ino) at \(offset): \(error)")
                     }
-                    file = nil
-                    try check(ext2fs_file_close(opened), "closing inode \(ino)")
+                    let runs = whole.map { (logical: $0.logical, count: $0.count, physical: $0.physical!) }
+                    channel.dropCopies(runs.map { (start: $0.physical, count: $0.count) }, dirtyToo: true)
+                    // Whole blocks past the old end held no data either.
+                    let oldEnd = max(firstWhole, (sizeBefore + bs - 1) / bs)
+                    let pastEnd = oldEnd < endWhole ? [(logical: oldEnd, count: endWhole - oldEnd)] : []
+                    return (0, PendingWrite(ino: ino, offset: offset, runs: runs, firstWhole: firstWhole, endWhole: endWhole,
+                                            sizeBefore: sizeBefore, sizeAfterStart: fileSize(try readInode(fs, ino)),
+                                            noData: noData + pastEnd, blockSize: bs, device: channel.device))
+                }
+                for run in whole {
+                    let at = Int(run.logical * bs - offset), count = Int(run.count * bs)
+                    guard let physical = run.physical else {
+                        // Still unwritten (not expected after the above): libext2fs converts it.
+                        try writeThroughFile(at, count)
+                        continue
+                    }
+                    // Under the lock: one channel write each, which updates the cached copies of
+                    // those blocks, so the cache stays coherent.
+                    var block = physical, from = at, left = run.count
+                    while left > 0 {
+                        let n = min(left, 8192)   // at most 32 MiB in one pwrite
+                        try check(io_channel_write_blk64(fs.pointee.io, blk64_t(block), Int32(n), buffer.baseAddress! + from),
+                                  "writing inode \(ino) at \(offset + UInt64(from))")
+                        block += n
+                        from += Int(n * bs)
+                        left -= n
+                    }
                     done = max(done, at + count)
                 }
-                if endWhole > firstWhole && extentMapped {
-                    // The bulk path: the whole blocks, allocated above, go to the device in runs of
-                    // physically consecutive blocks, one channel write each (which updates the cached
-                    // copies of those blocks, so the cache stays coherent), instead of a block at a
-                    // time through ext2fs_file_write with a bmap and an inode write per block. Under
-                    // the lock, as before: a pool commit cannot come between the allocation and the
-                    // data, and no block being written can be freed and given to another file meanwhile.
-                    let head = Int(firstWhole * bs - offset)
-                    if head > 0 {
-                        try writeThroughFile(0, head)
-                        // Read again: the head's write may have changed the extent tree.
-                        inode = try readInode(fs, ino)
-                        whole = []
-                    }
-                    // Unwritten (preallocated) extents in the range: fio and databases preallocate,
-                    // and libext2fs would convert them a block at a time (ext2fs_extent_set_bmap, a
-                    // leaf checksum per block). Release them and allocate initialized blocks in their
-                    // place, two extent operations per run; the data written below fills them.
-                    if whole.isEmpty { whole = try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) }
-                    let unwritten = whole.filter { $0.physical == nil }
-                    for run in unwritten {
-                        let last = run.logical + run.count - 1
-                        try check(punch(fs, ino, &inode, run.logical, last), "releasing the unwritten blocks \(run.logical)...\(last) of inode \(ino)")
-                        let allocated = withUnsafeMutablePointer(to: &inode) {
-                            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
-                                ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
-                                                 ~0, run.logical, run.count)
-                            }
-                        }
-                        try writeInode(fs, ino, &inode)
-                        try check(allocated, "allocating blocks \(run.logical)...\(last) of inode \(ino)")
-                    }
-                    if !unwritten.isEmpty { whole = try mapRuns(fs, ino, &inode, first: firstWhole, last: endWhole - 1) }
-                    for run in whole {
-                        let at = Int(run.logical * bs - offset), count = Int(run.count * bs)
-                        guard let physical = run.physical else {
-                            // Still unwritten (not expected after the above): libext2fs converts it.
-                            try writeThroughFile(at, count)
-                            continue
-                        }
-                        var block = physical, from = at, left = run.count
-                        while left > 0 {
-                            let n = min(left, 8192)   // at most 32 MiB in one pwrite
-                            try check(io_channel_write_blk64(fs.pointee.io, blk64_t(block), Int32(n), buffer.baseAddress! + from),
-                                      "writing inode \(ino) at \(offset + UInt64(from))")
-                            block += n
-                            from += Int(n * bs)
-                            left -= n
-                        }
-                        done = max(done, at + count)
-                    }
-                    // The size grows once for the whole blocks (the tail below may grow it further).
-                    inode = try readInode(fs, ino)
-                    if endWhole * bs > fileSize(inode) {
-                        let rc = withUnsafeMutablePointer(to: &inode) {
-                            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_inode_size_set(fs, $0, ext2_off64_t(endWhole * bs)) }
-                        }
-                        try check(rc, "setting the size of inode \(ino)")
-                        try writeInode(fs, ino, &inode)
-                    }
-                    try writeThroughFile(Int(endWhole * bs - offset), buffer.count - Int(endWhole * bs - offset))
-                } else {
-                    try writeThroughFile(0, buffer.count)
-                }
-                channel.fileDataMode = false
-                // The data goes to the device before the write returns: a pool out of space fails
-                // this write, at write(2), rather than a write-back after it was acknowledged.
-                do {
-                    try channel.writeBackFileData(dataBlocks(fs, ino, offset, buffer.count))
-                } catch {
-                    throw VolumeError(Errno(reporting: error), "writing inode \(ino) at \(offset): \(error)")
-                }
-            } catch {
-                if let file {
-                    channel.fileDataMode = true
-                    ext2fs_file_close(file)
-                }
-                channel.fileDataMode = false
-                defer {
-                    // What this write left in the file's blocks reaches the device now or never
-                    // (the blocks released above are gone from the cache already): a block the
-                    // device refuses must not be written back later, after the caller heard ENOSPC.
-                    try? channel.writeBackFileData(dataBlocks(fs, ino, offset, buffer.count))
-                }
-                // A failed write does not extend the file: ext2fs_file_write has already set the
-                // size to what it copied, but the block it was flushing when it failed may never
-                // have reached the device, and the caller is told nothing was written.
-                restoreSize(fs, ino, to: sizeBefore)
-                releaseBeyondEOF(fs, ino, through: (offset + UInt64(buffer.count) - 1) / bs)
-                releaseUnwritten(fs, ino, noData)
-                let allocated = channel.allocations ?? []
-                channel.allocations = nil
-                releaseUnheld(fs, ino, allocated: allocated)
-                throw error
+                // The size grows once for the whole blocks (the tail below may grow it further).
+                try growSize(fs, ino, to: endWhole * bs)
+                try writeThroughFile(Int(endWhole * bs - offset), buffer.count - Int(endWhole * bs - offset))
+            } else {
+                try writeThroughFile(0, buffer.count)
             }
-            inode = try readInode(fs, ino)
-            let t = Self.now()
-            setTimes(&inode, mtime: t, ctime: t)
-            // Writing clears set-user-ID (and set-group-ID with group execute), as the kernel does for unprivileged writers.
-            try writeInode(fs, ino, &inode)
-            return done
+            channel.fileDataMode = false
+            // The data goes to the device before the write returns: a pool out of space fails
+            // this write, at write(2), rather than a write-back after it was acknowledged.
+            do {
+                try channel.writeBackFileData(dataBlocks(fs, ino, offset, buffer.count))
+            } catch {
+                throw VolumeError(Errno(reporting: error), "writing inode \(ino) at \(offset): \(error)")
+            }
+        } catch {
+            rollBack(fs, ino, offset, buffer.count, to: sizeBefore, noData: noData)
+            throw error
         }
+        try touch(fs, ino)
+        return (done, nil)
+    }
+
+    /// Step 2 of an unlocked write, without the lock: the whole blocks to the device, at most
+    /// 32 MiB in one call. The first failure, if any.
+    func writeRuns(_ pending: PendingWrite, _ buffer: UnsafeRawBufferPointer) -> VolumeError? {
+        let bs = pending.blockSize
+        for run in pending.runs {
+            var block = run.physical, from = Int(run.logical * bs - pending.offset), left = run.count
+            while left > 0 {
+                let n = min(left, 8192)
+                do {
+                    try pending.device.writeFileData(UnsafeRawBufferPointer(rebasing: buffer[from..<(from + Int(n * bs))]), at: block * bs)
+                } catch {
+                    return VolumeError(Errno(reporting: error), "writing inode \(pending.ino) at \(pending.offset + UInt64(from)): \(error)")
+                }
+                block += n
+                from += Int(n * bs)
+                left -= n
+            }
+        }
+        return nil
+    }
+
+    /// Step 3 of an unlocked write, under the lock: the size, the partial tail block and the
+    /// times; or, after `failure` in step 2, what step 1 allocated given back.
+    func writeFinish(_ fs: ext2_filsys, _ pending: PendingWrite, _ buffer: UnsafeRawBufferPointer,
+                     failure: VolumeError?) throws(VolumeError) -> Int {
+        let ino = pending.ino, offset = pending.offset, bs = pending.blockSize
+        let channel = channelState(fs.pointee.io)
+        channel.dropCopies(pending.runs.map { (start: $0.physical, count: $0.count) }, dirtyToo: false)
+        channel.allocations = []
+        defer { channel.allocations = nil }
+        let sizeNow = fileSize(try readInode(fs, ino))
+        do throws(VolumeError) {
+            if let failure { throw failure }
+            try growSize(fs, ino, to: pending.endWhole * bs)
+            let tail = Int(pending.endWhole * bs - offset)
+            channel.fileDataMode = true
+            defer { channel.fileDataMode = false }
+            try writeThroughFile(fs, ino, offset, buffer, at: tail, count: buffer.count - tail)
+            channel.fileDataMode = false
+            do {
+                try channel.writeBackFileData(dataBlocks(fs, ino, offset + UInt64(tail), buffer.count - tail))
+            } catch {
+                throw VolumeError(Errno(reporting: error), "writing inode \(ino) at \(offset + UInt64(tail)): \(error)")
+            }
+        } catch {
+            // Invariant 4: the size goes back to before the write only if nothing changed it since
+            // step 1; else to what this step found.
+            rollBack(fs, ino, offset, buffer.count, to: sizeNow == pending.sizeAfterStart ? pending.sizeBefore : sizeNow,
+                     noData: pending.noData)
+            throw error
+        }
+        try touch(fs, ino)
+        return buffer.count
+    }
+
+    /// `count` bytes of `buffer` from `at` (a request offset) written at `offset + at` through
+    /// libext2fs's file I/O, a block at a time: partial blocks, unwritten extents, inline and
+    /// block-mapped files. On a failure the file is closed with `fileDataMode` as the caller set
+    /// it, so the block it flushes is marked as the caller's blocks are.
+    func writeThroughFile(_ fs: ext2_filsys, _ ino: UInt64, _ offset: UInt64, _ buffer: UnsafeRawBufferPointer,
+                          at: Int, count: Int) throws(VolumeError) {
+        guard count > 0 else { return }
+        let file = try openFile(fs, ino, write: true)
+        do throws(VolumeError) {
+            try check(ext2fs_file_llseek(file, offset + UInt64(at), EXT2_SEEK_SET, nil), "seeking inode \(ino) to \(offset + UInt64(at))")
+            var written = 0
+            while written < count {
+                var wrote: UInt32 = 0
+                let want = UInt32(min(count - written, 1 << 30))
+                try check(ext2fs_file_write(file, buffer.baseAddress! + at + written, want, &wrote),
+                          "writing inode \(ino) at \(offset + UInt64(at + written))")
+                if wrote == 0 { throw VolumeError(.noSpace, "writing inode \(ino): no progress") }
+                written += Int(wrote)
+            }
+        } catch {
+            ext2fs_file_close(file)
+            throw error
+        }
+        try check(ext2fs_file_close(file), "closing inode \(ino)")
+    }
+
+    /// Grows the size of inode `ino` to `size` if it is smaller.
+    func growSize(_ fs: ext2_filsys, _ ino: UInt64, to size: UInt64) throws(VolumeError) {
+        var inode = try readInode(fs, ino)
+        guard size > fileSize(inode) else { return }
+        let rc = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_inode_size_set(fs, $0, ext2_off64_t(size)) }
+        }
+        try check(rc, "setting the size of inode \(ino)")
+        try writeInode(fs, ino, &inode)
+    }
+
+    /// A write's last step: mtime and ctime.
+    func touch(_ fs: ext2_filsys, _ ino: UInt64) throws(VolumeError) {
+        var inode = try readInode(fs, ino)
+        let t = Self.now()
+        setTimes(&inode, mtime: t, ctime: t)
+        // Writing clears set-user-ID (and set-group-ID with group execute), as the kernel does for unprivileged writers.
+        try writeInode(fs, ino, &inode)
+    }
+
+    /// Undoes a write that failed: what it left in the file's blocks reaches the device now or
+    /// never, the size goes back to `size` if it grew, and the blocks it mapped where there was
+    /// no data (`noData`, and past the end) are unmapped, with those it allocated outside the file.
+    func rollBack(_ fs: ext2_filsys, _ ino: UInt64, _ offset: UInt64, _ count: Int, to size: UInt64,
+                  noData: [(logical: UInt64, count: UInt64)]) {
+        let channel = channelState(fs.pointee.io)
+        channel.fileDataMode = false
+        defer {
+            // What this write left in the file's blocks reaches the device now or never
+            // (the blocks released below are gone from the cache already): a block the
+            // device refuses must not be written back later, after the caller heard ENOSPC.
+            try? channel.writeBackFileData(dataBlocks(fs, ino, offset, count))
+        }
+        // A failed write does not extend the file: ext2fs_file_write has already set the
+        // size to what it copied, but the block it was flushing when it failed may never
+        // have reached the device, and the caller is told nothing was written.
+        let bs = UInt64(fs.pointee.blocksize)
+        restoreSize(fs, ino, to: size)
+        releaseBeyondEOF(fs, ino, through: (offset + UInt64(count) - 1) / bs)
+        releaseUnwritten(fs, ino, noData)
+        let allocated = channel.allocations ?? []
+        channel.allocations = nil
+        releaseUnheld(fs, ino, allocated: allocated)
     }
 
     /// The part of `runs` (from `mapRuns`) in logical blocks `first...last`.
@@ -336,7 +482,8 @@ extension Volume {
     public func fallocate(_ ino: UInt64, mode: FallocateMode, offset: UInt64, length: UInt64) throws(VolumeError) {
         try requireWritable("fallocate")
         guard length > 0 else { throw VolumeError(.invalidArgument, "fallocate of zero bytes") }
-        try withFS { fs throws(VolumeError) in
+        // It frees, zeroes or maps a file's blocks: not under a write in flight (WritesInFlight.swift).
+        try withQuiescedFS { fs throws(VolumeError) in
             var inode = try readInode(fs, ino)
             guard UInt32(inode.i_mode) & 0o170000 == 0o100000 else { throw VolumeError(.operationNotSupportedByDevice, "fallocate of inode \(ino), not a regular file") }
             let bs = UInt64(fs.pointee.blocksize)

@@ -20,8 +20,10 @@ import ThinFSCore
 /// libext2fs is not thread-safe: a filesystem handle keeps block and inode
 /// caches, bitmaps and a dirty superblock with no locking. Every call that
 /// reaches `fs` runs under `lock`, so one thread at a time owns the handle;
-/// FUSE threads queue on it. Reads and writes of file data therefore
-/// serialize too; this is the price of libext2fs.
+/// FUSE threads queue on it. The bytes of file data move outside it: reads
+/// map under the lock and read the device without it (`read`), and writes of
+/// 64 KiB or more allocate under it, write their whole blocks without it and
+/// finish under it again (WritesInFlight.swift, with its invariants and lock order).
 public final class Volume: FileSystemVolume, @unchecked Sendable {
     public let device: BlockDevice
     public let isReadOnly: Bool
@@ -49,6 +51,12 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// alone or inside `lock`. The invariants are in Volume+Xattr.swift ("Attribute-free inodes").
     let xattrFreeLock = Lock()
     var xattrFree: Set<UInt64> = []
+    /// Held shared by writes whose data goes to the device outside `lock`, and exclusively,
+    /// before `lock`, by what must not run between a write's allocation and its size update:
+    /// commits, size changes, fallocate, resize (WritesInFlight.swift).
+    let dataGate = ReadWriteLock(preferringWriters: true)
+    /// The byte ranges writes are working on (WritesInFlight.swift).
+    let writesInFlight = WritesInFlight()
     /// Name → inode per directory, changed with the directory under `lock` (DirectoryCache.swift).
     var directories = DirectoryCache()
     /// Directories this volume grew by a block, to be given an htree index where they stop
@@ -132,6 +140,10 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
     /// (`handleEpoch`), since resize2fs may move blocks to make room for new group descriptors.
     /// If `body` fails, the filesystem is opened again as it is.
     public func reopen(around body: () throws -> Void) throws {
+        try dataGate.withWriteLock { try reopenQuiesced(around: body) }
+    }
+
+    private func reopenQuiesced(around body: () throws -> Void) throws {
         lock.lock()
         defer { lock.unlock() }
         guard fs != nil else { throw VolumeError(.badFileDescriptor, "the volume is closed") }
@@ -189,6 +201,10 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
 
     /// Writes everything back (superblock, bitmaps, inodes) and closes the filesystem.
     func closeHandle() throws {
+        try dataGate.withWriteLock { () throws(VolumeError) in try closeHandleQuiesced() }
+    }
+
+    private func closeHandleQuiesced() throws(VolumeError) {
         try lock.withLock { () throws(VolumeError) in
             guard fs != nil else { return }
             directories.removeAll()
@@ -233,6 +249,12 @@ public final class Volume: FileSystemVolume, @unchecked Sendable {
         defer { lock.unlock() }
         guard let fs else { throw VolumeError(.badFileDescriptor, "the volume is closed") }
         return try body(fs)
+    }
+
+    /// `withFS` with no write's data in flight to the device outside the lock, and none starting
+    /// until `body` returns: `dataGate`, exclusively, then the lock (WritesInFlight.swift).
+    func withQuiescedFS<T>(_ body: (ext2_filsys) throws(VolumeError) -> T) throws(VolumeError) -> T {
+        try dataGate.withWriteLock { () throws(VolumeError) -> T in try withFS(body) }
     }
 
     /// The block cache's blocks, clean and dirty (for tests: it grows while a full pool refuses
@@ -322,7 +344,7 @@ extension Volume {
                 fsyncRequested += 1
                 return fsyncRequested
             }
-            try withFS { fs throws(VolumeError) in
+            try withQuiescedFS { fs throws(VolumeError) in
                 if fsyncTickets.withLock({ fsyncCovered >= ticket }) { return }
                 let covers = fsyncTickets.withLock { fsyncRequested }
                 try flushFilesystem(fs)
@@ -330,7 +352,7 @@ extension Volume {
             }
             return
         }
-        try withFS { fs throws(VolumeError) in try flushFilesystem(fs) }
+        try withQuiescedFS { fs throws(VolumeError) in try flushFilesystem(fs) }
         do { try commitHook() } catch { throw VolumeError(Errno(reporting: error), "committing the pool: \(error)") }
     }
 
@@ -338,10 +360,12 @@ extension Volume {
     /// lock, so nothing in this filesystem changes until `body` returns. `VolumeGroup` nests this
     /// over its volumes around one pool commit.
     public func withFlushedState<T>(_ body: () throws -> T) throws -> T {
-        lock.lock()
-        defer { lock.unlock() }
-        if let fs, !isReadOnly { try flushFilesystem(fs) }
-        return try body()
+        try dataGate.withWriteLock {
+            lock.lock()
+            defer { lock.unlock() }
+            if let fs, !isReadOnly { try flushFilesystem(fs) }
+            return try body()
+        }
     }
 
     /// libext2fs's dirty state to the device, then one flush of the device (on a thin device, a
