@@ -110,12 +110,8 @@ extension Volume {
             }
             if endWhole > firstWhole && (whole.isEmpty || whole.contains { $0.physical == nil }) {
                 whole = []
-                let rc = withUnsafeMutablePointer(to: &inode) {
-                    $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
-                        ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
-                                         ~0, firstWhole, endWhole - firstWhole)
-                    }
-                }
+                let rc = allocateBlocks(fs, ino, &inode, flags: EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF,
+                                        firstWhole, endWhole - firstWhole)
                 // What fallocate got done is in `inode` (its extents, i_blocks): store it even if it
                 // failed part-way (zeroing new blocks on a full pool), so the failure path below
                 // releases a consistent allocation.
@@ -150,12 +146,8 @@ extension Volume {
                 for run in unwritten {
                     let last = run.logical + run.count - 1
                     try check(punch(fs, ino, &inode, run.logical, last), "releasing the unwritten blocks \(run.logical)...\(last) of inode \(ino)")
-                    let allocated = withUnsafeMutablePointer(to: &inode) {
-                        $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
-                            ext2fs_fallocate(fs, EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF, ext2_ino_t(ino), $0,
-                                             ~0, run.logical, run.count)
-                        }
-                    }
+                    let allocated = allocateBlocks(fs, ino, &inode, flags: EXT2_FALLOCATE_FORCE_INIT | EXT2_FALLOCATE_INIT_BEYOND_EOF,
+                                                   run.logical, run.count)
                     try writeInode(fs, ino, &inode)
                     try check(allocated, "allocating blocks \(run.logical)...\(last) of inode \(ino)")
                 }
@@ -347,6 +339,56 @@ extension Volume {
         releaseUnheld(fs, ino, allocated: allocated)
     }
 
+    /// `ext2fs_fallocate` of logical blocks `first..<first + count` of inode `ino`, and of no
+    /// other block. `inode` is kept current; the caller stores it.
+    ///
+    /// libext2fs 1.47.0 maps more than it is asked to when the range starts in the hole before
+    /// the file's first extent: its extent_fallocate, finding the nearest extent beyond the
+    /// start, fills the whole gap up to that extent, ignoring where the range ends. A 55-block
+    /// write into a file whose only extent (a preallocation) started 409 blocks further on
+    /// mapped all 463 blocks, initialized, past i_size (e2fsck: "i_size is ..., should be ...")
+    /// and reading whatever the device held there. So the blocks it mapped past the range, up to
+    /// the first block mapped before the call, are punched again.
+    func allocateBlocks(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large, flags: Int32,
+                        _ first: UInt64, _ count: UInt64) -> errcode_t {
+        let end = first + count
+        let nextBefore = firstMappedBlock(fs, ino, &inode, atOrAfter: end)
+        let rc = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_fallocate(fs, flags, ext2_ino_t(ino), $0, ~0, first, count) }
+        }
+        guard let nextBefore, nextBefore > end,
+              let nextAfter = firstMappedBlock(fs, ino, &inode, atOrAfter: end), nextAfter < nextBefore else { return rc }
+        let trimmed = punch(fs, ino, &inode, nextAfter, nextBefore - 1)
+        if trimmed != 0 {
+            logger.warning("could not unmap blocks libext2fs's fallocate mapped past the range asked for",
+                           metadata: ["ino": "\(ino)", "blocks": "\(nextAfter)..<\(nextBefore)", "error": "\(Self.message(trimmed))"])
+        }
+        return rc != 0 ? rc : trimmed
+    }
+
+    /// The first logical block at or after `block` that an extent of inode `ino` maps (written
+    /// or unwritten); nil past the last extent, and for files that are not extent-mapped or on
+    /// bigalloc (whose clusters libext2fs maps implicitly).
+    func firstMappedBlock(_ fs: ext2_filsys, _ ino: UInt64, _ inode: inout ext2_inode_large, atOrAfter block: UInt64) -> UInt64? {
+        guard inode.i_flags & UInt32(EXT4_EXTENTS_FL) != 0, inode.i_flags & UInt32(EXT4_INLINE_DATA_FL) == 0,
+              fs.pointee.cluster_ratio_bits == 0 else { return nil }
+        var handle: ext2_extent_handle_t?
+        let opened = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_extent_open2(fs, ext2_ino_t(ino), $0, &handle) }
+        }
+        guard opened == 0 else { return nil }
+        defer { ext2fs_extent_free(handle) }
+        // On the extent holding `block`, or the nearest one before or after it.
+        _ = ext2fs_extent_goto2(handle, 0, blk64_t(block))
+        var extent = ext2fs_extent()
+        guard ext2fs_extent_get(handle, EXT2_EXTENT_CURRENT, &extent) == 0 else { return nil }
+        while extent.e_lblk + UInt64(extent.e_len) <= block {
+            let previous = extent.e_lblk
+            guard ext2fs_extent_get(handle, EXT2_EXTENT_NEXT_LEAF, &extent) == 0, extent.e_lblk > previous else { return nil }
+        }
+        return max(extent.e_lblk, block)
+    }
+
     /// The part of `runs` (from `mapRuns`) in logical blocks `first...last`.
     static func clip(_ runs: [(logical: UInt64, count: UInt64, physical: UInt64?)], _ first: UInt64,
                      _ last: UInt64) -> [(logical: UInt64, count: UInt64, physical: UInt64?)] {
@@ -512,11 +554,8 @@ extension Volume {
                     throw VolumeError(.notSupported, "fallocate mode \(mode.rawValue)")
                 }
                 let first = offset / bs, last = (offset + length - 1) / bs
-                let rc = withUnsafeMutablePointer(to: &inode) {
-                    $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
-                        ext2fs_fallocate(fs, EXT2_FALLOCATE_INIT_BEYOND_EOF | EXT2_FALLOCATE_FORCE_UNINIT, ext2_ino_t(ino), $0, ~0, first, last - first + 1)
-                    }
-                }
+                let rc = allocateBlocks(fs, ino, &inode, flags: EXT2_FALLOCATE_INIT_BEYOND_EOF | EXT2_FALLOCATE_FORCE_UNINIT,
+                                        first, last - first + 1)
                 try check(rc, "allocating \(length) bytes at \(offset) in inode \(ino)")
                 try writeInode(fs, ino, &inode)
                 if !mode.contains(.keepSize) && offset + length > size {
@@ -558,11 +597,8 @@ extension Volume {
         // just released and any holes, and leaves the written edge blocks as they are.
         inode = try readInode(fs, ino)
         let first = offset / bs, last = (end - 1) / bs
-        let rc = withUnsafeMutablePointer(to: &inode) {
-            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) {
-                ext2fs_fallocate(fs, EXT2_FALLOCATE_INIT_BEYOND_EOF | EXT2_FALLOCATE_FORCE_UNINIT, ext2_ino_t(ino), $0, ~0, first, last - first + 1)
-            }
-        }
+        let rc = allocateBlocks(fs, ino, &inode, flags: EXT2_FALLOCATE_INIT_BEYOND_EOF | EXT2_FALLOCATE_FORCE_UNINIT,
+                                first, last - first + 1)
         try check(rc, "allocating the zeroed range \(offset)..<\(end) of inode \(ino)")
         try writeInode(fs, ino, &inode)
         if !keepSize && end > size {
