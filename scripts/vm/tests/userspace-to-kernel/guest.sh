@@ -48,6 +48,12 @@ while read -r p id sectors kind sha mapped highest; do
     vm_run mount -t ext4 -o ro,noload "$node" "/mnt/$p-$id"
     fs_manifest "/mnt/$p-$id" > "kernel-$p-$id.files"
     check "pool $p device $id files (kernel ext4 vs FUSE on the host)" "$(cat "$p-$id.files")" "$(cat "kernel-$p-$id.files")"
+    if [ -d "/mnt/$p-$id/var/big" ]; then
+      # The directory thinfs-mount grew and indexed: the manifest above looked up every name in it.
+      debugfs -R "htree /var/big" "$node" > "htree-$p-$id.log" 2>&1
+      check "pool $p device $id /var/big has an htree index" 0 "$(grep -c 'Root node dump' "htree-$p-$id.log" > /dev/null; echo $?)"
+      check "pool $p device $id /var/big entries" "$(grep -c '^F ./var/big/' "$p-$id.files")" "$(ls "/mnt/$p-$id/var/big" | wc -l)"
+    fi
     vm_run umount "/mnt/$p-$id"
   fi
 done < devices
