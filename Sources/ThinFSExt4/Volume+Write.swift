@@ -24,9 +24,9 @@ extension Volume {
     /// Writes of this many bytes or more to an extent-mapped file move their whole blocks to the
     /// device outside the volume's lock (the three steps of WritesInFlight.swift): the kernel's
     /// write-back sends WRITEs of 128 KiB to 1 MiB, and their device I/O was most of the time the
-    /// lock was held, with every other request queued behind it. Smaller writes (the small files
-    /// of an untar, a database page) stay under the lock: a second turn of the lock would cost
-    /// about what their I/O does.
+    /// lock was held, with every other request queued behind it (session 12's profile). Smaller
+    /// writes (the small files of an untar, a database page) stay in one critical section: their
+    /// I/O is short, and the unlocked path adds a second turn of the lock and the data gate.
     static let unlockedWriteMinimum = 64 << 10
 
     func writeOnce(_ ino: UInt64, at offset: UInt64, from buffer: UnsafeRawBufferPointer) throws(VolumeError) -> Int {
@@ -54,8 +54,7 @@ extension Volume {
         let offset: UInt64
         /// The whole blocks to write without the lock, as runs of consecutive device blocks.
         let runs: [(logical: UInt64, count: UInt64, physical: UInt64)]
-        /// The write's whole blocks are `firstWhole..<endWhole`.
-        let firstWhole: UInt64
+        /// The block after the write's last whole block: the size grows to it.
         let endWhole: UInt64
         let sizeBefore: UInt64
         /// The size step 1 left (its head block may have grown the file): a failed write puts
@@ -167,7 +166,7 @@ extension Volume {
                     // Whole blocks past the old end held no data either.
                     let oldEnd = max(firstWhole, (sizeBefore + bs - 1) / bs)
                     let pastEnd = oldEnd < endWhole ? [(logical: oldEnd, count: endWhole - oldEnd)] : []
-                    return (0, PendingWrite(ino: ino, offset: offset, runs: runs, firstWhole: firstWhole, endWhole: endWhole,
+                    return (0, PendingWrite(ino: ino, offset: offset, runs: runs, endWhole: endWhole,
                                             sizeBefore: sizeBefore, sizeAfterStart: fileSize(try readInode(fs, ino)),
                                             noData: noData + pastEnd, blockSize: bs, device: channel.device))
                 }
@@ -331,8 +330,11 @@ extension Volume {
         // size to what it copied, but the block it was flushing when it failed may never
         // have reached the device, and the caller is told nothing was written.
         let bs = UInt64(fs.pointee.blocksize)
-        restoreSize(fs, ino, to: size)
-        releaseBeyondEOF(fs, ino, through: (offset + UInt64(count) - 1) / bs)
+        // The blocks this write's range covers: its reservation keeps every other write out of
+        // them, and nothing else it touches (WritesInFlight.swift, invariant 4).
+        let own = (offset / bs)...((offset + UInt64(count) - 1) / bs)
+        restoreSize(fs, ino, to: size, own: own)
+        releaseBeyondEOF(fs, ino, own: own)
         releaseUnwritten(fs, ino, noData)
         let allocated = channel.allocations ?? []
         channel.allocations = nil
@@ -410,39 +412,48 @@ extension Volume {
         return runs.compactMap { run in run.physical.map { (start: $0, count: run.count) } }
     }
 
-    /// Shrinks a file a failed write extended back to its size before the write: the size goes
-    /// back, the tail of its last block is zeroed, and the blocks past it are released
-    /// (`ext2fs_file_set_size2`, a truncate). Best effort, like `releaseBeyondEOF`.
-    func restoreSize(_ fs: ext2_filsys, _ ino: UInt64, to size: UInt64) {
-        guard var inode = try? readInode(fs, ino), fileSize(inode) > size else { return }
-        // The blocks past the old end through `punch`, which frees the filesystem's last block too.
+    /// Shrinks a file a failed write extended back to `size`, touching no block outside the
+    /// write's own blocks `own` (WritesInFlight.swift, invariant 4): another write to the file may
+    /// be in flight past the end, its blocks initialized and its size update still to come, so
+    /// this is not a truncate (`ext2fs_file_set_size2` frees every block past the new end). The
+    /// bytes past `size` in its last block are zeroed if that block is the write's (any other
+    /// block's tail is zeros already, as the file's end was never inside it); the write's blocks
+    /// past `size` go with `releaseBeyondEOF`; then i_size is set. Best effort, like the others.
+    func restoreSize(_ fs: ext2_filsys, _ ino: UInt64, to size: UInt64, own: ClosedRange<UInt64>) {
+        guard let before = try? readInode(fs, ino), fileSize(before) > size else { return }
         let bs = UInt64(fs.pointee.blocksize)
-        let punched = punch(fs, ino, &inode, (size + bs - 1) / bs, ~0)
-        guard let file = try? openFile(fs, ino, write: true) else { return }
-        let rc = punched != 0 ? punched : ext2fs_file_set_size2(file, ext2_off64_t(size))
-        let closed = ext2fs_file_close(file)
-        if rc != 0 || closed != 0 {
+        if size % bs != 0, own.contains(size / bs) {
+            do { try zeroRange(fs, ino, size, min((size / bs + 1) * bs, fileSize(before))) } catch {
+                logger.warning("could not zero the tail of a file's last block after a failed write",
+                               metadata: ["ino": "\(ino)", "size": "\(size)", "error": "\(error)"])
+            }
+        }
+        guard var inode = try? readInode(fs, ino) else { return }
+        let rc = withUnsafeMutablePointer(to: &inode) {
+            $0.withMemoryRebound(to: ext2_inode.self, capacity: 1) { ext2fs_inode_size_set(fs, $0, ext2_off64_t(size)) }
+        }
+        if rc != 0 || (try? writeInode(fs, ino, &inode)) == nil {
             logger.warning("could not shrink a file back after a failed write",
-                           metadata: ["ino": "\(ino)", "size": "\(size)", "error": "\(rc != 0 ? rc : closed)"])
+                           metadata: ["ino": "\(ino)", "size": "\(size)", "error": "\(rc)"])
         }
     }
 
     /// A write that failed part-way (the device full: a thin pool out of data space) leaves the
     /// blocks reserved for it still mapped and initialized past the end of the file, which
     /// e2fsck rejects ("end of extent exceeds allowed value"; the kernel would have left them
-    /// unwritten). Unmaps them, up to block `last`, the last one the write covered. Preallocated
-    /// blocks there (fallocate KEEP_SIZE) go too: a failed write may lose a preallocation, never
-    /// data. Best effort: the write's own error is what the caller reports.
-    func releaseBeyondEOF(_ fs: ext2_filsys, _ ino: UInt64, through last: UInt64) {
+    /// unwritten). Unmaps those of the write's own blocks `own` that lie wholly past the end
+    /// (other blocks past the end may be another write's, in flight). Preallocated blocks there
+    /// (fallocate KEEP_SIZE) go too: a failed write may lose a preallocation, never data. Best
+    /// effort: the write's own error is what the caller reports.
+    func releaseBeyondEOF(_ fs: ext2_filsys, _ ino: UInt64, own: ClosedRange<UInt64>) {
         guard var inode = try? readInode(fs, ino) else { return }
         let bs = UInt64(fs.pointee.blocksize)
-        let size = fileSize(inode)
-        let end = (size + bs - 1) / bs
-        guard end <= last else { return }
-        let rc = punch(fs, ino, &inode, end, last)
+        let end = max((fileSize(inode) + bs - 1) / bs, own.lowerBound)
+        guard end <= own.upperBound else { return }
+        let rc = punch(fs, ino, &inode, end, own.upperBound)
         if rc != 0 {
             logger.warning("could not release the blocks a failed write reserved past the end of the file",
-                           metadata: ["ino": "\(ino)", "blocks": "\(end)...\(last)", "error": "\(Self.message(rc))"])
+                           metadata: ["ino": "\(ino)", "blocks": "\(end)...\(own.upperBound)", "error": "\(Self.message(rc))"])
         }
     }
 

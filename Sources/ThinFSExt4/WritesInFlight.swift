@@ -35,8 +35,11 @@ import Foundation
 //    the same bytes of the same file would cache them through libext2fs: writes whose byte ranges
 //    overlap wait for each other (`reserve`), and invariant 2 keeps the others out. Step 3 drops
 //    any clean copy again, in case a read went through the cache meanwhile (a full device).
-// 4. Step 3 of a failed write undoes only its own allocation: the size goes back only if nothing
-//    changed it since step 1, and only the blocks that held no data before the write are unmapped.
+// 4. A failed write, small or large, undoes only its own allocation (`Volume.rollBack`): it
+//    unmaps only blocks of its own range (which its reservation keeps every other write out of),
+//    and it shrinks the file by setting i_size, not by a truncate, which would free every block
+//    past the new end, another write's in-flight blocks among them. Step 3 puts the size back
+//    only if nothing changed it since step 1.
 //
 // Every write, small ones too, holds its byte range (rounded out to 64 KiB) from before step 1 to
 // after step 3: a small write runs whole under the lock, but into a block a failed write's step 3

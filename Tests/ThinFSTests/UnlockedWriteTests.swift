@@ -72,7 +72,11 @@ private final class GatedDevice: BlockDevice, @unchecked Sendable {
 
     init(_ base: FileBlockDevice) { self.base = base }
 
+    /// Data whose first byte is this is refused with ENOSPC, as a thin pool out of data space does.
+    private var refused: UInt8?
+
     func arm(_ marker: UInt8) { condition.withLock { armed = marker } }
+    func refuse(_ marker: UInt8?) { condition.withLock { refused = marker } }
     func open() {
         condition.withLock {
             opened = true
@@ -97,6 +101,7 @@ private final class GatedDevice: BlockDevice, @unchecked Sendable {
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws { try base.read(into: buffer, at: offset) }
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws { try base.write(buffer, at: offset) }
     func writeFileData(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        if let marker = buffer.first, condition.withLock({ refused == marker }) { throw ThinPoolError.noDataSpace(1) }
         if buffer.count >= Self.large, let marker = buffer.first {
             condition.lock()
             entries[marker, default: 0] += 1
@@ -361,6 +366,58 @@ struct UnlockedWriteTests {
         try v.close()
         try E2fsprogs.check(image)
         try expectImage(image, ["f": fBytes, "g": gBytes, "h": []], "through a new volume")
+    }
+
+    /// A write that fails while another write to the same file is in flight gives back only its
+    /// own blocks. A 1 MiB write into an empty file is held in the device, its blocks mapped past
+    /// the end of the file; a write further on in the same file (8 KiB, which runs whole under the
+    /// lock, or 256 KiB, which runs in three steps) fails with ENOSPC and is rolled back; another
+    /// file is written 1 MiB meanwhile (given any block the rollback freed). Then the held write
+    /// goes on: both files read their models and e2fsck -fn passes. On 348495c the rollback
+    /// shrank the file with a truncate that freed every block past its old end, the held write's
+    /// too: the other file got them, and the held write's bytes landed in it.
+    @Test(arguments: [8 << 10, 256 << 10]) func aFailedWriteLeavesAnotherWriteInFlightAlone(failing: Int) throws {
+        let dir = TempDir()
+        let image = dir.path + "/fs.img"
+        try E2fsprogs.mkfs(image, size: 64 << 20)
+        let device = GatedDevice(try FileBlockDevice(path: FilePath(image)))
+        let v = try Volume(device: device, readOnly: false, logger: quietLogger)
+        let f = try v.mknod(parent: v.rootInode, name: "f", mode: 0o100644, rdev: 0, owner: .root)
+        let c = try v.mknod(parent: v.rootInode, name: "c", mode: 0o100644, rdev: 0, owner: .root)
+        try v.fsync(nil)
+        let held = Self.bytes(1, 1 << 20, marker: 0xA1), failed = Self.bytes(2, failing, marker: 0xE5)
+        let other = Self.bytes(3, 1 << 20, marker: 0xC3)
+        var workers: [Worker] = []
+        defer {
+            device.open()
+            for w in workers { _ = w.wait(120) }
+        }
+        device.arm(0xA1)
+        workers.append(Worker("1 MiB to f") {
+            let n = try held.withUnsafeBytes { try v.write(f.ino, at: 0, from: $0) }
+            if n != held.count { throw ShortWrite(wrote: n, of: held.count) }
+        })
+        try #require(device.waitUntilHolding(30), "the 1 MiB write to f never reached writeFileData with its data")
+        device.refuse(0xE5)
+        do {
+            _ = try failed.withUnsafeBytes { try v.write(f.ino, at: 4 << 20, from: $0) }
+            Issue.record("the write the device refuses succeeded")
+        } catch let error as VolumeError {
+            #expect(error.errno == .noSpace, "the refused write failed with \(error), not ENOSPC")
+        }
+        device.refuse(nil)
+        #expect(try other.withUnsafeBytes { try v.write(c.ino, at: 0, from: $0) } == other.count)
+        #expect(device.isHolding, "the write to f left writeFileData before the test let it")
+        device.open()
+        for w in workers {
+            #expect(w.wait(60), "the write to f did not finish within 60 s of going on")
+            if let error = w.error { Issue.record("the write to f failed: \(error)") }
+        }
+        try expectContents(v, f.ino, held, "f, through the open volume")
+        try expectContents(v, c.ino, other, "c, through the open volume")
+        try v.close()
+        try expectClean(image, "after the failed write beside the one in flight")
+        try expectImage(image, ["f": held, "c": other], "through a new volume")
     }
 
     /// Three threads extend a file each with writes of 256 KiB to 2 MiB (aligned, and unaligned
