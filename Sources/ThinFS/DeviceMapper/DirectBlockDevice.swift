@@ -13,6 +13,14 @@ import Glibc
 /// requires the buffer, offset and length to be aligned to the logical block
 /// size; callers may pass anything, so unaligned requests go through an
 /// aligned bounce buffer (read-modify-write for partial blocks).
+///
+/// Writes may come from several threads at once (`Volume.write` moves a
+/// write's data outside the volume's lock). A read-modify-write of a partly
+/// written 4 KiB page rewrites the page's other bytes as it read them, so two
+/// of them on one page (an ext4 with 1 KiB blocks, two writes side by side)
+/// would undo each other: they run one at a time (`partialPages`). A write
+/// whose offset and length are aligned owns its pages whole and needs no read,
+/// only a copy when its buffer is not aligned.
 public final class DirectBlockDevice: BlockDevice, @unchecked Sendable {
     /// O_DIRECT alignment: 4096 covers every logical block size dm-thin devices have (512 or 4096).
     public static let alignment = 4096
@@ -27,6 +35,8 @@ public final class DirectBlockDevice: BlockDevice, @unchecked Sendable {
     /// The free data space of the pool the node's thin target maps into (the kernel pool's status);
     /// nil for a node that is not a thin device.
     private let poolFreeSpace: (@Sendable () throws -> UInt64?)?
+    /// Held across each read-modify-write of partly written pages (see above).
+    private let partialPages = Mutex(())
 
     /// - Parameters:
     ///   - freeSpace: what `freeSpace()` answers: the thin pool's free data space, read when asked.
@@ -78,11 +88,22 @@ public final class DirectBlockDevice: BlockDevice, @unchecked Sendable {
                 try transfer(UnsafeMutableRawBufferPointer(mutating: buffer), offset, write: true)
                 return
             }
-            try withBounce(offset, buffer.count) { bounce, start in
-                // Read the partial edge blocks first, so the bytes around the write survive.
-                try transfer(bounce, start, write: false)
-                UnsafeMutableRawBufferPointer(rebasing: bounce[Int(offset - start)..<Int(offset - start) + buffer.count]).copyMemory(from: buffer)
-                try transfer(bounce, start, write: true)
+            let a = UInt64(Self.alignment)
+            if offset % a == 0 && buffer.count % Self.alignment == 0 {
+                // Whole pages, from an unaligned buffer: a copy, no read.
+                try withBounce(offset, buffer.count) { bounce, start in
+                    bounce.copyMemory(from: buffer)
+                    try transfer(bounce, start, write: true)
+                }
+                return
+            }
+            try partialPages.withLock { _ in
+                try withBounce(offset, buffer.count) { bounce, start in
+                    // Read the partial edge blocks first, so the bytes around the write survive.
+                    try transfer(bounce, start, write: false)
+                    UnsafeMutableRawBufferPointer(rebasing: bounce[Int(offset - start)..<Int(offset - start) + buffer.count]).copyMemory(from: buffer)
+                    try transfer(bounce, start, write: true)
+                }
             }
         }
     }
