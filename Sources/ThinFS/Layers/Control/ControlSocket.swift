@@ -99,15 +99,21 @@ public enum ControlSocket {
             if errno == ENOENT || errno == ECONNREFUSED { return nil }
             throw Error(path: path, operation: "connect", errno: Errno(rawValue: errno))
         }
-        try writeLine(fd, try JSONEncoder().encode(request), path: path)
         // A daemon answers every connection it accepts. One reset or closed without an answer
         // was still in the backlog when the daemon stopped: the request never ran, so the
         // caller may retry it (EAGAIN), as it does a request refused while the daemon stops.
+        // The close may reach the send already (EPIPE, or ECONNRESET) as well as the read.
+        let stopped = LayerResponse(error: "the daemon stopped before answering; retry", errno: EAGAIN)
+        do {
+            try writeLine(fd, try JSONEncoder().encode(request), path: path)
+        } catch let e as Error where e.errno == .brokenPipe || e.errno == .connectionReset {
+            return stopped
+        }
         let line: Data?
         do { line = try readLine(fd, path: path) } catch let e as Error where e.errno == .connectionReset {
             line = nil
         }
-        guard let line else { return LayerResponse(error: "the daemon stopped before answering; retry", errno: EAGAIN) }
+        guard let line else { return stopped }
         return try JSONDecoder().decode(LayerResponse.self, from: line)
     }
 
